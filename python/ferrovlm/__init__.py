@@ -1,0 +1,40 @@
+"""ferrovlm: SmolVLM / Idefics3 vision-language models from Python, computed in Rust.
+
+Change ``from transformers import ...`` to ``from ferrovlm import ...``; the rest of the code runs as is.
+"""
+
+from ._core import __version__
+from .configuration import Idefics3Config, PretrainedConfig, SmolVLMConfig
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    FerroVLMError,
+    InputError,
+    InternalError,
+    ModelNotCachedError,
+)
+from .modeling import (
+    AutoModelForImageTextToText,
+    AutoModelForVision2Seq,
+    Idefics3ForConditionalGeneration,
+    ModelOutput,
+    SmolVLMForConditionalGeneration,
+)
+
+__all__ = [
+    "__version__",
+    "AutoModelForImageTextToText",
+    "AutoModelForVision2Seq",
+    "Idefics3ForConditionalGeneration",
+    "SmolVLMForConditionalGeneration",
+    "ModelOutput",
+    "PretrainedConfig",
+    "Idefics3Config",
+    "SmolVLMConfig",
+    "FerroVLMError",
+    "ConfigError",
+    "CheckpointError",
+    "ModelNotCachedError",
+    "InputError",
+    "InternalError",
+]

@@ -1,0 +1,234 @@
+"""transformers-like model classes over the Rust core.
+
+``Idefics3ForConditionalGeneration``, ``SmolVLMForConditionalGeneration`` and the auto classes
+``AutoModelForVision2Seq`` / ``AutoModelForImageTextToText``: ``from_pretrained`` loads a local dir or a
+cached hub id; calling the model returns ``.logits`` and ``.loss`` like transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from . import _core
+from ._tensors import is_torch_tensor, like_inputs, to_numpy
+from .configuration import CONFIG_CLASSES, PretrainedConfig
+from .errors import ConfigError
+from .hub import resolve_pretrained
+
+_DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+}
+_ATTN_IMPLEMENTATIONS = {"eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"}
+# Keyword arguments transformers' forward accepts that change nothing here.
+_IGNORED_FORWARD_KWARGS = {"use_cache", "output_attentions", "output_hidden_states", "return_dict", "cache_position"}
+
+
+def _dtype_name(dtype: Any, config: Dict[str, Any]) -> str:
+    """Maps ``dtype=`` / ``torch_dtype=`` (torch dtype, string, "auto" or None) to a core dtype name.
+
+    None and "auto" take the checkpoint's own dtype, as transformers 5 does."""
+    if dtype is None or dtype == "auto":
+        stored = config.get("dtype") or config.get("torch_dtype") or "float32"
+        return _DTYPE_NAMES.get(str(stored), "float32")
+    name = str(dtype).replace("torch.", "")
+    if name not in _DTYPE_NAMES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16, float16 or 'auto'")
+    return _DTYPE_NAMES[name]
+
+
+def _check_device_map(device_map: Any) -> None:
+    targets = device_map.values() if isinstance(device_map, dict) else [device_map]
+    for t in targets:
+        if t in (None, "auto", "cpu", "balanced", "sequential") or str(t) == "cpu":
+            continue
+        warnings.warn(f"device {t!r} is not supported yet; ferrovlm runs on the CPU", stacklevel=3)
+
+
+class ModelOutput(dict):
+    """A dict with attribute access, like transformers' ``ModelOutput`` (``out.logits``, ``out["loss"]``)."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def to_tuple(self) -> tuple:
+        return tuple(v for v in self.values() if v is not None)
+
+
+class Idefics3ForConditionalGeneration:
+    """Idefics3 vision-language model for causal LM, as in transformers."""
+
+    config_class = CONFIG_CLASSES["idefics3"]
+    main_input_name = "input_ids"
+
+    def __init__(self, core: "_core.VlmModel", config: PretrainedConfig) -> None:
+        self._core = core
+        self.config = config
+        self.training = False
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: "str | os.PathLike[str]",
+        *,
+        dtype: Any = None,
+        torch_dtype: Any = None,
+        device_map: Any = None,
+        attn_implementation: Optional[str] = None,
+        _attn_implementation: Optional[str] = None,
+        revision: Optional[str] = None,
+        cache_dir: "Optional[str | os.PathLike[str]]" = None,
+        local_files_only: bool = False,
+        token: "Optional[str | bool]" = None,
+        low_cpu_mem_usage: Optional[bool] = None,
+        trust_remote_code: bool = False,
+        quantization_config: Any = None,
+    ) -> "Idefics3ForConditionalGeneration":
+        if dtype is not None and torch_dtype is not None:
+            raise ValueError("pass only one of dtype= and torch_dtype=")
+        attn = attn_implementation or _attn_implementation
+        if attn is not None and attn not in _ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation={attn!r} is not one of {sorted(_ATTN_IMPLEMENTATIONS)}")
+        if quantization_config is not None:
+            raise NotImplementedError("quantization_config is not supported yet")
+        _check_device_map(device_map)
+        path = resolve_pretrained(
+            pretrained_model_name_or_path,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        resolved = json.loads(_core.load_config_json(path))
+        model_type = resolved["model_type"]
+        expected = cls.config_class.model_type
+        if not issubclass(cls, _AutoBase) and model_type != expected:
+            warnings.warn(
+                f"loading a '{model_type}' checkpoint into {cls.__name__} (made for '{expected}'); the math is the same",
+                stacklevel=2,
+            )
+        core = _core.VlmModel.load(path, _dtype_name(dtype if dtype is not None else torch_dtype, resolved))
+        config = CONFIG_CLASSES[model_type].from_dict(resolved)
+        config._name_or_path = os.fspath(pretrained_model_name_or_path)
+        config._attn_implementation = attn or "eager"
+        target = _MODEL_CLASSES[model_type] if issubclass(cls, _AutoBase) else cls
+        return target(core, config)
+
+    # -- torch-like surface ------------------------------------------------------------------------
+    @property
+    def device(self) -> Any:
+        try:
+            import torch
+
+            return torch.device("cpu")
+        except ImportError:
+            return "cpu"
+
+    @property
+    def dtype(self) -> Any:
+        name = self._core.dtype
+        try:
+            import torch
+
+            return getattr(torch, name)
+        except ImportError:
+            return name
+
+    def to(self, *args: Any, **kwargs: Any) -> "Idefics3ForConditionalGeneration":
+        for a in list(args) + list(kwargs.values()):
+            if str(a).split(":")[0] not in ("cpu",) and not str(a).startswith("torch."):
+                warnings.warn(f"device {a!r} is not supported yet; ferrovlm runs on the CPU", stacklevel=2)
+        return self
+
+    def eval(self) -> "Idefics3ForConditionalGeneration":
+        self.training = False
+        return self
+
+    def train(self, mode: bool = True) -> "Idefics3ForConditionalGeneration":
+        self.training = mode
+        return self
+
+    def num_parameters(self) -> int:
+        return self._core.num_parameters
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model_type={self.config.model_type!r}, dtype={self._core.dtype}, params={self.num_parameters():,})"
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Any = None,
+        attention_mask: Any = None,
+        pixel_values: Any = None,
+        pixel_attention_mask: Any = None,
+        labels: Any = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> ModelOutput:
+        """Logits [B, L, V] (or the last ``logits_to_keep``) and, with ``labels``, the mean token loss.
+
+        Unlike transformers, ``labels`` may be combined with ``logits_to_keep``: the loss still covers
+        every labelled position."""
+        unsupported = set(kwargs) - _IGNORED_FORWARD_KWARGS
+        if unsupported:
+            raise TypeError(f"forward() got unsupported arguments: {sorted(unsupported)}")
+        if input_ids is None:
+            raise TypeError("forward() needs input_ids")
+        if not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
+            raise TypeError(f"logits_to_keep must be a non-negative int, got {logits_to_keep!r}")
+        want_torch = any(is_torch_tensor(x) for x in (input_ids, attention_mask, pixel_values, labels))
+        logits, loss, _ = self._core.forward(
+            to_numpy(input_ids, np.int64, "input_ids"),
+            to_numpy(attention_mask, np.int64, "attention_mask"),
+            to_numpy(pixel_values, np.float32, "pixel_values"),
+            to_numpy(pixel_attention_mask, np.bool_, "pixel_attention_mask"),
+            to_numpy(labels, np.int64, "labels"),
+            int(logits_to_keep),
+        )
+        if loss is not None:
+            loss = like_inputs(np.asarray(loss, dtype=np.float32), want_torch)
+        return ModelOutput(loss=loss, logits=like_inputs(logits, want_torch))
+
+    __call__ = forward
+
+    def get_image_features(self, pixel_values: Any, pixel_attention_mask: Any = None) -> Any:
+        """Connector outputs [N_real_images, T, hidden] (padding frames dropped)."""
+        _, _, feats = self._core.image_features(
+            to_numpy(pixel_values, np.float32, "pixel_values"),
+            to_numpy(pixel_attention_mask, np.bool_, "pixel_attention_mask"),
+        )
+        return like_inputs(feats, is_torch_tensor(pixel_values))
+
+
+class SmolVLMForConditionalGeneration(Idefics3ForConditionalGeneration):
+    """SmolVLM2 (``model_type: smolvlm``): the same math as Idefics3."""
+
+    config_class = CONFIG_CLASSES["smolvlm"]
+
+
+class _AutoBase(Idefics3ForConditionalGeneration):
+    """Auto classes: ``from_pretrained`` picks the class from the checkpoint's ``model_type``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(f"{type(self).__name__} is not meant to be instantiated; use from_pretrained()")
+
+
+class AutoModelForVision2Seq(_AutoBase):
+    pass
+
+
+class AutoModelForImageTextToText(_AutoBase):
+    pass
+
+
+_MODEL_CLASSES = {"idefics3": Idefics3ForConditionalGeneration, "smolvlm": SmolVLMForConditionalGeneration}

@@ -1,0 +1,7 @@
+//! Weight files: locating a checkpoint (local dir or Hugging Face cache) and reading safetensors.
+
+pub mod hub;
+pub mod safetensors;
+
+pub use self::hub::{resolve_model_dir, HubCache};
+pub use self::safetensors::WeightStore;

@@ -1,0 +1,71 @@
+//! Error types, one per layer, folded into the crate-level [`Error`].
+//!
+//! The Python bindings map each variant once to a Python exception class
+//! (see `src/python/errors.rs`); nothing else converts errors.
+
+use std::path::PathBuf;
+
+/// Problems with `config.json` (and later the processor / generation configs).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read { file: PathBuf, source: std::io::Error },
+    #[error("{file}: invalid JSON: {msg}")]
+    Json { file: PathBuf, msg: String },
+    #[error("{file}: missing required key '{key}'")]
+    MissingKey { file: PathBuf, key: String },
+    #[error("{file}: key '{key}' has a bad value: {msg}")]
+    BadValue { file: PathBuf, key: String, msg: String },
+    #[error("{file}: unsupported model_type '{model_type}' (supported: idefics3, smolvlm)")]
+    UnknownModelType { file: PathBuf, model_type: String },
+}
+
+/// Problems locating or reading weight files.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: not found{hint}")]
+    NotFound { path: PathBuf, hint: String },
+    #[error("model '{id}' is not in the Hugging Face cache (looked in {cache})")]
+    NotCached { id: String, cache: PathBuf },
+    #[error("{file}: cannot read: {msg}")]
+    Io { file: PathBuf, msg: String },
+    #[error("{file}: corrupt or truncated safetensors file: {msg}")]
+    Corrupt { file: PathBuf, msg: String },
+    #[error("tensor '{name}' is missing from {files}")]
+    MissingTensor { name: String, files: String },
+    #[error("tensor '{name}' in {file} has shape {found:?}, expected {expected:?}")]
+    BadShape { name: String, file: PathBuf, expected: Vec<usize>, found: Vec<usize> },
+    #[error("tensor '{name}' in {file} has unsupported dtype {dtype} (supported: F32, BF16, F16)")]
+    BadDtype { name: String, file: PathBuf, dtype: String },
+}
+
+/// Problems with the inputs of a call (shapes, token counts, ids).
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Crate-level error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Input(#[from] InputError),
+    /// A tensor operation failed: an internal bug, not a user error.
+    #[error("tensor operation failed: {0}")]
+    Tensor(#[from] candle_core::Error),
+    /// The caller asked to stop (Ctrl-C in Python).
+    #[error("interrupted")]
+    Interrupted,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Shorthand for an [`InputError`].
+pub fn input_err<T>(msg: impl Into<String>) -> Result<T> {
+    Err(Error::Input(InputError::Invalid(msg.into())))
+}

@@ -1,0 +1,16 @@
+//! ferrovlm: SmolVLM / Idefics3 inference and fine-tuning in Rust.
+//!
+//! The core has no Python in it; the `python` feature adds the bindings (`src/python/`), which mirror
+//! these modules one to one.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod loss;
+pub mod model;
+pub mod ops;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use error::{Error, Result};

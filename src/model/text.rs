@@ -1,0 +1,98 @@
+//! Llama decoder (SmolLM2): RMSNorm pre-norm, GQA attention with rotate-half RoPE, SwiGLU MLP.
+
+use candle_core::{Result as CResult, Tensor};
+
+use super::{check, Interrupt, LoadCtx};
+use crate::checkpoint::WeightStore;
+use crate::config::TextConfig;
+use crate::error::{CheckpointError, Result};
+use crate::ops::rope::apply_rotary;
+use crate::ops::{attention, rms_norm, silu, Linear, Mask, Rope};
+
+#[derive(Debug, Clone)]
+pub struct TextLayer {
+    pub input_layernorm: Tensor, // [H]
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub post_attention_layernorm: Tensor, // [H]
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct TextModel {
+    pub cfg: TextConfig,
+    /// [V, H]
+    pub embed_tokens: Tensor,
+    pub layers: Vec<TextLayer>,
+    pub norm: Tensor, // [H]
+    pub rope: Rope,
+}
+
+impl TextModel {
+    pub fn load(store: &WeightStore, prefix: &str, cfg: &TextConfig, ctx: &LoadCtx) -> Result<Self, CheckpointError> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (q_out, kv_out) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+        let embed_tokens = ctx.get(store, &format!("{prefix}.embed_tokens.weight"), &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let lp = format!("{prefix}.layers.{l}");
+            let lin = |name: &str, i_f: usize, o_f: usize, bias: bool| Linear::load(store, &format!("{lp}.{name}"), i_f, o_f, bias, ctx);
+            let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
+            layers.push(TextLayer {
+                input_layernorm: ctx.get(store, &format!("{lp}.input_layernorm.weight"), &[h])?,
+                q_proj: lin("self_attn.q_proj", h, q_out, ab)?,
+                k_proj: lin("self_attn.k_proj", h, kv_out, ab)?,
+                v_proj: lin("self_attn.v_proj", h, kv_out, ab)?,
+                o_proj: lin("self_attn.o_proj", q_out, h, ab)?,
+                post_attention_layernorm: ctx.get(store, &format!("{lp}.post_attention_layernorm.weight"), &[h])?,
+                gate_proj: lin("mlp.gate_proj", h, i, mb)?,
+                up_proj: lin("mlp.up_proj", h, i, mb)?,
+                down_proj: lin("mlp.down_proj", i, h, mb)?,
+            });
+        }
+        let norm = ctx.get(store, &format!("{prefix}.norm.weight"), &[h])?;
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, &ctx.device)
+            .map_err(|e| CheckpointError::Io { file: "<memory>".into(), msg: e.to_string() })?;
+        Ok(TextModel { cfg: cfg.clone(), embed_tokens, layers, norm, rope })
+    }
+
+    /// Token embeddings. ids: [B, L] u32 (already range-checked) -> [B, L, H]
+    pub fn embed(&self, ids: &Tensor) -> CResult<Tensor> {
+        let (b, l) = ids.dims2()?;
+        self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, l, ()))
+    }
+
+    /// x: [B, L, H] embeddings, positions: [B, L], mask: additive [B, 1, L, L] -> final-normed hidden [B, L, H]
+    pub fn forward(&self, x: &Tensor, positions: &Tensor, mask: &Mask, interrupt: Interrupt) -> Result<Tensor> {
+        let (cos, sin) = self.rope.cos_sin(positions, x.dtype())?; // [B, 1, L, hd]
+        let mut h = x.clone();
+        for layer in &self.layers {
+            check(interrupt)?;
+            h = self.layer_forward(layer, &h, &cos, &sin, mask)?;
+        }
+        Ok(rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)?)
+    }
+
+    fn layer_forward(&self, l: &TextLayer, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask) -> CResult<Tensor> {
+        let c = &self.cfg;
+        let (b, len, _) = x.dims3()?;
+        let hd = c.head_dim;
+        let h = rms_norm(x, &l.input_layernorm, c.rms_norm_eps)?; // [B, L, H]
+        let heads = |t: Tensor, n: usize| t.reshape((b, len, n, hd))?.transpose(1, 2)?.contiguous(); // [B, n, L, hd]
+        let q = heads(l.q_proj.forward(&h)?, c.num_attention_heads)?;
+        let k = heads(l.k_proj.forward(&h)?, c.num_key_value_heads)?;
+        let v = heads(l.v_proj.forward(&h)?, c.num_key_value_heads)?;
+        let q = apply_rotary(&q, cos, sin)?;
+        let k = apply_rotary(&k, cos, sin)?;
+        let a = attention(&q, &k, &v, mask, (hd as f64).powf(-0.5))?; // [B, Hq, L, hd]
+        let a = a.transpose(1, 2)?.reshape((b, len, c.num_attention_heads * hd))?;
+        let x = (x + l.o_proj.forward(&a)?)?;
+        let h = rms_norm(&x, &l.post_attention_layernorm, c.rms_norm_eps)?;
+        let m = l.down_proj.forward(&(silu(&l.gate_proj.forward(&h)?)? * l.up_proj.forward(&h)?)?)?;
+        x + m
+    }
+}

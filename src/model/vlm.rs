@@ -1,0 +1,241 @@
+//! The full model (`Idefics3ForConditionalGeneration` / `SmolVLMForConditionalGeneration`):
+//! vision tower -> connector -> image-token merge -> Llama -> lm_head (+ loss).
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::connector::Connector;
+use super::text::TextModel;
+use super::vision::{patch_mask_from_pixels, VisionModel};
+use super::{Interrupt, LoadCtx};
+use crate::checkpoint::WeightStore;
+use crate::config::ModelConfig;
+use crate::error::{input_err, Result};
+use crate::loss::causal_lm_loss_sum;
+use crate::ops::attention::causal_padding_mask;
+use crate::ops::{Linear, Mask};
+
+pub struct VlmModel {
+    pub config: ModelConfig,
+    pub vision: VisionModel,
+    pub connector: Connector,
+    pub text: TextModel,
+    pub lm_head: Linear,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+/// Inputs of one forward, shapes as in transformers. Integer inputs are plain vectors (row-major),
+/// validated here so that bad ids give an error naming the index, not an out-of-bounds panic.
+pub struct ForwardInput<'a> {
+    /// [B, L]
+    pub input_ids: &'a [i64],
+    pub batch: usize,
+    pub seq_len: usize,
+    /// [B, L]; None = all ones.
+    pub attention_mask: Option<&'a [i64]>,
+    /// [B, F, C, H, W] f32.
+    pub pixel_values: Option<&'a Tensor>,
+    /// [B, F, H, W]; None = every pixel valid.
+    pub pixel_attention_mask: Option<&'a [bool]>,
+    /// [B, L] with -100 for ignored positions.
+    pub labels: Option<&'a [i64]>,
+    /// 0 = logits at every position, k = only the last k.
+    pub logits_to_keep: usize,
+}
+
+pub struct ForwardOutput {
+    /// [B, K, V] f32
+    pub logits: Tensor,
+    /// Mean NLL over label tokens (NaN when there are none, like torch).
+    pub loss: Option<f32>,
+    /// Number of label tokens the loss averaged over.
+    pub num_label_tokens: usize,
+}
+
+/// Image features of the real frames: the vision tower output and the connector output.
+pub struct ImageFeatures {
+    /// Indices into the flattened B*F frames of the frames kept (all-zero frames are padding).
+    pub real_frames: Vec<usize>,
+    /// [F_real, Np, D]
+    pub vision_hidden: Tensor,
+    /// [F_real, T, H_text]
+    pub connector: Tensor,
+}
+
+impl VlmModel {
+    /// Loads config and weights from a checkpoint directory in `dtype` on `device`.
+    pub fn from_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = ModelConfig::from_dir(dir)?;
+        let store = WeightStore::open_dir(dir)?;
+        let ctx = LoadCtx { dtype, device: device.clone() };
+        Self::load(config, &store, &ctx)
+    }
+
+    pub fn load(config: ModelConfig, store: &WeightStore, ctx: &LoadCtx) -> Result<Self> {
+        let vision = VisionModel::load(store, "model.vision_model", &config.vision, ctx)?;
+        let connector = Connector::load(store, "model.connector", config.vision.hidden_size, config.text.hidden_size, config.scale_factor, ctx)?;
+        let text = TextModel::load(store, "model.text_model", &config.text, ctx)?;
+        let lm_head = if config.tie_word_embeddings {
+            Linear::new(text.embed_tokens.clone(), None)?
+        } else {
+            Linear::load(store, "lm_head", config.text.hidden_size, config.text.vocab_size, false, ctx)?
+        };
+        Ok(VlmModel { config, vision, connector, text, lm_head, dtype: ctx.dtype, device: ctx.device.clone() })
+    }
+
+    /// Drops padding frames, runs the vision tower and the connector.
+    /// pixel_values: [B, F, C, H, W]; pixel_attention_mask: [B, F, H, W] row-major.
+    pub fn image_features(&self, pixel_values: &Tensor, pixel_attention_mask: Option<&[bool]>, interrupt: Interrupt) -> Result<ImageFeatures> {
+        let dims = pixel_values.dims().to_vec();
+        if dims.len() != 5 {
+            return input_err(format!("pixel_values must be [batch, frames, channels, height, width], got shape {dims:?}"));
+        }
+        let (b, f, c, h, w) = (dims[0], dims[1], dims[2], dims[3], dims[4]);
+        if let Some(m) = pixel_attention_mask {
+            if m.len() != b * f * h * w {
+                return input_err(format!("pixel_attention_mask has {} elements, expected [batch={b}, frames={f}, {h}, {w}]", m.len()));
+            }
+        }
+        let frames = pixel_values.to_dtype(DType::F32)?.reshape((b * f, c * h * w))?;
+        let flat: Vec<f32> = frames.flatten_all()?.to_vec1()?;
+        let per = c * h * w;
+        let real_frames: Vec<usize> = (0..b * f).filter(|&i| flat[i * per..(i + 1) * per].iter().any(|&v| v != 0.0)).collect();
+        let p = self.config.vision.patch_size;
+        let patch_mask: Vec<Vec<bool>> = real_frames
+            .iter()
+            .map(|&i| match pixel_attention_mask {
+                Some(m) => patch_mask_from_pixels(&m[i * h * w..(i + 1) * h * w], h, w, p),
+                None => vec![true; (h / p) * (w / p)],
+            })
+            .collect();
+        let (d, th) = (self.config.vision.hidden_size, self.config.text.hidden_size);
+        if real_frames.is_empty() {
+            let np = (h / p) * (w / p);
+            let t = np / (self.config.scale_factor * self.config.scale_factor);
+            return Ok(ImageFeatures {
+                real_frames,
+                vision_hidden: Tensor::zeros((0, np, d), self.dtype, &self.device)?,
+                connector: Tensor::zeros((0, t, th), self.dtype, &self.device)?,
+            });
+        }
+        let idx = Tensor::from_vec(real_frames.iter().map(|&i| i as u32).collect::<Vec<_>>(), real_frames.len(), &self.device)?;
+        let px = pixel_values.reshape((b * f, c, h, w))?.index_select(&idx, 0)?.to_dtype(self.dtype)?; // [Fr, C, H, W]
+        let vision_hidden = self.vision.forward(&px, &patch_mask, interrupt)?; // [Fr, Np, D]
+        let connector = self.connector.forward(&vision_hidden)?; // [Fr, T, Ht]
+        Ok(ImageFeatures { real_frames, vision_hidden, connector })
+    }
+
+    /// Token embeddings with the image tokens replaced, in order, by the image features.
+    /// Returns [B, L, H].
+    pub fn merged_embeddings(&self, input: &ForwardInput, interrupt: Interrupt) -> Result<Tensor> {
+        let (b, l) = (input.batch, input.seq_len);
+        let vocab = self.config.text.vocab_size;
+        let mut ids = Vec::with_capacity(b * l);
+        for (i, &t) in input.input_ids.iter().enumerate() {
+            if t < 0 || t as usize >= vocab {
+                return input_err(format!("input_ids[{}, {}] = {t} is outside the vocabulary [0, {vocab})", i / l, i % l));
+            }
+            ids.push(t as u32);
+        }
+        let ids_t = Tensor::from_vec(ids, (b, l), &self.device)?;
+        let emb = self.text.embed(&ids_t)?; // [B, L, H]
+        let image_tok = self.config.image_token_id;
+        let positions: Vec<usize> = (0..b * l).filter(|&i| input.input_ids[i] == image_tok).collect();
+        let feats = match input.pixel_values {
+            Some(px) => self.image_features(px, input.pixel_attention_mask, interrupt)?.connector,
+            None if positions.is_empty() => return Ok(emb),
+            None => return input_err(format!("input_ids hold {} image tokens (id {image_tok}) but no pixel_values were given", positions.len())),
+        };
+        let (frames, t, hdim) = feats.dims3()?;
+        if frames * t != positions.len() {
+            return input_err(format!(
+                "image features and image tokens do not match: {} image tokens (id {image_tok}) in input_ids, but {frames} images x {t} tokens per image = {} features",
+                positions.len(),
+                frames * t
+            ));
+        }
+        if positions.is_empty() {
+            return Ok(emb);
+        }
+        // Gather from [text rows; image rows]: row i takes B*L + k if it is the k-th image token.
+        let mut index: Vec<u32> = (0..(b * l) as u32).collect();
+        for (k, &pos) in positions.iter().enumerate() {
+            index[pos] = (b * l + k) as u32;
+        }
+        let all = Tensor::cat(&[&emb.reshape((b * l, hdim))?, &feats.reshape((frames * t, hdim))?.to_dtype(emb.dtype())?], 0)?;
+        let index = Tensor::from_vec(index, b * l, &self.device)?;
+        Ok(all.index_select(&index, 0)?.reshape((b, l, hdim))?)
+    }
+
+    /// Final hidden states [B, L, H] of the text model.
+    pub fn hidden_states(&self, input: &ForwardInput, interrupt: Interrupt) -> Result<Tensor> {
+        let (b, l) = (input.batch, input.seq_len);
+        if input.input_ids.len() != b * l || b == 0 || l == 0 {
+            return input_err(format!("input_ids must be a non-empty [batch, seq_len] array; got {} values for shape [{b}, {l}]", input.input_ids.len()));
+        }
+        let max_pos = self.config.text.max_position_embeddings;
+        if l > max_pos {
+            return input_err(format!("sequence length {l} exceeds max_position_embeddings {max_pos}"));
+        }
+        let x = self.merged_embeddings(input, interrupt)?;
+        let am: Vec<i64> = match input.attention_mask {
+            Some(m) if m.len() != b * l => return input_err(format!("attention_mask has {} values, expected [{b}, {l}]", m.len())),
+            Some(m) => m.to_vec(),
+            None => vec![1; b * l],
+        };
+        let am = Tensor::from_vec(am, (b, l), &self.device)?;
+        let mask = Mask::Additive(causal_padding_mask(&am)?);
+        // A plain forward uses positions 0..L-1 whatever the padding (generate uses cumsum - 1).
+        let pos: Vec<u32> = (0..b).flat_map(|_| 0..l as u32).collect();
+        let pos = Tensor::from_vec(pos, (b, l), &self.device)?;
+        self.text.forward(&x, &pos, &mask, interrupt)
+    }
+
+    /// Logits (all positions, or the last `logits_to_keep`) and the loss when labels are given.
+    pub fn forward(&self, input: &ForwardInput, interrupt: Interrupt) -> Result<ForwardOutput> {
+        let hidden = self.hidden_states(input, interrupt)?; // [B, L, H]
+        let l = input.seq_len;
+        let keep = if input.logits_to_keep == 0 { l } else { input.logits_to_keep.min(l) };
+        let tail = hidden.narrow(1, l - keep, keep)?; // [B, K, H]
+        let logits = self.lm_head.forward(&tail)?.to_dtype(DType::F32)?; // [B, K, V]
+        let (loss, n) = match input.labels {
+            None => (None, 0),
+            Some(lab) if lab.len() != input.batch * l => {
+                return input_err(format!("labels have {} values, expected [{}, {l}] like input_ids", lab.len(), input.batch))
+            }
+            Some(lab) => {
+                let (sum, n) = causal_lm_loss_sum(&hidden, lab, &self.lm_head)?;
+                let sum = sum.to_scalar::<f32>()?;
+                (Some(if n == 0 { f32::NAN } else { sum / n as f32 }), n)
+            }
+        };
+        Ok(ForwardOutput { logits, loss, num_label_tokens: n })
+    }
+}
+
+impl VlmModel {
+    /// Number of parameters, tied weights counted once (like `model.num_parameters()`).
+    pub fn num_parameters(&self) -> usize {
+        let lin = |l: &Linear| l.in_features * l.out_features + l.bias.as_ref().map_or(0, |b| b.elem_count());
+        let v = &self.vision;
+        let ln = |n: &super::vision::LayerNorm| n.weight.elem_count() + n.bias.elem_count();
+        let mut n = lin(&v.patch_embedding) + v.position_embedding.elem_count() + ln(&v.post_layernorm);
+        for l in &v.layers {
+            n += ln(&l.layer_norm1) + ln(&l.layer_norm2);
+            n += [&l.q_proj, &l.k_proj, &l.v_proj, &l.out_proj, &l.fc1, &l.fc2].iter().map(|x| lin(x)).sum::<usize>();
+        }
+        n += lin(&self.connector.proj);
+        let t = &self.text;
+        n += t.embed_tokens.elem_count() + t.norm.elem_count();
+        for l in &t.layers {
+            n += l.input_layernorm.elem_count() + l.post_attention_layernorm.elem_count();
+            n += [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj].iter().map(|x| lin(x)).sum::<usize>();
+        }
+        if !self.config.tie_word_embeddings {
+            n += lin(&self.lm_head);
+        }
+        n
+    }
+}

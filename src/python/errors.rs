@@ -1,0 +1,59 @@
+//! The one place where core errors become Python exceptions, and panics are stopped at the border.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use pyo3::exceptions::{PyException, PyKeyboardInterrupt};
+use pyo3::prelude::*;
+
+use crate::error::{CheckpointError as CoreCheckpointError, Error};
+
+pyo3::create_exception!(ferrovlm, FerroVLMError, PyException, "Base class of every ferrovlm error.");
+pyo3::create_exception!(ferrovlm, ConfigError, FerroVLMError, "A config file is missing, unreadable or holds a bad value.");
+pyo3::create_exception!(ferrovlm, CheckpointError, FerroVLMError, "A weight file is missing, corrupt, or lacks/mis-shapes a tensor.");
+pyo3::create_exception!(ferrovlm, ModelNotCachedError, CheckpointError, "A hub id is not in the local Hugging Face cache.");
+pyo3::create_exception!(ferrovlm, InputError, FerroVLMError, "The inputs of a call are malformed (shapes, ids, image-token counts).");
+pyo3::create_exception!(ferrovlm, InternalError, FerroVLMError, "A bug in ferrovlm: please report it.");
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("FerroVLMError", py.get_type::<FerroVLMError>())?;
+    m.add("ConfigError", py.get_type::<ConfigError>())?;
+    m.add("CheckpointError", py.get_type::<CheckpointError>())?;
+    m.add("ModelNotCachedError", py.get_type::<ModelNotCachedError>())?;
+    m.add("InputError", py.get_type::<InputError>())?;
+    m.add("InternalError", py.get_type::<InternalError>())?;
+    Ok(())
+}
+
+pub fn to_py(e: Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        Error::Config(_) => ConfigError::new_err(msg),
+        Error::Checkpoint(CoreCheckpointError::NotCached { .. }) => ModelNotCachedError::new_err(msg),
+        Error::Checkpoint(_) => CheckpointError::new_err(msg),
+        Error::Input(_) => InputError::new_err(msg),
+        Error::Tensor(_) => InternalError::new_err(msg),
+        Error::Interrupted => PyKeyboardInterrupt::new_err("interrupted"),
+    }
+}
+
+/// Runs `f`, turning a core error into its Python class and a panic into `InternalError`.
+pub fn guard<T>(f: impl FnOnce() -> Result<T, Error>) -> PyResult<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(to_py),
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(InternalError::new_err(format!("internal error (please report): {what}")))
+        }
+    }
+}
+
+/// Runs `f` without the GIL, polling Ctrl-C between layers, with errors and panics converted.
+pub fn detached<T: Send>(py: Python<'_>, f: impl FnOnce(&(dyn Fn() -> bool + Sync)) -> Result<T, Error> + Send) -> PyResult<T> {
+    let interrupt = || Python::attach(|py| py.check_signals().is_err());
+    py.detach(|| guard(|| f(&interrupt)))
+}

@@ -1,0 +1,18 @@
+//! Python bindings: the native module `ferrovlm._core`. One submodule per core module.
+
+use pyo3::prelude::*;
+
+mod checkpoint;
+mod config;
+mod errors;
+mod model;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    errors::register(m)?;
+    checkpoint::register(m)?;
+    config::register(m)?;
+    model::register(m)?;
+    Ok(())
+}

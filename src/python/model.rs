@@ -1,0 +1,157 @@
+//! Bindings of `crate::model`: the loaded model and its forward.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use numpy::ndarray::{ArrayD, IxDyn};
+use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+
+use super::errors::{detached, guard};
+use crate::error::{input_err, Error};
+use crate::model::{ForwardInput, VlmModel};
+
+fn parse_dtype(s: &str) -> Result<DType, Error> {
+    match s {
+        "float32" | "fp32" => Ok(DType::F32),
+        "bfloat16" | "bf16" => Ok(DType::BF16),
+        "float16" | "fp16" => Ok(DType::F16),
+        other => input_err(format!("unsupported dtype '{other}' (float32, bfloat16, float16)")),
+    }
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    }
+}
+
+fn to_numpy<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let shape = t.dims().to_vec();
+    let data: Vec<f32> = guard(|| Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))?;
+    let arr = guard(|| ArrayD::from_shape_vec(IxDyn(&shape), data).or_else(|e| input_err(e.to_string())))?;
+    Ok(arr.into_pyarray(py))
+}
+
+/// Pixel values [B, F, C, H, W] to a tensor (copied; numpy memory is not kept).
+fn pixels(p: &PyReadonlyArrayDyn<'_, f32>) -> Result<Tensor, Error> {
+    let shape = p.shape().to_vec();
+    let data: Vec<f32> = p.as_array().iter().copied().collect();
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+}
+
+fn shape2(a: &PyReadonlyArrayDyn<'_, i64>, name: &str) -> Result<(usize, usize), Error> {
+    match a.shape() {
+        [b, l] => Ok((*b, *l)),
+        s => input_err(format!("{name} must be 2-D [batch, seq_len], got shape {s:?}")),
+    }
+}
+
+/// A loaded SmolVLM / Idefics3 model.
+#[pyclass(name = "VlmModel", module = "ferrovlm._core", frozen)]
+pub struct PyVlmModel {
+    inner: Arc<VlmModel>,
+}
+
+#[pymethods]
+impl PyVlmModel {
+    /// Loads config.json and the safetensors weights of a checkpoint directory.
+    #[staticmethod]
+    #[pyo3(signature = (dir, dtype="float32"))]
+    fn load(py: Python<'_>, dir: PathBuf, dtype: &str) -> PyResult<Self> {
+        let dtype = guard(|| parse_dtype(dtype))?;
+        let m = detached(py, |_| VlmModel::from_dir(&dir, dtype, &Device::Cpu))?;
+        Ok(PyVlmModel { inner: Arc::new(m) })
+    }
+
+    /// The config as JSON (file keys plus defaults).
+    #[getter]
+    fn config_json(&self) -> String {
+        super::config::resolved_json(&self.inner.config)
+    }
+
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        dtype_name(self.inner.dtype)
+    }
+
+    /// Returns (logits [B, K, V] float32, loss or None, number of label tokens).
+    #[pyo3(signature = (input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, labels=None, logits_to_keep=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: PyReadonlyArrayDyn<'py, i64>,
+        attention_mask: Option<PyReadonlyArrayDyn<'py, i64>>,
+        pixel_values: Option<PyReadonlyArrayDyn<'py, f32>>,
+        pixel_attention_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+        labels: Option<PyReadonlyArrayDyn<'py, i64>>,
+        logits_to_keep: usize,
+    ) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Option<f32>, usize)> {
+        let (b, l) = guard(|| shape2(&input_ids, "input_ids"))?;
+        for (name, arr) in [("attention_mask", &attention_mask), ("labels", &labels)] {
+            if let Some(a) = arr {
+                if a.shape() != [b, l] {
+                    return guard(|| input_err(format!("{name} has shape {:?}, input_ids has [{b}, {l}]", a.shape())));
+                }
+            }
+        }
+        let ids: Vec<i64> = input_ids.as_array().iter().copied().collect();
+        let am: Option<Vec<i64>> = attention_mask.map(|a| a.as_array().iter().copied().collect());
+        let lab: Option<Vec<i64>> = labels.map(|a| a.as_array().iter().copied().collect());
+        let px = pixel_values.as_ref().map(|p| guard(|| pixels(p))).transpose()?;
+        if let (Some(px), Some(m)) = (&px, &pixel_attention_mask) {
+            let d = px.dims();
+            let want = [d[0], d[1], d[3], d[4]];
+            if d.len() != 5 || m.shape() != want {
+                return guard(|| input_err(format!("pixel_attention_mask has shape {:?}, expected {want:?} from pixel_values {d:?}", m.shape())));
+            }
+        }
+        let pam: Option<Vec<bool>> = pixel_attention_mask.map(|a| a.as_array().iter().copied().collect());
+        let model = self.inner.clone();
+        let out = detached(py, |interrupt| {
+            let input = ForwardInput {
+                input_ids: &ids,
+                batch: b,
+                seq_len: l,
+                attention_mask: am.as_deref(),
+                pixel_values: px.as_ref(),
+                pixel_attention_mask: pam.as_deref(),
+                labels: lab.as_deref(),
+                logits_to_keep,
+            };
+            model.forward(&input, interrupt)
+        })?;
+        Ok((to_numpy(py, &out.logits)?, out.loss, out.num_label_tokens))
+    }
+
+    /// Vision tower and connector outputs of the real (non-padding) frames:
+    /// (indices of the real frames in the flattened B*F, vision_hidden [N, P, D], connector [N, T, H]).
+    #[pyo3(signature = (pixel_values, pixel_attention_mask=None))]
+    fn image_features<'py>(
+        &self,
+        py: Python<'py>,
+        pixel_values: PyReadonlyArrayDyn<'py, f32>,
+        pixel_attention_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+    ) -> PyResult<(Vec<usize>, Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
+        let px = guard(|| pixels(&pixel_values))?;
+        let pam: Option<Vec<bool>> = pixel_attention_mask.map(|a| a.as_array().iter().copied().collect());
+        let model = self.inner.clone();
+        let f = detached(py, |interrupt| model.image_features(&px, pam.as_deref(), interrupt))?;
+        Ok((f.real_frames, to_numpy(py, &f.vision_hidden)?, to_numpy(py, &f.connector)?))
+    }
+
+    /// Number of parameters (tied weights counted once).
+    #[getter]
+    fn num_parameters(&self) -> usize {
+        self.inner.num_parameters()
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyVlmModel>()?;
+    Ok(())
+}
