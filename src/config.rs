@@ -187,9 +187,8 @@ impl ModelConfig {
         if v.patch_size == 0 || v.image_size < v.patch_size {
             return Err(r.bad("vision_config.patch_size", format!("patch_size {} does not fit image_size {}", v.patch_size, v.image_size)));
         }
-        let n = v.patches_per_side();
-        if self.scale_factor == 0 || n % self.scale_factor != 0 {
-            return Err(r.bad("scale_factor", format!("{} patches per side are not divisible by scale_factor {}", n, self.scale_factor)));
+        if self.scale_factor == 0 {
+            return Err(r.bad("scale_factor", "must be >= 1".into()));
         }
         if v.hidden_act != "gelu_pytorch_tanh" && v.hidden_act != "gelu_new" && v.hidden_act != "gelu" {
             return Err(r.bad("vision_config.hidden_act", format!("'{}' is not supported", v.hidden_act)));

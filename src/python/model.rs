@@ -91,26 +91,40 @@ impl PyVlmModel {
         labels: Option<PyReadonlyArrayDyn<'py, i64>>,
         logits_to_keep: usize,
     ) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Option<f32>, usize)> {
-        let (b, l) = guard(|| shape2(&input_ids, "input_ids"))?;
-        for (name, arr) in [("attention_mask", &attention_mask), ("labels", &labels)] {
-            if let Some(a) = arr {
-                if a.shape() != [b, l] {
-                    return guard(|| input_err(format!("{name} has shape {:?}, input_ids has [{b}, {l}]", a.shape())));
+        // Copy the inputs out of numpy (with the GIL held), checking shapes; panics become InternalError.
+        let (b, l, ids, am, lab, px, pam) = guard(|| {
+            let (b, l) = shape2(&input_ids, "input_ids")?;
+            for (name, arr) in [("attention_mask", &attention_mask), ("labels", &labels)] {
+                if let Some(a) = arr {
+                    if a.shape() != [b, l] {
+                        return input_err(format!("{name} has shape {:?}, input_ids has [{b}, {l}]", a.shape()));
+                    }
                 }
             }
-        }
-        let ids: Vec<i64> = input_ids.as_array().iter().copied().collect();
-        let am: Option<Vec<i64>> = attention_mask.map(|a| a.as_array().iter().copied().collect());
-        let lab: Option<Vec<i64>> = labels.map(|a| a.as_array().iter().copied().collect());
-        let px = pixel_values.as_ref().map(|p| guard(|| pixels(p))).transpose()?;
-        if let (Some(px), Some(m)) = (&px, &pixel_attention_mask) {
-            let d = px.dims();
-            let want = [d[0], d[1], d[3], d[4]];
-            if d.len() != 5 || m.shape() != want {
-                return guard(|| input_err(format!("pixel_attention_mask has shape {:?}, expected {want:?} from pixel_values {d:?}", m.shape())));
+            let px = pixel_values.as_ref().map(pixels).transpose()?;
+            if let Some(px) = &px {
+                let d = px.dims();
+                if d.len() != 5 {
+                    return input_err(format!("pixel_values must be [batch, frames, channels, height, width], got shape {d:?}"));
+                }
+                let want = [d[0], d[1], d[3], d[4]];
+                if let Some(m) = &pixel_attention_mask {
+                    if m.shape() != want {
+                        return input_err(format!("pixel_attention_mask has shape {:?}, expected {want:?} from pixel_values {d:?}", m.shape()));
+                    }
+                }
             }
-        }
-        let pam: Option<Vec<bool>> = pixel_attention_mask.map(|a| a.as_array().iter().copied().collect());
+            let flat_i64 = |a: &PyReadonlyArrayDyn<'py, i64>| a.as_array().iter().copied().collect::<Vec<i64>>();
+            Ok((
+                b,
+                l,
+                flat_i64(&input_ids),
+                attention_mask.as_ref().map(flat_i64),
+                labels.as_ref().map(flat_i64),
+                px,
+                pixel_attention_mask.as_ref().map(|a| a.as_array().iter().copied().collect::<Vec<bool>>()),
+            ))
+        })?;
         let model = self.inner.clone();
         let out = detached(py, |interrupt| {
             let input = ForwardInput {
