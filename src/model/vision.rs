@@ -1,12 +1,13 @@
 //! SigLIP vision encoder (no pooling head), as in `Idefics3VisionTransformer`.
 
+use std::sync::Arc;
+
 use candle_core::{Result as CResult, Tensor};
 
 use super::{check, Interrupt, LoadCtx};
 use crate::checkpoint::WeightStore;
 use crate::config::VisionConfig;
 use crate::error::{input_err, CheckpointError, Result};
-use crate::ops::attention::key_padding_mask;
 use crate::ops::{attention, gelu_tanh, layer_norm, Linear, Mask};
 
 /// LayerNorm parameters.
@@ -105,9 +106,10 @@ impl VisionModel {
         let pos = self.position_embedding.index_select(&ids, 0)?.reshape((f, nh * nw, ()))?; // [F, Np, D]
         let mut hs = (emb + pos)?;
         let mask = if patch_mask.iter().all(|m| m.iter().all(|&v| v)) {
-            Mask::None
+            Mask::none()
         } else {
-            Mask::Additive(key_padding_mask(patch_mask, pixel_values.device())?.to_dtype(candle_core::DType::F32)?)
+            // Masked patches stay queries (their outputs feed the connector) but are hidden as keys.
+            Mask { causal: false, key_valid: Some(Arc::new(patch_mask.iter().flatten().copied().collect())) }
         };
         for layer in &self.layers {
             check(interrupt)?;

@@ -2,6 +2,7 @@
 //! vision tower -> connector -> image-token merge -> Llama -> lm_head (+ loss).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -13,7 +14,6 @@ use crate::checkpoint::WeightStore;
 use crate::config::ModelConfig;
 use crate::error::{input_err, Result};
 use crate::loss::causal_lm_loss_sum;
-use crate::ops::attention::causal_padding_mask;
 use crate::ops::{Linear, Mask};
 
 pub struct VlmModel {
@@ -180,13 +180,12 @@ impl VlmModel {
             return input_err(format!("sequence length {l} exceeds max_position_embeddings {max_pos}"));
         }
         let x = self.merged_embeddings(input, interrupt)?;
-        let am: Vec<i64> = match input.attention_mask {
+        let key_valid = match input.attention_mask {
             Some(m) if m.len() != b * l => return input_err(format!("attention_mask has {} values, expected [{b}, {l}]", m.len())),
-            Some(m) => m.to_vec(),
-            None => vec![1; b * l],
+            Some(m) if m.iter().any(|&v| v == 0) => Some(Arc::new(m.iter().map(|&v| v != 0).collect::<Vec<bool>>())),
+            _ => None,
         };
-        let am = Tensor::from_vec(am, (b, l), &self.device)?;
-        let mask = Mask::Additive(causal_padding_mask(&am)?);
+        let mask = Mask { causal: true, key_valid };
         // A plain forward uses positions 0..L-1 whatever the padding (generate uses cumsum - 1).
         let pos: Vec<u32> = (0..b).flat_map(|_| 0..l as u32).collect();
         let pos = Tensor::from_vec(pos, (b, l), &self.device)?;

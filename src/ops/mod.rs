@@ -8,7 +8,9 @@
 
 pub mod activation;
 pub mod attention;
+mod attention_cpu;
 pub mod linear;
+pub mod math;
 pub mod norm;
 pub mod rope;
 

@@ -1,0 +1,88 @@
+//! Fused f32 attention kernel for the CPU: for each (batch, head) in parallel, scores = q k^T (gemm),
+//! masked softmax in place, out = p v (gemm). One [L, S] score buffer per task instead of
+//! [B, H, L, S] for the whole call. Same results as `attention::attention_reference` (tested there).
+//! No backward yet: a backward pass through it fails loudly (candle's BackwardNotSupported) instead of
+//! cutting gradients; the training path adds one.
+
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+use super::attention::Mask;
+use super::math::{exp_f32, sum_f32};
+
+struct FusedAttention {
+    scale: f32,
+    mask: Mask,
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        (CpuStorage::F32(_), None) => bail!("fused attention: {what} must be contiguous"),
+        _ => bail!("fused attention: {what} must be f32"),
+    }
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, h, l, hd) = l1.shape().dims4()?;
+        let (_, hkv, s, _) = l2.shape().dims4()?;
+        if l3.shape().dims() != l2.shape().dims() || hkv == 0 || h % hkv != 0 {
+            bail!("fused attention: bad shapes q {:?} k {:?} v {:?}", l1.shape(), l2.shape(), l3.shape());
+        }
+        let (q, k, v) = (f32_slice(s1, l1, "q")?, f32_slice(s2, l2, "k")?, f32_slice(s3, l3, "v")?);
+        let groups = h / hkv;
+        let mut out = vec![0f32; b * h * l * hd];
+        out.par_chunks_mut(l * hd).enumerate().for_each(|(bh, o)| {
+            let (bi, hi) = (bh / h, bh % h);
+            let kv_off = (bi * hkv + hi / groups) * s * hd;
+            let (qs, ks, vs) = (&q[bh * l * hd..(bh + 1) * l * hd], &k[kv_off..kv_off + s * hd], &v[kv_off..kv_off + s * hd]);
+            let mut p = vec![0f32; l * s]; // [L, S]
+            // SAFETY: all pointers address buffers of the sizes the strides describe:
+            // qs [L, hd] row-major, ks [S, hd] read as its transpose [hd, S], p [L, S].
+            unsafe {
+                gemm(l, s, hd, p.as_mut_ptr(), 1, s as isize, false, qs.as_ptr(), 1, hd as isize, ks.as_ptr(), hd as isize, 1, 0.0, self.scale, false, false, false, Parallelism::None);
+            }
+            for i in 0..l {
+                softmax_row(&mut p[i * s..(i + 1) * s], |j| self.mask.allowed(bi, i, j, l, s));
+            }
+            // SAFETY: p [L, S], vs [S, hd], o [L, hd], all row-major and of those sizes.
+            unsafe {
+                gemm(l, hd, s, o.as_mut_ptr(), 1, hd as isize, false, p.as_ptr(), 1, s as isize, vs.as_ptr(), 1, hd as isize, 0.0, 1.0, false, false, false, Parallelism::None);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, h, l, hd))))
+    }
+}
+
+/// In-place softmax over the allowed entries (others become 0). A row with no allowed entry gets
+/// uniform weights, as an additive f32::MIN mask gives in transformers' eager attention.
+fn softmax_row(row: &mut [f32], allowed: impl Fn(usize) -> bool) {
+    let mut max = f32::NEG_INFINITY;
+    for (j, x) in row.iter_mut().enumerate() {
+        if !allowed(j) {
+            *x = f32::NEG_INFINITY; // exp -> exactly 0
+        } else if *x > max {
+            max = *x;
+        }
+    }
+    if max == f32::NEG_INFINITY {
+        let u = 1.0 / row.len() as f32;
+        row.iter_mut().for_each(|x| *x = u);
+        return;
+    }
+    row.iter_mut().for_each(|x| *x = exp_f32(*x - max));
+    let inv = 1.0 / sum_f32(row);
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// q: [B, H, L, hd], k/v: [B, Hkv, S, hd] f32 -> [B, H, L, hd].
+pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, scale: f64) -> Result<Tensor> {
+    let op = FusedAttention { scale: scale as f32, mask: mask.clone() };
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
