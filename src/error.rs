@@ -46,6 +46,24 @@ pub enum InputError {
     Invalid(String),
 }
 
+/// Problems turning user data into model inputs (images, text, templates). Messages name the
+/// sample index, file or field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// Undecodable, empty, oversized or otherwise unusable image.
+    #[error("{0}")]
+    Image(String),
+    /// tokenizer.json / tokenizer_config.json problems, unknown tokens.
+    #[error("{0}")]
+    Tokenizer(String),
+    /// A chat template that fails to compile or raises.
+    #[error("{0}")]
+    Template(String),
+    /// Inconsistent processor inputs (image/placeholder counts, unknown content types, ...).
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// Crate-level error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -55,6 +73,8 @@ pub enum Error {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Input(#[from] InputError),
+    #[error(transparent)]
+    Data(#[from] DataError),
     /// A tensor operation failed: an internal bug, not a user error.
     #[error("tensor operation failed: {0}")]
     Tensor(#[from] candle_core::Error),

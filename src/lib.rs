@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod loss;
 pub mod model;

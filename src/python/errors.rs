@@ -12,6 +12,7 @@ pyo3::create_exception!(ferrovlm, ConfigError, FerroVLMError, "A config file is 
 pyo3::create_exception!(ferrovlm, CheckpointError, FerroVLMError, "A weight file is missing, corrupt, or lacks/mis-shapes a tensor.");
 pyo3::create_exception!(ferrovlm, ModelNotCachedError, CheckpointError, "A hub id is not in the local Hugging Face cache.");
 pyo3::create_exception!(ferrovlm, InputError, FerroVLMError, "The inputs of a call are malformed (shapes, ids, image-token counts).");
+pyo3::create_exception!(ferrovlm, ProcessorError, FerroVLMError, "Images, text or chat templates that cannot be turned into model inputs.");
 pyo3::create_exception!(ferrovlm, InternalError, FerroVLMError, "A bug in ferrovlm: please report it.");
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -21,6 +22,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CheckpointError", py.get_type::<CheckpointError>())?;
     m.add("ModelNotCachedError", py.get_type::<ModelNotCachedError>())?;
     m.add("InputError", py.get_type::<InputError>())?;
+    m.add("ProcessorError", py.get_type::<ProcessorError>())?;
     m.add("InternalError", py.get_type::<InternalError>())?;
     Ok(())
 }
@@ -32,6 +34,7 @@ pub fn to_py(e: Error) -> PyErr {
         Error::Checkpoint(CoreCheckpointError::NotCached { .. }) => ModelNotCachedError::new_err(msg),
         Error::Checkpoint(_) => CheckpointError::new_err(msg),
         Error::Input(_) => InputError::new_err(msg),
+        Error::Data(_) => ProcessorError::new_err(msg),
         Error::Tensor(_) => InternalError::new_err(msg),
         Error::Interrupted => PyKeyboardInterrupt::new_err("interrupted"),
     }
