@@ -12,6 +12,7 @@ from .errors import (
     InputError,
     InternalError,
     ModelNotCachedError,
+    ProcessorError,
 )
 from .modeling import (
     AutoModelForImageTextToText,
@@ -37,4 +38,5 @@ __all__ = [
     "ModelNotCachedError",
     "InputError",
     "InternalError",
+    "ProcessorError",
 ]

@@ -15,6 +15,7 @@ from ._core import (
     InputError,
     InternalError,
     ModelNotCachedError,
+    ProcessorError,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "ModelNotCachedError",
     "InputError",
     "InternalError",
+    "ProcessorError",
 ]

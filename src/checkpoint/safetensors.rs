@@ -123,6 +123,12 @@ impl WeightStore {
             DType::F16 => Tensor::from_vec(decode(bytes, e.dtype, f16::from_f32).ok_or_else(bad_dtype)?, shape, device),
             other => return Err(CheckpointError::BadDtype { name: name.into(), file: path.clone(), dtype: format!("target {other:?}") }),
         };
+        // The decoded copy is what the model keeps: let the kernel drop the mapped pages now, so that
+        // loading never holds the file's pages and the weights at once (peak RSS ~ one copy).
+        #[cfg(unix)]
+        // SAFETY: a read-only, file-backed mapping; DONTNEED only discards pages, which are re-read from
+        // the file if touched again. No reference into this range outlives this call.
+        let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, e.start, e.end - e.start) };
         t.map_err(|err| CheckpointError::Io { file: path.clone(), msg: format!("tensor '{name}': {err}") })
     }
 }

@@ -11,6 +11,9 @@ use rayon::prelude::*;
 use super::attention::Mask;
 use super::math::{exp_f32, sum_f32};
 
+/// Query rows per block: [QB, S] f32 scores stay in L2 for S up to a few thousand.
+const QUERY_BLOCK: usize = 128;
+
 struct FusedAttention {
     scale: f32,
     mask: Mask,
@@ -42,18 +45,23 @@ impl CustomOp3 for FusedAttention {
             let (bi, hi) = (bh / h, bh % h);
             let kv_off = (bi * hkv + hi / groups) * s * hd;
             let (qs, ks, vs) = (&q[bh * l * hd..(bh + 1) * l * hd], &k[kv_off..kv_off + s * hd], &v[kv_off..kv_off + s * hd]);
-            let mut p = vec![0f32; l * s]; // [L, S]
-            // SAFETY: all pointers address buffers of the sizes the strides describe:
-            // qs [L, hd] row-major, ks [S, hd] read as its transpose [hd, S], p [L, S].
-            unsafe {
-                gemm(l, s, hd, p.as_mut_ptr(), 1, s as isize, false, qs.as_ptr(), 1, hd as isize, ks.as_ptr(), hd as isize, 1, 0.0, self.scale, false, false, false, Parallelism::None);
-            }
-            for i in 0..l {
-                softmax_row(&mut p[i * s..(i + 1) * s], |j| self.mask.allowed(bi, i, j, l, s));
-            }
-            // SAFETY: p [L, S], vs [S, hd], o [L, hd], all row-major and of those sizes.
-            unsafe {
-                gemm(l, hd, s, o.as_mut_ptr(), 1, hd as isize, false, p.as_ptr(), 1, s as isize, vs.as_ptr(), 1, hd as isize, 0.0, 1.0, false, false, false, Parallelism::None);
+            // Query blocks keep the [QB, S] scores in cache between the two products and the softmax.
+            let mut p = vec![0f32; QUERY_BLOCK.min(l) * s]; // [QB, S]
+            for i0 in (0..l).step_by(QUERY_BLOCK) {
+                let qb = QUERY_BLOCK.min(l - i0);
+                let pb = &mut p[..qb * s];
+                // SAFETY: qs rows i0.. [qb, hd] row-major, ks [S, hd] read as its transpose [hd, S],
+                // pb [qb, S]; all in bounds.
+                unsafe {
+                    gemm(qb, s, hd, pb.as_mut_ptr(), 1, s as isize, false, qs[i0 * hd..].as_ptr(), 1, hd as isize, ks.as_ptr(), hd as isize, 1, 0.0, self.scale, false, false, false, Parallelism::None);
+                }
+                for (r, row) in pb.chunks_exact_mut(s).enumerate() {
+                    softmax_row(row, |j| self.mask.allowed(bi, i0 + r, j, l, s));
+                }
+                // SAFETY: pb [qb, S], vs [S, hd], o rows i0.. [qb, hd]; all row-major and in bounds.
+                unsafe {
+                    gemm(qb, hd, s, o[i0 * hd..].as_mut_ptr(), 1, hd as isize, false, pb.as_ptr(), 1, s as isize, vs.as_ptr(), 1, hd as isize, 0.0, 1.0, false, false, false, Parallelism::None);
+                }
             }
         });
         Ok((CpuStorage::F32(out), Shape::from((b, h, l, hd))))
