@@ -14,6 +14,8 @@ from .errors import (
     ModelNotCachedError,
     ProcessorError,
 )
+from .generation import GenerationConfig, set_seed
+from .streamers import TextIteratorStreamer, TextStreamer
 from .modeling import (
     AutoModelForImageTextToText,
     AutoModelForVision2Seq,
@@ -29,6 +31,10 @@ __all__ = [
     "Idefics3ForConditionalGeneration",
     "SmolVLMForConditionalGeneration",
     "ModelOutput",
+    "GenerationConfig",
+    "set_seed",
+    "TextStreamer",
+    "TextIteratorStreamer",
     "PretrainedConfig",
     "Idefics3Config",
     "SmolVLMConfig",

@@ -7,6 +7,7 @@ cached hub id; calling the model returns ``.logits`` and ``.loss`` like transfor
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -18,6 +19,7 @@ from . import _core
 from ._tensors import is_torch_tensor, like_inputs, to_numpy
 from .configuration import CONFIG_CLASSES, PretrainedConfig
 from .errors import ConfigError
+from .generation import GenerationConfig, resolve
 from .hub import resolve_pretrained
 
 _DTYPE_NAMES = {
@@ -70,9 +72,10 @@ class Idefics3ForConditionalGeneration:
     config_class = CONFIG_CLASSES["idefics3"]
     main_input_name = "input_ids"
 
-    def __init__(self, core: "_core.VlmModel", config: PretrainedConfig) -> None:
+    def __init__(self, core: "_core.VlmModel", config: PretrainedConfig, generation_config: Optional[GenerationConfig] = None) -> None:
         self._core = core
         self.config = config
+        self.generation_config = generation_config or GenerationConfig.from_model_config(config)
         self.training = False
 
     # -- loading ---------------------------------------------------------------------------------
@@ -122,7 +125,7 @@ class Idefics3ForConditionalGeneration:
         config._name_or_path = os.fspath(pretrained_model_name_or_path)
         config._attn_implementation = attn or "eager"
         target = _MODEL_CLASSES[model_type] if issubclass(cls, _AutoBase) else cls
-        return target(core, config)
+        return target(core, config, GenerationConfig.from_pretrained(path, config))
 
     # -- torch-like surface ------------------------------------------------------------------------
     @property
@@ -200,6 +203,61 @@ class Idefics3ForConditionalGeneration:
         return ModelOutput(loss=loss, logits=like_inputs(logits, want_torch))
 
     __call__ = forward
+
+    def generate(
+        self,
+        input_ids: Any = None,
+        attention_mask: Any = None,
+        pixel_values: Any = None,
+        pixel_attention_mask: Any = None,
+        generation_config: Optional[GenerationConfig] = None,
+        streamer: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Returns prompt + generated ids [B, T] (numpy, or torch when the inputs were torch), like
+        transformers' ``generate``: greedy, sampling (``do_sample``, ``temperature``, ``top_k``,
+        ``top_p``), beam search (``num_beams``, ``length_penalty``, ``early_stopping``),
+        ``repetition_penalty``, ``max_new_tokens`` / ``max_length`` / ``min_new_tokens``, any of the EOS
+        ids; left-padded batches; ``streamer`` receives tokens as they come (batch 1, no beams)."""
+        if input_ids is None:
+            raise TypeError("generate() needs input_ids")
+        cfg = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        unused = cfg.update(**kwargs)
+        if unused:
+            warnings.warn(
+                f"The following generation flags are not valid and may be ignored: {sorted(unused)}", stacklevel=2
+            )
+        want_torch = any(is_torch_tensor(x) for x in (input_ids, attention_mask, pixel_values))
+        ids = to_numpy(input_ids, np.int64, "input_ids")
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {ids.shape}")
+        settings = resolve(cfg, ids.shape[1], self.config.text_config.max_position_embeddings)
+        on_token = None
+        if streamer is not None:
+            if ids.shape[0] != 1:
+                raise ValueError("streamers only support batch size 1")
+            if settings["num_beams"] > 1:
+                raise ValueError("`streamer` cannot be used with beam search")
+            streamer.put(ids)
+
+            def on_token(tokens):
+                streamer.put(np.asarray(tokens, dtype=np.int64))
+                return True
+
+        try:
+            out = _core.generate_ids(
+                self._core,
+                ids,
+                to_numpy(attention_mask, np.int64, "attention_mask"),
+                to_numpy(pixel_values, np.float32, "pixel_values"),
+                to_numpy(pixel_attention_mask, np.bool_, "pixel_attention_mask"),
+                settings,
+                on_token,
+            )
+        finally:
+            if streamer is not None:
+                streamer.end()
+        return like_inputs(out, want_torch)
 
     def get_image_features(self, pixel_values: Any, pixel_attention_mask: Any = None) -> Any:
         """Connector outputs [N_real_images, T, hidden] (padding frames dropped)."""

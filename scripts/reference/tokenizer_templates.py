@@ -109,7 +109,6 @@ def build_tokenizer_dir(out: Path, gguf: Path) -> None:
     atd = {str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
            for a in tok["added_tokens"]}
     config = {
-        "add_prefix_space": False,
         "added_tokens_decoder": atd,
         "additional_special_tokens": ["<fake_token_around_image>", "<image>", "<end_of_utterance>"],
         "bos_token": "<|im_start|>",
@@ -330,6 +329,27 @@ RAISE_TEMPLATE = (
 SYNTAX_ERROR_TEMPLATE = "{% for m in messages %}{{ m.content }"
 
 
+BACKEND_TEXTS = ["ééthe2024  20243.5ß!", "a  1", "year  2024\n  7", "x \t 42", "Hello world 2024"]
+
+
+def backend_selection(smol: Path) -> list[dict]:
+    """AutoTokenizer's class choice with config.json's model_type (none / idefics3 / smolvlm)."""
+    from transformers import AutoTokenizer
+
+    out = []
+    for model_type in (None, "idefics3", "smolvlm"):
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            for f in smol.iterdir():
+                shutil.copy(f, tmp / f.name)
+            if model_type is not None:
+                (tmp / "config.json").write_text(json.dumps({"model_type": model_type}))
+            tok = AutoTokenizer.from_pretrained(tmp)
+            out.append({"model_type": model_type, "class": type(tok).__name__,
+                        "encodings": [{"text": t, "ids": tok(t)["input_ids"]} for t in BACKEND_TEXTS]})
+    return out
+
+
 def build_expected(root: Path) -> dict:
     import jinja2
     import tokenizers
@@ -371,6 +391,7 @@ def build_expected(root: Path) -> dict:
     id_lists.append(emoji_ids[:1])  # a lone first byte of a multi-byte character
     id_lists.append([0, 1, 2, 49152, 49189, 49190, 49279, 49200, 19556])
     id_lists.append([])
+    id_lists.append([19556, 999999, 905])  # an id outside the vocabulary is skipped
     for ids in id_lists:
         for skip in (True, False):
             for clean in (True, False, None):
@@ -454,6 +475,7 @@ def build_expected(root: Path) -> dict:
                 errors.append({"case": name, "template": template, "messages": msgs,
                                "error_type": type(e).__name__, "error": str(e)})
         exp["template_errors"] = errors
+    exp["backend_selection"] = backend_selection(smol)
     exp["templates"] = {"smolvlm": SMOLVLM_TEMPLATE, **CUSTOM_TEMPLATES}
     exp["template_sources"] = load_sources(root)
     exp["meta"] = {

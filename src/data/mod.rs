@@ -1,7 +1,12 @@
 //! Turning user data into model inputs: images, tokenizer, chat templates, the processor.
 
 pub mod chat_template;
+pub mod chat_template_value;
 pub mod image;
+pub mod image_decode;
+pub mod image_processor;
 pub mod processor;
 pub mod resample;
 pub mod tokenizer;
+pub mod tokenizer_batch;
+pub mod tokenizer_config;

@@ -1,5 +1,6 @@
 //! The SmolVLM / Idefics3 model: SigLIP vision tower, pixel-shuffle connector, Llama text model.
 
+pub mod cache;
 pub mod connector;
 pub mod text;
 pub mod vision;
@@ -34,7 +35,7 @@ pub fn no_interrupt() -> bool {
     false
 }
 
-pub(crate) fn check(interrupt: Interrupt) -> Result<()> {
+pub fn check(interrupt: Interrupt) -> Result<()> {
     if interrupt() {
         Err(Error::Interrupted)
     } else {

@@ -2,6 +2,7 @@
 
 use candle_core::{Result as CResult, Tensor};
 
+use super::cache::{KvCache, LayerCache};
 use super::{check, Interrupt, LoadCtx};
 use crate::checkpoint::WeightStore;
 use crate::config::TextConfig;
@@ -66,18 +67,21 @@ impl TextModel {
         self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, l, ()))
     }
 
-    /// x: [B, L, H] embeddings, positions: [B, L], mask: additive [B, 1, L, L] -> final-normed hidden [B, L, H]
-    pub fn forward(&self, x: &Tensor, positions: &Tensor, mask: &Mask, interrupt: Interrupt) -> Result<Tensor> {
+    /// x: [B, L, H] embeddings, positions: [B, L] -> final-normed hidden [B, L, H].
+    /// With a cache, the new keys/values are appended to it and attention covers all S = past + L
+    /// keys (`mask.key_valid` then has B * S entries).
+    pub fn forward(&self, x: &Tensor, positions: &Tensor, mask: &Mask, mut cache: Option<&mut KvCache>, interrupt: Interrupt) -> Result<Tensor> {
         let (cos, sin) = self.rope.cos_sin(positions, x.dtype())?; // [B, 1, L, hd]
         let mut h = x.clone();
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
             check(interrupt)?;
-            h = self.layer_forward(layer, &h, &cos, &sin, mask)?;
+            let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));
+            h = self.layer_forward(layer, &h, &cos, &sin, mask, slot)?;
         }
         Ok(rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)?)
     }
 
-    fn layer_forward(&self, l: &TextLayer, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask) -> CResult<Tensor> {
+    fn layer_forward(&self, l: &TextLayer, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask, cache: Option<&mut LayerCache>) -> CResult<Tensor> {
         let c = &self.cfg;
         let (b, len, _) = x.dims3()?;
         let hd = c.head_dim;
@@ -88,6 +92,10 @@ impl TextModel {
         let v = heads(l.v_proj.forward(&h)?, c.num_key_value_heads)?;
         let q = apply_rotary(&q, cos, sin)?;
         let k = apply_rotary(&k, cos, sin)?;
+        let (k, v) = match cache {
+            Some(slot) => slot.append(&k, &v)?, // [B, Hkv, S, hd]
+            None => (k, v),
+        };
         let a = attention(&q, &k, &v, mask, (hd as f64).powf(-0.5))?; // [B, Hq, L, hd]
         let a = a.transpose(1, 2)?.reshape((b, len, c.num_attention_heads * hd))?;
         let x = (x + l.o_proj.forward(&a)?)?;

@@ -170,7 +170,8 @@ impl VlmModel {
     }
 
     /// Final hidden states [B, L, H] of the text model.
-    pub fn hidden_states(&self, input: &ForwardInput, interrupt: Interrupt) -> Result<Tensor> {
+    /// Checks the shapes and lengths of `input` that every entry point relies on.
+    pub fn check_input(&self, input: &ForwardInput) -> Result<()> {
         let (b, l) = (input.batch, input.seq_len);
         if input.input_ids.len() != b * l || b == 0 || l == 0 {
             return input_err(format!("input_ids must be a non-empty [batch, seq_len] array; got {} values for shape [{b}, {l}]", input.input_ids.len()));
@@ -179,9 +180,20 @@ impl VlmModel {
         if l > max_pos {
             return input_err(format!("sequence length {l} exceeds max_position_embeddings {max_pos}"));
         }
+        if let Some(m) = input.attention_mask {
+            if m.len() != b * l {
+                return input_err(format!("attention_mask has {} values, expected [{b}, {l}]", m.len()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Final hidden states [B, L, H] of the text model.
+    pub fn hidden_states(&self, input: &ForwardInput, interrupt: Interrupt) -> Result<Tensor> {
+        let (b, l) = (input.batch, input.seq_len);
+        self.check_input(input)?;
         let x = self.merged_embeddings(input, interrupt)?;
         let key_valid = match input.attention_mask {
-            Some(m) if m.len() != b * l => return input_err(format!("attention_mask has {} values, expected [{b}, {l}]", m.len())),
             Some(m) if m.iter().any(|&v| v == 0) => Some(Arc::new(m.iter().map(|&v| v != 0).collect::<Vec<bool>>())),
             _ => None,
         };
@@ -189,7 +201,7 @@ impl VlmModel {
         // A plain forward uses positions 0..L-1 whatever the padding (generate uses cumsum - 1).
         let pos: Vec<u32> = (0..b).flat_map(|_| 0..l as u32).collect();
         let pos = Tensor::from_vec(pos, (b, l), &self.device)?;
-        self.text.forward(&x, &pos, &mask, interrupt)
+        self.text.forward(&x, &pos, &mask, None, interrupt)
     }
 
     /// Logits (all positions, or the last `logits_to_keep`) and the loss when labels are given.

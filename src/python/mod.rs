@@ -5,6 +5,7 @@ use pyo3::prelude::*;
 mod checkpoint;
 mod config;
 mod errors;
+mod generate;
 mod model;
 
 #[pymodule]
@@ -14,5 +15,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     checkpoint::register(m)?;
     config::register(m)?;
     model::register(m)?;
+    generate::register(m)?;
     Ok(())
 }

@@ -50,10 +50,76 @@ fn shape2(a: &PyReadonlyArrayDyn<'_, i64>, name: &str) -> Result<(usize, usize),
     }
 }
 
+/// Model inputs copied out of numpy (with the GIL held) and shape-checked.
+pub(crate) struct OwnedInput {
+    b: usize,
+    l: usize,
+    ids: Vec<i64>,
+    am: Option<Vec<i64>>,
+    labels: Option<Vec<i64>>,
+    px: Option<Tensor>,
+    pam: Option<Vec<bool>>,
+}
+
+impl OwnedInput {
+    pub(crate) fn copy(
+        input_ids: &PyReadonlyArrayDyn<'_, i64>,
+        attention_mask: Option<&PyReadonlyArrayDyn<'_, i64>>,
+        pixel_values: Option<&PyReadonlyArrayDyn<'_, f32>>,
+        pixel_attention_mask: Option<&PyReadonlyArrayDyn<'_, bool>>,
+        labels: Option<&PyReadonlyArrayDyn<'_, i64>>,
+    ) -> Result<Self, Error> {
+        let (b, l) = shape2(input_ids, "input_ids")?;
+        for (name, arr) in [("attention_mask", attention_mask), ("labels", labels)] {
+            if let Some(a) = arr {
+                if a.shape() != [b, l] {
+                    return input_err(format!("{name} has shape {:?}, input_ids has [{b}, {l}]", a.shape()));
+                }
+            }
+        }
+        let px = pixel_values.map(pixels).transpose()?;
+        if let Some(px) = &px {
+            let d = px.dims();
+            if d.len() != 5 {
+                return input_err(format!("pixel_values must be [batch, frames, channels, height, width], got shape {d:?}"));
+            }
+            let want = [d[0], d[1], d[3], d[4]];
+            if let Some(m) = pixel_attention_mask {
+                if m.shape() != want {
+                    return input_err(format!("pixel_attention_mask has shape {:?}, expected {want:?} from pixel_values {d:?}", m.shape()));
+                }
+            }
+        }
+        let flat = |a: &PyReadonlyArrayDyn<'_, i64>| a.as_array().iter().copied().collect::<Vec<i64>>();
+        Ok(OwnedInput {
+            b,
+            l,
+            ids: flat(input_ids),
+            am: attention_mask.map(flat),
+            labels: labels.map(flat),
+            px,
+            pam: pixel_attention_mask.map(|a| a.as_array().iter().copied().collect()),
+        })
+    }
+
+    pub(crate) fn view(&self, logits_to_keep: usize) -> ForwardInput<'_> {
+        ForwardInput {
+            input_ids: &self.ids,
+            batch: self.b,
+            seq_len: self.l,
+            attention_mask: self.am.as_deref(),
+            pixel_values: self.px.as_ref(),
+            pixel_attention_mask: self.pam.as_deref(),
+            labels: self.labels.as_deref(),
+            logits_to_keep,
+        }
+    }
+}
+
 /// A loaded SmolVLM / Idefics3 model.
 #[pyclass(name = "VlmModel", module = "ferrovlm._core", frozen)]
 pub struct PyVlmModel {
-    inner: Arc<VlmModel>,
+    pub(crate) inner: Arc<VlmModel>,
 }
 
 #[pymethods]
@@ -91,54 +157,9 @@ impl PyVlmModel {
         labels: Option<PyReadonlyArrayDyn<'py, i64>>,
         logits_to_keep: usize,
     ) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Option<f32>, usize)> {
-        // Copy the inputs out of numpy (with the GIL held), checking shapes; panics become InternalError.
-        let (b, l, ids, am, lab, px, pam) = guard(|| {
-            let (b, l) = shape2(&input_ids, "input_ids")?;
-            for (name, arr) in [("attention_mask", &attention_mask), ("labels", &labels)] {
-                if let Some(a) = arr {
-                    if a.shape() != [b, l] {
-                        return input_err(format!("{name} has shape {:?}, input_ids has [{b}, {l}]", a.shape()));
-                    }
-                }
-            }
-            let px = pixel_values.as_ref().map(pixels).transpose()?;
-            if let Some(px) = &px {
-                let d = px.dims();
-                if d.len() != 5 {
-                    return input_err(format!("pixel_values must be [batch, frames, channels, height, width], got shape {d:?}"));
-                }
-                let want = [d[0], d[1], d[3], d[4]];
-                if let Some(m) = &pixel_attention_mask {
-                    if m.shape() != want {
-                        return input_err(format!("pixel_attention_mask has shape {:?}, expected {want:?} from pixel_values {d:?}", m.shape()));
-                    }
-                }
-            }
-            let flat_i64 = |a: &PyReadonlyArrayDyn<'py, i64>| a.as_array().iter().copied().collect::<Vec<i64>>();
-            Ok((
-                b,
-                l,
-                flat_i64(&input_ids),
-                attention_mask.as_ref().map(flat_i64),
-                labels.as_ref().map(flat_i64),
-                px,
-                pixel_attention_mask.as_ref().map(|a| a.as_array().iter().copied().collect::<Vec<bool>>()),
-            ))
-        })?;
+        let inputs = guard(|| OwnedInput::copy(&input_ids, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref(), labels.as_ref()))?;
         let model = self.inner.clone();
-        let out = detached(py, |interrupt| {
-            let input = ForwardInput {
-                input_ids: &ids,
-                batch: b,
-                seq_len: l,
-                attention_mask: am.as_deref(),
-                pixel_values: px.as_ref(),
-                pixel_attention_mask: pam.as_deref(),
-                labels: lab.as_deref(),
-                logits_to_keep,
-            };
-            model.forward(&input, interrupt)
-        })?;
+        let out = detached(py, |interrupt| model.forward(&inputs.view(logits_to_keep), interrupt))?;
         Ok((to_numpy(py, &out.logits)?, out.loss, out.num_label_tokens))
     }
 
