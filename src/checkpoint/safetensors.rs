@@ -95,6 +95,11 @@ impl WeightStore {
         Ok(WeightStore { files, entries })
     }
 
+    /// True when `name` is stored as bf16.
+    pub fn is_bf16(&self, name: &str) -> bool {
+        self.entries.get(name).is_some_and(|e| e.dtype == StDtype::BF16)
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }

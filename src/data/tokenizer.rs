@@ -181,9 +181,10 @@ impl Tokenizer {
     }
 
     /// Token ids of each text (no padding; see [`Tokenizer::encode_with`] for padded batches).
-    pub fn encode_batch<S: AsRef<str>>(&self, texts: &[S], add_special_tokens: bool) -> Result<Vec<Vec<u32>>> {
+    pub fn encode_batch<S: AsRef<str> + Sync>(&self, texts: &[S], add_special_tokens: bool) -> Result<Vec<Vec<u32>>> {
+        use rayon::prelude::*;
         texts
-            .iter()
+            .par_iter()
             .enumerate()
             .map(|(i, t)| self.encode(t.as_ref(), add_special_tokens).map_err(|e| tok_err(format!("sample {i}: {e}"))))
             .collect()

@@ -113,13 +113,13 @@ pub fn pad(sequences: Vec<Vec<u32>>, pad_id: u32, target: Option<usize>, pad_to_
 
 impl Tokenizer {
     /// Encodes a batch with truncation and padding (see the module docs). Errors name the sample.
-    pub fn encode_with<S: AsRef<str>>(&self, texts: &[S], options: &EncodeOptions) -> Result<BatchEncoding> {
+    pub fn encode_with<S: AsRef<str> + Sync>(&self, texts: &[S], options: &EncodeOptions) -> Result<BatchEncoding> {
+        use rayon::prelude::*;
         let limit = options.max_length.or(self.model_max_length());
         let truncate_to = if options.truncation { limit } else { None };
         let trunc_side = options.truncation_side.unwrap_or(self.truncation_side());
         let n_added = if options.add_special_tokens { self.num_special_tokens_to_add() } else { 0 };
-        let mut sequences = Vec::with_capacity(texts.len());
-        for (i, text) in texts.iter().enumerate() {
+        let encode_one = |(i, text): (usize, &S)| -> Result<Vec<u32>> {
             let sample_err = |e: String| tok_err(format!("{}: sample {i}: {e}", self.path.display()));
             let mut enc = self.inner.encode(text.as_ref(), false).map_err(|e| sample_err(format!("cannot encode: {e}")))?;
             if let Some(max) = truncate_to {
@@ -138,8 +138,9 @@ impl Tokenizer {
                 .inner
                 .post_process(enc, None, options.add_special_tokens)
                 .map_err(|e| sample_err(format!("cannot add special tokens: {e}")))?;
-            sequences.push(enc.get_ids().to_vec());
-        }
+            Ok(enc.get_ids().to_vec())
+        };
+        let sequences: Vec<Vec<u32>> = texts.par_iter().enumerate().map(encode_one).collect::<Result<_>>()?;
         let target = match options.padding {
             Padding::DoNotPad => None,
             Padding::Longest => Some(None),

@@ -68,7 +68,7 @@ pub struct AddedTokenSpec {
 }
 
 /// The parsed tokenizer configuration.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct TokenizerConfig {
     /// Named special tokens (`bos_token` ... then model-specific ones), what `special_tokens_map` holds.
     pub named_special: Vec<(String, String)>,
@@ -94,25 +94,6 @@ pub struct TokenizerConfig {
     pub add_prefix_space: bool,
     /// Whether the config has an `auto_map` (remote tokenizer code).
     pub has_auto_map: bool,
-}
-
-impl Default for TokenizerConfig {
-    fn default() -> Self {
-        TokenizerConfig {
-            named_special: Vec::new(),
-            extra_special: Vec::new(),
-            added_tokens_decoder: Vec::new(),
-            padding_side: None,
-            truncation_side: None,
-            model_max_length: None,
-            clean_up_tokenization_spaces: false,
-            force_bpe_cleanup: false,
-            split_special_tokens: false,
-            tokenizer_class: None,
-            add_prefix_space: false,
-            has_auto_map: false,
-        }
-    }
 }
 
 fn read_json(path: &Path) -> Result<TemplateValue> {

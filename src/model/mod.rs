@@ -16,13 +16,29 @@ pub use vlm::{ForwardInput, ForwardOutput, VlmModel};
 /// Where and in which dtype weights are materialised.
 #[derive(Debug, Clone)]
 pub struct LoadCtx {
+    /// The compute dtype.
     pub dtype: DType,
     pub device: Device,
+    /// Keep weights that are bf16 on disk in bf16 when computing in f32 (exact; see `Weight::Bf16`).
+    pub bf16_storage: bool,
 }
 
 impl LoadCtx {
+    /// A tensor in the compute dtype.
     pub fn get(&self, store: &WeightStore, name: &str, shape: &[usize]) -> Result<Tensor, CheckpointError> {
         store.get(name, shape, self.dtype, &self.device)
+    }
+
+    /// A tensor in its storage dtype: bf16 when it is bf16 on disk, the compute dtype is f32 and
+    /// `bf16_storage` is on; otherwise the compute dtype.
+    pub fn get_storage(&self, store: &WeightStore, name: &str, shape: &[usize]) -> Result<Tensor, CheckpointError> {
+        let keep = self.bf16_storage && self.dtype == DType::F32 && store.is_bf16(name);
+        store.get(name, shape, if keep { DType::BF16 } else { self.dtype }, &self.device)
+    }
+
+    /// The same context with bf16 storage switched on or off.
+    pub fn with_bf16_storage(&self, on: bool) -> Self {
+        LoadCtx { bf16_storage: on, ..self.clone() }
     }
 }
 

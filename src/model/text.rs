@@ -31,13 +31,15 @@ pub struct TextModel {
     pub layers: Vec<TextLayer>,
     pub norm: Tensor, // [H]
     pub rope: Rope,
+    /// The compute dtype (weights may be stored narrower).
+    pub dtype: candle_core::DType,
 }
 
 impl TextModel {
     pub fn load(store: &WeightStore, prefix: &str, cfg: &TextConfig, ctx: &LoadCtx) -> Result<Self, CheckpointError> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let (q_out, kv_out) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
-        let embed_tokens = ctx.get(store, &format!("{prefix}.embed_tokens.weight"), &[cfg.vocab_size, h])?;
+        let embed_tokens = ctx.get_storage(store, &format!("{prefix}.embed_tokens.weight"), &[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let lp = format!("{prefix}.layers.{l}");
@@ -58,13 +60,13 @@ impl TextModel {
         let norm = ctx.get(store, &format!("{prefix}.norm.weight"), &[h])?;
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, &ctx.device)
             .map_err(|e| CheckpointError::Io { file: "<memory>".into(), msg: e.to_string() })?;
-        Ok(TextModel { cfg: cfg.clone(), embed_tokens, layers, norm, rope })
+        Ok(TextModel { cfg: cfg.clone(), embed_tokens, layers, norm, rope, dtype: ctx.dtype })
     }
 
-    /// Token embeddings. ids: [B, L] u32 (already range-checked) -> [B, L, H]
+    /// Token embeddings in the compute dtype. ids: [B, L] u32 (already range-checked) -> [B, L, H]
     pub fn embed(&self, ids: &Tensor) -> CResult<Tensor> {
         let (b, l) = ids.dims2()?;
-        self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, l, ()))
+        self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.to_dtype(self.dtype)?.reshape((b, l, ()))
     }
 
     /// x: [B, L, H] embeddings, positions: [B, L] -> final-normed hidden [B, L, H].

@@ -69,18 +69,21 @@ impl VlmModel {
     pub fn from_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let store = WeightStore::open_dir(dir)?;
-        let ctx = LoadCtx { dtype, device: device.clone() };
+        let ctx = LoadCtx { dtype, device: device.clone(), bf16_storage: false };
         Self::load(config, &store, &ctx)
     }
 
     pub fn load(config: ModelConfig, store: &WeightStore, ctx: &LoadCtx) -> Result<Self> {
         let vision = VisionModel::load(store, "model.vision_model", &config.vision, ctx)?;
         let connector = Connector::load(store, "model.connector", config.vision.hidden_size, config.text.hidden_size, config.scale_factor, ctx)?;
-        let text = TextModel::load(store, "model.text_model", &config.text, ctx)?;
+        // The text model and head run token by token when decoding, where bytes read per token set the
+        // speed: bf16 checkpoints keep their bf16 there (exact). The vision tower is compute-bound: f32.
+        let tctx = ctx.with_bf16_storage(true);
+        let text = TextModel::load(store, "model.text_model", &config.text, &tctx)?;
         let lm_head = if config.tie_word_embeddings {
-            Linear::new(text.embed_tokens.clone(), None)?
+            Linear::with_compute_dtype(text.embed_tokens.clone(), None, ctx.dtype)?
         } else {
-            Linear::load(store, "lm_head", config.text.hidden_size, config.text.vocab_size, false, ctx)?
+            Linear::load(store, "lm_head", config.text.hidden_size, config.text.vocab_size, false, &tctx)?
         };
         Ok(VlmModel { config, vision, connector, text, lm_head, dtype: ctx.dtype, device: ctx.device.clone() })
     }

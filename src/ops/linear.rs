@@ -3,7 +3,8 @@
 //! The weight is kept as stored by PyTorch ([out, in]). Quantized storage (nf4/fp4/int8, GGUF) will be
 //! further variants of [`Weight`], each with a matmul and a backward to the input.
 
-use candle_core::{Result, Tensor};
+use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
+use half::slice::HalfFloatSliceExt;
 
 use crate::checkpoint::WeightStore;
 use crate::error::CheckpointError;
@@ -13,7 +14,14 @@ use crate::error::CheckpointError;
 pub enum Weight {
     /// Dense [out, in] in the compute dtype.
     Dense(Tensor),
+    /// [out, in] kept in bf16 because the checkpoint stored bf16 while the compute dtype is f32:
+    /// the values are exact, memory is halved, and decoding reads half the bytes.
+    Bf16(Tensor),
 }
+
+/// Up to this many rows, bf16 weights go through the skinny kernel; above, they are widened once
+/// per call and multiplied by gemm.
+const GEMV_MAX_ROWS: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -25,9 +33,17 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// A dense linear layer computing in the weight's dtype.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
         Ok(Linear { weight: Weight::Dense(weight), bias, in_features, out_features })
+    }
+
+    /// A layer computing in `compute`: a bf16 weight with an f32 compute dtype stays bf16 ([`Weight::Bf16`]).
+    pub fn with_compute_dtype(weight: Tensor, bias: Option<Tensor>, compute: DType) -> Result<Self> {
+        let (out_features, in_features) = weight.dims2()?;
+        let weight = if weight.dtype() == DType::BF16 && compute == DType::F32 { Weight::Bf16(weight) } else { Weight::Dense(weight) };
+        Ok(Linear { weight, bias, in_features, out_features })
     }
 
     /// Loads `{prefix}.weight` [out, in] and, when `bias`, `{prefix}.bias` [out].
@@ -39,9 +55,10 @@ impl Linear {
         bias: bool,
         ctx: &crate::model::LoadCtx,
     ) -> std::result::Result<Self, CheckpointError> {
-        let w = ctx.get(store, &format!("{prefix}.weight"), &[out_features, in_features])?;
+        let w = ctx.get_storage(store, &format!("{prefix}.weight"), &[out_features, in_features])?;
         let b = if bias { Some(ctx.get(store, &format!("{prefix}.bias"), &[out_features])?) } else { None };
-        Ok(Linear { weight: Weight::Dense(w), bias: b, in_features, out_features })
+        let weight = if w.dtype() != ctx.dtype { Weight::Bf16(w) } else { Weight::Dense(w) };
+        Ok(Linear { weight, bias: b, in_features, out_features })
     }
 
     /// x: [.., in] -> [.., out]
@@ -51,6 +68,10 @@ impl Linear {
         let x2 = x.reshape((n, self.in_features))?; // [N, in]
         let y = match &self.weight {
             Weight::Dense(w) => x2.matmul(&w.t()?)?, // [N, out]
+            Weight::Bf16(w) if n <= GEMV_MAX_ROWS && x.dtype() == DType::F32 && x.device().is_cpu() => {
+                skinny_bf16(&x2, w, self.out_features)? // [N, out]
+            }
+            Weight::Bf16(w) => x2.matmul(&w.to_dtype(x.dtype())?.t()?)?,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -62,10 +83,23 @@ impl Linear {
         y.reshape(out_dims)
     }
 
-    /// The dense weight [out, in] (e.g. for tied embeddings).
-    pub fn dense_weight(&self) -> &Tensor {
+    /// The stored weight [out, in].
+    pub fn weight_tensor(&self) -> &Tensor {
         match &self.weight {
-            Weight::Dense(w) => w,
+            Weight::Dense(w) | Weight::Bf16(w) => w,
         }
     }
+}
+
+/// x: [N, in] f32, w: [out, in] bf16 -> [N, out] f32 through `gemv::gemv_bf16`.
+fn skinny_bf16(x: &Tensor, w: &Tensor, out: usize) -> Result<Tensor> {
+    let (n, k) = x.dims2()?;
+    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let w = w.contiguous()?;
+    let (storage, layout) = w.storage_and_layout();
+    let y = match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => super::gemv::gemv_bf16(&xs, n, k, v[a..b].reinterpret_cast(), out),
+        _ => candle_core::bail!("skinny bf16 matmul needs a contiguous bf16 CPU weight"),
+    };
+    Tensor::from_vec(y, (n, out), x.device())
 }

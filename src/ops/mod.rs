@@ -9,6 +9,7 @@
 pub mod activation;
 pub mod attention;
 mod attention_cpu;
+pub mod gemv;
 pub mod linear;
 pub mod math;
 pub mod norm;
