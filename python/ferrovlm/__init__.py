@@ -14,7 +14,11 @@ from .errors import (
     ModelNotCachedError,
     ProcessorError,
 )
+from .batch import BatchEncoding, BatchFeature
 from .generation import GenerationConfig, set_seed
+from .image_processing import Idefics3ImageProcessor, load_image
+from .processing import AutoProcessor, Idefics3Processor, SmolVLMProcessor
+from .tokenization import AutoTokenizer, PreTrainedTokenizerFast
 from .streamers import TextIteratorStreamer, TextStreamer
 from .modeling import (
     AutoModelForImageTextToText,
@@ -32,6 +36,15 @@ __all__ = [
     "SmolVLMForConditionalGeneration",
     "ModelOutput",
     "GenerationConfig",
+    "AutoProcessor",
+    "AutoTokenizer",
+    "Idefics3Processor",
+    "SmolVLMProcessor",
+    "Idefics3ImageProcessor",
+    "PreTrainedTokenizerFast",
+    "BatchFeature",
+    "BatchEncoding",
+    "load_image",
     "set_seed",
     "TextStreamer",
     "TextIteratorStreamer",

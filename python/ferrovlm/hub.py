@@ -30,12 +30,14 @@ def resolve_pretrained(
     cache_dir: "Optional[str | os.PathLike[str]]" = None,
     local_files_only: bool = False,
     token: "Optional[str | bool]" = None,
+    marker: str = "config.json",
 ) -> str:
-    """Returns the directory holding the checkpoint ``id_or_path``."""
+    """Returns the directory holding ``id_or_path``; ``marker`` is a file it must contain
+    (``config.json`` for a model, ``tokenizer_config.json`` for a tokenizer, ...)."""
     name = os.fspath(id_or_path)
     cache = os.fspath(cache_dir) if cache_dir is not None else None
     try:
-        return _core.resolve_model_dir(name, revision, cache)
+        return _core.resolve_model_dir(name, revision, cache, marker)
     except ModelNotCachedError as err:
         if local_files_only or is_offline():
             why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set"

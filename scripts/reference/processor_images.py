@@ -179,7 +179,7 @@ def cases() -> list[dict]:
     for im in MODE_IMAGES:
         add(f"mode_{im.rsplit('.', 1)[0]}", dict(TINY), [[im]])
     add("tiny_multiple_64x32", dict(TINY), [["rgb_128x64.png"]])
-    for code, fname in [(0, "nearest"), (2, "bilinear"), (3, "bicubic"), (4, "box"), (5, "hamming")]:
+    for code, fname in [(0, "nearest"), (2, "bilinear"), (3, "bicubic"), (4, "box"), (5, "hamming"), (7, "mks2021")]:
         add(f"resample_{fname}", dict(TINY, resample=code), [["rgb_37x53.png"], ["rgb_300x200.png"]])
         add(f"resample_{fname}_nosplit", dict(TINY, resample=code, do_image_splitting=False), [["rgb_100x70.png"]])
     add("clip_norm", dict(TINY, **CLIP_NORM), [["rgb_37x53.png", "rgba_61x47.png"]])
@@ -271,14 +271,15 @@ def pil_record(im: Image.Image, name: str, arrays: dict) -> dict:
 
 
 def resize_cases(arrays: dict) -> list[dict]:
+    # Includes shapes where Pillow 13 runs the vertical pass first (height shrinks > 2x more).
     sizes = [((37, 23), (80, 50)), ((64, 48), (17, 13)), ((53, 41), (120, 7)), ((40, 30), (13, 61)),
              ((1, 1), (5, 3)), ((7, 1), (1, 1)), ((33, 20), (33, 45)), ((33, 20), (70, 20)),
-             ((150, 100), (37, 29)), ((5, 4), (5, 4)), ((2, 300), (3, 17))]
+             ((150, 100), (37, 29)), ((5, 4), (5, 4)), ((2, 300), (3, 17)), ((20, 90), (18, 30)), ((12, 54), (1, 15))]
     modes = {1: "L", 3: "RGB", 4: "CMYK"}
     meta = []
     k = 0
     for si, ((w, h), (nw, nh)) in enumerate(sizes):
-        for filt in range(6):
+        for filt in range(8):  # 6, 7: MKS2013 / MKS2021 (Pillow >= 13)
             c = [1, 3, 4][(si + filt) % 3]
             arr = pattern(w, h, c, 100 + k, noise=60)
             im = Image.fromarray(arr[..., 0] if c == 1 else arr, modes[c])

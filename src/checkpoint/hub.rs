@@ -32,8 +32,9 @@ impl HubCache {
         self.root.join(format!("models--{}", repo_id.replace('/', "--")))
     }
 
-    /// The snapshot directory of `repo_id` at `revision` (a branch, tag or commit hash), if cached.
-    pub fn snapshot(&self, repo_id: &str, revision: &str) -> Option<PathBuf> {
+    /// The snapshot directory of `repo_id` at `revision` (a branch, tag or commit hash), if cached
+    /// and holding `marker` (e.g. `config.json`).
+    pub fn snapshot(&self, repo_id: &str, revision: &str, marker: &str) -> Option<PathBuf> {
         let repo = self.repo_folder(repo_id);
         let refs = repo.join("refs").join(revision);
         let commit = match std::fs::read_to_string(&refs) {
@@ -41,7 +42,7 @@ impl HubCache {
             Err(_) => revision.to_string(), // maybe already a commit hash
         };
         let snap = repo.join("snapshots").join(commit);
-        snap.join("config.json").is_file().then_some(snap)
+        snap.join(marker).is_file().then_some(snap)
     }
 }
 
@@ -55,16 +56,14 @@ fn looks_like_repo_id(s: &str) -> bool {
         && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
 }
 
-/// Resolves a local directory or a cached hub id. `NotFound` for a path that is not a checkpoint dir,
-/// `NotCached` for a hub id missing from the cache (the caller may then download it).
-pub fn resolve_model_dir(id_or_path: &str, revision: Option<&str>, cache: &HubCache) -> Result<PathBuf, CheckpointError> {
+/// Resolves a local directory or a cached hub id whose folder holds `marker` (`config.json` for a
+/// model, `tokenizer_config.json` for a tokenizer, ...). `NotFound` for a path that is not such a
+/// dir, `NotCached` for a hub id missing from the cache (the caller may then download it).
+pub fn resolve_dir(id_or_path: &str, revision: Option<&str>, cache: &HubCache, marker: &str) -> Result<PathBuf, CheckpointError> {
     let p = Path::new(id_or_path);
     if p.is_dir() {
-        if !p.join("config.json").is_file() {
-            return Err(CheckpointError::NotFound {
-                path: p.join("config.json"),
-                hint: " (the directory is not a model checkpoint)".into(),
-            });
+        if !p.join(marker).is_file() {
+            return Err(CheckpointError::NotFound { path: p.join(marker), hint: String::new() });
         }
         return Ok(p.to_path_buf());
     }
@@ -72,12 +71,17 @@ pub fn resolve_model_dir(id_or_path: &str, revision: Option<&str>, cache: &HubCa
         return Err(CheckpointError::NotFound { path: p.to_path_buf(), hint: " (expected a directory or a hub id)".into() });
     }
     if looks_like_repo_id(id_or_path) {
-        if let Some(snap) = cache.snapshot(id_or_path, revision.unwrap_or("main")) {
+        if let Some(snap) = cache.snapshot(id_or_path, revision.unwrap_or("main"), marker) {
             return Ok(snap);
         }
         return Err(CheckpointError::NotCached { id: id_or_path.to_string(), cache: cache.repo_folder(id_or_path) });
     }
     Err(CheckpointError::NotFound { path: p.to_path_buf(), hint: " (no such directory, and not a hub id)".into() })
+}
+
+/// [`resolve_dir`] for a model checkpoint (`config.json`).
+pub fn resolve_model_dir(id_or_path: &str, revision: Option<&str>, cache: &HubCache) -> Result<PathBuf, CheckpointError> {
+    resolve_dir(id_or_path, revision, cache, "config.json")
 }
 
 #[cfg(test)]

@@ -3,5 +3,5 @@
 pub mod hub;
 pub mod safetensors;
 
-pub use self::hub::{resolve_model_dir, HubCache};
+pub use self::hub::{resolve_dir, resolve_model_dir, HubCache};
 pub use self::safetensors::WeightStore;

@@ -328,7 +328,7 @@ fn rewrite_generation_tags(source: &str) -> String {
     while let Some(start) = rest.find("{%") {
         out.push_str(&rest[..start]);
         let tag = &rest[start..];
-        let Some(end) = tag.find("%}") else {
+        let Some(end) = tag[2..].find("%}").map(|rel| rel + 2) else {
             out.push_str(tag);
             return out;
         };
@@ -572,6 +572,9 @@ mod tests {
             rewrite_generation_tags("a{%- generation -%}b{% endgeneration %}c{% if x %}{% endif %}"),
             "a{%- if true -%}b{% endif %}c{% if x %}{% endif %}"
         );
+        assert_eq!(rewrite_generation_tags("{%}"), "{%}");
+        assert_eq!(rewrite_generation_tags("x{% generation"), "x{% generation");
+        assert!(ChatTemplate::new("{%}").is_err());
     }
 
     #[test]
@@ -579,6 +582,18 @@ mod tests {
         let t = ChatTemplate::new("{{ none }}|{{ true }}|{{ [1, 'a', none] }}|{{ 'x y'.split() }}|{{ ' s '.strip() }}").unwrap();
         let out = t.render(&serde_json::json!([{"role": "user", "content": "x"}]), &RenderOptions::default()).unwrap();
         assert_eq!(out, "None|True|[1, 'a', None]|['x', 'y']|s");
+    }
+
+    #[test]
+    fn ordered_lists_and_dicts_behave_like_python() {
+        let t = ChatTemplate::new(
+            "{{ 'y' if messages[0].content else 'n' }}{{ messages[0].content|length }}{{ messages[-1].role }}\
+             {{ messages|reverse|map(attribute='role')|join }}{{ messages[1] }}{{ messages[1:]|length }}",
+        )
+        .unwrap();
+        let msgs = TemplateValue::from_json_str(r#"[{"role": "a", "content": []}, {"role": "b", "z": 1, "content": [null]}]"#).unwrap();
+        let out = t.render_value(&msgs, &RenderOptions::default()).unwrap();
+        assert_eq!(out, "n0bba{'role': 'b', 'z': 1, 'content': [None]}1");
     }
 
     #[test]

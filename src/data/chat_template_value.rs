@@ -75,7 +75,7 @@ impl TemplateValue {
             TemplateValue::Int(i) => Value::from(*i),
             TemplateValue::Float(f) => Value::from(*f),
             TemplateValue::Str(s) => Value::from(s.as_str()),
-            TemplateValue::List(items) => Value::from(items.iter().map(|v| v.to_value()).collect::<Vec<_>>()),
+            TemplateValue::List(items) => Value::from_object(PyList { items: items.iter().map(|v| v.to_value()).collect() }),
             TemplateValue::Map(entries) => Value::from_object(PyDict {
                 entries: entries.iter().map(|(k, v)| (Value::from(k.as_str()), v.to_value())).collect(),
             }),
@@ -201,6 +201,35 @@ impl Object for PyDict {
 
     fn is_true(self: &Arc<Self>) -> bool {
         !self.entries.is_empty()
+    }
+
+    fn render(self: &Arc<Self>, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&py_str(&Value::from_dyn_object(self.clone())))
+    }
+}
+
+/// A list visible to templates as a sequence that converts to text like Python's `str(list)`
+/// (so `'x' ~ content` and `content | trim` print `[{'type': 'text', ...}]` as Jinja2 does).
+#[derive(Debug)]
+pub struct PyList {
+    items: Vec<Value>,
+}
+
+impl Object for PyList {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Seq
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        self.items.get(key.as_usize()?).cloned()
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Seq(self.items.len())
+    }
+
+    fn render(self: &Arc<Self>, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&py_str(&Value::from_dyn_object(self.clone())))
     }
 }
 

@@ -4,10 +4,12 @@
 //! weights are computed in `f64` (`center = (i + 0.5) * scale`, `support = filter_support *
 //! max(scale, 1)`, window `[(int)(center - support + 0.5), (int)(center + support + 0.5))`),
 //! normalised to sum 1, then turned into fixed point with 22 fractional bits (rounding half away
-//! from zero). The horizontal pass runs first (only over the source rows the vertical pass reads)
-//! into a `u8` buffer; the vertical pass then writes `u8`. Accumulators are `i32` starting at
-//! `1 << 21`; results are `acc >> 22` clamped to 0..=255. A pass whose dimension does not change
-//! is skipped, and a resize to the same size is a plain copy (as in Pillow).
+//! from zero). Two passes with a `u8` buffer in between; accumulators are `i32` starting at
+//! `1 << 21`, results `acc >> 22` clamped to 0..=255. Pass order is Pillow 13's: the vertical pass
+//! goes first iff `in_h - out_h > 0 && in_h - out_h > 2 * (in_w - out_w)`; otherwise the
+//! horizontal pass goes first, over only the source rows the vertical pass reads (Pillow <= 12
+//! always went horizontal first: [`resize_pillow12`]). A pass whose dimension does not change is
+//! skipped, and a resize to the same size is a plain copy (as in Pillow).
 //!
 //! NEAREST is Pillow's affine "scale" path (`Geometry.c`): source index `(int)x` with `x`
 //! starting at `scale / 2` and advancing by `scale` (accumulated in `f64`).
@@ -38,10 +40,14 @@ pub enum Filter {
     Box,
     /// `HAMMING` (5).
     Hamming,
+    /// `MKS2013` (6, Pillow >= 13): Magic Kernel Sharp 2013.
+    Mks2013,
+    /// `MKS2021` (7, Pillow >= 13): Magic Kernel Sharp 2021.
+    Mks2021,
 }
 
 impl Filter {
-    /// The filter for a PIL resampling code (0..=5). MKS2013 / MKS2021 (6, 7) are not supported.
+    /// The filter for a PIL resampling code (0..=7).
     pub fn from_pil(code: i64) -> Result<Filter> {
         Ok(match code {
             0 => Filter::Nearest,
@@ -50,10 +56,12 @@ impl Filter {
             3 => Filter::Bicubic,
             4 => Filter::Box,
             5 => Filter::Hamming,
+            6 => Filter::Mks2013,
+            7 => Filter::Mks2021,
             _ => {
                 return Err(Error::Data(DataError::Invalid(format!(
                     "unsupported resample filter {code}: expected a PIL code 0 (NEAREST), 1 (LANCZOS), \
-                     2 (BILINEAR), 3 (BICUBIC), 4 (BOX) or 5 (HAMMING)"
+                     2 (BILINEAR), 3 (BICUBIC), 4 (BOX), 5 (HAMMING), 6 (MKS2013) or 7 (MKS2021)"
                 ))))
             }
         })
@@ -68,6 +76,8 @@ impl Filter {
             Filter::Bicubic => 3,
             Filter::Box => 4,
             Filter::Hamming => 5,
+            Filter::Mks2013 => 6,
+            Filter::Mks2021 => 7,
         }
     }
 
@@ -78,6 +88,8 @@ impl Filter {
             Filter::Bilinear | Filter::Hamming => 1.0,
             Filter::Bicubic => 2.0,
             Filter::Lanczos => 3.0,
+            Filter::Mks2013 => 2.5,
+            Filter::Mks2021 => 4.5,
         }
     }
 
@@ -125,6 +137,37 @@ impl Filter {
             Filter::Lanczos => {
                 if (-3.0..3.0).contains(&x) {
                     sinc(x) * sinc(x / 3.0)
+                } else {
+                    0.0
+                }
+            }
+            // C uses pow(v, 2), which compilers turn into v * v.
+            Filter::Mks2013 => {
+                let x = x.abs();
+                if x < 0.5 {
+                    17.0 / 16.0 - 7.0 / 4.0 * (x * x)
+                } else if x < 1.5 {
+                    (1.0 - x) * (7.0 / 4.0 - x)
+                } else if x < 2.5 {
+                    let d = x - 5.0 / 2.0;
+                    -1.0 / 8.0 * (d * d)
+                } else {
+                    0.0
+                }
+            }
+            Filter::Mks2021 => {
+                let x = x.abs();
+                if x < 0.5 {
+                    577.0 / 576.0 - 239.0 / 144.0 * (x * x)
+                } else if x < 1.5 {
+                    35.0 / 36.0 * (x - 1.0) * (x - 239.0 / 140.0)
+                } else if x < 2.5 {
+                    1.0 / 6.0 * (x - 2.0) * (65.0 / 24.0 - x)
+                } else if x < 3.5 {
+                    1.0 / 36.0 * (x - 3.0) * (x - 15.0 / 4.0)
+                } else if x < 4.5 {
+                    let d = x - 9.0 / 2.0;
+                    -1.0 / 288.0 * (d * d)
                 } else {
                     0.0
                 }
@@ -206,6 +249,31 @@ fn bad(msg: String) -> Error {
 ///
 /// Errors on zero-sized input or output, or on a malformed buffer.
 pub fn resize(src: ImageView<'_>, new_w: usize, new_h: usize, filter: Filter) -> Result<ImageU8> {
+    let src = check(src, new_w, new_h)?;
+    if new_w == src.width && new_h == src.height {
+        return Ok(src.to_owned_image());
+    }
+    if filter == Filter::Nearest {
+        return Ok(nearest(src, new_w, new_h));
+    }
+    Ok(convolve(src, new_w, new_h, filter, PassOrder::Pillow13))
+}
+
+/// Like [`resize`], but always running the horizontal pass first, as Pillow up to 12.x did.
+/// (Pillow 13 runs the vertical pass first when the height shrinks by more than twice as many
+/// pixels as the width; both orders round through `u8` in between, so results differ slightly.)
+pub fn resize_pillow12(src: ImageView<'_>, new_w: usize, new_h: usize, filter: Filter) -> Result<ImageU8> {
+    let src = check(src, new_w, new_h)?;
+    if new_w == src.width && new_h == src.height {
+        return Ok(src.to_owned_image());
+    }
+    if filter == Filter::Nearest {
+        return Ok(nearest(src, new_w, new_h));
+    }
+    Ok(convolve(src, new_w, new_h, filter, PassOrder::HorizontalFirst))
+}
+
+fn check(src: ImageView<'_>, new_w: usize, new_h: usize) -> Result<ImageView<'_>> {
     let src = ImageView::new(src.width, src.height, src.channels, src.data)?;
     if src.width == 0 || src.height == 0 {
         return Err(bad(format!("cannot resize an empty {}x{} image", src.width, src.height)));
@@ -217,20 +285,37 @@ pub fn resize(src: ImageView<'_>, new_w: usize, new_h: usize, filter: Filter) ->
         )));
     }
     // Pillow (and this code) index with C ints.
-    if new_w > i32::MAX as usize / 8 || new_h > i32::MAX as usize / 8 || src.width > i32::MAX as usize / 8
-        || src.height > i32::MAX as usize / 8
-    {
+    let lim = i32::MAX as usize / 8;
+    if new_w > lim || new_h > lim || src.width > lim || src.height > lim {
         return Err(bad(format!("cannot resize {}x{} to {new_w}x{new_h}: too large", src.width, src.height)));
     }
-    if new_w == src.width && new_h == src.height {
-        return Ok(src.to_owned_image());
-    }
-    if filter == Filter::Nearest {
-        return Ok(nearest(src, new_w, new_h));
-    }
+    Ok(src)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PassOrder {
+    /// Pillow >= 13: vertical first iff `in_h - out_h > 0 && in_h - out_h > 2 * (in_w - out_w)`.
+    Pillow13,
+    HorizontalFirst,
+}
+
+/// Two-pass convolution (Pillow's `ImagingResampleInner`); a pass whose size is unchanged is skipped.
+fn convolve(src: ImageView<'_>, new_w: usize, new_h: usize, filter: Filter, order: PassOrder) -> ImageU8 {
     let c = src.channels;
     let need_h = new_w != src.width;
     let need_v = new_h != src.height;
+    let dy = src.height as i64 - new_h as i64;
+    let dx = src.width as i64 - new_w as i64;
+    let vertical_first = order == PassOrder::Pillow13 && dy > 0 && dy > dx * 2;
+    if vertical_first {
+        // Vertical pass over the full width, then horizontal over the `new_h` rows.
+        let mid = vertical(src, &Coeffs::new(src.height, new_h, filter), 0);
+        if !need_h {
+            return ImageU8 { width: src.width, height: new_h, channels: c, data: mid };
+        }
+        let data = horizontal(&mid, src.width, c, &Coeffs::new(src.width, new_w, filter));
+        return ImageU8 { width: new_w, height: new_h, channels: c, data };
+    }
     let vert = Coeffs::new(src.height, new_h, filter);
     // Source rows the vertical pass reads.
     let (y_first, y_last) = if need_v { vert.span() } else { (0, src.height) };
@@ -244,11 +329,11 @@ pub fn resize(src: ImageView<'_>, new_w: usize, new_h: usize, filter: Filter) ->
         ImageView { width: src.width, height: src.height, channels: c, data: src.data }
     };
     if !need_v {
-        return Ok(mid.to_owned_image());
+        return mid.to_owned_image();
     }
     let offset = if need_h { y_first } else { 0 };
     let data = vertical(mid, &vert, offset);
-    Ok(ImageU8 { width: new_w, height: new_h, channels: c, data })
+    ImageU8 { width: new_w, height: new_h, channels: c, data }
 }
 
 /// Fixed-point filter weights for one axis: output `i` reads inputs `start[i] .. start[i] + len[i]`
@@ -448,7 +533,7 @@ mod tests {
         let short = ImageView { width: 3, height: 3, channels: 1, data: &[0; 5] };
         assert!(resize(short, 2, 2, Filter::Lanczos).is_err());
         assert!(ImageU8::new(1, 1, 5, vec![0; 5]).is_err());
-        assert!(Filter::from_pil(6).is_err());
+        assert!(Filter::from_pil(8).is_err());
     }
 
     #[test]

@@ -5,15 +5,15 @@ use std::path::PathBuf;
 use pyo3::prelude::*;
 
 use super::errors::guard;
-use crate::checkpoint::{resolve_model_dir as core_resolve, HubCache};
+use crate::checkpoint::{resolve_dir as core_resolve, HubCache};
 
-/// Resolves a local checkpoint directory or a hub id cached under `cache_dir` (default: the
+/// Resolves a local directory holding `marker`, or a hub id cached under `cache_dir` (default: the
 /// environment's Hugging Face cache). Raises ModelNotCachedError for an id that is not cached.
 #[pyfunction]
-#[pyo3(signature = (id_or_path, revision=None, cache_dir=None))]
-fn resolve_model_dir(id_or_path: &str, revision: Option<&str>, cache_dir: Option<PathBuf>) -> PyResult<String> {
+#[pyo3(signature = (id_or_path, revision=None, cache_dir=None, marker="config.json"))]
+fn resolve_model_dir(id_or_path: &str, revision: Option<&str>, cache_dir: Option<PathBuf>, marker: &str) -> PyResult<String> {
     let cache = cache_dir.map(|root| HubCache { root }).unwrap_or_else(HubCache::from_env);
-    guard(|| Ok(core_resolve(id_or_path, revision, &cache)?.display().to_string()))
+    guard(|| Ok(core_resolve(id_or_path, revision, &cache, marker)?.display().to_string()))
 }
 
 /// The hub cache directory the environment names.

@@ -4,6 +4,7 @@ use pyo3::prelude::*;
 
 mod checkpoint;
 mod config;
+mod data;
 mod errors;
 mod generate;
 mod model;
@@ -16,5 +17,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     config::register(m)?;
     model::register(m)?;
     generate::register(m)?;
+    data::register(m)?;
     Ok(())
 }
