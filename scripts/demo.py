@@ -1,10 +1,13 @@
-"""The main job, for now: build a small SmolVLM-shaped checkpoint, encode an image prompt, and print the
-most likely next tokens. The weights are random (no hub access here), so the tokens mean nothing yet;
-what runs is the real path: hub-layout checkpoint -> from_pretrained -> vision tower -> connector ->
-image-token merge -> Llama -> logits. The fine-tuning demo replaces this once training exists."""
+"""The main job, for now: build a small SmolVLM-shaped checkpoint (the real SmolVLM tokenizer and chat
+template shipped in tests/fixtures, random weights since nothing can be fetched from the hub here), run
+the processor on an image prompt, print the most likely next tokens and stream a short greedy answer.
+The weights are random, so the words mean nothing yet; everything else is the real path. The
+fine-tuning demo replaces this once training exists."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 import tempfile
 import time
@@ -12,45 +15,52 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_checkpoint import TINY, write_checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import TINY_SMOLVLM  # noqa: E402
+from tiny_checkpoint import write_checkpoint  # noqa: E402
 
-from ferrovlm import AutoModelForVision2Seq  # noqa: E402
+from ferrovlm import AutoModelForVision2Seq, AutoProcessor, TextStreamer  # noqa: E402
+
+FIX = ROOT / "tests" / "fixtures"
 
 
-def make_image(size: int) -> np.ndarray:
-    """A 'photo': a colour gradient with a red square, normalised like the Idefics3 processor."""
-    y, x = np.mgrid[0:size, 0:size] / (size - 1)
-    rgb = np.stack([x, y, 1 - x], axis=0) * 255.0
-    rgb[:, size // 4 : size // 2, size // 4 : size // 2] = np.array([255.0, 0, 0])[:, None, None]
-    return (((rgb.round() / 255.0) - 0.5) / 0.5).astype(np.float32)
+def make_image() -> np.ndarray:
+    """A 'photo': a colour gradient with a red square, HWC uint8."""
+    y, x = np.mgrid[0:96, 0:128]
+    img = np.stack([x * 2, y * 2, 255 - x * 2], axis=-1).astype(np.uint8)
+    img[24:48, 32:64] = [255, 0, 0]
+    return img
 
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = write_checkpoint(Path(tmp) / "tiny-smolvlm", TINY, seed=0)
+        ckpt = Path(tmp) / "smolvlm-tiny"
+        shutil.copytree(FIX / "tokenizer" / "smolvlm", ckpt)
+        for f in (FIX / "processor" / "config").iterdir():
+            shutil.copy(f, ckpt / f.name)
+        write_checkpoint(ckpt, TINY_SMOLVLM, seed=0)
+        (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": 49279, "pad_token_id": 2}))
+
         t0 = time.perf_counter()
         model = AutoModelForVision2Seq.from_pretrained(ckpt, torch_dtype="float32")
-        print(f"loaded {model} in {time.perf_counter() - t0:.3f}s")
-        cfg = model.config
-        n = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        tokens_per_image = (n // cfg.scale_factor) ** 2
-        fake, glob, img = 251, 252, cfg.image_token_id
-        # "<|im_start|>User:" <fake><global-img><image>*T<fake> "What is in the square?<end_of_utterance>\nAssistant:"
-        prompt = [1, 17, 42] + [fake, glob] + [img] * tokens_per_image + [fake] + [33, 57, 91, 12, 5, 77, 19]
-        input_ids = np.array([prompt], dtype=np.int64)
-        pixel_values = make_image(cfg.vision_config.image_size)[None, None]  # [B=1, F=1, 3, H, W]
+        processor = AutoProcessor.from_pretrained(ckpt)
+        print(f"loaded {model} and its processor in {time.perf_counter() - t0:.2f}s")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the red square?"}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(text=prompt, images=[make_image()], return_tensors="np")
+        print(f"prompt: {prompt!r} -> {inputs['input_ids'].shape[1]} tokens, pixel_values {inputs['pixel_values'].shape}")
+
         t0 = time.perf_counter()
-        out = model(input_ids=input_ids, attention_mask=np.ones_like(input_ids), pixel_values=pixel_values)
-        dt = time.perf_counter() - t0
-        logits = out.logits[0, -1].astype(np.float64)
+        logits = model(**inputs).logits[0, -1].astype(np.float64)
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
-        top = np.argsort(-probs)[:5]
-        print(f"forward of {input_ids.shape[1]} tokens ({tokens_per_image} from the image) in {dt * 1000:.1f} ms")
-        print("most likely next tokens (id: probability):")
-        for t in top:
-            print(f"  {t:4d}: {probs[t]:.4f}")
+        print(f"forward in {(time.perf_counter() - t0) * 1000:.1f} ms; most likely next tokens:")
+        for t in np.argsort(-probs)[:5]:
+            print(f"  {t:6d} {processor.tokenizer.convert_ids_to_tokens(int(t))!r:24} p={probs[t]:.4f}")
+        print("greedy answer (streamed): ", end="")
+        model.generate(**inputs, max_new_tokens=12, streamer=TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True))
 
 
 if __name__ == "__main__":

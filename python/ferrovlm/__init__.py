@@ -17,6 +17,7 @@ from .errors import (
 from .batch import BatchEncoding, BatchFeature
 from .generation import GenerationConfig, set_seed
 from .image_processing import Idefics3ImageProcessor, load_image
+from .pipelines import ImageTextToTextPipeline, pipeline
 from .processing import AutoProcessor, Idefics3Processor, SmolVLMProcessor
 from .tokenization import AutoTokenizer, PreTrainedTokenizerFast
 from .streamers import TextIteratorStreamer, TextStreamer
@@ -45,6 +46,8 @@ __all__ = [
     "BatchFeature",
     "BatchEncoding",
     "load_image",
+    "pipeline",
+    "ImageTextToTextPipeline",
     "set_seed",
     "TextStreamer",
     "TextIteratorStreamer",
