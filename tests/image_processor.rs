@@ -377,3 +377,47 @@ fn bench_640x480_split_2048_512() {
         rayon::current_num_threads()
     );
 }
+
+#[test]
+#[ignore]
+fn bench_parts() {
+    let data: Vec<u8> = (0..640 * 480 * 3).map(|i: usize| ((i * 2654435761) >> 13) as u8).collect();
+    let v = ImageView::new(640, 480, 3, &data).unwrap();
+    let t = std::time::Instant::now();
+    let mut big = None;
+    for _ in 0..5 {
+        big = Some(resize(v, 2048, 1536, Filter::Lanczos).unwrap());
+    }
+    eprintln!("up 640x480 -> 2048x1536: {:.1} ms", t.elapsed().as_secs_f64() * 1e3 / 5.0);
+    let big = big.unwrap();
+    let t = std::time::Instant::now();
+    for _ in 0..5 {
+        resize(big.view(), 512, 512, Filter::Lanczos).unwrap();
+    }
+    eprintln!("down 2048x1536 -> 512x512: {:.1} ms", t.elapsed().as_secs_f64() * 1e3 / 5.0);
+    for (w, h, what) in [(2048, 480, "up, width only"), (640, 1536, "up, height only")] {
+        let t = std::time::Instant::now();
+        for _ in 0..5 {
+            resize(v, w, h, Filter::Lanczos).unwrap();
+        }
+        eprintln!("{what} -> {w}x{h}: {:.1} ms", t.elapsed().as_secs_f64() * 1e3 / 5.0);
+    }
+    for (w, h, what) in [(512, 1536, "down, width only"), (2048, 512, "down, height only")] {
+        let t = std::time::Instant::now();
+        for _ in 0..5 {
+            resize(big.view(), w, h, Filter::Lanczos).unwrap();
+        }
+        eprintln!("{what} -> {w}x{h}: {:.1} ms", t.elapsed().as_secs_f64() * 1e3 / 5.0);
+    }
+    let cfg = ImageProcessorConfig::from_json(&serde_json::json!({
+        "size": {"longest_edge": 2048}, "max_image_size": {"longest_edge": 512}, "do_resize": false
+    }))
+    .unwrap();
+    let img = RawImage::from_rgb8(2048, 1536, big.data.clone()).unwrap();
+    let batch = vec![vec![img]];
+    let t = std::time::Instant::now();
+    for _ in 0..5 {
+        process(&batch, &cfg).unwrap();
+    }
+    eprintln!("process without the first resize: {:.1} ms", t.elapsed().as_secs_f64() * 1e3 / 5.0);
+}

@@ -58,3 +58,17 @@ def resolve_pretrained(
             )
         except Exception as download_err:  # network, auth, missing repo: all reported the same way
             raise ModelNotCachedError(f"{err}; downloading it failed: {download_err}") from download_err
+
+
+def resolve_pretrained_kwargs(id_or_path: "str | os.PathLike[str]", kwargs: dict, marker: str = "config.json") -> str:
+    """``resolve_pretrained`` taking (and removing) the hub keyword arguments of a ``from_pretrained``
+    call: ``revision``, ``cache_dir``, ``local_files_only``, ``token``, ``trust_remote_code``."""
+    kwargs.pop("trust_remote_code", None)
+    return resolve_pretrained(
+        id_or_path,
+        revision=kwargs.pop("revision", None),
+        cache_dir=kwargs.pop("cache_dir", None),
+        local_files_only=kwargs.pop("local_files_only", False),
+        token=kwargs.pop("token", None),
+        marker=marker,
+    )

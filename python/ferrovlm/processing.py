@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 from . import _core
 from .batch import BatchFeature
 from .errors import ProcessorError
-from .hub import resolve_pretrained
+from .hub import resolve_pretrained_kwargs
 from .image_processing import Idefics3ImageProcessor, is_image, load_image
 from .tokenization import PreTrainedTokenizerFast, _model_type, _templates_value, padding_strategy, render_conversations
 
@@ -42,14 +42,7 @@ class Idefics3Processor:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: "str | os.PathLike[str]", **kwargs: Any) -> "Idefics3Processor":
-        path = resolve_pretrained(
-            pretrained_model_name_or_path,
-            revision=kwargs.pop("revision", None),
-            cache_dir=kwargs.pop("cache_dir", None),
-            local_files_only=kwargs.pop("local_files_only", False),
-            token=kwargs.pop("token", None),
-            marker="tokenizer.json",
-        )
+        path = resolve_pretrained_kwargs(pretrained_model_name_or_path, kwargs, marker="tokenizer.json")
         d = Path(path)
         proc_cfg = _read_json(d / "processor_config.json")
         img_cfg = _read_json(d / "preprocessor_config.json")
@@ -193,13 +186,7 @@ class SmolVLMProcessor(Idefics3Processor):
 class AutoProcessor:
     @staticmethod
     def from_pretrained(pretrained_model_name_or_path: "str | os.PathLike[str]", **kwargs: Any) -> Idefics3Processor:
-        path = resolve_pretrained(pretrained_model_name_or_path, revision=kwargs.get("revision"),
-                                  cache_dir=kwargs.get("cache_dir"), local_files_only=kwargs.get("local_files_only", False),
-                                  marker="tokenizer.json")
+        path = resolve_pretrained_kwargs(pretrained_model_name_or_path, kwargs, marker="tokenizer.json")
         cls_name = _read_json(Path(path) / "processor_config.json").get("processor_class", "")
         cls = SmolVLMProcessor if "SmolVLM" in cls_name or _model_type(path) == "smolvlm" else Idefics3Processor
-        kwargs.pop("revision", None)
-        kwargs.pop("cache_dir", None)
-        kwargs.pop("local_files_only", None)
-        kwargs.pop("trust_remote_code", None)
         return cls.from_pretrained(path, **kwargs)

@@ -14,7 +14,7 @@ import numpy as np
 from . import _core
 from ._tensors import is_torch_tensor
 from .batch import BatchEncoding
-from .hub import resolve_pretrained
+from .hub import resolve_pretrained_kwargs
 
 
 def padding_strategy(padding: Any) -> str:
@@ -56,14 +56,7 @@ class PreTrainedTokenizerFast:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: "str | os.PathLike[str]", **kwargs: Any) -> "PreTrainedTokenizerFast":
-        path = resolve_pretrained(
-            pretrained_model_name_or_path,
-            revision=kwargs.pop("revision", None),
-            cache_dir=kwargs.pop("cache_dir", None),
-            local_files_only=kwargs.pop("local_files_only", False),
-            token=kwargs.pop("token", None),
-            marker="tokenizer.json",
-        )
+        path = resolve_pretrained_kwargs(pretrained_model_name_or_path, kwargs, marker="tokenizer.json")
         core = _core.Tokenizer.from_dir(path, _model_type(path))
         templates = _core.load_chat_templates(path, "tokenizer")
         tok = cls(core, os.fspath(pretrained_model_name_or_path), _templates_value(templates))

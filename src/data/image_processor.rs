@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
 use super::image::{PilMode, RawImage};
-use super::resample::{resize, Filter, ImageU8, ImageView};
+use super::resample::{hint_huge_pages, resize, Filter, ImageU8, ImageView};
 use crate::error::{DataError, Error, Result};
 
 /// transformers' `MAX_IMAGE_SIZE`: the longest edge after step 2 never exceeds this.
@@ -448,6 +448,8 @@ pub fn process(images: &[Vec<RawImage>], cfg: &ImageProcessorConfig) -> Result<B
     let plane = height * width;
     let mut pixel_values = vec![0f32; batch * max_frames * 3 * plane];
     let mut mask = vec![false; batch * max_frames * plane];
+    hint_huge_pages(&mut pixel_values);
+    hint_huge_pages(&mut mask);
     if plane > 0 {
         pixel_values.par_chunks_mut(3 * plane).zip(mask.par_chunks_mut(plane)).enumerate().for_each(
             |(slot, (out, msk))| {

@@ -337,9 +337,9 @@ fn convolve(src: ImageView<'_>, new_w: usize, new_h: usize, filter: Filter, orde
 }
 
 /// Fixed-point filter weights for one axis: output `i` reads inputs `start[i] .. start[i] + len[i]`
-/// with weights `k[i * ksize ..][.. len[i]]`.
+/// with weights `k[i * stride ..][.. len[i]]`; the rest of each `stride` (a multiple of 8) is 0.
 struct Coeffs {
-    ksize: usize,
+    stride: usize,
     start: Vec<usize>,
     len: Vec<usize>,
     k: Vec<i32>,
@@ -354,9 +354,10 @@ impl Coeffs {
         let support = filter.support() * filterscale;
         let ksize = support.ceil() as usize * 2 + 1;
         let ss = 1.0 / filterscale;
+        let stride = ksize.div_ceil(8) * 8;
         let mut start = Vec::with_capacity(out_size);
         let mut len = Vec::with_capacity(out_size);
-        let mut k = vec![0i32; out_size * ksize];
+        let mut k = vec![0i32; out_size * stride];
         let mut w = vec![0f64; ksize];
         for xx in 0..out_size {
             let center = 0.0 + (xx as f64 + 0.5) * scale;
@@ -370,7 +371,7 @@ impl Coeffs {
                 *wx = v;
                 ww += v;
             }
-            let row = &mut k[xx * ksize..xx * ksize + n];
+            let row = &mut k[xx * stride..xx * stride + n];
             for (dst, &v) in row.iter_mut().zip(&w[..n]) {
                 let v = if ww != 0.0 { v / ww } else { v };
                 let f = v * (1i64 << PRECISION_BITS) as f64;
@@ -379,7 +380,7 @@ impl Coeffs {
             start.push((xmin as usize).min(in_size));
             len.push(n);
         }
-        Coeffs { ksize, start, len, k }
+        Coeffs { stride, start, len, k }
     }
 
     /// First and one-past-last input index any output reads.
@@ -392,7 +393,12 @@ impl Coeffs {
     }
 
     fn taps(&self, i: usize) -> (usize, &[i32]) {
-        (self.start[i], &self.k[i * self.ksize..i * self.ksize + self.len[i]])
+        (self.start[i], &self.k[i * self.stride..i * self.stride + self.len[i]])
+    }
+
+    /// Taps padded with zero weights to `stride` (a multiple of 8).
+    fn taps_padded(&self, i: usize) -> (usize, &[i32]) {
+        (self.start[i], &self.k[i * self.stride..(i + 1) * self.stride])
     }
 }
 
@@ -403,48 +409,146 @@ fn clip8(acc: i32) -> u8 {
 
 const HALF: i32 = 1 << (PRECISION_BITS - 1);
 
+/// The row kernels, compiled twice: plain and with AVX2 (chosen at run time). Integer results
+/// are identical (wrapping `i32` sums do not depend on the order); AVX2 only makes them wider.
+#[derive(Clone, Copy)]
+struct Kernels {
+    hrow: fn(&[u8], &mut [u8], &Coeffs, usize, &mut Vec<u8>),
+    vrow: fn(&mut [i32], &[u8], i32),
+}
+
+fn kernels() -> Kernels {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return Kernels { hrow: hrow_avx2, vrow: vrow_avx2 };
+        }
+    }
+    Kernels { hrow: hrow_any, vrow: vrow_any }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn hrow_avx2(src: &[u8], dst: &mut [u8], co: &Coeffs, c: usize, planes: &mut Vec<u8>) {
+    #[target_feature(enable = "avx2")]
+    unsafe fn inner(src: &[u8], dst: &mut [u8], co: &Coeffs, c: usize, planes: &mut Vec<u8>) {
+        hrow_any(src, dst, co, c, planes)
+    }
+    // SAFETY: only selected by `kernels()` after detecting AVX2.
+    unsafe { inner(src, dst, co, c, planes) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn vrow_avx2(acc: &mut [i32], row: &[u8], k: i32) {
+    #[target_feature(enable = "avx2")]
+    unsafe fn inner(acc: &mut [i32], row: &[u8], k: i32) {
+        vrow_any(acc, row, k)
+    }
+    // SAFETY: only selected by `kernels()` after detecting AVX2.
+    unsafe { inner(acc, row, k) }
+}
+
+#[inline(always)]
+fn vrow_any(acc: &mut [i32], row: &[u8], k: i32) {
+    for (a, &v) in acc.iter_mut().zip(row) {
+        *a = a.wrapping_add((v as i32).wrapping_mul(k));
+    }
+}
+
+/// `sum(w[i] * k[i])` over 8-wide chunks (both lengths are the same multiple of 8).
+#[inline(always)]
+fn dot8(w: &[u8], k: &[i32]) -> i32 {
+    let mut acc = [0i32; 8];
+    for (wc, kc) in w.chunks_exact(8).zip(k.chunks_exact(8)) {
+        for j in 0..8 {
+            acc[j] = acc[j].wrapping_add((wc[j] as i32).wrapping_mul(kc[j]));
+        }
+    }
+    acc.iter().fold(0i32, |a, &b| a.wrapping_add(b))
+}
+
+/// One row of the horizontal pass: the `c` channels are split into planes padded with `stride`
+/// zeros, so every output sample is one [`dot8`] against the zero-padded weights.
+#[inline(always)]
+fn hrow_any(src: &[u8], dst: &mut [u8], co: &Coeffs, c: usize, planes: &mut Vec<u8>) {
+    let in_w = src.len() / c;
+    let pl = in_w + co.stride;
+    if planes.len() != c * pl {
+        planes.clear();
+        planes.resize(c * pl, 0);
+    }
+    for ch in 0..c {
+        let plane = &mut planes[ch * pl..ch * pl + in_w];
+        for (d, px) in plane.iter_mut().zip(src.chunks_exact(c)) {
+            *d = px[ch];
+        }
+    }
+    for (xx, out_px) in dst.chunks_exact_mut(c).enumerate() {
+        let (xmin, k) = co.taps_padded(xx);
+        for (ch, o) in out_px.iter_mut().enumerate() {
+            let w = &planes[ch * pl + xmin..ch * pl + xmin + k.len()];
+            *o = clip8(HALF.wrapping_add(dot8(w, k)));
+        }
+    }
+}
+
 /// Horizontal pass over `rows` (`[n_rows, in_w, c]`) -> `[n_rows, out_w, c]`.
 fn horizontal(rows: &[u8], in_w: usize, c: usize, co: &Coeffs) -> Vec<u8> {
     let out_w = co.start.len();
     let n_rows = if in_w == 0 { 0 } else { rows.len() / (in_w * c) };
-    let mut out = vec![0u8; n_rows * out_w * c];
+    let mut out = alloc_u8(n_rows * out_w * c);
     if out.is_empty() {
         return out;
     }
-    out.par_chunks_mut(out_w * c).zip(rows.par_chunks(in_w * c)).for_each(|(dst, src)| match c {
-        1 => hrow::<1>(src, dst, co),
-        2 => hrow::<2>(src, dst, co),
-        3 => hrow::<3>(src, dst, co),
-        _ => hrow::<4>(src, dst, co),
-    });
+    let kern = kernels();
+    out.par_chunks_mut(out_w * c)
+        .zip(rows.par_chunks(in_w * c))
+        .for_each_init(Vec::new, |planes, (dst, src)| (kern.hrow)(src, dst, co, c, planes));
     out
 }
 
-#[inline(always)]
-fn hrow<const C: usize>(src: &[u8], dst: &mut [u8], co: &Coeffs) {
-    for (xx, out_px) in dst.chunks_exact_mut(C).enumerate() {
-        let (xmin, k) = co.taps(xx);
-        let mut acc = [HALF; C];
-        let window = &src[xmin * C..(xmin + k.len()) * C];
-        for (px, &kv) in window.chunks_exact(C).zip(k) {
-            for ch in 0..C {
-                acc[ch] = acc[ch].wrapping_add((px[ch] as i32).wrapping_mul(kv));
+/// Asks Linux to back a large, not yet touched buffer with transparent huge pages: first-touch
+/// page faults dominate the cost of filling fresh multi-megabyte buffers otherwise. No-op
+/// elsewhere and for small buffers; purely a hint (contents and ownership are unaffected).
+pub(crate) fn hint_huge_pages<T>(buf: &mut [T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        const MADV_HUGEPAGE: i32 = 14;
+        extern "C" {
+            fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
+        }
+        let bytes = std::mem::size_of_val(buf);
+        if bytes < 2 * HUGE {
+            return;
+        }
+        let p = buf.as_mut_ptr() as usize;
+        let (start, end) = (p.div_ceil(HUGE) * HUGE, (p + bytes) / HUGE * HUGE);
+        if end > start {
+            // SAFETY: [start, end) lies inside `buf`, which we borrow mutably; MADV_HUGEPAGE only
+            // changes how the kernel backs those pages, never their contents.
+            unsafe {
+                madvise(start as *mut std::ffi::c_void, end - start, MADV_HUGEPAGE);
             }
         }
-        for ch in 0..C {
-            out_px[ch] = clip8(acc[ch]);
-        }
     }
+}
+
+/// A zeroed `u8` buffer, huge-page backed when large (see [`hint_huge_pages`]).
+fn alloc_u8(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    hint_huge_pages(&mut v);
+    v
 }
 
 /// Vertical pass: output row `yy` combines rows `start - offset ..` of `src`.
 fn vertical(src: ImageView<'_>, co: &Coeffs, offset: usize) -> Vec<u8> {
     let row_len = src.width * src.channels;
     let out_h = co.start.len();
-    let mut out = vec![0u8; out_h * row_len];
+    let mut out = alloc_u8(out_h * row_len);
     if out.is_empty() {
         return out;
     }
+    let kern = kernels();
     out.par_chunks_mut(row_len).enumerate().for_each_init(
         || vec![0i32; row_len],
         |acc, (yy, dst)| {
@@ -452,10 +556,7 @@ fn vertical(src: ImageView<'_>, co: &Coeffs, offset: usize) -> Vec<u8> {
             acc.fill(HALF);
             for (t, &kv) in k.iter().enumerate() {
                 let r = ymin + t - offset;
-                let row = &src.data[r * row_len..(r + 1) * row_len];
-                for (a, &v) in acc.iter_mut().zip(row) {
-                    *a = a.wrapping_add((v as i32).wrapping_mul(kv));
-                }
+                (kern.vrow)(acc, &src.data[r * row_len..(r + 1) * row_len], kv);
             }
             for (d, &a) in dst.iter_mut().zip(acc.iter()) {
                 *d = clip8(a);

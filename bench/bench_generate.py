@@ -1,0 +1,105 @@
+"""generate() on a SmolVLM-256M-shaped checkpoint (random weights, bf16 on disk like the real one):
+time to first token, decode tokens/s for 64 new tokens and peak RSS, ferrovlm vs transformers fp32,
+in the same run (each side in its own subprocess). One 512x512 image (splitting off: 64 image
+tokens) and a short question. Dev only (needs torch + transformers):
+
+    python bench/bench_generate.py [--new 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "scripts"))
+sys.path.insert(0, str(HERE))
+from bench_forward import make_inputs, peak_rss_mb  # noqa: E402
+
+
+def run_side(side: str, ckpt: str, new: int) -> dict:
+    cfg = json.loads((Path(ckpt) / "config.json").read_text())
+    ids, am, px, pm = make_inputs(cfg)
+    ids, am = ids[:, :80], am[:, :80]  # 8 text + 73 image-block tokens: a short question
+    times = []
+
+    class Clock:
+        def put(self, value):
+            times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=2)
+    if side == "ferrovlm":
+        from ferrovlm import AutoModelForVision2Seq
+
+        model = AutoModelForVision2Seq.from_pretrained(ckpt, torch_dtype="float32")
+        inputs = dict(input_ids=ids, attention_mask=am, pixel_values=px, pixel_attention_mask=pm)
+    else:
+        import torch
+        from transformers import AutoModelForImageTextToText
+        from transformers.generation.streamers import BaseStreamer
+
+        class Clock(BaseStreamer):  # noqa: F811
+            def put(self, value):
+                times.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        torch.set_grad_enabled(False)
+        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).eval()
+        inputs = {k: torch.from_numpy(v) for k, v in dict(input_ids=ids, attention_mask=am, pixel_values=px, pixel_attention_mask=pm).items()}
+    t0 = time.perf_counter()
+    out = model.generate(**inputs, streamer=Clock(), **kw)
+    t_end = time.perf_counter()
+    # times[0]: prompt handed to the streamer; times[1]: first new token
+    ttft = times[1] - t0
+    decode_tps = (len(times) - 2) / (times[-1] - times[1])
+    return {"ttft_s": ttft, "decode_tokens_per_s": decode_tps, "total_s": t_end - t0, "new_tokens": int(out.shape[1] - ids.shape[1]),
+            "peak_rss_mb": peak_rss_mb(), "tokens": [int(t) for t in (out[0, ids.shape[1]:ids.shape[1] + 16].tolist())]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--out", default=str(HERE / "out" / "generate.json"))
+    ap.add_argument("--side", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        print(json.dumps(run_side(args.side, args.ckpt, args.new)))
+        return
+    from tiny_checkpoint import SMOLVLM_256M, write_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = str(write_checkpoint(Path(tmp) / "smolvlm-256m-random", SMOLVLM_256M, seed=0, dtype="bfloat16"))
+        res = {}
+        for side in ("ferrovlm", "transformers"):
+            cmd = [sys.executable, __file__, "--side", side, "--ckpt", ckpt, "--new", str(args.new)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
+            res[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    f, t = res["ferrovlm"], res["transformers"]
+    res["ratios"] = {
+        "decode_speedup": f["decode_tokens_per_s"] / t["decode_tokens_per_s"],
+        "ttft_ratio": f["ttft_s"] / t["ttft_s"],
+        "peak_rss_ratio": f["peak_rss_mb"] / t["peak_rss_mb"],
+        "same_first_16_tokens": f["tokens"] == t["tokens"],
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(f"{'':20}{'ferrovlm':>12}{'transformers':>14}")
+    for k in ("ttft_s", "decode_tokens_per_s", "total_s", "peak_rss_mb"):
+        print(f"{k:20}{f[k]:12.3f}{t[k]:14.3f}")
+    print(json.dumps(res["ratios"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
