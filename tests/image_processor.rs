@@ -46,10 +46,8 @@ fn from_record(rec: &Value, key: &str, arrays: &HashMap<String, Tensor>) -> RawI
     } else if let Some(v) = t.get("rgb") {
         let c: Vec<i64> = v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
         Some(Transparency::Rgb(c[0], c[1], c[2]))
-    } else if let Some(k) = t.get("bytes") {
-        Some(Transparency::PaletteAlpha(u8s(&arrays[k.as_str().unwrap()])))
     } else {
-        None
+        t.get("bytes").map(|k| Transparency::PaletteAlpha(u8s(&arrays[k.as_str().unwrap()])))
     };
     img
 }
@@ -350,8 +348,29 @@ fn unpadded_batches_need_equal_frames() {
     assert!(out.pixel_attention_mask.unwrap()[5 * plane..].iter().all(|&m| !m));
 }
 
-/// `cargo test --release --test image_processor bench_ -- --ignored --nocapture`: one 640x480 RGB
-/// photo-sized image, splitting on, SmolVLM-256M sizes (2048 / 512): 13 frames of 512 x 512.
+/// Process CPU time (user + system) in ms, from /proc/self/stat (Linux; 0 elsewhere).
+fn cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
+    ticks * 10.0 // USER_HZ = 100
+}
+
+/// Runs `f` `n` times; returns (median wall ms, CPU ms per run).
+fn timed(n: usize, mut f: impl FnMut()) -> (f64, f64) {
+    let mut wall = Vec::new();
+    let c0 = cpu_ms();
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        f();
+        wall.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    wall.sort_by(f64::total_cmp);
+    (wall[n / 2], (cpu_ms() - c0) / n as f64)
+}
+
+/// `cargo test --release --test image_processor bench_ -- --ignored --nocapture --test-threads=1`:
+/// one 640x480 RGB photo-sized image, splitting on, SmolVLM-256M sizes (2048 / 512): 13 frames.
 #[test]
 #[ignore]
 fn bench_640x480_split_2048_512() {
@@ -362,18 +381,12 @@ fn bench_640x480_split_2048_512() {
     let data: Vec<u8> = (0..640 * 480 * 3).map(|i: usize| ((i * 2654435761) >> 13) as u8).collect();
     let img = RawImage::from_rgb8(640, 480, data).unwrap();
     let batch = vec![vec![img]];
-    let mut times = Vec::new();
-    for _ in 0..10 {
-        let t = std::time::Instant::now();
+    let (wall, cpu) = timed(20, || {
         let out = process(&batch, &cfg).unwrap();
-        times.push(t.elapsed().as_secs_f64() * 1e3);
         assert_eq!((out.max_frames, out.rows[0][0], out.cols[0][0]), (13, 3, 4));
-    }
-    times.sort_by(f64::total_cmp);
+    });
     eprintln!(
-        "640x480 -> 13 x 512x512 frames: median {:.1} ms, min {:.1} ms ({} threads)",
-        times[times.len() / 2],
-        times[0],
+        "640x480 -> 13 x 512x512 frames: median wall {wall:.1} ms, CPU {cpu:.1} ms per image ({} threads)",
         rayon::current_num_threads()
     );
 }
@@ -383,41 +396,28 @@ fn bench_640x480_split_2048_512() {
 fn bench_parts() {
     let data: Vec<u8> = (0..640 * 480 * 3).map(|i: usize| ((i * 2654435761) >> 13) as u8).collect();
     let v = ImageView::new(640, 480, 3, &data).unwrap();
-    let t = std::time::Instant::now();
-    let mut big = None;
-    for _ in 0..5 {
-        big = Some(resize(v, 2048, 1536, Filter::Lanczos).unwrap());
-    }
-    eprintln!("up 640x480 -> 2048x1536: {:.1} ms", t.elapsed().as_secs_f64() * 1e3 / 5.0);
-    let big = big.unwrap();
-    let t = std::time::Instant::now();
-    for _ in 0..5 {
-        resize(big.view(), 512, 512, Filter::Lanczos).unwrap();
-    }
-    eprintln!("down 2048x1536 -> 512x512: {:.1} ms", t.elapsed().as_secs_f64() * 1e3 / 5.0);
-    for (w, h, what) in [(2048, 480, "up, width only"), (640, 1536, "up, height only")] {
-        let t = std::time::Instant::now();
-        for _ in 0..5 {
-            resize(v, w, h, Filter::Lanczos).unwrap();
-        }
-        eprintln!("{what} -> {w}x{h}: {:.1} ms", t.elapsed().as_secs_f64() * 1e3 / 5.0);
-    }
-    for (w, h, what) in [(512, 1536, "down, width only"), (2048, 512, "down, height only")] {
-        let t = std::time::Instant::now();
-        for _ in 0..5 {
-            resize(big.view(), w, h, Filter::Lanczos).unwrap();
-        }
-        eprintln!("{what} -> {w}x{h}: {:.1} ms", t.elapsed().as_secs_f64() * 1e3 / 5.0);
+    let big = resize(v, 2048, 1536, Filter::Lanczos).unwrap();
+    let cases: [(&str, ImageView<'_>, usize, usize); 6] = [
+        ("up 640x480 -> 2048x1536", v, 2048, 1536),
+        ("up, width only -> 2048x480", v, 2048, 480),
+        ("up, height only -> 640x1536", v, 640, 1536),
+        ("down 2048x1536 -> 512x512", big.view(), 512, 512),
+        ("down, width only -> 512x1536", big.view(), 512, 1536),
+        ("down, height only -> 2048x512", big.view(), 2048, 512),
+    ];
+    for (what, src, w, h) in cases {
+        let (wall, cpu) = timed(10, || {
+            resize(src, w, h, Filter::Lanczos).unwrap();
+        });
+        eprintln!("{what}: median wall {wall:.1} ms, CPU {cpu:.1} ms");
     }
     let cfg = ImageProcessorConfig::from_json(&serde_json::json!({
         "size": {"longest_edge": 2048}, "max_image_size": {"longest_edge": 512}, "do_resize": false
     }))
     .unwrap();
-    let img = RawImage::from_rgb8(2048, 1536, big.data.clone()).unwrap();
-    let batch = vec![vec![img]];
-    let t = std::time::Instant::now();
-    for _ in 0..5 {
+    let batch = vec![vec![RawImage::from_rgb8(2048, 1536, big.data.clone()).unwrap()]];
+    let (wall, cpu) = timed(10, || {
         process(&batch, &cfg).unwrap();
-    }
-    eprintln!("process without the first resize: {:.1} ms", t.elapsed().as_secs_f64() * 1e3 / 5.0);
+    });
+    eprintln!("process without the first resize: median wall {wall:.1} ms, CPU {cpu:.1} ms");
 }

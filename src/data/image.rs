@@ -305,6 +305,13 @@ impl RawImage {
         Ok(ImageU8 { width: self.width, height: self.height, channels: 3, data })
     }
 
+    /// PIL's `convert("RGB")` as a new "RGB" [`RawImage`]: what transformers' `load_image` hands
+    /// the processor for a path or URL (EXIF-transposed by [`decode_image`], alpha dropped).
+    pub fn convert_rgb(&self) -> Result<RawImage> {
+        let rgb = self.to_rgb_plain()?;
+        RawImage::from_rgb8(rgb.width, rgb.height, rgb.data)
+    }
+
     /// 256 RGBA entries: the palette (missing entries opaque black), with the transparency key
     /// applied when `with_transparency` (PIL's `putpalettealpha` / `putpalettealphas`).
     fn palette_table(&self, with_transparency: bool) -> Vec<[u8; 4]> {
@@ -339,7 +346,7 @@ fn normalize_palette(pal: &[u8], palette_mode: &str) -> Result<Vec<u8>> {
         "RGBA" => 4,
         other => return Err(img_err(format!("unsupported palette mode '{other}' (expected RGB or RGBA)"))),
     };
-    if pal.len() % n != 0 || pal.len() / n > 256 {
+    if !pal.len().is_multiple_of(n) || pal.len() / n > 256 {
         return Err(img_err(format!(
             "palette of {} bytes is not at most 256 {palette_mode} entries",
             pal.len()

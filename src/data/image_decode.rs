@@ -11,9 +11,10 @@
 //! - 16-bit gray -> "I;16" (Pillow's mode); 16-bit gray+alpha / RGB / RGBA -> the high byte of
 //!   each sample, as Pillow's "LA;16B"/"RGB;16B"/"RGBA;16B" readers;
 //! - GIF: the first frame as "RGBA".
+//!
 //! JPEG goes through zune-jpeg and WebP through image-webp, not libjpeg-turbo / libwebp:
-//! pixels may differ slightly from Pillow's; CMYK JPEG/TIFF are converted to RGB by the `image`
-//! crate, not with Pillow's `cmyk2rgb`.
+//! pixels may differ slightly from Pillow's (a few levels on JPEG); CMYK JPEG/TIFF are converted
+//! to RGB by the `image` crate, not with Pillow's `cmyk2rgb` (off by up to 1).
 //!
 //! A decompression-bomb guard rejects images with more than `max_pixels` pixels before the
 //! pixel data is decoded (default [`DEFAULT_MAX_PIXELS`], Pillow's error threshold).

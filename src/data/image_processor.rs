@@ -23,7 +23,8 @@ use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
 use super::image::{PilMode, RawImage};
-use super::resample::{hint_huge_pages, resize, Filter, ImageU8, ImageView};
+use super::image_kernels::{hint_huge_pages, recycle_u8};
+use super::resample::{resize, Filter, ImageU8, ImageView};
 use crate::error::{DataError, Error, Result};
 
 /// transformers' `MAX_IMAGE_SIZE`: the longest edge after step 2 never exceeds this.
@@ -273,7 +274,15 @@ impl<'a> Img<'a> {
         if v.width == w && v.height == h {
             return Ok(self);
         }
-        Ok(Img::Owned(resize(v, w, h, f)?))
+        let out = Img::Owned(resize(v, w, h, f)?);
+        self.recycle();
+        Ok(out)
+    }
+
+    fn recycle(self) {
+        if let Img::Owned(o) = self {
+            recycle_u8(o.data);
+        }
     }
 }
 
@@ -463,6 +472,12 @@ pub fn process(images: &[Vec<RawImage>], cfg: &ImageProcessorConfig) -> Result<B
                 fill_frame(out, msk, src, fr, width, &table);
             },
         );
+    }
+    for p in prepared {
+        p.main.recycle();
+        if let Some(g) = p.global {
+            recycle_u8(g.data);
+        }
     }
     Ok(BatchPixels {
         pixel_values,

@@ -4,6 +4,7 @@ pub mod chat_template;
 pub mod chat_template_value;
 pub mod image;
 pub mod image_decode;
+pub(crate) mod image_kernels;
 pub mod image_processor;
 pub mod processor;
 pub mod resample;

@@ -20,10 +20,8 @@
 
 use rayon::prelude::*;
 
+use super::image_kernels::{horizontal, recycle_u8, vertical, Coeffs};
 use crate::error::{DataError, Error, Result};
-
-/// Fractional bits of the fixed-point coefficients (`32 - 8 - 2`, as Pillow for 8-bit images).
-const PRECISION_BITS: u32 = 22;
 
 /// Pillow's resampling filters, numbered as `PIL.Image.Resampling`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -82,7 +80,7 @@ impl Filter {
     }
 
     /// Half-width of the filter kernel at scale 1 (Pillow's `support`).
-    fn support(self) -> f64 {
+    pub(crate) fn support(self) -> f64 {
         match self {
             Filter::Nearest | Filter::Box => 0.5,
             Filter::Bilinear | Filter::Hamming => 1.0,
@@ -94,7 +92,7 @@ impl Filter {
     }
 
     /// The kernel, written with the same floating-point operations as Pillow's C code.
-    fn eval(self, x: f64) -> f64 {
+    pub(crate) fn eval(self, x: f64) -> f64 {
         match self {
             Filter::Nearest | Filter::Box => {
                 if x > -0.5 && x <= 0.5 {
@@ -284,10 +282,15 @@ fn check(src: ImageView<'_>, new_w: usize, new_h: usize) -> Result<ImageView<'_>
             src.width, src.height
         )));
     }
-    // Pillow (and this code) index with C ints.
+    // Pillow indexes with C ints (and fails with MemoryError on huge targets); refuse outputs over
+    // 4 GiB instead of aborting on a failed allocation.
     let lim = i32::MAX as usize / 8;
-    if new_w > lim || new_h > lim || src.width > lim || src.height > lim {
-        return Err(bad(format!("cannot resize {}x{} to {new_w}x{new_h}: too large", src.width, src.height)));
+    let out_bytes = (new_w as u128) * (new_h as u128) * (src.channels as u128);
+    if new_w > lim || new_h > lim || src.width > lim || src.height > lim || out_bytes > 1 << 32 {
+        return Err(bad(format!(
+            "cannot resize {}x{} to {new_w}x{new_h}: the result would be too large",
+            src.width, src.height
+        )));
     }
     Ok(src)
 }
@@ -307,263 +310,30 @@ fn convolve(src: ImageView<'_>, new_w: usize, new_h: usize, filter: Filter, orde
     let dy = src.height as i64 - new_h as i64;
     let dx = src.width as i64 - new_w as i64;
     let vertical_first = order == PassOrder::Pillow13 && dy > 0 && dy > dx * 2;
+    let image = |data| ImageU8 { width: new_w, height: new_h, channels: c, data };
+    if !need_v {
+        return image(horizontal(src.data, src.width, c, &Coeffs::new(src.width, new_w, filter)));
+    }
+    let vco = Coeffs::new(src.height, new_h, filter);
+    if !need_h {
+        return image(vertical(src, &vco, 0));
+    }
+    let hco = Coeffs::new(src.width, new_w, filter);
     if vertical_first {
         // Vertical pass over the full width, then horizontal over the `new_h` rows.
-        let mid = vertical(src, &Coeffs::new(src.height, new_h, filter), 0);
-        if !need_h {
-            return ImageU8 { width: src.width, height: new_h, channels: c, data: mid };
-        }
-        let data = horizontal(&mid, src.width, c, &Coeffs::new(src.width, new_w, filter));
-        return ImageU8 { width: new_w, height: new_h, channels: c, data };
+        let mid = vertical(src, &vco, 0);
+        let data = horizontal(&mid, src.width, c, &hco);
+        recycle_u8(mid);
+        return image(data);
     }
-    let vert = Coeffs::new(src.height, new_h, filter);
-    // Source rows the vertical pass reads.
-    let (y_first, y_last) = if need_v { vert.span() } else { (0, src.height) };
-    let horiz_out;
-    let mid: ImageView<'_> = if need_h {
-        let coeffs = Coeffs::new(src.width, new_w, filter);
-        let rows = &src.data[y_first * src.width * c..y_last * src.width * c];
-        horiz_out = horizontal(rows, src.width, c, &coeffs);
-        ImageView { width: new_w, height: y_last - y_first, channels: c, data: &horiz_out }
-    } else {
-        ImageView { width: src.width, height: src.height, channels: c, data: src.data }
-    };
-    if !need_v {
-        return mid.to_owned_image();
-    }
-    let offset = if need_h { y_first } else { 0 };
-    let data = vertical(mid, &vert, offset);
-    ImageU8 { width: new_w, height: new_h, channels: c, data }
-}
-
-/// Fixed-point filter weights for one axis: output `i` reads inputs `start[i] .. start[i] + len[i]`
-/// with weights `k[i * stride ..][.. len[i]]`; the rest of each `stride` (a multiple of 8) is 0.
-struct Coeffs {
-    stride: usize,
-    start: Vec<usize>,
-    len: Vec<usize>,
-    k: Vec<i32>,
-}
-
-impl Coeffs {
-    /// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for the box `[0, in_size)`.
-    fn new(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
-        // Pillow passes the box as C floats: `(double)(in1 - in0) / outSize`.
-        let scale = (in_size as f32 as f64) / out_size as f64;
-        let filterscale = if scale < 1.0 { 1.0 } else { scale };
-        let support = filter.support() * filterscale;
-        let ksize = support.ceil() as usize * 2 + 1;
-        let ss = 1.0 / filterscale;
-        let stride = ksize.div_ceil(8) * 8;
-        let mut start = Vec::with_capacity(out_size);
-        let mut len = Vec::with_capacity(out_size);
-        let mut k = vec![0i32; out_size * stride];
-        let mut w = vec![0f64; ksize];
-        for xx in 0..out_size {
-            let center = 0.0 + (xx as f64 + 0.5) * scale;
-            // C `(int)` truncates toward zero.
-            let xmin = ((center - support + 0.5) as i64).max(0);
-            let xmax = ((center + support + 0.5) as i64).min(in_size as i64);
-            let n = ((xmax - xmin).max(0) as usize).min(ksize);
-            let mut ww = 0.0f64;
-            for (x, wx) in w.iter_mut().enumerate().take(n) {
-                let v = filter.eval(((x as i64 + xmin) as f64 - center + 0.5) * ss);
-                *wx = v;
-                ww += v;
-            }
-            let row = &mut k[xx * stride..xx * stride + n];
-            for (dst, &v) in row.iter_mut().zip(&w[..n]) {
-                let v = if ww != 0.0 { v / ww } else { v };
-                let f = v * (1i64 << PRECISION_BITS) as f64;
-                *dst = if v < 0.0 { (-0.5 + f) as i32 } else { (0.5 + f) as i32 };
-            }
-            start.push((xmin as usize).min(in_size));
-            len.push(n);
-        }
-        Coeffs { stride, start, len, k }
-    }
-
-    /// First and one-past-last input index any output reads.
-    fn span(&self) -> (usize, usize) {
-        let n = self.start.len();
-        if n == 0 {
-            return (0, 0);
-        }
-        (self.start[0], self.start[n - 1] + self.len[n - 1])
-    }
-
-    fn taps(&self, i: usize) -> (usize, &[i32]) {
-        (self.start[i], &self.k[i * self.stride..i * self.stride + self.len[i]])
-    }
-
-    /// Taps padded with zero weights to `stride` (a multiple of 8).
-    fn taps_padded(&self, i: usize) -> (usize, &[i32]) {
-        (self.start[i], &self.k[i * self.stride..(i + 1) * self.stride])
-    }
-}
-
-#[inline(always)]
-fn clip8(acc: i32) -> u8 {
-    (acc >> PRECISION_BITS).clamp(0, 255) as u8
-}
-
-const HALF: i32 = 1 << (PRECISION_BITS - 1);
-
-/// The row kernels, compiled twice: plain and with AVX2 (chosen at run time). Integer results
-/// are identical (wrapping `i32` sums do not depend on the order); AVX2 only makes them wider.
-#[derive(Clone, Copy)]
-struct Kernels {
-    hrow: fn(&[u8], &mut [u8], &Coeffs, usize, &mut Vec<u8>),
-    vrow: fn(&mut [i32], &[u8], i32),
-}
-
-fn kernels() -> Kernels {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return Kernels { hrow: hrow_avx2, vrow: vrow_avx2 };
-        }
-    }
-    Kernels { hrow: hrow_any, vrow: vrow_any }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn hrow_avx2(src: &[u8], dst: &mut [u8], co: &Coeffs, c: usize, planes: &mut Vec<u8>) {
-    #[target_feature(enable = "avx2")]
-    unsafe fn inner(src: &[u8], dst: &mut [u8], co: &Coeffs, c: usize, planes: &mut Vec<u8>) {
-        hrow_any(src, dst, co, c, planes)
-    }
-    // SAFETY: only selected by `kernels()` after detecting AVX2.
-    unsafe { inner(src, dst, co, c, planes) }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn vrow_avx2(acc: &mut [i32], row: &[u8], k: i32) {
-    #[target_feature(enable = "avx2")]
-    unsafe fn inner(acc: &mut [i32], row: &[u8], k: i32) {
-        vrow_any(acc, row, k)
-    }
-    // SAFETY: only selected by `kernels()` after detecting AVX2.
-    unsafe { inner(acc, row, k) }
-}
-
-#[inline(always)]
-fn vrow_any(acc: &mut [i32], row: &[u8], k: i32) {
-    for (a, &v) in acc.iter_mut().zip(row) {
-        *a = a.wrapping_add((v as i32).wrapping_mul(k));
-    }
-}
-
-/// `sum(w[i] * k[i])` over 8-wide chunks (both lengths are the same multiple of 8).
-#[inline(always)]
-fn dot8(w: &[u8], k: &[i32]) -> i32 {
-    let mut acc = [0i32; 8];
-    for (wc, kc) in w.chunks_exact(8).zip(k.chunks_exact(8)) {
-        for j in 0..8 {
-            acc[j] = acc[j].wrapping_add((wc[j] as i32).wrapping_mul(kc[j]));
-        }
-    }
-    acc.iter().fold(0i32, |a, &b| a.wrapping_add(b))
-}
-
-/// One row of the horizontal pass: the `c` channels are split into planes padded with `stride`
-/// zeros, so every output sample is one [`dot8`] against the zero-padded weights.
-#[inline(always)]
-fn hrow_any(src: &[u8], dst: &mut [u8], co: &Coeffs, c: usize, planes: &mut Vec<u8>) {
-    let in_w = src.len() / c;
-    let pl = in_w + co.stride;
-    if planes.len() != c * pl {
-        planes.clear();
-        planes.resize(c * pl, 0);
-    }
-    for ch in 0..c {
-        let plane = &mut planes[ch * pl..ch * pl + in_w];
-        for (d, px) in plane.iter_mut().zip(src.chunks_exact(c)) {
-            *d = px[ch];
-        }
-    }
-    for (xx, out_px) in dst.chunks_exact_mut(c).enumerate() {
-        let (xmin, k) = co.taps_padded(xx);
-        for (ch, o) in out_px.iter_mut().enumerate() {
-            let w = &planes[ch * pl + xmin..ch * pl + xmin + k.len()];
-            *o = clip8(HALF.wrapping_add(dot8(w, k)));
-        }
-    }
-}
-
-/// Horizontal pass over `rows` (`[n_rows, in_w, c]`) -> `[n_rows, out_w, c]`.
-fn horizontal(rows: &[u8], in_w: usize, c: usize, co: &Coeffs) -> Vec<u8> {
-    let out_w = co.start.len();
-    let n_rows = if in_w == 0 { 0 } else { rows.len() / (in_w * c) };
-    let mut out = alloc_u8(n_rows * out_w * c);
-    if out.is_empty() {
-        return out;
-    }
-    let kern = kernels();
-    out.par_chunks_mut(out_w * c)
-        .zip(rows.par_chunks(in_w * c))
-        .for_each_init(Vec::new, |planes, (dst, src)| (kern.hrow)(src, dst, co, c, planes));
-    out
-}
-
-/// Asks Linux to back a large, not yet touched buffer with transparent huge pages: first-touch
-/// page faults dominate the cost of filling fresh multi-megabyte buffers otherwise. No-op
-/// elsewhere and for small buffers; purely a hint (contents and ownership are unaffected).
-pub(crate) fn hint_huge_pages<T>(buf: &mut [T]) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        const MADV_HUGEPAGE: i32 = 14;
-        extern "C" {
-            fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
-        }
-        let bytes = std::mem::size_of_val(buf);
-        if bytes < 2 * HUGE {
-            return;
-        }
-        let p = buf.as_mut_ptr() as usize;
-        let (start, end) = (p.div_ceil(HUGE) * HUGE, (p + bytes) / HUGE * HUGE);
-        if end > start {
-            // SAFETY: [start, end) lies inside `buf`, which we borrow mutably; MADV_HUGEPAGE only
-            // changes how the kernel backs those pages, never their contents.
-            unsafe {
-                madvise(start as *mut std::ffi::c_void, end - start, MADV_HUGEPAGE);
-            }
-        }
-    }
-}
-
-/// A zeroed `u8` buffer, huge-page backed when large (see [`hint_huge_pages`]).
-fn alloc_u8(n: usize) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    hint_huge_pages(&mut v);
-    v
-}
-
-/// Vertical pass: output row `yy` combines rows `start - offset ..` of `src`.
-fn vertical(src: ImageView<'_>, co: &Coeffs, offset: usize) -> Vec<u8> {
-    let row_len = src.width * src.channels;
-    let out_h = co.start.len();
-    let mut out = alloc_u8(out_h * row_len);
-    if out.is_empty() {
-        return out;
-    }
-    let kern = kernels();
-    out.par_chunks_mut(row_len).enumerate().for_each_init(
-        || vec![0i32; row_len],
-        |acc, (yy, dst)| {
-            let (ymin, k) = co.taps(yy);
-            acc.fill(HALF);
-            for (t, &kv) in k.iter().enumerate() {
-                let r = ymin + t - offset;
-                (kern.vrow)(acc, &src.data[r * row_len..(r + 1) * row_len], kv);
-            }
-            for (d, &a) in dst.iter_mut().zip(acc.iter()) {
-                *d = clip8(a);
-            }
-        },
-    );
-    out
+    // Horizontal pass over only the source rows the vertical pass reads.
+    let (y_first, y_last) = vco.span();
+    let row = src.width * c;
+    let mid = horizontal(&src.data[y_first * row..y_last * row], src.width, c, &hco);
+    let view = ImageView { width: new_w, height: y_last - y_first, channels: c, data: &mid };
+    let data = vertical(view, &vco, y_first);
+    recycle_u8(mid);
+    image(data)
 }
 
 /// Pillow's NEAREST resize (`ImagingScaleAffine` with `a = [in_w / out_w, 0, 0, 0, in_h / out_h, 0]`).
@@ -629,6 +399,7 @@ mod tests {
     fn bad_sizes_error() {
         let a = img(3, 3, 1);
         assert!(resize(a.view(), 0, 3, Filter::Lanczos).is_err());
+        assert!(resize(a.view(), 100_000, 100_000, Filter::Lanczos).is_err());
         let empty = ImageView { width: 0, height: 3, channels: 1, data: &[] };
         assert!(resize(empty, 2, 2, Filter::Lanczos).is_err());
         let short = ImageView { width: 3, height: 3, channels: 1, data: &[0; 5] };
