@@ -14,6 +14,7 @@ fn time<T>(name: &str, n: usize, f: impl Fn() -> T) {
 }
 
 fn main() {
+    bf16_ops();
     text_ops();
     let dev = Device::Cpu;
     let x = Tensor::randn(0f32, 1.0, (1, 1024, 768), &dev).unwrap();
@@ -58,4 +59,17 @@ fn text_ops() {
     time("attention 9x73 gqa", 20, || ops::attention(&q, &k, &k, &m, 0.125).unwrap());
     let h = Tensor::randn(0f32, 1.0, (1, 73, 1536), &dev).unwrap();
     time("silu*up", 20, || (ops::silu(&h).unwrap() * &h).unwrap());
+}
+
+#[allow(dead_code)]
+fn bf16_ops() {
+    let dev = Device::Cpu;
+    for (i, o) in [(576usize, 1536usize), (576, 49280)] {
+        let w = Tensor::randn(0f32, 0.02, (o, i), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let lin = Linear::with_compute_dtype(w, None, DType::F32).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 73, i), &dev).unwrap();
+        time(&format!("bf16 linear 73x{i}->{o}"), 10, || lin.forward(&x).unwrap());
+        let x1 = Tensor::randn(0f32, 1.0, (1, 1, i), &dev).unwrap();
+        time(&format!("bf16 gemv 1x{i}->{o}"), 10, || lin.forward(&x1).unwrap());
+    }
 }

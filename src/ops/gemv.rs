@@ -69,11 +69,43 @@ pub fn gemv_bf16(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f32>
         let _ = fast;
         block(x, m, k, w, n0, o, false);
     });
-    // [n, m] -> [m, n]
-    let mut out = vec![0f32; m * n];
-    for (j, col) in out_t.chunks_exact(m).enumerate() {
-        for (r, v) in col.iter().enumerate() {
-            out[r * n + j] = *v;
+    transpose(&out_t, n, m)
+}
+
+/// Output features per block of the wide product: the block's weights, widened to f32 (at most
+/// 128 x in_features x 4 bytes), stay in L2 while gemm runs over them.
+const WIDE_BLOCK_N: usize = 128;
+
+/// x: [m, k] f32, w: [n, k] bf16 bits -> [m, n] f32, for many rows (prefill): each parallel task
+/// widens one block of weight rows into a reused buffer and multiplies it with gemm. No weight-sized
+/// temporary is ever allocated.
+pub fn matmul_bf16_wide(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f32> {
+    debug_assert!(x.len() == m * k && w.len() == n * k);
+    let mut out_t = vec![0f32; n * m]; // [n, m]
+    out_t.par_chunks_mut(WIDE_BLOCK_N * m).enumerate().for_each_init(
+        || vec![0f32; WIDE_BLOCK_N * k],
+        |wf, (bi, o)| {
+            let n0 = bi * WIDE_BLOCK_N;
+            let nb = o.len() / m;
+            for (dst, &b) in wf[..nb * k].iter_mut().zip(&w[n0 * k..(n0 + nb) * k]) {
+                *dst = bf16_to_f32(b);
+            }
+            // SAFETY: wf [nb, k] row-major; x read as its transpose [k, m] (x is [m, k] row-major);
+            // o [nb, m] row-major; all buffers have exactly these sizes.
+            unsafe {
+                gemm::gemm(nb, m, k, o.as_mut_ptr(), 1, m as isize, false, wf.as_ptr(), 1, k as isize, x.as_ptr(), k as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+            }
+        },
+    );
+    transpose(&out_t, n, m)
+}
+
+/// [rows, cols] -> [cols, rows]
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * cols];
+    for (i, row) in a.chunks_exact(cols).enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            out[j * rows + i] = *v;
         }
     }
     out
@@ -91,10 +123,12 @@ mod tests {
         let wf: Vec<f32> = (0..n * k).map(|i| ((i * 11 % 17) as f32 - 8.0) / 9.0).collect();
         let w: Vec<u16> = wf.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
         let y = gemv_bf16(&x, m, k, &w, n);
+        let wide = matmul_bf16_wide(&x, m, k, &w, n);
         for r in 0..m {
             for j in 0..n {
                 let want: f64 = (0..k).map(|i| x[r * k + i] as f64 * bf16::from_bits(w[j * k + i]).to_f64()).sum();
                 assert!((y[r * n + j] as f64 - want).abs() < 1e-4, "{r},{j}");
+                assert!((wide[r * n + j] as f64 - want).abs() < 1e-4, "wide {r},{j}");
             }
         }
     }

@@ -19,8 +19,8 @@ pub enum Weight {
     Bf16(Tensor),
 }
 
-/// Up to this many rows, bf16 weights go through the skinny kernel; above, they are widened once
-/// per call and multiplied by gemm.
+/// Up to this many rows, bf16 weights go through the skinny kernel; above, they are widened block by
+/// block and multiplied by gemm.
 const GEMV_MAX_ROWS: usize = 16;
 
 #[derive(Debug, Clone)]
@@ -68,9 +68,7 @@ impl Linear {
         let x2 = x.reshape((n, self.in_features))?; // [N, in]
         let y = match &self.weight {
             Weight::Dense(w) => x2.matmul(&w.t()?)?, // [N, out]
-            Weight::Bf16(w) if n <= GEMV_MAX_ROWS && x.dtype() == DType::F32 && x.device().is_cpu() => {
-                skinny_bf16(&x2, w, self.out_features)? // [N, out]
-            }
+            Weight::Bf16(w) if x.dtype() == DType::F32 && x.device().is_cpu() => bf16_matmul(&x2, w, self.out_features)?, // [N, out]
             Weight::Bf16(w) => x2.matmul(&w.to_dtype(x.dtype())?.t()?)?,
         };
         let y = match &self.bias {
@@ -91,14 +89,16 @@ impl Linear {
     }
 }
 
-/// x: [N, in] f32, w: [out, in] bf16 -> [N, out] f32 through `gemv::gemv_bf16`.
-fn skinny_bf16(x: &Tensor, w: &Tensor, out: usize) -> Result<Tensor> {
+/// x: [N, in] f32, w: [out, in] bf16 -> [N, out] f32: the skinny kernel for few rows (decoding),
+/// blockwise widening + gemm for many (prefill).
+fn bf16_matmul(x: &Tensor, w: &Tensor, out: usize) -> Result<Tensor> {
     let (n, k) = x.dims2()?;
     let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
     let w = w.contiguous()?;
     let (storage, layout) = w.storage_and_layout();
     let y = match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => super::gemv::gemv_bf16(&xs, n, k, v[a..b].reinterpret_cast(), out),
+        (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) if n <= GEMV_MAX_ROWS => super::gemv::gemv_bf16(&xs, n, k, v[a..b].reinterpret_cast(), out),
+        (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => super::gemv::matmul_bf16_wide(&xs, n, k, v[a..b].reinterpret_cast(), out),
         _ => candle_core::bail!("skinny bf16 matmul needs a contiguous bf16 CPU weight"),
     };
     Tensor::from_vec(y, (n, out), x.device())
