@@ -1,6 +1,7 @@
 //! Turning user data into model inputs: images, tokenizer, chat templates, the processor.
 
 pub mod chat_template;
+pub mod chat_template_files;
 pub mod chat_template_value;
 pub mod image;
 pub mod image_decode;
