@@ -84,9 +84,31 @@ fn softmax_row(row: &mut [f32], allowed: impl Fn(usize) -> bool) {
         row.iter_mut().for_each(|x| *x = u);
         return;
     }
+    exp_normalize(row, max);
+}
+
+/// row <- exp(row - max) / sum, vectorised with AVX2 when the CPU has it.
+fn exp_normalize(row: &mut [f32], max: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports avx2 and fma (checked just above).
+        unsafe { exp_normalize_avx2(row, max) };
+        return;
+    }
+    exp_normalize_plain(row, max)
+}
+
+#[inline(always)]
+fn exp_normalize_plain(row: &mut [f32], max: f32) {
     row.iter_mut().for_each(|x| *x = exp_f32(*x - max));
     let inv = 1.0 / sum_f32(row);
     row.iter_mut().for_each(|x| *x *= inv);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_normalize_avx2(row: &mut [f32], max: f32) {
+    exp_normalize_plain(row, max)
 }
 
 /// q: [B, H, L, hd], k/v: [B, Hkv, S, hd] f32 -> [B, H, L, hd].
