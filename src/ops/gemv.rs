@@ -72,6 +72,11 @@ pub fn gemv_bf16(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f32>
     transpose(&out_t, n, m)
 }
 
+thread_local! {
+    /// Per-thread buffer for widened weight blocks (reused: no allocation or page faults per call).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Output features per block of the wide product: the block's weights, widened to f32 (at most
 /// 128 x in_features x 4 bytes), stay in L2 while gemm runs over them.
 const WIDE_BLOCK_N: usize = 128;
@@ -82,21 +87,24 @@ const WIDE_BLOCK_N: usize = 128;
 pub fn matmul_bf16_wide(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f32> {
     debug_assert!(x.len() == m * k && w.len() == n * k);
     let mut out_t = vec![0f32; n * m]; // [n, m]
-    out_t.par_chunks_mut(WIDE_BLOCK_N * m).enumerate().for_each_init(
-        || vec![0f32; WIDE_BLOCK_N * k],
-        |wf, (bi, o)| {
+    out_t.par_chunks_mut(WIDE_BLOCK_N * m).enumerate().for_each(|(bi, o)| {
+        SCRATCH.with(|cell| {
+            let mut wf = cell.borrow_mut();
+            if wf.len() < WIDE_BLOCK_N * k {
+                wf.resize(WIDE_BLOCK_N * k, 0.0);
+            }
             let n0 = bi * WIDE_BLOCK_N;
             let nb = o.len() / m;
             for (dst, &b) in wf[..nb * k].iter_mut().zip(&w[n0 * k..(n0 + nb) * k]) {
                 *dst = bf16_to_f32(b);
             }
-            // SAFETY: wf [nb, k] row-major; x read as its transpose [k, m] (x is [m, k] row-major);
-            // o [nb, m] row-major; all buffers have exactly these sizes.
+            // SAFETY: wf holds [nb, k] row-major (at least nb * k values); x is read as its transpose
+            // [k, m] (x is [m, k] row-major); o is [nb, m] row-major.
             unsafe {
                 gemm::gemm(nb, m, k, o.as_mut_ptr(), 1, m as isize, false, wf.as_ptr(), 1, k as isize, x.as_ptr(), k as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
             }
-        },
-    );
+        })
+    });
     transpose(&out_t, n, m)
 }
 
