@@ -98,6 +98,21 @@ def run_side(side: str, ckpt: str, repeats: int) -> dict:
     }
 
 
+def run_both_sides(script: str, extra_args: list) -> dict:
+    """Writes the random 256M-shaped checkpoint, then runs `script --side S --ckpt DIR extra_args` for
+    ferrovlm and for transformers, each in its own process; returns their JSON results by side."""
+    from tiny_checkpoint import SMOLVLM_256M, write_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = str(write_checkpoint(Path(tmp) / "smolvlm-256m-random", SMOLVLM_256M, seed=0, dtype="bfloat16"))
+        results = {}
+        for side in ("ferrovlm", "transformers"):
+            cmd = [sys.executable, script, "--side", side, "--ckpt", ckpt, *extra_args]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
+            results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
@@ -108,15 +123,7 @@ def main() -> None:
     if args.side:
         print(json.dumps(run_side(args.side, args.ckpt, args.repeats)))
         return
-    from tiny_checkpoint import SMOLVLM_256M, write_checkpoint
-
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = str(write_checkpoint(Path(tmp) / "smolvlm-256m-random", SMOLVLM_256M, seed=0, dtype="bfloat16"))
-        results = {}
-        for side in ("ferrovlm", "transformers"):
-            cmd = [sys.executable, __file__, "--side", side, "--ckpt", ckpt, "--repeats", str(args.repeats)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
-            results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    results = run_both_sides(__file__, ["--repeats", str(args.repeats)])
     f, t = results["ferrovlm"], results["transformers"]
     results["ratios"] = {
         "forward_speedup": t["forward_s"] / f["forward_s"],

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "scripts"))
 sys.path.insert(0, str(HERE))
-from bench_forward import make_inputs, peak_rss_mb  # noqa: E402
+from bench_forward import make_inputs, peak_rss_mb, run_both_sides  # noqa: E402
 
 
 def run_side(side: str, ckpt: str, new: int) -> dict:
@@ -77,15 +74,7 @@ def main() -> None:
     if args.side:
         print(json.dumps(run_side(args.side, args.ckpt, args.new)))
         return
-    from tiny_checkpoint import SMOLVLM_256M, write_checkpoint
-
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = str(write_checkpoint(Path(tmp) / "smolvlm-256m-random", SMOLVLM_256M, seed=0, dtype="bfloat16"))
-        res = {}
-        for side in ("ferrovlm", "transformers"):
-            cmd = [sys.executable, __file__, "--side", side, "--ckpt", ckpt, "--new", str(args.new)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
-            res[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    res = run_both_sides(__file__, ["--new", str(args.new)])
     f, t = res["ferrovlm"], res["transformers"]
     res["ratios"] = {
         "decode_speedup": f["decode_tokens_per_s"] / t["decode_tokens_per_s"],
