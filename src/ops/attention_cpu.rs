@@ -45,15 +45,21 @@ impl CustomOp3 for FusedAttention {
             let (bi, hi) = (bh / h, bh % h);
             let kv_off = (bi * hkv + hi / groups) * s * hd;
             let (qs, ks, vs) = (&q[bh * l * hd..(bh + 1) * l * hd], &k[kv_off..kv_off + s * hd], &v[kv_off..kv_off + s * hd]);
+            // K^T [hd, S] row-major: gemm then streams both operands along rows.
+            let mut kt = vec![0f32; hd * s];
+            for (j, krow) in ks.chunks_exact(hd).enumerate() {
+                for (d, &val) in krow.iter().enumerate() {
+                    kt[d * s + j] = val;
+                }
+            }
             // Query blocks keep the [QB, S] scores in cache between the two products and the softmax.
             let mut p = vec![0f32; QUERY_BLOCK.min(l) * s]; // [QB, S]
             for i0 in (0..l).step_by(QUERY_BLOCK) {
                 let qb = QUERY_BLOCK.min(l - i0);
                 let pb = &mut p[..qb * s];
-                // SAFETY: qs rows i0.. [qb, hd] row-major, ks [S, hd] read as its transpose [hd, S],
-                // pb [qb, S]; all in bounds.
+                // SAFETY: qs rows i0.. [qb, hd] row-major, kt [hd, S] row-major, pb [qb, S]; all in bounds.
                 unsafe {
-                    gemm(qb, s, hd, pb.as_mut_ptr(), 1, s as isize, false, qs[i0 * hd..].as_ptr(), 1, hd as isize, ks.as_ptr(), hd as isize, 1, 0.0, self.scale, false, false, false, Parallelism::None);
+                    gemm(qb, s, hd, pb.as_mut_ptr(), 1, s as isize, false, qs[i0 * hd..].as_ptr(), 1, hd as isize, kt.as_ptr(), 1, s as isize, 0.0, self.scale, false, false, false, Parallelism::None);
                 }
                 for (r, row) in pb.chunks_exact_mut(s).enumerate() {
                     softmax_row(row, |j| self.mask.allowed(bi, i0 + r, j, l, s));
