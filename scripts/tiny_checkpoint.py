@@ -50,6 +50,22 @@ TINY = {
     },
 }
 
+# A complete tiny SmolVLM for end-to-end tests and the demo: the real SmolVLM vocabulary (49280, with
+# <image> = 49190) so that it works with the SmolVLM tokenizer in tests/fixtures/tokenizer/smolvlm, and
+# 32 px tiles with 4 image tokens, matching tests/fixtures/processor/config.
+TINY_SMOLVLM = {
+    "architectures": ["Idefics3ForConditionalGeneration"],
+    "model_type": "idefics3",
+    "image_token_id": 49190,
+    "scale_factor": 2,
+    "tie_word_embeddings": True,
+    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                      "image_size": 32, "patch_size": 8},
+    "text_config": {"model_type": "llama", "vocab_size": 49280, "hidden_size": 32, "intermediate_size": 64,
+                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+                    "rope_theta": 100000.0, "max_position_embeddings": 2048, "pad_token_id": 2, "eos_token_id": 49279},
+}
+
 
 def tensor_shapes(cfg: dict) -> Dict[str, tuple]:
     """Every tensor name of the hub layout with its shape."""

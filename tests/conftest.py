@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
 
 FIXTURES = Path(__file__).parent / "fixtures"
 IDEFICS3 = FIXTURES / "idefics3_gqa"
@@ -28,29 +31,13 @@ def load_case(case: str, suffix: str):
     return inputs, expected
 
 
-TINY_SMOLVLM = {
-    "architectures": ["Idefics3ForConditionalGeneration"],
-    "model_type": "idefics3",
-    "image_token_id": 49190,
-    "scale_factor": 2,
-    "tie_word_embeddings": True,
-    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                      "image_size": 32, "patch_size": 8},
-    "text_config": {"model_type": "llama", "vocab_size": 49280, "hidden_size": 32, "intermediate_size": 64,
-                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
-                    "rope_theta": 100000.0, "max_position_embeddings": 2048, "pad_token_id": 2, "eos_token_id": 49279},
-}
-
-
 @pytest.fixture(scope="session")
 def tiny_smolvlm(tmp_path_factory) -> Path:
     """A complete hub-layout checkpoint: the SmolVLM tokenizer and chat template, the processor configs
     (32 px tiles, 4 image tokens), and random model weights (numpy-made, no reference values)."""
     import json
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
-    from tiny_checkpoint import write_checkpoint
+    from tiny_checkpoint import TINY_SMOLVLM, write_checkpoint
 
     dst = tmp_path_factory.mktemp("tiny") / "smolvlm-tiny"
     shutil.copytree(FIXTURES / "tokenizer" / "smolvlm", dst)
