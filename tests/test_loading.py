@@ -160,3 +160,15 @@ def test_package_exports_typed_errors():
     for cls in (ferrovlm.ConfigError, ferrovlm.CheckpointError, ferrovlm.InputError):
         assert issubclass(cls, ferrovlm.FerroVLMError)
     assert json.loads(ferrovlm._core.load_config_json(str(IDEFICS3 / "checkpoint")))["scale_factor"] == 2
+
+
+def test_core_stub_lists_every_native_name():
+    """python/ferrovlm/_core.pyi is hand-written: it must name everything the native module exports."""
+    import ast
+    from pathlib import Path
+
+    stub = ast.parse((Path(ferrovlm.__file__).parent / "_core.pyi").read_text())
+    declared = {n.name for n in stub.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    declared |= {t.id for n in stub.body if isinstance(n, ast.AnnAssign) for t in [n.target] if isinstance(t, ast.Name)}
+    exported = {n for n in dir(ferrovlm._core) if not n.startswith("_")}
+    assert exported <= declared | {"__version__"}, sorted(exported - declared)

@@ -1,6 +1,6 @@
 """Type stubs of the native module ``ferrovlm._core`` (hand-written; keep in sync with src/python/)."""
 
-from typing import Optional, Tuple, List
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -42,3 +42,86 @@ class VlmModel:
         pixel_values: npt.NDArray[np.float32],
         pixel_attention_mask: Optional[npt.NDArray[np.bool_]] = None,
     ) -> Tuple[List[int], npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
+
+def generate_ids(
+    model: VlmModel,
+    input_ids: npt.NDArray[np.int64],
+    attention_mask: Optional[npt.NDArray[np.int64]],
+    pixel_values: Optional[npt.NDArray[np.float32]],
+    pixel_attention_mask: Optional[npt.NDArray[np.bool_]],
+    config: Dict[str, Any],
+    on_token: Optional[Callable[[List[int]], Optional[bool]]] = None,
+) -> npt.NDArray[np.int64]: ...
+
+class Tokenizer:
+    @staticmethod
+    def from_dir(dir: str, model_type: Optional[str] = None) -> "Tokenizer": ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> List[int]: ...
+    def encode_batch(
+        self,
+        texts: List[str],
+        add_special_tokens: bool = True,
+        padding: str = "do_not_pad",
+        truncation: bool = False,
+        max_length: Optional[int] = None,
+        pad_to_multiple_of: Optional[int] = None,
+        padding_side: Optional[str] = None,
+        truncation_side: Optional[str] = None,
+    ) -> Tuple[List[List[int]], List[List[int]]]: ...
+    def tokenize(self, text: str) -> List[str]: ...
+    def decode(self, ids: List[int], skip_special_tokens: bool = False, clean_up_tokenization_spaces: Optional[bool] = None) -> str: ...
+    def batch_decode(self, batch: List[List[int]], skip_special_tokens: bool = False, clean_up_tokenization_spaces: Optional[bool] = None) -> List[str]: ...
+    def convert_tokens_to_ids(self, token: str) -> Optional[int]: ...
+    def convert_ids_to_tokens(self, ids: List[int], skip_special_tokens: bool = False) -> List[Optional[str]]: ...
+    def __len__(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def special_tokens_map(self) -> List[Tuple[str, str]]: ...
+    @property
+    def extra_special_tokens(self) -> List[str]: ...
+    @property
+    def all_special_tokens(self) -> List[str]: ...
+    @property
+    def all_special_ids(self) -> List[int]: ...
+    @property
+    def added_tokens(self) -> List[Tuple[int, str, bool]]: ...
+    padding_side: str
+    truncation_side: str
+    @property
+    def model_max_length(self) -> Optional[int]: ...
+    @property
+    def clean_up_tokenization_spaces(self) -> bool: ...
+
+class ChatTemplate:
+    def __init__(self, source: str) -> None: ...
+    @property
+    def source(self) -> str: ...
+    def render(
+        self,
+        messages_json: str,
+        add_generation_prompt: bool = False,
+        continue_final_message: Optional[str] = None,
+        normalize_image_urls: bool = False,
+        variables_json: Optional[str] = None,
+        tools_json: Optional[str] = None,
+        documents_json: Optional[str] = None,
+    ) -> str: ...
+
+def load_chat_templates(dir: str, kind: str) -> Optional[List[Tuple[str, str]]]: ...
+
+PilTuple = Tuple[str, int, int, bytes, Optional[bytes], Optional[str], Any]
+
+def process_images(
+    images: List[List[PilTuple]], config_json: str
+) -> Tuple[npt.NDArray[np.float32], Optional[npt.NDArray[np.bool_]], List[List[int]], List[List[int]]]: ...
+def decode_image_bytes(data: bytes, max_pixels: Optional[int] = None) -> Tuple[str, int, int, bytes]: ...
+def expand_image_tokens(
+    texts: List[str],
+    rows: List[List[int]],
+    cols: List[List[int]],
+    image_seq_len: int,
+    image_token: str = "<image>",
+    fake_image_token: str = "<fake_token_around_image>",
+    global_image_token: str = "<global-img>",
+) -> List[str]: ...
