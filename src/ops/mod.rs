@@ -9,6 +9,9 @@
 pub mod activation;
 pub mod attention;
 mod attention_cpu;
+pub mod cross_entropy;
+pub mod gemm_bf16;
+pub mod gradcheck;
 pub mod gemv;
 pub mod linear;
 pub mod math;
