@@ -8,9 +8,12 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod generate;
+pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod ops;
+pub mod optim;
+pub mod train;
 
 #[cfg(feature = "python")]
 mod python;

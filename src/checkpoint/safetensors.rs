@@ -104,6 +104,11 @@ impl WeightStore {
         self.entries.contains_key(name)
     }
 
+    /// The stored shape of `name`.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.entries.get(name).map(|e| e.shape.clone())
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(String::as_str)
     }

@@ -83,7 +83,7 @@ impl TextModel {
         Ok(rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)?)
     }
 
-    fn layer_forward(&self, l: &TextLayer, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask, cache: Option<&mut LayerCache>) -> CResult<Tensor> {
+    pub fn layer_forward(&self, l: &TextLayer, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask, cache: Option<&mut LayerCache>) -> CResult<Tensor> {
         let c = &self.cfg;
         let (b, len, _) = x.dims3()?;
         let hd = c.head_dim;

@@ -14,8 +14,10 @@ use crate::checkpoint::WeightStore;
 use crate::config::ModelConfig;
 use crate::error::{input_err, Result};
 use crate::loss::causal_lm_loss_sum;
+use crate::lora::AdapterSwitch;
 use crate::ops::{Linear, Mask};
 
+#[derive(Clone)]
 pub struct VlmModel {
     pub config: ModelConfig,
     pub vision: VisionModel,
@@ -24,6 +26,8 @@ pub struct VlmModel {
     pub lm_head: Linear,
     pub dtype: DType,
     pub device: Device,
+    /// Shared by every adapter of this model (see `crate::lora`).
+    pub switch: Arc<AdapterSwitch>,
 }
 
 /// Inputs of one forward, shapes as in transformers. Integer inputs are plain vectors (row-major),
@@ -85,7 +89,7 @@ impl VlmModel {
         } else {
             Linear::load(store, "lm_head", config.text.hidden_size, config.text.vocab_size, false, &tctx)?
         };
-        Ok(VlmModel { config, vision, connector, text, lm_head, dtype: ctx.dtype, device: ctx.device.clone() })
+        Ok(VlmModel { config, vision, connector, text, lm_head, dtype: ctx.dtype, device: ctx.device.clone(), switch: Arc::default() })
     }
 
     /// Drops padding frames, runs the vision tower and the connector.
@@ -133,6 +137,12 @@ impl VlmModel {
     /// Token embeddings with the image tokens replaced, in order, by the image features.
     /// Returns [B, L, H].
     pub fn merged_embeddings(&self, input: &ForwardInput, interrupt: Interrupt) -> Result<Tensor> {
+        self.merged_embeddings_with(input, &|px, pam| Ok(self.image_features(px, pam, interrupt)?.connector))
+    }
+
+    /// [`Self::merged_embeddings`] with the connector features of the real frames ([F_real, T, H])
+    /// computed by `features` (e.g. from a cache).
+    pub fn merged_embeddings_with(&self, input: &ForwardInput, features: &dyn Fn(&Tensor, Option<&[bool]>) -> Result<Tensor>) -> Result<Tensor> {
         let (b, l) = (input.batch, input.seq_len);
         let vocab = self.config.text.vocab_size;
         let mut ids = Vec::with_capacity(b * l);
@@ -147,7 +157,7 @@ impl VlmModel {
         let image_tok = self.config.image_token_id;
         let positions: Vec<usize> = (0..b * l).filter(|&i| input.input_ids[i] == image_tok).collect();
         let feats = match input.pixel_values {
-            Some(px) => self.image_features(px, input.pixel_attention_mask, interrupt)?.connector,
+            Some(px) => features(px, input.pixel_attention_mask)?,
             None if positions.is_empty() => return Ok(emb),
             None => return input_err(format!("input_ids hold {} image tokens (id {image_tok}) but no pixel_values were given", positions.len())),
         };
@@ -251,5 +261,48 @@ impl VlmModel {
             n += lin(&self.lm_head);
         }
         n
+    }
+}
+
+impl VlmModel {
+    /// Every Linear layer with its transformers module name (`model.text_model.layers.0.self_attn.q_proj`,
+    /// ..., `lm_head`), in module order. The vision patch embedding is a Conv2d there and is not listed.
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.vision.layers.iter().enumerate() {
+            let p = format!("model.vision_model.encoder.layers.{i}");
+            for (n, lin) in [("self_attn.k_proj", &l.k_proj), ("self_attn.v_proj", &l.v_proj), ("self_attn.q_proj", &l.q_proj), ("self_attn.out_proj", &l.out_proj), ("mlp.fc1", &l.fc1), ("mlp.fc2", &l.fc2)] {
+                out.push((format!("{p}.{n}"), lin));
+            }
+        }
+        out.push(("model.connector.modality_projection.proj".to_string(), &self.connector.proj));
+        for (i, l) in self.text.layers.iter().enumerate() {
+            let p = format!("model.text_model.layers.{i}");
+            for (n, lin) in [("self_attn.q_proj", &l.q_proj), ("self_attn.k_proj", &l.k_proj), ("self_attn.v_proj", &l.v_proj), ("self_attn.o_proj", &l.o_proj), ("mlp.gate_proj", &l.gate_proj), ("mlp.up_proj", &l.up_proj), ("mlp.down_proj", &l.down_proj)] {
+                out.push((format!("{p}.{n}"), lin));
+            }
+        }
+        out.push(("lm_head".to_string(), &self.lm_head));
+        out
+    }
+
+    /// [`Self::linears`], mutable.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.vision.layers.iter_mut().enumerate() {
+            let p = format!("model.vision_model.encoder.layers.{i}");
+            for (n, lin) in [("self_attn.k_proj", &mut l.k_proj), ("self_attn.v_proj", &mut l.v_proj), ("self_attn.q_proj", &mut l.q_proj), ("self_attn.out_proj", &mut l.out_proj), ("mlp.fc1", &mut l.fc1), ("mlp.fc2", &mut l.fc2)] {
+                out.push((format!("{p}.{n}"), lin));
+            }
+        }
+        out.push(("model.connector.modality_projection.proj".to_string(), &mut self.connector.proj));
+        for (i, l) in self.text.layers.iter_mut().enumerate() {
+            let p = format!("model.text_model.layers.{i}");
+            for (n, lin) in [("self_attn.q_proj", &mut l.q_proj), ("self_attn.k_proj", &mut l.k_proj), ("self_attn.v_proj", &mut l.v_proj), ("self_attn.o_proj", &mut l.o_proj), ("mlp.gate_proj", &mut l.gate_proj), ("mlp.up_proj", &mut l.up_proj), ("mlp.down_proj", &mut l.down_proj)] {
+                out.push((format!("{p}.{n}"), lin));
+            }
+        }
+        out.push(("lm_head".to_string(), &mut self.lm_head));
+        out
     }
 }

@@ -30,20 +30,22 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     pub in_features: usize,
     pub out_features: usize,
+    /// A LoRA / DoRA adapter or a trainable copy (`modules_to_save`), see `crate::lora`.
+    pub adapter: Option<std::sync::Arc<crate::lora::Adapter>>,
 }
 
 impl Linear {
     /// A dense linear layer computing in the weight's dtype.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
-        Ok(Linear { weight: Weight::Dense(weight), bias, in_features, out_features })
+        Ok(Linear { weight: Weight::Dense(weight), bias, in_features, out_features, adapter: None })
     }
 
     /// A layer computing in `compute`: a bf16 weight with an f32 compute dtype stays bf16 ([`Weight::Bf16`]).
     pub fn with_compute_dtype(weight: Tensor, bias: Option<Tensor>, compute: DType) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
         let weight = if weight.dtype() == DType::BF16 && compute == DType::F32 { Weight::Bf16(weight) } else { Weight::Dense(weight) };
-        Ok(Linear { weight, bias, in_features, out_features })
+        Ok(Linear { weight, bias, in_features, out_features, adapter: None })
     }
 
     /// Loads `{prefix}.weight` [out, in] and, when `bias`, `{prefix}.bias` [out].
@@ -58,11 +60,19 @@ impl Linear {
         let w = ctx.get_storage(store, &format!("{prefix}.weight"), &[out_features, in_features])?;
         let b = if bias { Some(ctx.get(store, &format!("{prefix}.bias"), &[out_features])?) } else { None };
         let weight = if w.dtype() != ctx.dtype { Weight::Bf16(w) } else { Weight::Dense(w) };
-        Ok(Linear { weight, bias: b, in_features, out_features })
+        Ok(Linear { weight, bias: b, in_features, out_features, adapter: None })
     }
 
-    /// x: [.., in] -> [.., out]
+    /// x: [.., in] -> [.., out], with the adapter when there is one.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.adapter {
+            Some(ad) => ad.forward(self, x, &|x| self.forward_base(x)),
+            None => self.forward_base(x),
+        }
+    }
+
+    /// The frozen layer alone. x: [.., in] -> [.., out]
+    pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let n: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((n, self.in_features))?; // [N, in]

@@ -62,7 +62,7 @@ fn generate_ids<'py>(
     ) -> PyResult<Bound<'py, PyArray2<i64>>> {
         let cfg = guard(|| config_from(&config))?;
         let inputs = guard(|| OwnedInput::copy(&input_ids, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref(), None))?;
-        let model = model.inner.clone();
+        let model = model.get();
         // A Python error raised by the callback is kept and re-raised after the GIL comes back.
         let mut callback_err: Option<PyErr> = None;
         let seqs = {

@@ -7,7 +7,9 @@ mod config;
 mod data;
 mod errors;
 mod generate;
+mod lora;
 mod model;
+mod train;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -18,5 +20,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     model::register(m)?;
     generate::register(m)?;
     data::register(m)?;
+    lora::register(m)?;
+    train::register(m)?;
     Ok(())
 }

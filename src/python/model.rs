@@ -29,7 +29,7 @@ fn dtype_name(d: DType) -> &'static str {
     }
 }
 
-fn to_numpy<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+pub(crate) fn to_numpy<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let shape = t.dims().to_vec();
     let data: Vec<f32> = guard(|| Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))?;
     let arr = guard(|| ArrayD::from_shape_vec(IxDyn(&shape), data).or_else(|e| input_err(e.to_string())))?;
@@ -119,7 +119,35 @@ impl OwnedInput {
 /// A loaded SmolVLM / Idefics3 model.
 #[pyclass(name = "VlmModel", module = "ferrovlm._core", frozen)]
 pub struct PyVlmModel {
-    pub(crate) inner: Arc<VlmModel>,
+    /// Replaced as a whole when adapters are attached, merged or removed; calls in flight keep the
+    /// model they started with.
+    inner: std::sync::RwLock<Arc<VlmModel>>,
+}
+
+impl PyVlmModel {
+    pub(crate) fn new(m: VlmModel) -> Self {
+        PyVlmModel { inner: std::sync::RwLock::new(Arc::new(m)) }
+    }
+
+    /// The current model.
+    pub(crate) fn get(&self) -> Arc<VlmModel> {
+        match self.inner.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the model by `f(copy of the current one)`.
+    pub(crate) fn update(&self, f: impl FnOnce(&mut VlmModel) -> Result<(), Error>) -> Result<(), Error> {
+        let mut g = match self.inner.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let mut m = VlmModel::clone(&g);
+        f(&mut m)?;
+        *g = Arc::new(m);
+        Ok(())
+    }
 }
 
 #[pymethods]
@@ -130,18 +158,18 @@ impl PyVlmModel {
     fn load(py: Python<'_>, dir: PathBuf, dtype: &str) -> PyResult<Self> {
         let dtype = guard(|| parse_dtype(dtype))?;
         let m = detached(py, |_| VlmModel::from_dir(&dir, dtype, &Device::Cpu))?;
-        Ok(PyVlmModel { inner: Arc::new(m) })
+        Ok(PyVlmModel::new(m))
     }
 
     /// The config as JSON (file keys plus defaults).
     #[getter]
     fn config_json(&self) -> String {
-        super::config::resolved_json(&self.inner.config)
+        super::config::resolved_json(&self.get().config)
     }
 
     #[getter]
     fn dtype(&self) -> &'static str {
-        dtype_name(self.inner.dtype)
+        dtype_name(self.get().dtype)
     }
 
     /// Returns (logits [B, K, V] float32, loss or None, number of label tokens).
@@ -158,7 +186,7 @@ impl PyVlmModel {
         logits_to_keep: usize,
     ) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Option<f32>, usize)> {
         let inputs = guard(|| OwnedInput::copy(&input_ids, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref(), labels.as_ref()))?;
-        let model = self.inner.clone();
+        let model = self.get();
         let out = detached(py, |interrupt| model.forward(&inputs.view(logits_to_keep), interrupt))?;
         Ok((to_numpy(py, &out.logits)?, out.loss, out.num_label_tokens))
     }
@@ -174,7 +202,7 @@ impl PyVlmModel {
     ) -> PyResult<(Vec<usize>, Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
         let px = guard(|| pixels(&pixel_values))?;
         let pam: Option<Vec<bool>> = pixel_attention_mask.map(|a| a.as_array().iter().copied().collect());
-        let model = self.inner.clone();
+        let model = self.get();
         let f = detached(py, |interrupt| model.image_features(&px, pam.as_deref(), interrupt))?;
         Ok((f.real_frames, to_numpy(py, &f.vision_hidden)?, to_numpy(py, &f.connector)?))
     }
@@ -182,7 +210,7 @@ impl PyVlmModel {
     /// Number of parameters (tied weights counted once).
     #[getter]
     fn num_parameters(&self) -> usize {
-        self.inner.num_parameters()
+        self.get().num_parameters()
     }
 }
 

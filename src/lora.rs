@@ -1,0 +1,341 @@
+//! Adapters on Linear layers with PEFT's semantics: LoRA (optionally DoRA) and `modules_to_save`
+//! (a trainable full copy of a layer).
+//!
+//! An adapter hangs off a [`Linear`] (`Linear::adapter`); `Linear::forward` calls [`Adapter::forward`].
+//! All adapters of a model share one [`AdapterSwitch`]: adapters on/off (PEFT's `disable_adapter()`),
+//! training mode (dropout) and the dropout seed of the current forward. Trainable tensors are candle
+//! `Var`s; candle's autograd gives their gradients, while the frozen base weight goes through the
+//! Linear op, which never makes a gradient for it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Result as CResult, Tensor, Var, D};
+
+use crate::error::{input_err, Result};
+use crate::generate::Rng;
+use crate::ops::Linear;
+
+/// Model-wide adapter state.
+#[derive(Debug, Default)]
+pub struct AdapterSwitch {
+    disabled: AtomicBool,
+    training: AtomicBool,
+    /// Seed of the dropout masks of the current forward (set per layer by the training step, so that a
+    /// recomputed layer draws the same masks).
+    seed: AtomicU64,
+}
+
+impl AdapterSwitch {
+    pub fn set_enabled(&self, on: bool) {
+        self.disabled.store(!on, Ordering::SeqCst)
+    }
+    pub fn enabled(&self) -> bool {
+        !self.disabled.load(Ordering::SeqCst)
+    }
+    pub fn set_training(&self, on: bool) {
+        self.training.store(on, Ordering::SeqCst)
+    }
+    pub fn training(&self) -> bool {
+        self.training.load(Ordering::SeqCst)
+    }
+    pub fn set_seed(&self, seed: u64) {
+        self.seed.store(seed, Ordering::SeqCst)
+    }
+}
+
+/// How LoRA weights start (PEFT's `init_lora_weights`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LoraInit {
+    /// A: kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)); B: zeros.
+    Default,
+    /// A: N(0, 1/r); B: zeros.
+    Gaussian,
+    /// No reset: both keep nn.Linear's init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    Random,
+}
+
+impl LoraInit {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "true" | "True" | "default" => Ok(LoraInit::Default),
+            "gaussian" => Ok(LoraInit::Gaussian),
+            "false" | "False" => Ok(LoraInit::Random),
+            other => input_err(format!("init_lora_weights={other:?} is not supported (True, False, \"gaussian\")")),
+        }
+    }
+}
+
+/// Settings of one LoRA layer.
+#[derive(Debug, Clone)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    pub use_dora: bool,
+    pub use_rslora: bool,
+    pub init: LoraInit,
+    pub seed: u64,
+}
+
+impl LoraSpec {
+    /// PEFT: alpha / r, or alpha / sqrt(r) with rsLoRA.
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct LoraAdapter {
+    /// [r, in]
+    pub a: Var,
+    /// [out, r]
+    pub b: Var,
+    /// DoRA magnitude [out].
+    pub magnitude: Option<Var>,
+    pub scaling: f64,
+    pub dropout: f32,
+    /// Distinguishes this layer's dropout stream from the others'.
+    pub index: u64,
+}
+
+#[derive(Debug)]
+pub enum AdapterKind {
+    Lora(LoraAdapter),
+    /// `modules_to_save`: a trainable copy of the layer's weight [out, in] and bias [out].
+    Full { weight: Var, bias: Option<Var> },
+}
+
+#[derive(Debug)]
+pub struct Adapter {
+    pub kind: AdapterKind,
+    pub switch: Arc<AdapterSwitch>,
+}
+
+fn uniform(rng: &mut Rng, n: usize, bound: f64) -> Vec<f32> {
+    (0..n).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect()
+}
+
+fn normal(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let (u1, u2) = (rng.next_f64().max(1e-300), rng.next_f64());
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+        })
+        .collect()
+}
+
+/// Row-wise L2 norm of W + scaling * B A, detached. w: [out, in] -> [out]
+fn weight_norm(lin: &Linear, a: &Tensor, b: &Tensor, scaling: f64) -> CResult<Tensor> {
+    let w = lin.weight_tensor().to_dtype(DType::F32)?.detach(); // [out, in]
+    let ba = b.detach().matmul(&a.detach())?; // [out, in]
+    let full = (w + (ba * scaling)?)?;
+    full.sqr()?.sum(D::Minus1)?.sqrt()
+}
+
+impl Adapter {
+    /// A new LoRA adapter for `lin` (f32 on the CPU).
+    pub fn lora(lin: &Linear, spec: &LoraSpec, index: u64, switch: Arc<AdapterSwitch>) -> CResult<Self> {
+        let (r, i_f, o_f) = (spec.r, lin.in_features, lin.out_features);
+        let mut rng = Rng::new(spec.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let dev = Device::Cpu;
+        let (a, b) = match spec.init {
+            LoraInit::Default => (uniform(&mut rng, r * i_f, 1.0 / (i_f as f64).sqrt()), vec![0f32; o_f * r]),
+            LoraInit::Gaussian => (normal(&mut rng, r * i_f, 1.0 / r as f64), vec![0f32; o_f * r]),
+            LoraInit::Random => (uniform(&mut rng, r * i_f, 1.0 / (i_f as f64).sqrt()), uniform(&mut rng, o_f * r, 1.0 / (r as f64).sqrt())),
+        };
+        let a = Var::from_tensor(&Tensor::from_vec(a, (r, i_f), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::from_vec(b, (o_f, r), &dev)?)?;
+        let scaling = spec.scaling();
+        let magnitude = if spec.use_dora { Some(Var::from_tensor(&weight_norm(lin, &a, &b, scaling)?)?) } else { None };
+        Ok(Adapter { kind: AdapterKind::Lora(LoraAdapter { a, b, magnitude, scaling, dropout: spec.dropout, index }), switch })
+    }
+
+    /// A trainable full copy of `lin` (`modules_to_save`).
+    pub fn full_copy(lin: &Linear, switch: Arc<AdapterSwitch>) -> CResult<Self> {
+        let weight = Var::from_tensor(&lin.weight_tensor().to_dtype(DType::F32)?)?;
+        let bias = lin.bias.as_ref().map(|b| Var::from_tensor(&b.to_dtype(DType::F32)?)).transpose()?;
+        Ok(Adapter { kind: AdapterKind::Full { weight, bias }, switch })
+    }
+
+    /// The trainable tensors with their PEFT key suffixes (after `base_model.model.<module>.`).
+    pub fn params(&self) -> Vec<(&'static str, &Var)> {
+        match &self.kind {
+            AdapterKind::Lora(l) => {
+                let mut v = vec![("lora_A.weight", &l.a), ("lora_B.weight", &l.b)];
+                if let Some(m) = &l.magnitude {
+                    v.push(("lora_magnitude_vector", m));
+                }
+                v
+            }
+            AdapterKind::Full { weight, bias } => {
+                let mut v = vec![("weight", weight)];
+                if let Some(b) = bias {
+                    v.push(("bias", b));
+                }
+                v
+            }
+        }
+    }
+
+    /// y = lin(x) with this adapter applied. `base` computes the frozen layer on a given input.
+    /// x: [.., in] -> [.., out]
+    pub fn forward(&self, lin: &Linear, x: &Tensor, base: &dyn Fn(&Tensor) -> CResult<Tensor>) -> CResult<Tensor> {
+        if !self.switch.enabled() {
+            return base(x);
+        }
+        match &self.kind {
+            AdapterKind::Full { weight, bias } => {
+                let tmp = Linear::new(weight.as_tensor().clone(), bias.as_ref().map(|b| b.as_tensor().clone()))?;
+                tmp.forward_base(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
+            }
+            AdapterKind::Lora(l) => {
+                let y = base(x)?; // [.., out]
+                let xd = self.dropout(x, l)?; // [.., in]
+                let dims = x.dims().to_vec();
+                let n: usize = dims[..dims.len() - 1].iter().product();
+                let x2 = xd.to_dtype(DType::F32)?.reshape((n, lin.in_features))?; // [N, in]
+                let lora = x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?; // [N, out]
+                let mut out_dims = dims;
+                let last = out_dims.len() - 1;
+                out_dims[last] = lin.out_features;
+                let lora = lora.reshape(out_dims)?;
+                match &l.magnitude {
+                    None => { let dt = y.dtype(); y + (lora * l.scaling)?.to_dtype(dt)? }
+                    Some(m) => {
+                        // PEFT DoRA: base + (m/||W + sBA|| - 1) * (W x) + m/||W + sBA|| * s * BAx, the norm detached;
+                        // with dropout active W x is recomputed on the dropped input.
+                        let wn = weight_norm(lin, &l.a, &l.b, l.scaling)?; // [out]
+                        let scale = m.as_tensor().broadcast_div(&wn)?; // [out]
+                        let mut wx = if l.dropout > 0.0 && self.switch.training() { base(&xd)? } else { y.clone() };
+                        if let Some(b) = &lin.bias {
+                            wx = wx.broadcast_sub(&b.to_dtype(wx.dtype())?)?;
+                        }
+                        let wx = wx.to_dtype(DType::F32)?;
+                        let dora = (wx.broadcast_mul(&(&scale - 1.0)?)? + (lora * l.scaling)?.broadcast_mul(&scale)?)?;
+                        let dt = y.dtype();
+                        y + dora.to_dtype(dt)?
+                    }
+                }
+            }
+        }
+    }
+
+    /// Inverted dropout on the adapter input, only in training mode.
+    fn dropout(&self, x: &Tensor, l: &LoraAdapter) -> CResult<Tensor> {
+        if l.dropout <= 0.0 || !self.switch.training() {
+            return Ok(x.clone());
+        }
+        let seed = self.switch.seed.load(Ordering::SeqCst) ^ l.index.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let mut rng = Rng::new(seed);
+        let keep = 1.0 - l.dropout as f64;
+        let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.next_f64() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
+
+    /// The merged weight [out, in] f32: W + s B A for LoRA, (m / ||W + s B A||) (W + s B A) for DoRA,
+    /// the trained copy for `modules_to_save`.
+    pub fn merged_weight(&self, lin: &Linear) -> CResult<(Tensor, Option<Tensor>)> {
+        match &self.kind {
+            AdapterKind::Full { weight, bias } => Ok((weight.as_tensor().detach(), bias.as_ref().map(|b| b.as_tensor().detach()))),
+            AdapterKind::Lora(l) => {
+                let w = lin.weight_tensor().to_dtype(DType::F32)?;
+                let full = (w + (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scaling)?)?; // [out, in]
+                let full = match &l.magnitude {
+                    None => full,
+                    Some(m) => {
+                        let wn = full.sqr()?.sum(D::Minus1)?.sqrt()?; // [out]
+                        full.broadcast_mul(&m.as_tensor().broadcast_div(&wn)?.unsqueeze(1)?)?
+                    }
+                };
+                Ok((full.detach(), lin.bias.as_ref().map(|b| b.to_dtype(DType::F32)).transpose()?))
+            }
+        }
+    }
+}
+
+/// Which layers get which adapter: module names as `VlmModel::linears` lists them.
+#[derive(Debug, Clone)]
+pub struct AdapterPlan {
+    pub lora_targets: Vec<String>,
+    pub spec: LoraSpec,
+    /// Layers that get a trainable full copy.
+    pub modules_to_save: Vec<String>,
+}
+
+/// Attaches adapters to `model` (replacing any it had). Errors name a module that does not exist,
+/// or one listed both as a LoRA target and in `modules_to_save`.
+pub fn attach(model: &mut crate::model::VlmModel, plan: &AdapterPlan) -> Result<()> {
+    let known: Vec<String> = model.linears().into_iter().map(|(n, _)| n).collect();
+    for n in plan.lora_targets.iter().chain(&plan.modules_to_save) {
+        if !known.contains(n) {
+            return input_err(format!("no Linear module named '{n}' in this model"));
+        }
+    }
+    if let Some(n) = plan.lora_targets.iter().find(|n| plan.modules_to_save.contains(n)) {
+        return input_err(format!("module '{n}' is both a LoRA target and in modules_to_save"));
+    }
+    let switch = Arc::new(AdapterSwitch::default());
+    model.switch = switch.clone();
+    for (index, (name, lin)) in model.linears_mut().into_iter().enumerate() {
+        lin.adapter = None;
+        if plan.lora_targets.contains(&name) {
+            lin.adapter = Some(Arc::new(Adapter::lora(lin, &plan.spec, index as u64, switch.clone())?));
+        } else if plan.modules_to_save.contains(&name) {
+            lin.adapter = Some(Arc::new(Adapter::full_copy(lin, switch.clone())?));
+        }
+    }
+    Ok(())
+}
+
+/// Removes every adapter; with `merge`, folds each into its layer's weight first (`merge_and_unload`).
+pub fn detach(model: &mut crate::model::VlmModel, merge: bool) -> Result<()> {
+    for (_, lin) in model.linears_mut() {
+        if let Some(ad) = lin.adapter.take() {
+            if merge {
+                let (w, b) = ad.merged_weight(lin)?;
+                let dt = lin.weight_tensor().dtype();
+                let w = if dt == DType::BF16 { w } else { w.to_dtype(dt)? };
+                let b = match b {
+                    Some(b) => Some(b.to_dtype(lin.bias.as_ref().map_or(DType::F32, |x| x.dtype()))?),
+                    None => None,
+                };
+                *lin = Linear::new(w, b)?;
+            }
+        }
+    }
+    model.switch = Arc::new(AdapterSwitch::default());
+    Ok(())
+}
+
+/// The adapters' tensors under PEFT's keys.
+pub fn state(model: &crate::model::VlmModel) -> Vec<(String, Tensor)> {
+    crate::train::trainable_params(model).into_iter().map(|p| (p.name, p.var.as_tensor().detach())).collect()
+}
+
+/// Sets adapter tensors from PEFT keys. Every key must name an existing adapter tensor of the same
+/// shape; with `strict`, every adapter tensor must be given.
+pub fn load_state(model: &crate::model::VlmModel, tensors: &[(String, Tensor)], strict: bool) -> Result<()> {
+    let params = crate::train::trainable_params(model);
+    for (name, t) in tensors {
+        let Some(p) = params.iter().find(|p| &p.name == name) else {
+            let module = name.trim_start_matches("base_model.model.");
+            return input_err(format!("adapter tensor '{name}' does not match this model: no adapter on '{module}' (the adapter was made for another base model or config)"));
+        };
+        if p.var.dims() != t.dims() {
+            return input_err(format!("adapter tensor '{name}' has shape {:?}, this model's adapter expects {:?}", t.dims(), p.var.dims()));
+        }
+        p.var.set(&t.to_dtype(DType::F32)?)?;
+    }
+    if strict {
+        if let Some(p) = params.iter().find(|p| !tensors.iter().any(|(n, _)| n == &p.name)) {
+            return input_err(format!("the adapter file lacks '{}'", p.name));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,210 @@
+//! Forward + backward of one micro-batch.
+//!
+//! The text model runs layer by layer: each layer's input is kept (as a leaf), and the backward goes
+//! layer by layer from the top, seeding each layer's graph with the gradient of its output. With
+//! `gradient_checkpointing` a layer's graph is dropped after its forward and rebuilt in the backward
+//! (the adapters' dropout masks are seeded per layer, so the recomputation is identical); without it,
+//! the graphs are kept. Frozen layers below the lowest trainable one are not back-propagated at all,
+//! and the vision tower only when something in it (or the connector) trains.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor, Var};
+
+use super::FeatureCache;
+use crate::error::{input_err, Result};
+use crate::loss::shifted_targets;
+use crate::model::{check, ForwardInput, Interrupt, VlmModel};
+use crate::ops::cross_entropy::{cross_entropy_rows, token_stats};
+use crate::ops::{rms_norm, Mask};
+
+/// A trainable tensor with its PEFT key (`base_model.model.<module>.lora_A.weight`, ...).
+#[derive(Clone)]
+pub struct Trainable {
+    pub name: String,
+    pub var: Var,
+}
+
+/// Every trainable tensor of the model's adapters, in module order.
+pub fn trainable_params(model: &VlmModel) -> Vec<Trainable> {
+    let mut out = Vec::new();
+    for (name, lin) in model.linears() {
+        if let Some(ad) = &lin.adapter {
+            for (suffix, var) in ad.params() {
+                out.push(Trainable { name: format!("base_model.model.{name}.{suffix}"), var: var.clone() });
+            }
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StepOptions {
+    pub gradient_checkpointing: bool,
+    /// Seeds the adapters' dropout masks of this micro-batch.
+    pub dropout_seed: u64,
+    /// Run the backward (false: evaluation, loss and metrics only).
+    pub backward: bool,
+}
+
+/// Sums over one micro-batch, the ingredients of TRL's logged metrics.
+#[derive(Debug, Clone, Default)]
+pub struct MicroStats {
+    /// Sum of -log p over the label tokens.
+    pub loss_sum: f64,
+    pub num_label_tokens: usize,
+    /// Sum over the label positions of the predictive entropy.
+    pub entropy_sum: f64,
+    /// Attention-mask tokens (TRL's `num_tokens` counts these).
+    pub num_mask_tokens: usize,
+    /// Label tokens whose argmax prediction is right.
+    pub correct: usize,
+}
+
+fn accumulate(acc: &mut [Option<Tensor>], params: &[Trainable], grads: &candle_core::backprop::GradStore) -> Result<()> {
+    for (slot, p) in acc.iter_mut().zip(params) {
+        if let Some(g) = grads.get(p.var.as_tensor()) {
+            *slot = Some(match slot.take() {
+                None => g.detach(),
+                Some(s) => (s + g)?.detach(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn layer_seed(base: u64, layer: usize) -> u64 {
+    base.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (layer as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9)
+}
+
+/// Forward (and, with `opts.backward`, backward) of one micro-batch. The loss whose gradient is
+/// accumulated into `acc` (aligned with `params`) is `loss_scale` x the sum of the label tokens'
+/// cross-entropies (TRL: 1 / number of label tokens in the whole optimizer step).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward(
+    model: &VlmModel,
+    params: &[Trainable],
+    input: &ForwardInput,
+    loss_scale: f64,
+    acc: &mut [Option<Tensor>],
+    cache: Option<&FeatureCache>,
+    opts: &StepOptions,
+    interrupt: Interrupt,
+) -> Result<MicroStats> {
+    if acc.len() != params.len() {
+        return input_err(format!("{} gradient slots for {} trainable tensors", acc.len(), params.len()));
+    }
+    model.check_input(input)?;
+    let (b, l) = (input.batch, input.seq_len);
+    let labels = match input.labels {
+        Some(lab) if lab.len() == b * l => lab,
+        Some(lab) => return input_err(format!("labels have {} values, expected [{b}, {l}] like input_ids", lab.len())),
+        None => return input_err("training needs labels".to_string()),
+    };
+    let text = &model.text;
+    let names: Vec<String> = params.iter().map(|p| p.name.clone()).collect();
+    let vision_trains = opts.backward && names.iter().any(|n| n.contains(".model.vision_model.") || n.contains(".model.connector."));
+    let lowest_text_layer = (0..text.layers.len()).find(|i| {
+        let tag = format!(".model.text_model.layers.{i}.");
+        names.iter().any(|n| n.contains(&tag))
+    });
+
+    // Embeddings with image features: tracked only when the vision side trains; else cached by content.
+    let x0 = match (vision_trains, cache) {
+        (false, Some(c)) => model.merged_embeddings_with(input, &|px, pam| c.features(model, px, pam, interrupt))?,
+        _ => model.merged_embeddings(input, interrupt)?,
+    }; // [B, L, H]
+    let key_valid = match input.attention_mask {
+        Some(m) if m.iter().any(|&v| v == 0) => Some(Arc::new(m.iter().map(|&v| v != 0).collect::<Vec<bool>>())),
+        _ => None,
+    };
+    let mask = Mask { causal: true, key_valid };
+    let pos: Vec<u32> = (0..b).flat_map(|_| 0..l as u32).collect();
+    let pos = Tensor::from_vec(pos, (b, l), &model.device)?;
+    let (cos, sin) = text.rope.cos_sin(&pos, x0.dtype())?;
+
+    let backward = opts.backward;
+    // Layer i needs its input as a leaf when a gradient must reach below it.
+    let needs_input_grad = |i: usize| backward && (vision_trains || lowest_text_layer.is_some_and(|lo| i > lo));
+    let mut inputs: Vec<Tensor> = Vec::with_capacity(text.layers.len());
+    let mut outputs: Vec<Option<Tensor>> = Vec::with_capacity(text.layers.len());
+    let mut h = x0.detach();
+    model.switch.set_training(backward);
+    for (i, layer) in text.layers.iter().enumerate() {
+        check(interrupt)?;
+        model.switch.set_seed(layer_seed(opts.dropout_seed, i));
+        let hin = if needs_input_grad(i) && !opts.gradient_checkpointing { Var::from_tensor(&h)?.as_tensor().clone() } else { h.clone() };
+        let out = text.layer_forward(layer, &hin, &cos, &sin, &mask, None)?; // [B, L, H]
+        h = out.detach();
+        inputs.push(hin);
+        outputs.push(if backward && !opts.gradient_checkpointing { Some(out) } else { None });
+    }
+    let top = if backward { Var::from_tensor(&h)?.as_tensor().clone() } else { h.clone() };
+    let hidden = rms_norm(&top, &text.norm, text.cfg.rms_norm_eps)?; // [B, L, H]
+    let hdim = text.cfg.hidden_size;
+    let flat = hidden.reshape((b * l, hdim))?; // [B*L, H]
+
+    // Loss at the label rows (the head runs only there); TRL's entropy and accuracy are over the same rows.
+    let targets = shifted_targets(labels, b, l, model.lm_head.out_features)?;
+    let num_mask_tokens = match input.attention_mask {
+        Some(m) => m.iter().filter(|&&v| v != 0).count(),
+        None => b * l,
+    };
+    let mut stats = MicroStats { num_label_tokens: targets.len(), num_mask_tokens, ..Default::default() };
+    if targets.is_empty() {
+        return Ok(stats);
+    }
+    let rows: Vec<u32> = targets.iter().map(|t| t.0).collect();
+    let ys: Vec<u32> = targets.iter().map(|t| t.1).collect();
+    let n = rows.len();
+    let rows = Tensor::from_vec(rows, n, &model.device)?;
+    let logits = model.lm_head.forward(&flat.index_select(&rows, 0)?)?.to_dtype(DType::F32)?; // [N, V]
+    let (entropy, argmax) = token_stats(&logits.detach())?;
+    stats.entropy_sum = entropy.iter().map(|&e| e as f64).sum();
+    stats.correct = argmax.iter().zip(&ys).filter(|(a, y)| a == y).count();
+    let nll = cross_entropy_rows(&logits, &ys)?; // [N]
+    let loss_sum = nll.sum_all()?;
+    stats.loss_sum = loss_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if !backward {
+        return Ok(stats);
+    }
+    if !stats.loss_sum.is_finite() {
+        return input_err(format!("the loss is not finite ({})", stats.loss_sum));
+    }
+
+    // Backward: head + final norm, then the layers from the top.
+    let grads = (loss_sum * loss_scale)?.backward()?;
+    accumulate(acc, params, &grads)?;
+    let mut g = match grads.get(&top) {
+        Some(g) => g.detach(),
+        None => return Ok(stats),
+    };
+    drop(grads);
+    for i in (0..text.layers.len()).rev() {
+        check(interrupt)?;
+        if !vision_trains && lowest_text_layer.is_none_or(|lo| i < lo) {
+            break;
+        }
+        let (hin, out) = match outputs[i].take() {
+            Some(out) => (inputs[i].clone(), out),
+            None => {
+                model.switch.set_seed(layer_seed(opts.dropout_seed, i));
+                let hin = if needs_input_grad(i) { Var::from_tensor(&inputs[i])?.as_tensor().clone() } else { inputs[i].clone() };
+                let out = text.layer_forward(&text.layers[i], &hin, &cos, &sin, &mask, None)?;
+                (hin, out)
+            }
+        };
+        let grads = (out * &g)?.sum_all()?.backward()?;
+        accumulate(acc, params, &grads)?;
+        g = match grads.get(&hin) {
+            Some(gi) => gi.detach(),
+            None => break,
+        };
+        inputs[i] = Tensor::zeros(1, DType::F32, &model.device)?; // free
+    }
+    if vision_trains {
+        let grads = (x0 * &g)?.sum_all()?.backward()?;
+        accumulate(acc, params, &grads)?;
+    }
+    Ok(stats)
+}
