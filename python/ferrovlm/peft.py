@@ -1,0 +1,265 @@
+"""PEFT's surface for LoRA / DoRA adapters: ``get_peft_model``, ``PeftModel``. The adapters live in the
+Rust model (``_core.add_adapters``); this module picks the target modules with PEFT's rules and reads /
+writes PEFT's files (``adapter_config.json``, ``adapter_model.safetensors``), which round-trip with the
+``peft`` library."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+from . import _core
+from .generation import _next_seed
+from .hub import resolve_pretrained
+from .peft_config import (
+    CONFIG_NAME,
+    LoraConfig,
+    TaskType,
+    resolve_modules_to_save,
+    resolve_target_modules,
+    saved_target_modules,
+)
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def module_names(core: "_core.VlmModel") -> List[str]:
+    """Every module name of the transformers model (parents, Linear layers, norms, embeddings), for PEFT's
+    name matching."""
+    cfg = json.loads(core.config_json)
+    linear = _core.linear_names(core)
+    names: List[str] = [""]
+    seen = set(names)
+
+    def add(n: str) -> None:
+        parts = n.split(".")
+        for i in range(1, len(parts) + 1):
+            p = ".".join(parts[:i])
+            if p not in seen:
+                seen.add(p)
+                names.append(p)
+
+    v = "model.vision_model"
+    add(f"{v}.embeddings.patch_embedding")
+    add(f"{v}.embeddings.position_embedding")
+    for i in range(cfg["vision_config"]["num_hidden_layers"]):
+        add(f"{v}.encoder.layers.{i}.layer_norm1")
+        for n in linear:
+            if n.startswith(f"{v}.encoder.layers.{i}."):
+                add(n)
+                if n.endswith("out_proj"):
+                    add(f"{v}.encoder.layers.{i}.layer_norm2")
+    add(f"{v}.post_layernorm")
+    add("model.connector.modality_projection.proj")
+    t = "model.text_model"
+    add(f"{t}.embed_tokens")
+    for i in range(cfg["text_config"]["num_hidden_layers"]):
+        for n in linear:
+            if n.startswith(f"{t}.layers.{i}.self_attn"):
+                add(n)
+        for n in linear:
+            if n.startswith(f"{t}.layers.{i}.mlp"):
+                add(n)
+        add(f"{t}.layers.{i}.input_layernorm")
+        add(f"{t}.layers.{i}.post_attention_layernorm")
+    add(f"{t}.norm")
+    add(f"{t}.rotary_emb")
+    add("lm_head")
+    return names
+
+
+def _linear_under(names: List[str], linear: List[str], core_linear: set) -> List[str]:
+    out = []
+    for m in names:
+        if m in core_linear:
+            out.append(m)
+            continue
+        under = [n for n in linear if n.startswith(m + ".")]
+        if not under:
+            raise NotImplementedError(f"modules_to_save: module '{m}' has no Linear layer; ferrovlm trains copies of Linear layers only")
+        out.extend(under)
+    return out
+
+
+def _attach(model: Any, config: LoraConfig, seed: Optional[int] = None) -> None:
+    core = model._core
+    linear = _core.linear_names(core)
+    all_names = module_names(core)
+    targets = resolve_target_modules(config, linear, ("lm_head",), all_names)
+    to_save = resolve_modules_to_save(config, all_names)
+    # A parent listed in modules_to_save covers its children: keep the outermost matches only.
+    to_save = [m for m in to_save if not any(m.startswith(o + ".") for o in to_save if o != m)]
+    save_linear = _linear_under(to_save, linear, set(linear))
+    targets = [t for t in targets if t not in save_linear]
+    init = config.init_lora_weights
+    init_s = "gaussian" if init == "gaussian" else ("true" if init is True else "false" if init is False else str(init))
+    if len(set(config.rank_pattern or {}) | set(config.alpha_pattern or {})) > 0:
+        raise NotImplementedError("rank_pattern / alpha_pattern are not supported yet")
+    _core.add_adapters(
+        core, targets, int(config.r), float(config.lora_alpha), float(config.lora_dropout or 0.0),
+        bool(config.use_dora), bool(config.use_rslora), init_s, _next_seed() if seed is None else seed, save_linear,
+    )
+    config.target_modules = saved_target_modules(config, targets, all_names)
+
+
+class _LoraModel:
+    """``peft_model.base_model``: holds the wrapped transformers-like model as ``.model``."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
+class PeftModel:
+    """A model with a LoRA adapter named ``default`` (PEFT's ``PeftModelForCausalLM`` surface)."""
+
+    def __init__(self, model: Any, peft_config: LoraConfig, adapter_name: str = "default", *, _attach_now: bool = True,
+                 is_trainable: bool = True) -> None:
+        if adapter_name != "default":
+            raise NotImplementedError("ferrovlm models hold one adapter, named 'default'")
+        self.__dict__["base_model"] = _LoraModel(model)
+        self.__dict__["peft_config"] = {adapter_name: peft_config}
+        self.__dict__["active_adapter"] = adapter_name
+        self.__dict__["_trainable"] = is_trainable
+        if _attach_now:
+            _attach(model, peft_config)
+        peft_config.inference_mode = not is_trainable
+        model._peft_model = self
+
+    # -- delegation -----------------------------------------------------------------------------
+    @property
+    def model(self) -> Any:
+        return self.base_model.model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.base_model.model, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__ or name in type(self).__dict__:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.base_model.model, name, value)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.model(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.model.forward(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.model.generate(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"PeftModelForCausalLM(base_model={self.base_model.model!r}, adapter=LoRA(r={self.peft_config['default'].r}))"
+
+    # -- parameters -----------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple:
+        """(trainable, all): all = base parameters + adapter tensors (PEFT counts both)."""
+        core = self.base_model.model._core
+        adapter = sum(_prod(s) for _, s in _core.trainable_shapes(core))
+        trainable = adapter if self._trainable else 0
+        return trainable, core.num_parameters + adapter
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def named_trainable_parameters(self) -> Dict[str, Any]:
+        """Adapter tensors by PEFT's saved key (float32 numpy arrays, copies)."""
+        return dict(_core.adapter_state(self.base_model.model._core))
+
+    # -- files ----------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: "str | os.PathLike[str]", safe_serialization: bool = True, **kwargs: Any) -> None:
+        d = Path(save_directory)
+        if d.is_file():
+            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+        d.mkdir(parents=True, exist_ok=True)
+        _core.save_safetensors(d / WEIGHTS_NAME, _core.adapter_state(self.base_model.model._core))
+        cfg = self.peft_config[self.active_adapter]
+        name = getattr(self.base_model.model.config, "_name_or_path", None)
+        tmp = d / (CONFIG_NAME + ".tmp")
+        tmp.write_text(json.dumps(cfg.adapter_config(base_model_name_or_path=name), indent=2, sort_keys=True))
+        os.replace(tmp, d / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, model: Any, model_id: "str | os.PathLike[str]", adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[LoraConfig] = None, **kwargs: Any) -> "PeftModel":
+        hub_kw = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
+        path = Path(resolve_pretrained(model_id, marker=CONFIG_NAME, **hub_kw))
+        cfg = config if config is not None else LoraConfig.from_pretrained(path)
+        cfg = copy.copy(cfg)
+        state = _core.load_safetensors(path / WEIGHTS_NAME)
+        _attach(model, cfg)
+        try:
+            _core.load_adapter_state(model._core, state, True)
+        except Exception:
+            _core.remove_adapters(model._core, False)
+            raise
+        return cls(model, cfg, adapter_name, _attach_now=False, is_trainable=is_trainable)
+
+    def load_adapter(self, model_id: "str | os.PathLike[str]", adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any) -> None:
+        PeftModel.from_pretrained(self.base_model.model, model_id, adapter_name, is_trainable=is_trainable, **kwargs)
+        fresh = self.base_model.model._peft_model
+        self.__dict__["peft_config"] = fresh.peft_config
+        self.__dict__["_trainable"] = is_trainable
+        self.base_model.model._peft_model = self
+
+    # -- adapters on / off ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        core = self.base_model.model._core
+        was = _core.adapters_enabled(core)
+        _core.set_adapters_enabled(core, False)
+        try:
+            yield
+        finally:
+            _core.set_adapters_enabled(core, was)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Any = None) -> Any:
+        model = self.base_model.model
+        _core.remove_adapters(model._core, True)
+        model._peft_model = None
+        return model
+
+    def unload(self) -> Any:
+        model = self.base_model.model
+        _core.remove_adapters(model._core, False)
+        model._peft_model = None
+        return model
+
+    def get_base_model(self) -> Any:
+        return self.base_model.model
+
+    def train(self, mode: bool = True) -> "PeftModel":
+        self.base_model.model.train(mode)
+        return self
+
+    def eval(self) -> "PeftModel":
+        self.base_model.model.eval()
+        return self
+
+
+def _prod(shape: Any) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def get_peft_model(model: Any, peft_config: LoraConfig, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
+    """Wraps `model` with a fresh LoRA adapter (PEFT's ``get_peft_model``). A model that already is a
+    ``PeftModel`` is returned as is (one adapter, never two)."""
+    if isinstance(model, PeftModel):
+        return model
+    if not isinstance(peft_config, LoraConfig):
+        raise TypeError(f"ferrovlm supports LoraConfig adapters, got {type(peft_config).__name__}")
+    return PeftModel(model, copy.copy(peft_config), adapter_name)
+
+
+__all__ = ["PeftModel", "get_peft_model", "LoraConfig", "TaskType", "module_names"]
