@@ -21,6 +21,12 @@ from .pipelines import ImageTextToTextPipeline, pipeline
 from .processing import AutoProcessor, Idefics3Processor, SmolVLMProcessor
 from .tokenization import AutoTokenizer, PreTrainedTokenizerFast
 from .streamers import TextIteratorStreamer, TextStreamer
+from .peft_config import LoraConfig, TaskType
+from .peft import PeftModel, get_peft_model
+from .sft_config import DPOConfig, SFTConfig, TrainingArguments
+from .data_collator import DataCollatorForVisionLanguageModeling
+from .trainer import TrainerState, TrainOutput, TrainingError
+from .sft_trainer import SFTTrainer
 from .modeling import (
     AutoModelForImageTextToText,
     AutoModelForVision2Seq,
@@ -30,6 +36,18 @@ from .modeling import (
 )
 
 __all__ = [
+    "LoraConfig",
+    "TaskType",
+    "PeftModel",
+    "get_peft_model",
+    "SFTConfig",
+    "DPOConfig",
+    "TrainingArguments",
+    "SFTTrainer",
+    "DataCollatorForVisionLanguageModeling",
+    "TrainerState",
+    "TrainOutput",
+    "TrainingError",
     "__version__",
     "AutoModelForImageTextToText",
     "AutoModelForVision2Seq",

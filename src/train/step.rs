@@ -169,7 +169,7 @@ pub fn forward_backward(
         return Ok(stats);
     }
     if !stats.loss_sum.is_finite() {
-        return input_err(format!("the loss is not finite ({})", stats.loss_sum));
+        return Ok(stats); // the caller stops training and names the step; no gradient is accumulated
     }
 
     // Backward: head + final norm, then the layers from the top.

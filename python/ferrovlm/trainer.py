@@ -1,0 +1,425 @@
+"""The training loop shared by ``SFTTrainer`` and ``DPOTrainer``: data order, gradient accumulation,
+schedules, logging (``state.log_history`` with TRL's keys), checkpoints and resuming. Numbers (forward,
+backward, optimizer) are computed in Rust by ``_core.TrainSession``; this file only drives it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from . import _core
+from ._tensors import to_numpy
+from .errors import FerroVLMError
+
+PREFIX_CHECKPOINT_DIR = "checkpoint"
+TRAINER_STATE_NAME = "trainer_state.json"
+OPTIMIZER_NAME = "optimizer.safetensors"
+SCHEDULER_NAME = "scheduler.json"
+RNG_STATE_NAME = "rng_state.json"
+TRAINING_ARGS_NAME = "training_args.json"
+
+
+class TrainingError(FerroVLMError):
+    """Training cannot go on (a non-finite loss, rows without labels, ...)."""
+
+
+class TrainOutput(NamedTuple):
+    global_step: int
+    training_loss: float
+    metrics: Dict[str, float]
+
+
+@dataclass
+class TrainerState:
+    """transformers' ``TrainerState`` fields that a run and its checkpoints need."""
+
+    epoch: Optional[float] = None
+    global_step: int = 0
+    max_steps: int = 0
+    logging_steps: int = 500
+    eval_steps: Optional[int] = None
+    save_steps: int = 500
+    train_batch_size: Optional[int] = None
+    num_train_epochs: int = 0
+    num_input_tokens_seen: int = 0
+    total_flos: float = 0.0
+    log_history: List[Dict[str, float]] = field(default_factory=list)
+    best_metric: Optional[float] = None
+    best_model_checkpoint: Optional[str] = None
+    is_local_process_zero: bool = True
+    is_world_process_zero: bool = True
+    # ferrovlm: TRL's running token count, needed to resume `num_tokens` exactly.
+    total_train_tokens: int = 0
+
+    def save_to_json(self, path: "str | os.PathLike[str]") -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load_from_json(cls, path: "str | os.PathLike[str]") -> "TrainerState":
+        data = json.loads(Path(path).read_text())
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ------------------------------------------------------------------------------------------------
+# torch's data order without torch: RandomSampler draws torch.randperm(n) from a CPU generator that
+# accelerate seeds with `seed + epoch`; the generator is MT19937 and randperm a Fisher-Yates shuffle.
+# ------------------------------------------------------------------------------------------------
+
+
+class _MT19937:
+    def __init__(self, seed: int) -> None:
+        mt = [0] * 624
+        mt[0] = seed & 0xFFFFFFFF
+        for i in range(1, 624):
+            mt[i] = (1812433253 * (mt[i - 1] ^ (mt[i - 1] >> 30)) + i) & 0xFFFFFFFF
+        self.mt, self.i = mt, 624
+
+    def next_u32(self) -> int:
+        if self.i >= 624:
+            mt = self.mt
+            for k in range(624):
+                y = (mt[k] & 0x80000000) | (mt[(k + 1) % 624] & 0x7FFFFFFF)
+                mt[k] = mt[(k + 397) % 624] ^ (y >> 1) ^ (0x9908B0DF if y & 1 else 0)
+            self.i = 0
+        y = self.mt[self.i]
+        self.i += 1
+        y ^= y >> 11
+        y ^= (y << 7) & 0x9D2C5680
+        y ^= (y << 15) & 0xEFC60000
+        y ^= y >> 18
+        return y & 0xFFFFFFFF
+
+
+def torch_randperm(n: int, seed: int) -> List[int]:
+    """``torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()``."""
+    gen = _MT19937(seed)
+    r = list(range(n))
+    for i in range(n - 1):
+        z = gen.next_u32() % (n - i)
+        r[i], r[z + i] = r[z + i], r[i]
+    return r
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> List[int]:
+    return torch_randperm(n, seed + epoch) if shuffle else list(range(n))
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _progress(total: int, initial: int, disable: bool) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, initial=initial, disable=disable, desc="train", dynamic_ncols=True)
+
+
+def _batch_arrays(batch: Any) -> Dict[str, Any]:
+    """A collator's output (BatchFeature / dict of numpy or torch) as the core's numpy inputs."""
+    get = batch.get if hasattr(batch, "get") else batch.__getitem__
+    out: Dict[str, Any] = {}
+    out["input_ids"] = to_numpy(get("input_ids"), np.int64, "input_ids")
+    labels = get("labels")
+    if labels is None:
+        raise TrainingError("the batch has no 'labels': the data collator must return labels (input_ids with -100 where no loss is taken)")
+    out["labels"] = to_numpy(labels, np.int64, "labels")
+    am = get("attention_mask")
+    out["attention_mask"] = to_numpy(am, np.int64, "attention_mask") if am is not None else None
+    px = get("pixel_values")
+    out["pixel_values"] = to_numpy(px, np.float32, "pixel_values") if px is not None else None
+    pam = get("pixel_attention_mask")
+    out["pixel_attention_mask"] = to_numpy(pam, np.bool_, "pixel_attention_mask") if pam is not None else None
+    return out
+
+
+def num_label_tokens(labels: np.ndarray) -> int:
+    """Label tokens after the causal shift (TRL's ``num_items_in_batch``)."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def no_decay_names(names: Sequence[str]) -> List[str]:
+    """transformers' decay groups: biases and norm weights get no weight decay."""
+    pat = re.compile(r"(bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.))")
+    return [n for n in names if pat.search(n.lower())]
+
+
+def _atomic_dir(final: Path) -> Path:
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+class BaseTrainer:
+    """What SFT and DPO share. Subclasses provide ``_collate(rows)`` and ``_micro_step(batch, scale, ...)``."""
+
+    _tag = "train"
+
+    def __init__(self, model: Any, args: Any, train_dataset: Any, eval_dataset: Any, callbacks: Any = None) -> None:
+        self.model = model
+        self.args = args
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.state = TrainerState()
+        self.callbacks = list(callbacks or [])
+        self._session: Optional[Any] = None
+        self._metrics: Dict[str, Dict[str, List[float]]] = {"train": {}, "eval": {}}
+
+    # -- core session -----------------------------------------------------------------------------
+    @property
+    def session(self) -> Any:
+        if self._session is None:
+            core = self.model._core
+            names = [n for n, _ in _core.trainable_shapes(core)]
+            if not names:
+                raise TrainingError("the model has no trainable parameters: pass peft_config= or a model from get_peft_model()")
+            a = self.args
+            self._session = _core.TrainSession(
+                core, float(a.weight_decay), float(a.adam_beta1), float(a.adam_beta2), float(a.adam_epsilon), no_decay_names(names)
+            )
+        return self._session
+
+    # -- sizes ------------------------------------------------------------------------------------
+    def _dataset_len(self, ds: Any) -> int:
+        try:
+            return len(ds)
+        except TypeError:
+            raise TypeError("train_dataset must have a length (a list or a datasets.Dataset); iterable datasets are not supported") from None
+
+    def _plan(self) -> Dict[str, int]:
+        a = self.args
+        n = self._dataset_len(self.train_dataset)
+        if n == 0:
+            raise TrainingError("train_dataset is empty")
+        bs, accum = int(a.per_device_train_batch_size), int(a.gradient_accumulation_steps)
+        micro_per_epoch = math.ceil(n / bs)
+        steps_per_epoch = max(micro_per_epoch // accum + int(micro_per_epoch % accum > 0), 1)
+        if a.max_steps is not None and a.max_steps > 0:
+            max_steps = int(a.max_steps)
+            epochs = math.ceil(max_steps / steps_per_epoch)
+        else:
+            max_steps = math.ceil(a.num_train_epochs * steps_per_epoch)
+            epochs = math.ceil(a.num_train_epochs)
+        return dict(n=n, bs=bs, accum=accum, micro_per_epoch=micro_per_epoch, steps_per_epoch=steps_per_epoch, max_steps=max_steps, epochs=epochs)
+
+    def _lr(self, step: int, max_steps: int) -> float:
+        a = self.args
+        warmup = a.get_warmup_steps(max_steps) if hasattr(a, "get_warmup_steps") else int(getattr(a, "warmup_steps", 0) or 0)
+        kind = str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type))
+        return float(a.learning_rate) * _core.lr_multiplier(kind, step, max_steps, int(warmup))
+
+    def _rows(self, ds: Any, idx: Sequence[int]) -> List[Dict[str, Any]]:
+        return [ds[int(i)] for i in idx]
+
+    # -- metrics ----------------------------------------------------------------------------------
+    def _record(self, mode: str, key: str, value: float) -> None:
+        self._metrics[mode].setdefault(key, []).append(float(value))
+
+    def _flush_metrics(self, mode: str) -> Dict[str, float]:
+        out = {}
+        for k, vals in self._metrics[mode].items():
+            if vals:
+                out[k] = float(sum(vals) / len(vals))
+        self._metrics[mode] = {}
+        return out
+
+    def log(self, logs: Dict[str, float]) -> None:
+        if self.state.epoch is not None:
+            logs["epoch"] = self.state.epoch
+        logs["step"] = self.state.global_step
+        self.state.log_history.append(logs)
+        for cb in self.callbacks:
+            fn = getattr(cb, "on_log", None)
+            if fn is not None:
+                fn(self.args, self.state, None, logs=logs)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _save_checkpoint(self) -> Path:
+        out = Path(self.args.output_dir)
+        final = out / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        tmp = _atomic_dir(final)
+        self._save_adapter(tmp)
+        opt = self.session.optimizer_state()
+        step = int(opt.pop("step"))
+        _core.save_safetensors(tmp / OPTIMIZER_NAME, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in opt.items()})
+        (tmp / SCHEDULER_NAME).write_text(json.dumps({"optimizer_step": step, "lr_scheduler_type": str(self.args.lr_scheduler_type)}))
+        (tmp / RNG_STATE_NAME).write_text(json.dumps({"seed": int(self.args.seed), "global_step": self.state.global_step}))
+        self.state.save_to_json(tmp / TRAINER_STATE_NAME)
+        (tmp / TRAINING_ARGS_NAME).write_text(self.args.to_json_string() if hasattr(self.args, "to_json_string") else "{}")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # the checkpoint appears complete or not at all
+        self._rotate_checkpoints()
+        return final
+
+    def _rotate_checkpoints(self) -> None:
+        limit = getattr(self.args, "save_total_limit", None)
+        if not limit:
+            return
+        cps = sorted_checkpoints(self.args.output_dir)
+        for old in cps[: max(0, len(cps) - int(limit))]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _save_adapter(self, d: Path) -> None:
+        peft = getattr(self.model, "_peft_model", None) or self.model
+        peft.save_pretrained(d)
+
+    def _load_checkpoint(self, ckpt: Path) -> None:
+        from .peft import WEIGHTS_NAME
+
+        state = _core.load_safetensors(ckpt / WEIGHTS_NAME)
+        _core.load_adapter_state(self.model._core, state, True)
+        opt = dict(_core.load_safetensors(ckpt / OPTIMIZER_NAME))
+        sched = json.loads((ckpt / SCHEDULER_NAME).read_text())
+        opt["step"] = int(sched["optimizer_step"])
+        self.session.load_optimizer_state(opt)
+        self.state = TrainerState.load_from_json(ckpt / TRAINER_STATE_NAME)
+
+    def save_model(self, output_dir: Optional[str] = None) -> None:
+        d = Path(output_dir or self.args.output_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        self._save_adapter(d)
+        (d / TRAINING_ARGS_NAME).write_text(self.args.to_json_string() if hasattr(self.args, "to_json_string") else "{}")
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        from .hub import is_offline
+
+        if is_offline():
+            raise FerroVLMError("push_to_hub: HF_HUB_OFFLINE is set, nothing can be uploaded")
+        try:
+            import huggingface_hub
+        except ImportError:
+            raise FerroVLMError("push_to_hub needs huggingface_hub (pip install 'ferrovlm[hub]')") from None
+        self.save_model()
+        repo = getattr(self.args, "hub_model_id", None) or Path(self.args.output_dir).name
+        huggingface_hub.upload_folder(repo_id=repo, folder_path=str(self.args.output_dir), commit_message=kwargs.get("commit_message", "End of training"))
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: "Optional[bool | str]" = None, **kwargs: Any) -> TrainOutput:
+        a = self.args
+        plan = self._plan()
+        session = self.session
+        if resume_from_checkpoint:
+            ckpt = Path(resume_from_checkpoint) if isinstance(resume_from_checkpoint, (str, os.PathLike)) else None
+            if ckpt is None:
+                cps = sorted_checkpoints(a.output_dir)
+                if not cps:
+                    raise ValueError(f"No valid checkpoint found in output directory ({a.output_dir})")
+                ckpt = cps[-1]
+            if not (ckpt / TRAINER_STATE_NAME).is_file():
+                raise ValueError(f"{ckpt} is not a complete checkpoint (no {TRAINER_STATE_NAME})")
+            self._load_checkpoint(ckpt)
+        else:
+            self.state = TrainerState()
+        st = self.state
+        st.max_steps, st.num_train_epochs = plan["max_steps"], plan["epochs"]
+        st.train_batch_size = plan["bs"]
+        steps = a.resolved_steps(plan["max_steps"]) if hasattr(a, "resolved_steps") else {}
+        logging_steps = int(steps.get("logging_steps") or a.logging_steps or 1)
+        save_steps = int(steps.get("save_steps") or getattr(a, "save_steps", 0) or 0)
+        eval_steps = int(steps.get("eval_steps") or logging_steps)
+        save_strategy = str(getattr(getattr(a, "save_strategy", "no"), "value", getattr(a, "save_strategy", "no")))
+        eval_strategy = str(getattr(getattr(a, "eval_strategy", "no"), "value", getattr(a, "eval_strategy", "no")))
+        st.logging_steps, st.save_steps, st.eval_steps = logging_steps, save_steps, eval_steps
+        start_step = st.global_step
+        t0 = time.time()
+        bar = _progress(plan["max_steps"], start_step, disable=bool(getattr(a, "disable_tqdm", False)))
+        tr_loss, loss_since_log, steps_since_log, samples_seen = 0.0, 0.0, 0, 0
+        grad_norm = None
+        self.model.train()
+        try:
+            for epoch in range(plan["epochs"]):
+                if st.global_step >= plan["max_steps"]:
+                    break
+                order = epoch_order(plan["n"], int(a.seed), epoch, shuffle=True)
+                micro = [order[i : i + plan["bs"]] for i in range(0, plan["n"], plan["bs"])]
+                groups = [micro[i : i + plan["accum"]] for i in range(0, len(micro), plan["accum"])]
+                for gi, group in enumerate(groups):
+                    step_index = epoch * plan["steps_per_epoch"] + gi
+                    if step_index < st.global_step:
+                        continue  # resumed: this step is already done
+                    if st.global_step >= plan["max_steps"]:
+                        break
+                    lr = self._lr(st.global_step, plan["max_steps"])
+                    batches = [self._collate(self._rows(self.train_dataset, idx)) for idx in group]
+                    n_items = sum(self._count_items(b) for b in batches)
+                    step_loss = 0.0
+                    for mi, batch in enumerate(batches):
+                        seed = (int(a.seed) * 1_000_003 + st.global_step) * 64 + mi
+                        step_loss += self._micro_step(batch, n_items, seed)
+                        samples_seen += len(group[mi])
+                    if not math.isfinite(step_loss):
+                        last = sorted_checkpoints(a.output_dir)
+                        where = f"; the last good checkpoint is {last[-1]}" if last else ""
+                        raise TrainingError(f"step {st.global_step + 1}: the loss is not finite ({step_loss}){where}")
+                    grad_norm = session.optimizer_step(lr, float(a.max_grad_norm or 0.0))
+                    st.global_step += 1
+                    st.epoch = epoch + (min((gi + 1) * plan["accum"], len(micro))) / len(micro)
+                    tr_loss += step_loss
+                    loss_since_log += step_loss
+                    steps_since_log += 1
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{step_loss:.4f}", samples_per_s=f"{samples_seen / max(time.time() - t0, 1e-9):.2f}")
+                    if st.global_step % logging_steps == 0 or (st.global_step == 1 and getattr(a, "logging_first_step", False)):
+                        logs = {"loss": loss_since_log / steps_since_log, "grad_norm": float(grad_norm), "learning_rate": lr}
+                        logs.update(self._flush_metrics("train"))
+                        self.log(logs)
+                        loss_since_log, steps_since_log = 0.0, 0
+                    if eval_strategy == "steps" and self.eval_dataset is not None and st.global_step % eval_steps == 0:
+                        self.evaluate()
+                    if save_strategy == "steps" and save_steps and st.global_step % save_steps == 0:
+                        self._save_checkpoint()
+                if eval_strategy == "epoch" and self.eval_dataset is not None:
+                    self.evaluate()
+                if save_strategy == "epoch":
+                    self._save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        runtime = time.time() - t0
+        done = st.global_step - start_step
+        train_loss = tr_loss / done if done else 0.0
+        n_samples = plan["max_steps"] * plan["bs"] * plan["accum"] if a.max_steps and a.max_steps > 0 else plan["n"] * plan["epochs"]
+        metrics = {
+            "train_runtime": round(runtime, 4),
+            "train_samples_per_second": round(n_samples / runtime, 3) if runtime > 0 else 0.0,
+            "train_steps_per_second": round(plan["max_steps"] / runtime, 3) if runtime > 0 else 0.0,
+            "total_flos": float(st.total_flos),
+            "train_loss": train_loss,
+        }
+        self.log(dict(metrics))
+        if save_strategy != "no" and st.global_step % max(save_steps, 1) != 0 and save_strategy == "steps":
+            pass
+        return TrainOutput(st.global_step, train_loss, {**metrics, "epoch": st.epoch})
+
+    def _count_items(self, batch: Dict[str, Any]) -> int:
+        return num_label_tokens(batch["labels"])
+
+
+def sorted_checkpoints(output_dir: "str | os.PathLike[str]") -> List[Path]:
+    """Complete checkpoints (those with a trainer_state.json), oldest step first."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    out = []
+    for p in d.iterdir():
+        m = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", p.name)
+        if m and p.is_dir() and (p / TRAINER_STATE_NAME).is_file():
+            out.append((int(m.group(1)), p))
+    return [p for _, p in sorted(out)]
