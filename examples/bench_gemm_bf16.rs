@@ -21,9 +21,47 @@ fn time<T>(iters: usize, mut f: impl FnMut() -> T) -> f64 {
     ts[iters / 2]
 }
 
+/// GFLOP/s of a register-only `vdpbf16ps` loop on every rayon thread: what this machine gives now
+/// (other load included), to read the table against.
+#[cfg(target_arch = "x86_64")]
+fn peak_now() -> Option<f64> {
+    use core::arch::x86_64::*;
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn spin(iters: usize) -> f32 {
+        let b: __m512bh = core::mem::transmute(_mm512_set1_epi32(0x3f80_3f80));
+        let mut a = [_mm512_setzero_ps(); 24];
+        for _ in 0..iters {
+            for acc in a.iter_mut() {
+                *acc = _mm512_dpbf16_ps(*acc, b, b);
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for acc in a {
+            s = _mm512_add_ps(s, acc);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+    if !gemm_bf16::available() {
+        return None;
+    }
+    use rayon::prelude::*;
+    let (iters, th) = (5_000_000usize, rayon::current_num_threads());
+    let t = Instant::now();
+    let s: f32 = (0..th).into_par_iter().map(|_| unsafe { spin(iters) }).sum();
+    std::hint::black_box(s);
+    Some((th * iters * 24 * 64) as f64 / t.elapsed().as_secs_f64() / 1e9)
+}
+#[cfg(not(target_arch = "x86_64"))]
+fn peak_now() -> Option<f64> {
+    None
+}
+
 fn main() {
     let shapes: &[(usize, usize, usize)] = &[(1024, 768, 768), (1024, 768, 3072), (1024, 3072, 768), (348, 576, 1536), (1024, 12288, 576)];
     let dev = Device::Cpu;
+    if let Some(p) = peak_now() {
+        println!("register-only vdpbf16ps peak right now (all threads): {p:.1} GFLOP/s");
+    }
     println!("avx512bf16 kernel available: {}; rayon threads: {}", gemm_bf16::available(), rayon::current_num_threads());
     println!(
         "{:>22} | {:>12} {:>12} {:>12} | {:>10} | {:>8}",
@@ -38,10 +76,16 @@ fn main() {
         let w: Vec<bf16> = wt.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(bf16::from_f32).collect();
         let packed = gemm_bf16::pack(&w, out, k);
 
-        let t_packed = time(iters, || gemm_bf16::matmul_packed(&x, n, k, &packed));
-        let t_full = time(iters, || gemm_bf16::matmul_f32_bf16(&x, n, k, &w, out));
         let wtt = wt.t().unwrap();
-        let t_candle = time(iters, || xt.matmul(&wtt).unwrap());
+        // Rounds interleave the three so a shared, busy machine slows them alike.
+        let (mut tp, mut tf, mut tc) = (vec![], vec![], vec![]);
+        for _ in 0..3 {
+            tp.push(time(iters, || gemm_bf16::matmul_packed(&x, n, k, &packed)));
+            tf.push(time(iters, || gemm_bf16::matmul_f32_bf16(&x, n, k, &w, out)));
+            tc.push(time(iters, || xt.matmul(&wtt).unwrap()));
+        }
+        let best = |v: &Vec<f64>| v.iter().cloned().fold(f64::INFINITY, f64::min);
+        let (t_packed, t_full, t_candle) = (best(&tp), best(&tf), best(&tc));
 
         let y = gemm_bf16::matmul_packed(&x, n, k, &packed);
         let yc: Vec<f32> = xt.matmul(&wtt).unwrap().flatten_all().unwrap().to_vec1().unwrap();
@@ -57,5 +101,8 @@ fn main() {
             maxd
         );
     }
-    println!("(GFLOP/s, median of repeated calls; bf16 packed = weight packed once; bf16+pack = packs per call)");
+    if let Some(p) = peak_now() {
+        println!("register-only vdpbf16ps peak right now (all threads): {p:.1} GFLOP/s");
+    }
+    println!("(GFLOP/s, best of 3 interleaved rounds of the median of repeated calls; bf16 packed = weight packed once; bf16+pack = packs per call)");
 }
