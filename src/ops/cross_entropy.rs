@@ -21,10 +21,10 @@ pub fn token_stats(logits: &Tensor) -> Result<(Vec<f32>, Vec<u32>)> {
     let mut arg = Vec::new();
     for r in rows {
         let m = r.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let s: f32 = r.iter().map(|x| (x - m).exp()).sum();
-        let lse = m + s.ln();
-        let e: f32 = lse - r.iter().map(|x| (x - lse).exp() * x).sum::<f32>();
-        ent.push(e);
+        let s: f64 = r.iter().map(|&x| ((x - m) as f64).exp()).sum();
+        let lse = m as f64 + s.ln();
+        let e: f64 = lse - r.iter().map(|&x| ((x as f64) - lse).exp() * x as f64).sum::<f64>();
+        ent.push(e as f32);
         arg.push(r.iter().position(|&x| x == m).unwrap_or(0) as u32);
     }
     Ok((ent, arg))
