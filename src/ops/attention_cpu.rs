@@ -1,10 +1,16 @@
 //! Fused f32 attention kernel for the CPU: for each (batch, head) in parallel, scores = q k^T (gemm),
 //! masked softmax in place, out = p v (gemm). One [L, S] score buffer per task instead of
 //! [B, H, L, S] for the whole call. Same results as `attention::attention_reference` (tested there).
-//! No backward yet: a backward pass through it fails loudly (candle's BackwardNotSupported) instead of
-//! cutting gradients; the training path adds one.
+//!
+//! Backward (`CustomOp3::bwd`, flash-attention style): nothing is saved by the forward beyond candle's
+//! own references to q, k, v and the output o. For each (batch, kv head) in parallel, the query rows of
+//! the group's heads are processed in blocks; each block recomputes its probabilities P (same gemm and
+//! masked softmax as the forward), then
+//!   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),  dQ = scale dS K,  dK += scale dS^T Q.
+//! One task owns a kv head, so dK/dV of a GQA group accumulate without locks. Arguments that do not
+//! track gradients (`track_op() == false`, e.g. frozen cached K/V) get `None` and their work is skipped.
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
@@ -71,6 +77,158 @@ impl CustomOp3 for FusedAttention {
             }
         });
         Ok((CpuStorage::F32(out), Shape::from((b, h, l, hd))))
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, d_o: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let need = Need { q: q.track_op(), k: k.track_op(), v: v.track_op() };
+        if !(need.q || need.k || need.v) {
+            return Ok((None, None, None));
+        }
+        let (b, h, l, hd) = q.dims4()?;
+        let (_, hkv, s, _) = k.dims4()?;
+        let d_o = d_o.contiguous()?;
+        let (dq, dk, dv) = {
+            let ((qs, ql), (ks, kl), (vs, vl)) = (q.storage_and_layout(), k.storage_and_layout(), v.storage_and_layout());
+            let ((os, ol), (gs, gl)) = (o.storage_and_layout(), d_o.storage_and_layout());
+            let t = Tensors {
+                q: storage_f32(&qs, ql, "q")?,
+                k: storage_f32(&ks, kl, "k")?,
+                v: storage_f32(&vs, vl, "v")?,
+                o: storage_f32(&os, ol, "output")?,
+                d_o: storage_f32(&gs, gl, "output gradient")?,
+            };
+            self.backward(&t, Dims { b, h, hkv, l, s, hd }, need)
+        };
+        let dev = Device::Cpu;
+        let dq = if need.q { Some(Tensor::from_vec(dq, (b, h, l, hd), &dev)?) } else { None };
+        let dk = if need.k { Some(Tensor::from_vec(dk, (b, hkv, s, hd), &dev)?) } else { None };
+        let dv = if need.v { Some(Tensor::from_vec(dv, (b, hkv, s, hd), &dev)?) } else { None };
+        Ok((dq, dk, dv))
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Need {
+    q: bool,
+    k: bool,
+    v: bool,
+}
+
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    h: usize,
+    hkv: usize,
+    l: usize,
+    s: usize,
+    hd: usize,
+}
+
+/// Contiguous row-major f32 data of the backward's inputs: q, o, d_o [B, H, L, hd]; k, v [B, Hkv, S, hd].
+struct Tensors<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    o: &'a [f32],
+    d_o: &'a [f32],
+}
+
+fn storage_f32<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => f32_slice(c, l, what),
+        _ => bail!("fused attention backward: {what} must be on the cpu"),
+    }
+}
+
+/// Row-major [rows, cols] -> [cols, rows].
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; rows * cols];
+    for (j, row) in x.chunks_exact(cols).enumerate() {
+        for (d, &val) in row.iter().enumerate() {
+            t[d * rows + j] = val;
+        }
+    }
+    t
+}
+
+impl FusedAttention {
+    /// Returns (dq, dk, dv); a gradient that is not needed comes back empty.
+    fn backward(&self, t: &Tensors, dims: Dims, need: Need) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let Dims { b, h, hkv, l, s, hd } = dims;
+        let groups = h / hkv;
+        let need_ds = need.q || need.k;
+        let tasks = b * hkv;
+        let (qlen, kvlen) = (groups * l * hd, s * hd); // per task: the group's query rows, one kv head
+        let alloc = |yes: bool, n: usize| if yes { vec![0f32; n] } else { Vec::new() };
+        let (mut dq, mut dk, mut dv) = (alloc(need.q, tasks * qlen), alloc(need.k, tasks * kvlen), alloc(need.v, tasks * kvlen));
+        fn chunks(x: &mut [f32], n: usize, tasks: usize) -> Vec<Option<&mut [f32]>> {
+            if x.is_empty() {
+                (0..tasks).map(|_| None).collect()
+            } else {
+                x.chunks_mut(n).map(Some).collect()
+            }
+        }
+        let work: Vec<_> = chunks(&mut dq, qlen, tasks).into_iter().zip(chunks(&mut dk, kvlen, tasks)).zip(chunks(&mut dv, kvlen, tasks)).enumerate().collect();
+        work.into_par_iter().for_each(|(task, ((mut dq, mut dk), mut dv))| {
+            let bi = task / hkv;
+            let rows = groups * l; // query rows of the group: head g row i at g * l + i
+            let (qs, os, gs) = (&t.q[task * qlen..][..qlen], &t.o[task * qlen..][..qlen], &t.d_o[task * qlen..][..qlen]);
+            let (ks, vs) = (&t.k[task * kvlen..][..kvlen], &t.v[task * kvlen..][..kvlen]);
+            let kt = transpose(ks, s, hd); // [hd, S]
+            let vt = if need_ds { transpose(vs, s, hd) } else { Vec::new() }; // [hd, S]
+            let qb_max = QUERY_BLOCK.min(rows);
+            let mut p = vec![0f32; qb_max * s];
+            let mut dp = if need_ds { vec![0f32; qb_max * s] } else { Vec::new() };
+            for r0 in (0..rows).step_by(QUERY_BLOCK) {
+                let qb = QUERY_BLOCK.min(rows - r0);
+                let pb = &mut p[..qb * s];
+                let (q_blk, do_blk) = (&qs[r0 * hd..], &gs[r0 * hd..]);
+                // SAFETY (all gemm calls below): row-major operands with the strides given, sized
+                // [qb, hd] (q_blk, do_blk, dq rows), [hd, S] (kt, vt), [S, hd] (ks, dk, dv), [qb, S] (pb, dpb).
+                unsafe {
+                    gemm(qb, s, hd, pb.as_mut_ptr(), 1, s as isize, false, q_blk.as_ptr(), 1, hd as isize, kt.as_ptr(), 1, s as isize, 0.0, self.scale, false, false, false, Parallelism::None);
+                }
+                for (r, row) in pb.chunks_exact_mut(s).enumerate() {
+                    let i = (r0 + r) % l;
+                    softmax_row(row, |j| self.mask.allowed(bi, i, j, l, s));
+                }
+                if let Some(dv) = dv.as_deref_mut() {
+                    // dV [S, hd] += P^T [S, qb] dO [qb, hd]
+                    unsafe {
+                        gemm(s, hd, qb, dv.as_mut_ptr(), 1, hd as isize, true, pb.as_ptr(), s as isize, 1, do_blk.as_ptr(), 1, hd as isize, 1.0, 1.0, false, false, false, Parallelism::None);
+                    }
+                }
+                if !need_ds {
+                    continue;
+                }
+                let dpb = &mut dp[..qb * s];
+                // dP [qb, S] = dO [qb, hd] V^T [hd, S]
+                unsafe {
+                    gemm(qb, s, hd, dpb.as_mut_ptr(), 1, s as isize, false, do_blk.as_ptr(), 1, hd as isize, vt.as_ptr(), 1, s as isize, 0.0, 1.0, false, false, false, Parallelism::None);
+                }
+                // dS = P * (dP - rowsum(dO * O)), written over P. Masked entries have P = 0 -> dS = 0; a
+                // fully masked row has uniform P like the reference's f32::MIN bias, and gets the same
+                // (softmax-Jacobian) gradient the reference's autograd gives it.
+                for (r, (prow, dprow)) in pb.chunks_exact_mut(s).zip(dpb.chunks_exact(s)).enumerate() {
+                    let (gr, or) = (&gs[(r0 + r) * hd..][..hd], &os[(r0 + r) * hd..][..hd]);
+                    let delta: f32 = gr.iter().zip(or).map(|(a, b)| a * b).sum();
+                    prow.iter_mut().zip(dprow).for_each(|(x, &d)| *x *= d - delta);
+                }
+                if let Some(dq) = dq.as_deref_mut() {
+                    // dQ [qb, hd] = scale dS [qb, S] K [S, hd]
+                    unsafe {
+                        gemm(qb, hd, s, dq[r0 * hd..].as_mut_ptr(), 1, hd as isize, false, pb.as_ptr(), 1, s as isize, ks.as_ptr(), 1, hd as isize, 0.0, self.scale, false, false, false, Parallelism::None);
+                    }
+                }
+                if let Some(dk) = dk.as_deref_mut() {
+                    // dK [S, hd] += scale dS^T [S, qb] Q [qb, hd]
+                    unsafe {
+                        gemm(s, hd, qb, dk.as_mut_ptr(), 1, hd as isize, true, pb.as_ptr(), s as isize, 1, q_blk.as_ptr(), 1, hd as isize, 1.0, self.scale, false, false, false, Parallelism::None);
+                    }
+                }
+            }
+        });
+        (dq, dk, dv)
     }
 }
 
