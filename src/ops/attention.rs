@@ -57,7 +57,7 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 
 /// q: [B, H, L, hd], k/v: [B, Hkv, S, hd] with H a multiple of Hkv -> [B, H, L, hd].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, scale: f64) -> Result<Tensor> {
-    if q.dtype() == DType::F32 && q.device().is_cpu() && !(q.track_op() || k.track_op() || v.track_op()) {
+    if q.dtype() == DType::F32 && q.device().is_cpu() {
         super::attention_cpu::fused_attention(q, k, v, mask, scale)
     } else {
         attention_reference(q, k, v, mask, scale)
