@@ -410,6 +410,7 @@ fn bench_fused_ops() {
     let w = (rnd(&[h], 51, 0.2) + 1.0).unwrap();
     let wt = rnd(&[n, h], 52, 1.0);
     let xv = var(&x);
+    time("loss + backward overhead (y = 2x)", 50, &|| drop(backward(&xv.affine(2.0, 0.0).unwrap(), &wt)));
     time("rms_norm fwd (untracked)", 50, &|| drop(rms_norm(&x, &w, 1e-5).unwrap()));
     time("rms_norm fwd+bwd (x Var)", 50, &|| drop(backward(&rms_norm(&xv, &w, 1e-5).unwrap(), &wt)));
     time("rms_norm_reference fwd+bwd", 50, &|| drop(backward(&rms_norm_reference(&xv, &w, 1e-5).unwrap(), &wt)));
