@@ -8,7 +8,7 @@ use crate::checkpoint::WeightStore;
 use crate::config::TextConfig;
 use crate::error::{CheckpointError, Result};
 use crate::ops::rope::apply_rotary;
-use crate::ops::{attention, rms_norm, silu, Linear, Mask, Rope};
+use crate::ops::{attention, rms_norm, swiglu, Linear, Mask, Rope};
 
 #[derive(Debug, Clone)]
 pub struct TextLayer {
@@ -102,7 +102,7 @@ impl TextModel {
         let a = a.transpose(1, 2)?.reshape((b, len, c.num_attention_heads * hd))?;
         let x = (x + l.o_proj.forward(&a)?)?;
         let h = rms_norm(&x, &l.post_attention_layernorm, c.rms_norm_eps)?;
-        let m = l.down_proj.forward(&(silu(&l.gate_proj.forward(&h)?)? * l.up_proj.forward(&h)?)?)?;
+        let m = l.down_proj.forward(&swiglu(&l.gate_proj.forward(&h)?, &l.up_proj.forward(&h)?)?)?;
         x + m
     }
 }

@@ -1,9 +1,10 @@
 //! Activations. `gelu_tanh` runs a parallel f32 kernel on the CPU (candle's unary ops are
 //! single-threaded) and candle's composition elsewhere; both compute the same formula.
 
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::linear::f32_arg;
 use super::math::exp_f32;
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -15,6 +16,55 @@ fn gelu_tanh_scalar(x: f32) -> f32 {
     x / (1.0 + exp_f32(-2.0 * u))
 }
 
+/// d/dx of [`gelu_tanh_scalar`]: with t = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3),
+/// f = x t and f' = t + x t (1 - t) 2 sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+#[inline]
+fn gelu_tanh_grad_scalar(x: f32) -> f32 {
+    let u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
+    let t = 1.0 / (1.0 + exp_f32(-2.0 * u));
+    t + x * t * (1.0 - t) * 2.0 * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+}
+
+/// sigmoid(x) (0 for x below about -88.7, where exp overflows to inf).
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp_f32(-x))
+}
+
+const CHUNK: usize = 4096;
+
+/// out[i] = f(a[i]) in parallel chunks.
+fn map1(a: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(|(o, a)| o.iter_mut().zip(a).for_each(|(o, &a)| *o = f(a)));
+    out
+}
+
+/// out[i] = f(a[i], b[i]) in parallel chunks.
+fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).for_each(|((o, a), b)| {
+        o.iter_mut().zip(a).zip(b).for_each(|((o, &a), &b)| *o = f(a, b));
+    });
+    out
+}
+
+/// out[i] = f(a[i], b[i], c[i]) in parallel chunks.
+fn map3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).zip(c.par_chunks(CHUNK)).for_each(|(((o, a), b), c)| {
+        o.iter_mut().zip(a).zip(b).zip(c).for_each(|(((o, &a), &b), &c)| *o = f(a, b, c));
+    });
+    out
+}
+
+fn check_same_shape(op: &str, a: &Layout, b: &Layout) -> Result<()> {
+    if a.shape() != b.shape() {
+        bail!("{op}: shapes {:?} and {:?} differ", a.shape(), b.shape());
+    }
+    Ok(())
+}
+
 struct GeluTanh;
 
 impl CustomOp1 for GeluTanh {
@@ -22,22 +72,32 @@ impl CustomOp1 for GeluTanh {
         "gelu-tanh"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
-            _ => bail!("gelu-tanh kernel needs contiguous f32"),
-        };
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(o, i)| {
-            for (o, &i) in o.iter_mut().zip(i) {
-                *o = gelu_tanh_scalar(i);
-            }
-        });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        let x = f32_arg(s, l, "gelu-tanh")?;
+        Ok((CpuStorage::F32(map1(x, gelu_tanh_scalar)), l.shape().clone()))
+    }
+    /// dx = g * gelu'(x)
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &GeluTanhGrad)?))
+    }
+}
+
+/// (x, g) -> g * gelu'(x), both [..] f32.
+struct GeluTanhGrad;
+
+impl CustomOp2 for GeluTanhGrad {
+    fn name(&self) -> &'static str {
+        "gelu-tanh-grad"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        check_same_shape("gelu-tanh-grad", l1, l2)?;
+        let (x, g) = (f32_arg(s1, l1, "gelu-tanh-grad")?, f32_arg(s2, l2, "gelu-tanh-grad")?);
+        Ok((CpuStorage::F32(map2(x, g, |x, g| g * gelu_tanh_grad_scalar(x))), l1.shape().clone()))
     }
 }
 
 /// GELU with the tanh approximation (`gelu_pytorch_tanh`):
-/// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+/// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). f32 on the CPU runs a parallel kernel with a
+/// hand-written backward; other inputs run [`gelu_tanh_reference`].
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     if x.dtype() == DType::F32 && x.device().is_cpu() {
         x.contiguous()?.apply_op1(GeluTanh)
@@ -54,6 +114,78 @@ pub fn gelu_tanh_reference(x: &Tensor) -> Result<Tensor> {
 /// SiLU: x * sigmoid(x).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
+}
+
+/// SwiGLU gate of the Llama MLP: silu(gate) * up. gate, up: [.., I] (same shape).
+/// f32 on the CPU runs a fused kernel with a hand-written backward (each gradient only for a
+/// tracked argument); other inputs run [`swiglu_reference`].
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+    if f32_cpu(gate) && f32_cpu(up) && gate.shape() == up.shape() {
+        gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
+    } else {
+        swiglu_reference(gate, up)
+    }
+}
+
+/// candle composition of [`swiglu`].
+pub fn swiglu_reference(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.silu()? * up
+}
+
+/// y = silu(gate) up = gate s up, s = sigmoid(gate).
+/// Backward: dgate = g up s (1 + gate (1 - s)),  dup = g gate s.
+struct Swiglu;
+
+impl CustomOp2 for Swiglu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        check_same_shape("swiglu", l1, l2)?;
+        let (gate, up) = (f32_arg(s1, l1, "swiglu")?, f32_arg(s2, l2, "swiglu")?); // [.., I]
+        Ok((CpuStorage::F32(map2(gate, up, |a, u| a * sigmoid(a) * u)), l1.shape().clone()))
+    }
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let dgate = if gate.track_op() { Some(gate.apply_op3_no_bwd(up, &g, &SwigluGradGate)?) } else { None };
+        let dup = if up.track_op() { Some(gate.apply_op2_no_bwd(&g, &SwigluGradUp)?) } else { None };
+        Ok((dgate, dup))
+    }
+}
+
+/// (gate, up, g) -> g up s (1 + gate (1 - s))
+struct SwigluGradGate;
+
+impl CustomOp3 for SwigluGradGate {
+    fn name(&self) -> &'static str {
+        "swiglu-grad-gate"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        check_same_shape("swiglu-grad-gate", l1, l2)?;
+        check_same_shape("swiglu-grad-gate", l1, l3)?;
+        let n = "swiglu-grad-gate";
+        let (a, u, g) = (f32_arg(s1, l1, n)?, f32_arg(s2, l2, n)?, f32_arg(s3, l3, n)?);
+        let out = map3(a, u, g, |a, u, g| {
+            let s = sigmoid(a);
+            g * u * s * (1.0 + a * (1.0 - s))
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// (gate, g) -> g silu(gate)
+struct SwigluGradUp;
+
+impl CustomOp2 for SwigluGradUp {
+    fn name(&self) -> &'static str {
+        "swiglu-grad-up"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        check_same_shape("swiglu-grad-up", l1, l2)?;
+        let (a, g) = (f32_arg(s1, l1, "swiglu-grad-up")?, f32_arg(s2, l2, "swiglu-grad-up")?);
+        Ok((CpuStorage::F32(map2(a, g, |a, g| g * a * sigmoid(a))), l1.shape().clone()))
+    }
 }
 
 #[cfg(test)]

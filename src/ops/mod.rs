@@ -18,7 +18,7 @@ pub mod math;
 pub mod norm;
 pub mod rope;
 
-pub use activation::{gelu_tanh, silu};
+pub use activation::{gelu_tanh, silu, swiglu};
 pub use attention::{attention, Mask};
 pub use linear::Linear;
 pub use norm::{layer_norm, rms_norm};
