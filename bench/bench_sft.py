@@ -23,7 +23,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from bench_forward import peak_rss_mb, rss_mb, run_both_sides  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"  # the text model only (a list would also match the vision q/k/v_proj)
 
 
 def add_processor(ckpt: Path) -> None:
@@ -59,7 +59,7 @@ def run_side(side: str, ckpt: str, steps: int) -> dict:
     base = rss_mb()
     cfg = dict(output_dir=str(Path(ckpt) / f"out-{side}"), per_device_train_batch_size=4, max_steps=steps, learning_rate=1e-4,
                lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no", bf16=False, seed=0,
-               gradient_checkpointing=False, max_length=None)
+               gradient_checkpointing=True, max_length=None)  # TRL's default
     if side == "ferrovlm":
         from ferrovlm import AutoModelForImageTextToText, AutoProcessor, LoraConfig, SFTConfig, SFTTrainer
 
@@ -74,6 +74,9 @@ def run_side(side: str, ckpt: str, steps: int) -> dict:
         torch.manual_seed(0)
         model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32)
         args = SFTConfig(**cfg, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+        from datasets import Dataset
+
+        rows = Dataset.from_list(rows)  # TRL refuses plain lists
     processor = AutoProcessor.from_pretrained(ckpt)
     peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=processor, peft_config=peft_config)

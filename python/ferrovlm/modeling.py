@@ -164,6 +164,40 @@ class Idefics3ForConditionalGeneration:
     def num_parameters(self) -> int:
         return self._core.num_parameters
 
+    # -- adapters (transformers' PEFT integration) ------------------------------------------------
+    _peft_model: Any = None
+    is_gradient_checkpointing: bool = False
+
+    def add_adapter(self, adapter_config: Any, adapter_name: str = "default") -> None:
+        """Attaches a fresh LoRA adapter (``model.add_adapter(LoraConfig(...))``)."""
+        from .peft import PeftModel
+
+        if self._peft_model is not None:
+            raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
+        PeftModel(self, adapter_config, adapter_name)
+
+    def load_adapter(self, peft_model_id: Any, adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any) -> None:
+        """Loads a PEFT adapter directory (or hub id) onto this model."""
+        from .peft import PeftModel
+
+        PeftModel.from_pretrained(self, peft_model_id, adapter_name, is_trainable=is_trainable, **kwargs)
+
+    def enable_adapters(self) -> None:
+        _core.set_adapters_enabled(self._core, True)
+
+    def disable_adapters(self) -> None:
+        _core.set_adapters_enabled(self._core, False)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Any = None) -> None:
+        """Recompute each text layer in the backward (lower peak memory, identical gradients)."""
+        self.is_gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.is_gradient_checkpointing = False
+
+    def enable_input_require_grads(self) -> None:
+        """Accepted for PEFT/TRL compatibility: gradients reach adapters below frozen layers anyway."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model_type={self.config.model_type!r}, dtype={self._core.dtype}, params={self.num_parameters():,})"
 

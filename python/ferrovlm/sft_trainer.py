@@ -95,7 +95,8 @@ class SFTTrainer(BaseTrainer):
         stats = self.session.forward_backward(
             batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
             pixel_attention_mask=batch["pixel_attention_mask"], loss_scale=1.0 / n_items,
-            gradient_checkpointing=bool(self.args.gradient_checkpointing), dropout_seed=seed,
+            gradient_checkpointing=bool(self.args.gradient_checkpointing or getattr(self.model, "is_gradient_checkpointing", False)),
+            dropout_seed=seed,
         )
         self._account(stats, "train")
         return stats["loss_sum"] / n_items
