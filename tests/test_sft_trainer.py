@@ -181,7 +181,9 @@ def test_cookbook_sft_code_path(tiny_smolvlm, tmp_path, return_tensors):
                          processing_class=processor.tokenizer)
     out = trainer.train()
     assert out.global_step == 1 and math.isfinite(out.training_loss)
-    assert len(_core.trainable_shapes(trainer.model._core)) == 2 * 7 * 3  # one adapter: A, B, magnitude on 14 layers
+    # One adapter (not two): A, B and a magnitude on 20 layers, the 14 text ones and, as PEFT matches a
+    # list by suffix, the vision q/k/v_proj of both vision layers.
+    assert len(_core.trainable_shapes(trainer.model._core)) == 3 * 20
     trainer.save_model(training_args.output_dir)
     assert (tmp_path / "smolvlm-sft" / "adapter_model.safetensors").is_file()
     assert [p.name for p in sorted_checkpoints(tmp_path / "smolvlm-sft")] == ["checkpoint-1"]
