@@ -591,14 +591,21 @@ def main() -> None:
     # matters: generation reads the model fixtures above, processor reads tokenizer + image fixtures).
     sys.path.insert(0, str(ROOT / "scripts" / "reference"))
     import generation
+    import lora_grads
     import processor
     import processor_images
+    import sft_collate
+    import sft_trajectory
     import tokenizer_templates
 
     tokenizer_templates.main(FIXTURES / "tokenizer")
     processor_images.main(FIXTURES / "processor_images")
     processor.main(FIXTURES)
     generation.main(FIXTURES)
+    # PEFT / TRL sets (need peft, trl, datasets): LoRA gradients, collation, SFT trajectories.
+    lora_grads.main()
+    sft_collate.main()
+    sft_trajectory.main()
     with open(FIXTURES / "README.md", "a") as f:
         f.write(OTHER_SETS)
 
