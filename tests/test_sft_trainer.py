@@ -228,3 +228,21 @@ def test_learns_a_generated_colour_task(tiny_smolvlm, tmp_path):
         return right / len(held_out)
 
     assert accuracy(trainer.model) >= 0.75  # chance is 0.25
+
+
+def test_evaluate_reports_the_model_loss(tiny_smolvlm, tmp_path):
+    trainer = make_trainer(tiny_smolvlm, "messages", tmp_path, per_device_eval_batch_size=4)
+    rows = load_rows("messages")
+    metrics = trainer.evaluate(rows)
+    batch = trainer._collate(rows)
+    want = trainer.model(**{k: v for k, v in batch.items() if v is not None}).loss
+    np.testing.assert_allclose(metrics["eval_loss"], want, rtol=1e-5)
+    assert 0.0 <= metrics["eval_mean_token_accuracy"] <= 1.0 and metrics["eval_entropy"] > 0
+    assert trainer.state.log_history[-1]["eval_loss"] == metrics["eval_loss"]
+
+
+def test_images_missing_for_placeholders_names_the_rows(tiny_smolvlm, tmp_path):
+    trainer = make_trainer(tiny_smolvlm, "messages", tmp_path)
+    trainer.train_dataset[2]["images"] = []
+    with pytest.raises(ValueError, match=r"train_dataset rows \[.*2.*\]"):
+        trainer.train()

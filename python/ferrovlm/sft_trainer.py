@@ -121,8 +121,9 @@ class SFTTrainer(BaseTrainer):
         total, weight, n_batches = 0.0, 0, 0
         self._metrics["eval"] = {}
         for start in range(0, len(ds), bs):
-            rows = self._rows(ds, range(start, min(start + bs, len(ds))))
-            batch = self._collate(rows)
+            idx = list(range(start, min(start + bs, len(ds))))
+            rows = idx
+            batch = self._collate_rows(ds, idx, "eval_dataset")
             stats = self.session.evaluate(
                 batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
                 pixel_attention_mask=batch["pixel_attention_mask"],

@@ -226,6 +226,13 @@ class BaseTrainer:
     def _rows(self, ds: Any, idx: Sequence[int]) -> List[Dict[str, Any]]:
         return [ds[int(i)] for i in idx]
 
+    def _collate_rows(self, ds: Any, idx: Sequence[int], what: str) -> Dict[str, Any]:
+        """Collates rows `idx` of `ds`; a collation error names the rows."""
+        try:
+            return self._collate(self._rows(ds, idx))
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            raise type(err)(f"{what} rows {[int(i) for i in idx]}: {err}") from err
+
     # -- metrics ----------------------------------------------------------------------------------
     def _record(self, mode: str, key: str, value: float) -> None:
         self._metrics[mode].setdefault(key, []).append(float(value))
@@ -356,7 +363,7 @@ class BaseTrainer:
                     if st.global_step >= plan["max_steps"]:
                         break
                     lr = self._lr(st.global_step, plan["max_steps"])
-                    batches = [self._collate(self._rows(self.train_dataset, idx)) for idx in group]
+                    batches = [self._collate_rows(self.train_dataset, idx, "train_dataset") for idx in group]
                     n_items = sum(self._count_items(b) for b in batches)
                     step_loss = 0.0
                     for mi, batch in enumerate(batches):
