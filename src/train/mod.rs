@@ -3,8 +3,9 @@
 //! The optimizer and schedules live in `crate::optim`; the loop (data order, logging, checkpoints)
 //! is driven from Python.
 
+pub mod dpo;
 pub mod features;
 pub mod step;
 
 pub use features::FeatureCache;
-pub use step::{forward_backward, trainable_params, MicroStats, StepOptions, Trainable};
+pub use step::{forward_backward, run_objective, trainable_params, HeadOut, MicroStats, Objective, StepOptions, Trainable};

@@ -77,6 +77,21 @@ fn layer_seed(base: u64, layer: usize) -> u64 {
     base.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (layer as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9)
 }
 
+/// What the loss sees of the head: per label row (after the causal shift) its cross-entropy, its logits
+/// and the batch row it belongs to.
+pub struct HeadOut<'a> {
+    /// [N] -log p(target), tracked.
+    pub nll: &'a Tensor,
+    /// [N, V] f32 logits at the label rows (tracked; detach before reading values).
+    pub logits: &'a Tensor,
+    /// Batch row of each label row.
+    pub seq: &'a [usize],
+    pub batch: usize,
+}
+
+/// Builds the scalar to differentiate from the head's output (also called without a backward).
+pub type Objective<'a> = &'a mut dyn FnMut(&HeadOut) -> Result<Tensor>;
+
 /// Forward (and, with `opts.backward`, backward) of one micro-batch. The loss whose gradient is
 /// accumulated into `acc` (aligned with `params`) is `loss_scale` x the sum of the label tokens'
 /// cross-entropies (TRL: 1 / number of label tokens in the whole optimizer step).
@@ -90,6 +105,21 @@ pub fn forward_backward(
     cache: Option<&FeatureCache>,
     opts: &StepOptions,
     interrupt: Interrupt,
+) -> Result<MicroStats> {
+    run_objective(model, params, input, acc, cache, opts, interrupt, &mut |h: &HeadOut| Ok((h.nll.sum_all()? * loss_scale)?))
+}
+
+/// [`forward_backward`] with any objective over the label rows' cross-entropies (DPO, ...).
+#[allow(clippy::too_many_arguments)]
+pub fn run_objective(
+    model: &VlmModel,
+    params: &[Trainable],
+    input: &ForwardInput,
+    acc: &mut [Option<Tensor>],
+    cache: Option<&FeatureCache>,
+    opts: &StepOptions,
+    interrupt: Interrupt,
+    objective: Objective,
 ) -> Result<MicroStats> {
     if acc.len() != params.len() {
         return input_err(format!("{} gradient slots for {} trainable tensors", acc.len(), params.len()));
@@ -163,17 +193,20 @@ pub fn forward_backward(
     stats.entropy_sum = entropy.iter().map(|&e| e as f64).sum();
     stats.correct = argmax.iter().zip(&ys).filter(|(a, y)| a == y).count();
     let nll = cross_entropy_rows(&logits, &ys)?; // [N]
-    let loss_sum = nll.sum_all()?;
-    stats.loss_sum = loss_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    stats.loss_sum = nll.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let seq: Vec<usize> = targets.iter().map(|t| t.0 as usize / l).collect();
+    let loss = objective(&HeadOut { nll: &nll, logits: &logits, seq: &seq, batch: b })?;
     if !backward {
         return Ok(stats);
     }
-    if !stats.loss_sum.is_finite() {
+    let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if !stats.loss_sum.is_finite() || !loss_value.is_finite() {
+        stats.loss_sum = f64::NAN;
         return Ok(stats); // the caller stops training and names the step; no gradient is accumulated
     }
 
     // Backward: head + final norm, then the layers from the top.
-    let grads = (loss_sum * loss_scale)?.backward()?;
+    let grads = loss.backward()?;
     accumulate(acc, params, &grads)?;
     let mut g = match grads.get(&top) {
         Some(g) => g.detach(),
