@@ -305,7 +305,7 @@ pub fn detach(model: &mut crate::model::VlmModel, merge: bool) -> Result<()> {
                     Some(b) => Some(b.to_dtype(lin.bias.as_ref().map_or(DType::F32, |x| x.dtype()))?),
                     None => None,
                 };
-                *lin = Linear::new(w, b)?;
+                *lin = if lin.is_bf16_compute() { Linear::bf16_compute(w, b)? } else { Linear::new(w, b)? };
             }
         }
     }

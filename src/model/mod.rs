@@ -21,6 +21,10 @@ pub struct LoadCtx {
     pub device: Device,
     /// Keep weights that are bf16 on disk in bf16 when computing in f32 (exact; see `Weight::Bf16`).
     pub bf16_storage: bool,
+    /// The bf16 compute mode (a model loaded with dtype bfloat16 on the CPU): `dtype` is f32 for
+    /// activations, norms, softmax, ...; every Linear weight is stored in bf16 (rounded when f32 on
+    /// disk) and multiplied with the AVX512-BF16 kernel (see `Weight::PackedBf16`).
+    pub bf16_compute: bool,
 }
 
 impl LoadCtx {

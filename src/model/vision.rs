@@ -62,7 +62,8 @@ impl VisionModel {
         let conv = ctx.get(store, &conv_name, &[d, c, p, p])?;
         let conv = conv.reshape((d, c * p * p)).map_err(|e| CheckpointError::Io { file: "<memory>".into(), msg: e.to_string() })?;
         let conv_b = ctx.get(store, &format!("{prefix}.embeddings.patch_embedding.bias"), &[d])?;
-        let patch_embedding = Linear::new(conv, Some(conv_b)).map_err(|e| CheckpointError::Io { file: "<memory>".into(), msg: e.to_string() })?;
+        let patch_embedding = if ctx.bf16_compute { Linear::bf16_compute(conv, Some(conv_b)) } else { Linear::new(conv, Some(conv_b)) };
+        let patch_embedding = patch_embedding.map_err(|e| CheckpointError::Io { file: "<memory>".into(), msg: e.to_string() })?;
         let position_embedding = ctx.get(store, &format!("{prefix}.embeddings.position_embedding.weight"), &[n * n, d])?;
         let eps = cfg.layer_norm_eps;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);

@@ -28,6 +28,10 @@ pub struct VlmModel {
     pub device: Device,
     /// Shared by every adapter of this model (see `crate::lora`).
     pub switch: Arc<AdapterSwitch>,
+    /// The bf16 compute mode (loaded with dtype bf16 on the CPU): `dtype` is f32 (activations,
+    /// norms, softmax), every Linear weight is bf16 and multiplied with the AVX512-BF16 kernel.
+    /// The model reports bf16 ([`Self::reported_dtype`]).
+    pub bf16_compute: bool,
 }
 
 /// Inputs of one forward, shapes as in transformers. Integer inputs are plain vectors (row-major),
@@ -73,7 +77,11 @@ impl VlmModel {
     pub fn from_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let store = WeightStore::open_dir(dir)?;
-        let ctx = LoadCtx { dtype, device: device.clone(), bf16_storage: false };
+        // bf16 on the CPU: f32 activations with bf16 Linear weights (see `LoadCtx::bf16_compute`),
+        // much faster than candle's bf16 tensors.
+        let bf16_compute = dtype == DType::BF16 && device.is_cpu();
+        let dtype = if bf16_compute { DType::F32 } else { dtype };
+        let ctx = LoadCtx { dtype, device: device.clone(), bf16_storage: false, bf16_compute };
         Self::load(config, &store, &ctx)
     }
 
@@ -84,12 +92,23 @@ impl VlmModel {
         // speed: bf16 checkpoints keep their bf16 there (exact). The vision tower is compute-bound: f32.
         let tctx = ctx.with_bf16_storage(true);
         let text = TextModel::load(store, "model.text_model", &config.text, &tctx)?;
-        let lm_head = if config.tie_word_embeddings {
+        let lm_head = if config.tie_word_embeddings && ctx.bf16_compute {
+            Linear::bf16_compute(text.embed_tokens.clone(), None)?
+        } else if config.tie_word_embeddings {
             Linear::with_compute_dtype(text.embed_tokens.clone(), None, ctx.dtype)?
         } else {
             Linear::load(store, "lm_head", config.text.hidden_size, config.text.vocab_size, false, &tctx)?
         };
-        Ok(VlmModel { config, vision, connector, text, lm_head, dtype: ctx.dtype, device: ctx.device.clone(), switch: Arc::default() })
+        Ok(VlmModel { config, vision, connector, text, lm_head, dtype: ctx.dtype, device: ctx.device.clone(), switch: Arc::default(), bf16_compute: ctx.bf16_compute })
+    }
+
+    /// The dtype the model was loaded in: bf16 in the bf16 compute mode (which computes in f32).
+    pub fn reported_dtype(&self) -> DType {
+        if self.bf16_compute {
+            DType::BF16
+        } else {
+            self.dtype
+        }
     }
 
     /// Drops padding frames, runs the vision tower and the connector.

@@ -75,6 +75,12 @@ pub struct PackedBf16 {
     data: Vec<u32>,
 }
 
+impl std::fmt::Debug for PackedBf16 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedBf16 {{ out: {}, k: {} }}", self.out, self.k)
+    }
+}
+
 impl PackedBf16 {
     /// Output features (rows of the PyTorch weight).
     pub fn out_features(&self) -> usize {

@@ -7,6 +7,9 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use rayon::prelude::*;
 use half::slice::HalfFloatSliceExt;
 
+use std::sync::Arc;
+
+use super::gemm_bf16;
 use crate::checkpoint::WeightStore;
 use crate::error::CheckpointError;
 
@@ -18,6 +21,11 @@ pub enum Weight {
     /// [out, in] kept in bf16 because the checkpoint stored bf16 while the compute dtype is f32:
     /// the values are exact, memory is halved, and decoding reads half the bytes.
     Bf16(Tensor),
+    /// The bf16 compute mode: [out, in] bf16 (`w`, used by the skinny path for few rows, by the
+    /// tracked/backward path and by adapter merging) plus the same weight packed once at load time for
+    /// [`gemm_bf16::matmul_packed`] (x rounded to bf16, f32 accumulation), used for more than
+    /// [`GEMV_MAX_ROWS`] rows. Only built where [`gemm_bf16::available`].
+    PackedBf16 { w: Tensor, packed: Arc<gemm_bf16::PackedBf16> },
 }
 
 /// Up to this many rows, bf16 weights go through the skinny kernel; above, they are widened block by
@@ -49,6 +57,32 @@ impl Linear {
         Ok(Linear { weight, bias, in_features, out_features, adapter: None })
     }
 
+    /// A layer of the bf16 compute mode: the weight rounded to bf16 and, on a CPU with AVX512-BF16,
+    /// packed for [`gemm_bf16::matmul_packed`] ([`Weight::PackedBf16`]); elsewhere a plain
+    /// [`Weight::Bf16`]. The bias keeps its dtype.
+    pub fn bf16_compute(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = weight.dims2()?;
+        let w = weight.to_dtype(DType::BF16)?.contiguous()?;
+        let weight = if w.device().is_cpu() && gemm_bf16::available() {
+            let packed = {
+                let (s, l) = w.storage_and_layout();
+                match (&*s, l.contiguous_offsets()) {
+                    (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => gemm_bf16::pack(&v[a..b], out_features, in_features),
+                    _ => candle_core::bail!("bf16_compute: expected a contiguous bf16 CPU weight"),
+                }
+            };
+            Weight::PackedBf16 { w, packed: Arc::new(packed) }
+        } else {
+            Weight::Bf16(w)
+        };
+        Ok(Linear { weight, bias, in_features, out_features, adapter: None })
+    }
+
+    /// Whether the weight is kept for the bf16 compute mode (see [`Self::bf16_compute`]).
+    pub fn is_bf16_compute(&self) -> bool {
+        matches!(self.weight, Weight::PackedBf16 { .. })
+    }
+
     /// Loads `{prefix}.weight` [out, in] and, when `bias`, `{prefix}.bias` [out].
     pub fn load(
         store: &WeightStore,
@@ -58,8 +92,12 @@ impl Linear {
         bias: bool,
         ctx: &crate::model::LoadCtx,
     ) -> std::result::Result<Self, CheckpointError> {
-        let w = ctx.get_storage(store, &format!("{prefix}.weight"), &[out_features, in_features])?;
         let b = if bias { Some(ctx.get(store, &format!("{prefix}.bias"), &[out_features])?) } else { None };
+        if ctx.bf16_compute && ctx.dtype == DType::F32 {
+            let w = store.get(&format!("{prefix}.weight"), &[out_features, in_features], DType::BF16, &ctx.device)?;
+            return Linear::bf16_compute(w, b).map_err(|e| CheckpointError::Io { file: "<memory>".into(), msg: e.to_string() });
+        }
+        let w = ctx.get_storage(store, &format!("{prefix}.weight"), &[out_features, in_features])?;
         let weight = if w.dtype() != ctx.dtype { Weight::Bf16(w) } else { Weight::Dense(w) };
         Ok(Linear { weight, bias: b, in_features, out_features, adapter: None })
     }
@@ -91,6 +129,15 @@ impl Linear {
                 Weight::Dense(w) => x2.matmul(&w.t()?)?, // [N, out]
                 Weight::Bf16(w) if x.dtype() == DType::F32 && x.device().is_cpu() => bf16_matmul(&x2, w, self.out_features)?, // [N, out]
                 Weight::Bf16(w) => x2.matmul(&w.to_dtype(x.dtype())?.t()?)?,
+                Weight::PackedBf16 { w, packed } if x.dtype() == DType::F32 && x.device().is_cpu() => {
+                    if n <= GEMV_MAX_ROWS {
+                        bf16_matmul(&x2, w, self.out_features)? // decoding: the skinny kernel
+                    } else {
+                        let y = with_f32(&x2, |xs| gemm_bf16::matmul_packed(xs, n, self.in_features, packed))?;
+                        Tensor::from_vec(y, (n, self.out_features), x.device())?
+                    }
+                }
+                Weight::PackedBf16 { w, .. } => x2.matmul(&w.to_dtype(x.dtype())?.t()?)?,
             };
             match &self.bias {
                 Some(b) => y.broadcast_add(b)?,
@@ -126,7 +173,7 @@ impl Linear {
     fn fused_ok(&self, x: &Tensor) -> bool {
         let w_ok = match &self.weight {
             Weight::Dense(w) => w.dtype() == DType::F32 && w.device().is_cpu(),
-            Weight::Bf16(w) => w.dtype() == DType::BF16 && w.device().is_cpu(),
+            Weight::Bf16(w) | Weight::PackedBf16 { w, .. } => w.dtype() == DType::BF16 && w.device().is_cpu(),
         };
         let b_ok = self.bias.as_ref().is_none_or(|b| b.dtype() == DType::F32 && b.device().is_cpu());
         x.dtype() == DType::F32 && x.device().is_cpu() && w_ok && b_ok
@@ -135,7 +182,7 @@ impl Linear {
     /// The stored weight [out, in].
     pub fn weight_tensor(&self) -> &Tensor {
         match &self.weight {
-            Weight::Dense(w) | Weight::Bf16(w) => w,
+            Weight::Dense(w) | Weight::Bf16(w) | Weight::PackedBf16 { w, .. } => w,
         }
     }
 }

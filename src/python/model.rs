@@ -169,7 +169,7 @@ impl PyVlmModel {
 
     #[getter]
     fn dtype(&self) -> &'static str {
-        dtype_name(self.get().dtype)
+        dtype_name(self.get().reported_dtype())
     }
 
     /// Returns (logits [B, K, V] float32, loss or None, number of label tokens).
