@@ -27,6 +27,8 @@ from .sft_config import DPOConfig, SFTConfig, TrainingArguments
 from .data_collator import DataCollatorForVisionLanguageModeling
 from .trainer import TrainerState, TrainOutput, TrainingError
 from .sft_trainer import SFTTrainer
+from .dpo_trainer import DPOTrainer
+from .dpo_collator import DataCollatorForVisionPreference
 from .modeling import (
     AutoModelForImageTextToText,
     AutoModelForVision2Seq,
@@ -44,6 +46,8 @@ __all__ = [
     "DPOConfig",
     "TrainingArguments",
     "SFTTrainer",
+    "DPOTrainer",
+    "DataCollatorForVisionPreference",
     "DataCollatorForVisionLanguageModeling",
     "TrainerState",
     "TrainOutput",

@@ -186,6 +186,31 @@ class TrainSession:
         pixel_values: Optional[npt.NDArray[np.float32]] = None,
         pixel_attention_mask: Optional[npt.NDArray[np.bool_]] = None,
     ) -> Dict[str, Any]: ...
+    def sequence_logps(
+        self,
+        input_ids: npt.NDArray[np.int64],
+        labels: npt.NDArray[np.int64],
+        attention_mask: Optional[npt.NDArray[np.int64]] = None,
+        pixel_values: Optional[npt.NDArray[np.float32]] = None,
+        pixel_attention_mask: Optional[npt.NDArray[np.bool_]] = None,
+        average: bool = False,
+    ) -> List[float]: ...
+    def dpo_step(
+        self,
+        input_ids: npt.NDArray[np.int64],
+        labels: npt.NDArray[np.int64],
+        ref_logps: List[float],
+        losses: List[Tuple[str, float]],
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        attention_mask: Optional[npt.NDArray[np.int64]] = None,
+        pixel_values: Optional[npt.NDArray[np.float32]] = None,
+        pixel_attention_mask: Optional[npt.NDArray[np.bool_]] = None,
+        loss_scale: float = 1.0,
+        gradient_checkpointing: bool = False,
+        dropout_seed: int = 0,
+        backward: bool = True,
+    ) -> Dict[str, Any]: ...
     def grads(self) -> Dict[str, npt.NDArray[np.float32]]: ...
     def zero_grad(self) -> None: ...
     def optimizer_step(self, lr: float, max_grad_norm: float) -> float: ...
@@ -193,3 +218,13 @@ class TrainSession:
     def load_optimizer_state(self, state: Dict[str, Any]) -> None: ...
 
 def lr_multiplier(kind: str, step: int, total: int, warmup: int) -> float: ...
+
+def sequence_logps(
+    model: VlmModel,
+    input_ids: npt.NDArray[np.int64],
+    labels: npt.NDArray[np.int64],
+    attention_mask: Optional[npt.NDArray[np.int64]] = None,
+    pixel_values: Optional[npt.NDArray[np.float32]] = None,
+    pixel_attention_mask: Optional[npt.NDArray[np.bool_]] = None,
+    average: bool = False,
+) -> List[float]: ...

@@ -12,7 +12,8 @@ use super::model::{to_numpy, OwnedInput, PyVlmModel};
 use crate::error::{input_err, Error};
 use crate::model::VlmModel;
 use crate::optim::{clip_grad_norm, lr_lambda, AdamW};
-use crate::train::{forward_backward, trainable_params, FeatureCache, MicroStats, StepOptions, Trainable};
+use crate::train::dpo::{self, DpoLoss, DpoSpec, DpoStats};
+use crate::train::{forward_backward, run_objective, trainable_params, FeatureCache, HeadOut, MicroStats, StepOptions, Trainable};
 
 /// Gradients accumulated over micro-batches, AdamW over the model's trainable tensors, and the
 /// frozen-vision feature cache.
@@ -134,6 +135,65 @@ impl PyTrainSession {
         self.run(py, input_ids, attention_mask, pixel_values, pixel_attention_mask, labels, 1.0, StepOptions::default())
     }
 
+    /// Per-sequence completion log-probabilities of the session's model (sums, or means with
+    /// `average`), no gradient, with the frozen-vision cache: the reference pass of DPO.
+    #[pyo3(signature = (input_ids, labels, attention_mask=None, pixel_values=None, pixel_attention_mask=None, average=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn sequence_logps<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: PyReadonlyArrayDyn<'py, i64>,
+        labels: PyReadonlyArrayDyn<'py, i64>,
+        attention_mask: Option<PyReadonlyArrayDyn<'py, i64>>,
+        pixel_values: Option<PyReadonlyArrayDyn<'py, f32>>,
+        pixel_attention_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+        average: bool,
+    ) -> PyResult<Vec<f64>> {
+        let inputs = guard(|| OwnedInput::copy(&input_ids, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref(), Some(&labels)))?;
+        detached(py, |interrupt| sequence_logps_of(&self.model, &inputs, average, self.cache.as_ref(), interrupt))
+    }
+
+    /// One DPO micro-batch: rows 0..P chosen, P..2P rejected, `ref_logps` [2P] the reference's
+    /// sequence log-probabilities; `losses` = [(loss_type, weight)]. Accumulates the gradient of
+    /// loss_scale x loss (with `backward`) and returns the values TRL logs.
+    #[pyo3(signature = (input_ids, labels, ref_logps, losses, beta=0.1, label_smoothing=0.0, attention_mask=None, pixel_values=None, pixel_attention_mask=None, loss_scale=1.0, gradient_checkpointing=false, dropout_seed=0, backward=true))]
+    #[allow(clippy::too_many_arguments)]
+    fn dpo_step<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: PyReadonlyArrayDyn<'py, i64>,
+        labels: PyReadonlyArrayDyn<'py, i64>,
+        ref_logps: Vec<f64>,
+        losses: Vec<(String, f64)>,
+        beta: f64,
+        label_smoothing: f64,
+        attention_mask: Option<PyReadonlyArrayDyn<'py, i64>>,
+        pixel_values: Option<PyReadonlyArrayDyn<'py, f32>>,
+        pixel_attention_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+        loss_scale: f64,
+        gradient_checkpointing: bool,
+        dropout_seed: u64,
+        backward: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let inputs = guard(|| OwnedInput::copy(&input_ids, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref(), Some(&labels)))?;
+        let losses = guard(|| losses.iter().map(|(k, w)| Ok((DpoLoss::parse(k)?, *w))).collect::<Result<Vec<_>, Error>>())?;
+        let spec = DpoSpec { losses, beta, label_smoothing, loss_scale };
+        let opts = StepOptions { gradient_checkpointing, dropout_seed, backward };
+        let (ds, ms) = detached(py, |interrupt| {
+            let mut ds = DpoStats::default();
+            let mut acc = if backward { lock(&self.grads).clone() } else { vec![None; self.params.len()] };
+            let ms = {
+                let mut obj = dpo::objective(&spec, &ref_logps, &mut ds);
+                run_objective(&self.model, &self.params, &inputs.view(0), &mut acc, self.cache.as_ref(), &opts, interrupt, &mut obj)?
+            };
+            if backward {
+                *lock(&self.grads) = acc;
+            }
+            Ok((ds, ms))
+        })?;
+        dpo_dict(py, &ds, &ms)
+    }
+
     /// The accumulated gradients by PEFT key (tensors without a gradient are left out).
     fn grads<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
@@ -201,6 +261,54 @@ impl PyTrainSession {
     }
 }
 
+fn dpo_dict<'py>(py: Python<'py>, s: &DpoStats, m: &MicroStats) -> PyResult<Bound<'py, PyDict>> {
+    let d = stats_dict(py, m)?;
+    d.set_item("loss", s.loss)?;
+    d.set_item("chosen_logps", s.chosen_logps.clone())?;
+    d.set_item("rejected_logps", s.rejected_logps.clone())?;
+    d.set_item("chosen_rewards", s.chosen_rewards.clone())?;
+    d.set_item("rejected_rewards", s.rejected_rewards.clone())?;
+    d.set_item("chosen_logits_sum", s.chosen_logits_sum)?;
+    d.set_item("rejected_logits_sum", s.rejected_logits_sum)?;
+    d.set_item("chosen_tokens", s.chosen_tokens)?;
+    d.set_item("rejected_tokens", s.rejected_tokens)?;
+    d.set_item("vocab", s.vocab)?;
+    d.set_item("chosen_correct", s.chosen_correct)?;
+    Ok(d)
+}
+
+/// Per-sequence completion log-probabilities (sums, or means with `average`) of `model`, no gradient.
+pub(crate) fn sequence_logps_of(model: &VlmModel, inputs: &OwnedInput, average: bool, cache: Option<&FeatureCache>, interrupt: crate::model::Interrupt) -> Result<Vec<f64>, Error> {
+    let mut out = Vec::new();
+    let mut obj = |h: &HeadOut| -> crate::error::Result<Tensor> {
+        let (lp, _) = dpo::sequence_logps(h, average)?;
+        out = lp.to_dtype(candle_core::DType::F64)?.to_vec1()?;
+        Ok(lp.sum_all()?)
+    };
+    let mut none: Vec<Option<Tensor>> = Vec::new();
+    run_objective(model, &[], &inputs.view(0), &mut none, cache, &StepOptions::default(), interrupt, &mut obj)?;
+    Ok(out)
+}
+
+/// Per-sequence completion log-probabilities of any model (e.g. an explicit DPO `ref_model`).
+#[pyfunction]
+#[pyo3(signature = (model, input_ids, labels, attention_mask=None, pixel_values=None, pixel_attention_mask=None, average=false))]
+#[allow(clippy::too_many_arguments)]
+fn sequence_logps<'py>(
+    py: Python<'py>,
+    model: &PyVlmModel,
+    input_ids: PyReadonlyArrayDyn<'py, i64>,
+    labels: PyReadonlyArrayDyn<'py, i64>,
+    attention_mask: Option<PyReadonlyArrayDyn<'py, i64>>,
+    pixel_values: Option<PyReadonlyArrayDyn<'py, f32>>,
+    pixel_attention_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+    average: bool,
+) -> PyResult<Vec<f64>> {
+    let inputs = guard(|| OwnedInput::copy(&input_ids, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref(), Some(&labels)))?;
+    let m = model.get();
+    detached(py, |interrupt| sequence_logps_of(&m, &inputs, average, None, interrupt))
+}
+
 /// transformers' learning-rate multiplier at optimizer step `step` (0-based).
 #[pyfunction]
 fn lr_multiplier(kind: &str, step: u64, total: u64, warmup: u64) -> PyResult<f64> {
@@ -210,5 +318,6 @@ fn lr_multiplier(kind: &str, step: u64, total: u64, warmup: u64) -> PyResult<f64
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTrainSession>()?;
     m.add_function(wrap_pyfunction!(lr_multiplier, m)?)?;
+    m.add_function(wrap_pyfunction!(sequence_logps, m)?)?;
     Ok(())
 }

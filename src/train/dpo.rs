@@ -1,10 +1,11 @@
 //! Direct preference optimisation losses with TRL's definitions. A batch holds the chosen sequences
 //! in rows 0..P and the rejected ones in rows P..2P; a sequence's log-probability is the sum over its
-//! label (completion) tokens of log p(token) (the mean for IPO, as TRL does).
+//! label (completion) tokens of log p(token); IPO compares token-averaged log-ratios, as TRL does.
 
 use candle_core::{DType, Device, Tensor};
 
 use super::HeadOut;
+
 use crate::error::{input_err, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -62,6 +63,8 @@ pub struct DpoStats {
     pub chosen_tokens: usize,
     pub rejected_tokens: usize,
     pub vocab: usize,
+    /// Chosen label tokens whose argmax prediction is right.
+    pub chosen_correct: usize,
 }
 
 /// Per-sequence log-probabilities [2P] (sums, or means with `average`) from the head output, tracked.
@@ -83,10 +86,37 @@ pub fn sequence_logps(h: &HeadOut, average: bool) -> Result<(Tensor, Vec<usize>)
     Ok(((sums * Tensor::from_vec(inv, h.batch, dev)?)?, counts))
 }
 
-fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
-    // log sigmoid(x) = min(x, 0) - log(1 + exp(-|x|))
+/// log sigmoid(x) = min(x, 0) - log(1 + exp(-|x|)), with the exact derivative sigmoid(-x) (a
+/// composition of relu and abs would take a wrong one-sided derivative at x = 0, where DPO starts).
+struct LogSigmoid;
+
+impl candle_core::CustomOp1 for LogSigmoid {
+    fn name(&self) -> &'static str {
+        "log-sigmoid"
+    }
+    fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = match (s, l.contiguous_offsets()) {
+            (candle_core::CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("log-sigmoid needs contiguous f32"),
+        };
+        let y = x.iter().map(|&x| x.min(0.0) - (-x.abs()).exp().ln_1p()).collect();
+        Ok((candle_core::CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // d/dx log sigmoid(x) = sigmoid(-x) = 1 / (1 + exp(x))
+        let s = (x.exp()? + 1.0)?.recip()?;
+        Ok(Some((g * s)?))
+    }
+}
+
+/// Reference composition of log sigmoid (tests; non-differentiable at 0 as noted above).
+pub fn log_sigmoid_reference(x: &Tensor) -> Result<Tensor> {
     let min0 = x.neg()?.relu()?.neg()?;
     Ok((min0 - (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
+}
+
+pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok(x.to_dtype(DType::F32)?.contiguous()?.apply_op1(LogSigmoid)?)
 }
 
 fn to_vec(t: &Tensor) -> Result<Vec<f64>> {
@@ -102,8 +132,7 @@ pub fn objective<'a>(spec: &'a DpoSpec, ref_logps: &'a [f64], stats: &'a mut Dpo
         }
         let p = h.batch / 2;
         let dev: Device = h.nll.device().clone();
-        let ipo = spec.losses.iter().any(|(l, _)| *l == DpoLoss::Ipo);
-        let (logps, counts) = sequence_logps(h, ipo)?; // [2P]
+        let (logps, counts) = sequence_logps(h, false)?; // [2P] sums over completion tokens
         if let Some(i) = counts.iter().position(|&c| c == 0) {
             let which = if i < p { "chosen" } else { "rejected" };
             return input_err(format!("pair {}: the {which} completion has no token to score (empty, or cut by max_length)", i % p));
@@ -124,7 +153,12 @@ pub fn objective<'a>(spec: &'a DpoSpec, ref_logps: &'a [f64], stats: &'a mut Dpo
                 DpoLoss::Sigmoid => ((log_sigmoid(&bl)? * -(1.0 - ls))? - (log_sigmoid(&bl.neg()?)? * ls)?)?,
                 DpoLoss::Robust => (((log_sigmoid(&bl)? * -(1.0 - ls))? + (log_sigmoid(&bl.neg()?)? * ls)?)? / (1.0 - 2.0 * ls))?,
                 DpoLoss::Hinge => (bl.neg()? + 1.0)?.relu()?,
-                DpoLoss::Ipo => (&logits - 1.0 / (2.0 * beta))?.sqr()?,
+                DpoLoss::Ipo => {
+                    // IPO on token-averaged log-ratios.
+                    let inv = |r: std::ops::Range<usize>| Tensor::from_vec(counts[r].iter().map(|&c| 1.0 / c as f32).collect::<Vec<_>>(), p, &dev);
+                    let avg = ((&chosen_lr * inv(0..p)?)? - (&rejected_lr * inv(p..2 * p)?)?)?;
+                    (avg - 1.0 / (2.0 * beta))?.sqr()?
+                }
                 DpoLoss::SppoHard => ((&chosen_lr - 0.5 / beta)?.sqr()? + (&rejected_lr + 0.5 / beta)?.sqr()?)?,
                 DpoLoss::NcaPair => {
                     let (cr, rr) = ((&chosen_lr * beta)?, (&rejected_lr * beta)?);
@@ -168,6 +202,8 @@ pub fn objective<'a>(spec: &'a DpoSpec, ref_logps: &'a [f64], stats: &'a mut Dpo
         stats.rejected_logps = to_vec(&rejected.detach())?;
         stats.chosen_rewards = to_vec(&(chosen_lr.detach() * beta)?)?;
         stats.rejected_rewards = to_vec(&(rejected_lr.detach() * beta)?)?;
+        let (_, argmax) = crate::ops::cross_entropy::token_stats(&h.logits.detach())?;
+        stats.chosen_correct = h.seq.iter().zip(argmax.iter().zip(h.targets)).filter(|(&s, (a, y))| s < p && a == y).count();
         let row_sums = to_vec(&h.logits.detach().sum(1)?)?; // [N]
         stats.vocab = h.logits.dim(1)?;
         for (i, &s) in h.seq.iter().enumerate() {
@@ -180,5 +216,30 @@ pub fn objective<'a>(spec: &'a DpoSpec, ref_logps: &'a [f64], stats: &'a mut Dpo
             }
         }
         Ok((loss * spec.loss_scale)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gradcheck::{finite_diff, max_rel_err, to_f64};
+    use candle_core::Var;
+
+    #[test]
+    fn log_sigmoid_value_and_gradient_including_zero() {
+        let xs = [-30.0f32, -2.0, -0.5, 0.0, 0.5, 3.0, 40.0];
+        let x = Var::from_tensor(&Tensor::new(&xs, &Device::Cpu).unwrap()).unwrap();
+        let y = log_sigmoid(x.as_tensor()).unwrap();
+        let r = log_sigmoid_reference(x.as_tensor()).unwrap();
+        for (a, b) in to_f64(&y).unwrap().iter().zip(to_f64(&r).unwrap()) {
+            assert!((a - b).abs() < 1e-6);
+        }
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let got = to_f64(g.get(x.as_tensor()).unwrap()).unwrap();
+        let want: Vec<f64> = xs.iter().map(|&x| 1.0 / (1.0 + (x as f64).exp())).collect();
+        assert!(max_rel_err(&got, &want, 1e-12) < 1e-5, "{got:?} vs {want:?}");
+        assert!((got[3] - 0.5).abs() < 1e-7);
+        let fd = finite_diff(&|t| log_sigmoid(t).map_err(|e| candle_core::Error::Msg(e.to_string()))?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>(), &Tensor::new(&[-0.5f32, 0.0, 0.5], &Device::Cpu).unwrap(), 1e-2).unwrap();
+        assert!(max_rel_err(&fd, &want[2..5], 1e-3) < 1e-2);
     }
 }

@@ -86,6 +86,8 @@ pub struct HeadOut<'a> {
     pub logits: &'a Tensor,
     /// Batch row of each label row.
     pub seq: &'a [usize],
+    /// Target token of each label row.
+    pub targets: &'a [u32],
     pub batch: usize,
 }
 
@@ -195,7 +197,7 @@ pub fn run_objective(
     let nll = cross_entropy_rows(&logits, &ys)?; // [N]
     stats.loss_sum = nll.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let seq: Vec<usize> = targets.iter().map(|t| t.0 as usize / l).collect();
-    let loss = objective(&HeadOut { nll: &nll, logits: &logits, seq: &seq, batch: b })?;
+    let loss = objective(&HeadOut { nll: &nll, logits: &logits, seq: &seq, targets: &ys, batch: b })?;
     if !backward {
         return Ok(stats);
     }

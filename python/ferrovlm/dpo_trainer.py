@@ -1,0 +1,203 @@
+"""``DPOTrainer`` with TRL 1.16's semantics for vision preference data (see ../shared/spec/trl.md).
+
+The reference model, as TRL picks it: an explicit ``ref_model``; else, for a model that already carries a
+(trained) adapter, a frozen copy of that adapter as it was at the start; else (a fresh adapter made from
+``peft_config``) the base model with the adapter disabled. The base weights are never copied. Each
+image goes through the vision tower once per run (features cached by content), shared by the chosen and
+rejected sequences and by the reference pass."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from . import _core
+from .dpo_collator import DataCollatorForVisionPreference
+from .peft import PeftModel, get_peft_model
+from .sft_config import DPOConfig
+from .trainer import BaseTrainer, TrainingError, _batch_arrays
+
+
+def _labels_from_completion(batch: Any) -> Any:
+    ids = np.asarray(batch["input_ids"])
+    mask = np.asarray(batch["completion_mask"])
+    labels = np.where(mask.astype(bool), ids, -100).astype(np.int64)
+    out = dict(batch)
+    out["labels"] = labels
+    return out
+
+
+class DPOTrainer(BaseTrainer):
+    """Preference optimisation of a SmolVLM / Idefics3 model with a LoRA adapter. Rows are
+    ``{"images", "prompt", "chosen", "rejected"}`` (message lists or strings)."""
+
+    def __init__(
+        self,
+        model: Any,
+        ref_model: Any = None,
+        args: Optional[DPOConfig] = None,
+        data_collator: Optional[Callable[[List[Dict[str, Any]]], Any]] = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_metrics: Any = None,
+        callbacks: Optional[Sequence[Any]] = None,
+        optimizers: Any = (None, None),
+        peft_config: Any = None,
+        tokenizer: Any = None,
+    ) -> None:
+        from .modeling import AutoModelForImageTextToText
+        from .processing import AutoProcessor
+
+        if isinstance(model, str):
+            model = AutoModelForImageTextToText.from_pretrained(model)
+        if isinstance(ref_model, str):
+            ref_model = AutoModelForImageTextToText.from_pretrained(ref_model)
+        if args is None:
+            name = str(getattr(model.config, "_name_or_path", "model")).rstrip("/").split("/")[-1]
+            args = DPOConfig(output_dir=f"{name}-DPO")
+        if compute_metrics is not None or optimizers not in ((None, None), None):
+            raise NotImplementedError("compute_metrics and custom optimizers are not supported by ferrovlm's DPOTrainer")
+        processing_class = processing_class if processing_class is not None else tokenizer
+        if processing_class is None:
+            processing_class = AutoProcessor.from_pretrained(getattr(model.config, "_name_or_path", None))
+        if isinstance(model, PeftModel):
+            if peft_config is not None:
+                warnings.warn("the model already has a LoRA adapter; peft_config is not applied a second time", UserWarning, stacklevel=2)
+            self._ref_mode = "snapshot"
+        elif peft_config is not None:
+            model = get_peft_model(model, peft_config)
+            self._ref_mode = "disabled"
+        else:
+            raise NotImplementedError("DPOTrainer trains LoRA adapters: pass peft_config= or a model from get_peft_model()")
+        if ref_model is not None:
+            self._ref_mode = "model"
+        self.ref_model = ref_model
+        super().__init__(model, args, train_dataset, eval_dataset, callbacks)
+        self.processing_class = processing_class
+        self.data_collator = data_collator or DataCollatorForVisionPreference(
+            processing_class, max_length=args.max_length, pad_to_multiple_of=args.pad_to_multiple_of
+        )
+        self._ref_state = _core.adapter_state(model._core) if self._ref_mode == "snapshot" else None
+        self._precomputed: Optional[Dict[int, tuple]] = None
+        loss_type = args.loss_type if isinstance(args.loss_type, (list, tuple)) else [args.loss_type]
+        weights = args.loss_weights if args.loss_weights is not None else [1.0] * len(loss_type)
+        if len(weights) != len(loss_type):
+            raise ValueError(f"loss_weights has {len(weights)} entries for {len(loss_type)} loss types")
+        self._losses = [(str(t), float(w)) for t, w in zip(loss_type, weights)]
+
+    # -- data ---------------------------------------------------------------------------------------
+    def _collate(self, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+        for k in ("prompt", "chosen", "rejected"):
+            for i, r in enumerate(rows):
+                if k not in r or r[k] is None:
+                    raise KeyError(f"row {i} of the batch has no '{k}'")
+        for i, r in enumerate(rows):
+            if r["chosen"] == r["rejected"]:
+                warnings.warn(f"a row has identical chosen and rejected completions: it contributes no preference signal (batch row {i})", UserWarning, stacklevel=3)
+        return _batch_arrays(_labels_from_completion(self.data_collator(rows)))
+
+    def _collate_rows(self, ds: Any, idx: Sequence[int], what: str) -> Dict[str, Any]:
+        batch = super()._collate_rows(ds, idx, what)
+        batch["_rows"] = [int(i) for i in idx]
+        return batch
+
+    # -- reference ----------------------------------------------------------------------------------
+    def _reference(self, batch: Dict[str, Any]) -> List[float]:
+        if self._precomputed is not None and all(i in self._precomputed for i in batch.get("_rows", [])) and batch.get("_rows"):
+            rows = batch["_rows"]
+            return [self._precomputed[i][0] for i in rows] + [self._precomputed[i][1] for i in rows]
+        kw = dict(attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+                  pixel_attention_mask=batch["pixel_attention_mask"])
+        core = self.model._core
+        if self._ref_mode == "model":
+            return _core.sequence_logps(self.ref_model._core, batch["input_ids"], batch["labels"], **kw)
+        if self._ref_mode == "disabled":
+            _core.set_adapters_enabled(core, False)
+            try:
+                return self.session.sequence_logps(batch["input_ids"], batch["labels"], **kw)
+            finally:
+                _core.set_adapters_enabled(core, True)
+        current = _core.adapter_state(core)
+        _core.load_adapter_state(core, self._ref_state)
+        try:
+            return self.session.sequence_logps(batch["input_ids"], batch["labels"], **kw)
+        finally:
+            _core.load_adapter_state(core, current)
+
+    def _precompute(self) -> None:
+        out: Dict[int, tuple] = {}
+        bs = int(self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size)
+        n = len(self.train_dataset)
+        for start in range(0, n, bs):
+            idx = list(range(start, min(start + bs, n)))
+            batch = self._collate_rows(self.train_dataset, idx, "train_dataset")
+            batch.pop("_rows")
+            ref = self._reference(batch)
+            p = len(idx)
+            for j, i in enumerate(idx):
+                out[i] = (ref[j], ref[p + j])
+        self._precomputed = out
+
+    def train(self, resume_from_checkpoint: Any = None, **kwargs: Any) -> Any:
+        if self.args.precompute_ref_log_probs and self._precomputed is None:
+            self._precompute()
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    # -- one micro-batch ----------------------------------------------------------------------------
+    def _count_items(self, batch: Dict[str, Any]) -> int:
+        return 1
+
+    def _micro_step(self, batch: Dict[str, Any], n_items: int, seed: int, backward: bool = True, mode: str = "train") -> float:
+        ref = self._reference(batch)
+        accum = max(n_items, 1)  # one item per micro-batch: the loss is a mean over pairs, divided by the accumulation steps
+        a = self.args
+        s = self.session.dpo_step(
+            batch["input_ids"], batch["labels"], ref, self._losses, beta=float(a.beta), label_smoothing=float(a.label_smoothing),
+            attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"], pixel_attention_mask=batch["pixel_attention_mask"],
+            loss_scale=1.0 / accum, gradient_checkpointing=bool(a.gradient_checkpointing), dropout_seed=seed, backward=backward,
+        )
+        self._account_dpo(s, mode)
+        return s["loss"] / accum
+
+    def _account_dpo(self, s: Dict[str, Any], mode: str) -> None:
+        rec = lambda k, v: self._record(mode, k, v)
+        n = s["num_label_tokens"]
+        if n:
+            rec("entropy", s["entropy_sum"] / n)
+        if mode == "train":
+            self.state.total_train_tokens += int(s["num_mask_tokens"])
+            self._metrics[mode]["num_tokens"] = [float(self.state.total_train_tokens)]
+        v = s["vocab"]
+        rec("logits/chosen", s["chosen_logits_sum"] / (s["chosen_tokens"] * v))
+        rec("logits/rejected", s["rejected_logits_sum"] / (s["rejected_tokens"] * v))
+        rec("mean_token_accuracy", s["chosen_correct"] / s["chosen_tokens"])
+        cr, rr = np.array(s["chosen_rewards"]), np.array(s["rejected_rewards"])
+        rec("rewards/chosen", cr.mean())
+        rec("rewards/rejected", rr.mean())
+        rec("rewards/accuracies", (cr > rr).mean())
+        rec("rewards/margins", (cr - rr).mean())
+        rec("logps/chosen", np.mean(s["chosen_logps"]))
+        rec("logps/rejected", np.mean(s["rejected_logps"]))
+
+    def _micro_group(self, batches: List[Dict[str, Any]]) -> int:
+        return len(batches)
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Dict[str, float]:
+        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if ds is None:
+            raise ValueError("Trainer: evaluation requires an eval_dataset.")
+        bs = int(self.args.per_device_eval_batch_size)
+        self._metrics["eval"] = {}
+        losses = []
+        for start in range(0, len(ds), bs):
+            idx = list(range(start, min(start + bs, len(ds))))
+            batch = self._collate_rows(ds, idx, "eval_dataset")
+            batch.pop("_rows")
+            losses.append((self._micro_step(batch, 1, 0, backward=False, mode="eval"), len(idx)))
+        metrics = {f"{metric_key_prefix}_loss": sum(l * n for l, n in losses) / sum(n for _, n in losses)}
+        metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._flush_metrics("eval").items()})
+        self.log(dict(metrics))
+        return metrics
