@@ -1,0 +1,88 @@
+"""DPOTrainer behaviours beyond the TRL trajectories: the hybrid SFT -> DPO workflow, learning generated
+preferences, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_dpo_trajectory import load_rows, make_trainer
+
+import ferrovlm
+from ferrovlm import AutoModelForImageTextToText, AutoProcessor, DPOConfig, DPOTrainer, LoraConfig, PeftModel, SFTConfig, SFTTrainer, _core
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+def _pairs(rng, n):
+    names = list(COLOURS)
+    rows = []
+    for i in range(n):
+        name = names[i % 4]
+        wrong = names[(i + 1 + rng.integers(0, 3)) % 4]
+        rgb = np.clip(np.array(COLOURS[name]) + rng.integers(-25, 26, size=3), 0, 255).astype(np.uint8)
+        rows.append({"images": [Image.fromarray(np.tile(rgb, (32, 32, 1)))],
+                     "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour?"}]}],
+                     "chosen": [{"role": "assistant", "content": [{"type": "text", "text": name}]}],
+                     "rejected": [{"role": "assistant", "content": [{"type": "text", "text": wrong}]}]})
+    return rows
+
+
+def test_learns_generated_preferences(tiny_smolvlm, tmp_path):
+    rng = np.random.default_rng(0)
+    train, held_out = _pairs(rng, 32), _pairs(rng, 16)
+    processor = AutoProcessor.from_pretrained(tiny_smolvlm)
+    processor.image_processor.do_image_splitting = False
+    model = AutoModelForImageTextToText.from_pretrained(tiny_smolvlm)
+    args = DPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=10, learning_rate=1e-2,
+                     lr_scheduler_type="constant", logging_steps=4, report_to="none", save_strategy="no", bf16=False, beta=0.5)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=processor,
+                         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    trainer.train()
+    metrics = trainer.evaluate(held_out)
+    assert metrics["eval_rewards/accuracies"] >= 0.8, metrics  # chance is 0.5
+
+
+def test_hybrid_sft_then_dpo_with_the_sft_adapter_as_reference(tiny_smolvlm, tmp_path):
+    processor = AutoProcessor.from_pretrained(tiny_smolvlm)
+    pairs = load_rows("sigmoid")
+    sft_rows = [{"images": r["images"], "prompt": r["prompt"], "completion": r["chosen"]} for r in pairs]
+    sft = SFTTrainer(model=AutoModelForImageTextToText.from_pretrained(tiny_smolvlm),
+                     args=SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
+                                    report_to="none", save_strategy="no", bf16=False),
+                     train_dataset=sft_rows, processing_class=processor,
+                     peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    sft.train()
+    sft.save_model(tmp_path / "sft-adapter")
+    model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_smolvlm), tmp_path / "sft-adapter", is_trainable=True)
+    dpo = DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=2, per_device_train_batch_size=4,
+                                                 learning_rate=1e-3, report_to="none", save_strategy="no", bf16=False, logging_steps=1,
+                                                 loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0]),
+                     train_dataset=pairs, processing_class=processor)
+    dpo.train()
+    first = dpo.state.log_history[0]
+    # The reference is the SFT adapter as it was: at the first step policy == reference.
+    assert first["rewards/chosen"] == 0.0 and first["rewards/margins"] == 0.0
+    assert first["loss"] > np.log(2)  # sigmoid's log 2 plus the chosen NLL (the "sft" term)
+    assert dpo.state.log_history[1]["rewards/margins"] != 0.0
+
+
+def test_bad_rows_are_named(tiny_smolvlm, tmp_path):
+    trainer = make_trainer(tiny_smolvlm, "sigmoid", tmp_path)
+    del trainer.train_dataset[1]["rejected"]
+    with pytest.raises(KeyError, match=r"train_dataset rows \[2, 3, 0, 1\].*row 3 of the batch has no"):
+        trainer.train()
+    trainer = make_trainer(tiny_smolvlm, "sigmoid", tmp_path)
+    trainer.train_dataset[0]["images"] = trainer.train_dataset[0]["images"] * 2  # two images, one placeholder
+    with pytest.raises(ValueError, match=r"train_dataset rows"):
+        trainer.train()
+    trainer = make_trainer(tiny_smolvlm, "sigmoid", tmp_path, max_steps=1)
+    trainer.train_dataset[3]["rejected"] = trainer.train_dataset[3]["chosen"]
+    with pytest.warns(UserWarning, match="identical chosen and rejected"):
+        trainer.train()
+
+
+def test_rpo_alpha_is_the_hybrid_loss():
+    cfg = DPOConfig(output_dir="x", rpo_alpha=0.5)
+    assert list(cfg.loss_type) == ["sigmoid", "sft"] and list(cfg.loss_weights) == [1.0, 0.5]
