@@ -390,19 +390,30 @@ class DataCollatorForVisionLanguageModeling:
 
     def _render_prompt_completion(self, prompt: List[Dict[str, Any]], completion: List[Dict[str, Any]],
                                   template_kwargs: Dict[str, Any]) -> Tuple[str, str]:
-        last = prompt[-1]["role"]
-        if last in ("user", "tool"):
-            gen, cont = True, False
-        elif last == "assistant":
-            gen, cont = False, True
-        else:
-            raise ValueError(f"Invalid role in the last message: {last}")
+        gen, cont = generation_flags(prompt)
         p = self._render(prompt, add_generation_prompt=gen, continue_final_message=cont, **template_kwargs)
         full = self._render(prompt + completion, **template_kwargs)
-        j = 0
-        while j < min(len(p), len(full)) and p[j] == full[j]:
-            j += 1
-        return full[:j], full[j:]
+        head = common_prefix_str(p, full)
+        return head, full[len(head):]
+
+
+def generation_flags(prompt: List[Dict[str, Any]]) -> Tuple[bool, bool]:
+    """(add_generation_prompt, continue_final_message) for rendering a prompt the way TRL does."""
+    last = prompt[-1]["role"]
+    if last in ("user", "tool"):
+        return True, False
+    if last == "assistant":
+        return False, True
+    raise ValueError(f"Invalid role in the last message: {last}")
+
+
+def common_prefix_str(*texts: str) -> str:
+    """The longest common prefix of the texts."""
+    n = min(len(t) for t in texts)
+    j = 0
+    while j < n and all(t[j] == texts[0][j] for t in texts[1:]):
+        j += 1
+    return texts[0][:j]
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

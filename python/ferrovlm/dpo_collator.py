@@ -33,15 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .batch import BatchFeature
-from .data_collator import flush_left, is_conversational, prepare_multimodal_messages
-
-
-def _common_prefix_str(*texts: str) -> str:
-    n = min(len(t) for t in texts)
-    j = 0
-    while j < n and all(t[j] == texts[0][j] for t in texts[1:]):
-        j += 1
-    return texts[0][:j]
+from .data_collator import common_prefix_str, flush_left, generation_flags, is_conversational, prepare_multimodal_messages
 
 
 class DataCollatorForVisionPreference:
@@ -75,18 +67,11 @@ class DataCollatorForVisionPreference:
         chosen = prepare_multimodal_messages(ex["chosen"])
         rejected = prepare_multimodal_messages(ex["rejected"])
         kw = dict(ex.get("chat_template_kwargs") or {})
-        last = prompt[-1]["role"]
-        if last in ("user", "tool"):
-            gen, cont = True, False
-        elif last == "assistant":
-            gen, cont = False, True
-        else:
-            raise ValueError(f"Invalid role in the last message: {last}")
+        gen, cont = generation_flags(prompt)
         p = self._render(prompt, add_generation_prompt=gen, continue_final_message=cont, **kw)
         pc = self._render(prompt + chosen, **kw)
         pr = self._render(prompt + rejected, **kw)
-        p = _common_prefix_str(p, pc)
-        p = _common_prefix_str(p, pr)
+        p = common_prefix_str(p, pc, pr)
         return p, pc[len(p):], pr[len(p):]
 
     def __call__(self, examples: Sequence[Dict[str, Any]], return_tensors: Optional[str] = None) -> BatchFeature:
