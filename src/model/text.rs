@@ -84,6 +84,49 @@ impl TextModel {
     }
 
     pub fn layer_forward(&self, l: &TextLayer, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask, cache: Option<&mut LayerCache>) -> CResult<Tensor> {
+        let (q, k, v) = self.attention_inputs(l, x, cos, sin)?;
+        let (k, v) = match cache {
+            Some(slot) => slot.append(&k, &v)?, // [B, Hkv, S, hd]
+            None => (k, v),
+        };
+        let a = attention(&q, &k, &v, mask, self.attention_scale())?; // [B, Hq, L, hd]
+        self.layer_output(l, x, &a)
+    }
+
+    /// One layer over a batch of pairs whose rows i and P + i share their first Lp tokens (a prompt
+    /// with two completions): the shared prefix runs once, and each row's suffix attends to its pair's
+    /// prefix keys and values plus its own. Equal to [`Self::layer_forward`] on the full rows.
+    /// xp: [P, Lp, H] prefix, xs: [2P, Ls, H] suffixes; `rope_p` / `rope_s` the (cos, sin) of their
+    /// positions; `mask_s` covers the full rows (S = Lp + Ls keys). Returns (prefix, suffix) outputs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layer_forward_shared_prefix(
+        &self,
+        l: &TextLayer,
+        xp: &Tensor,
+        xs: &Tensor,
+        rope_p: &(Tensor, Tensor),
+        rope_s: &(Tensor, Tensor),
+        mask_p: &Mask,
+        mask_s: &Mask,
+    ) -> CResult<(Tensor, Tensor)> {
+        let pairs = xp.dim(0)?;
+        let (qp, kp, vp) = self.attention_inputs(l, xp, &rope_p.0, &rope_p.1)?; // [P, Hq|Hkv, Lp, hd]
+        let (qs, ks, vs) = self.attention_inputs(l, xs, &rope_s.0, &rope_s.1)?; // [2P, Hq|Hkv, Ls, hd]
+        let scale = self.attention_scale();
+        let ap = attention(&qp, &kp, &vp, mask_p, scale)?; // [P, Hq, Lp, hd]
+        let pair_of = Tensor::from_vec((0..2 * pairs as u32).map(|r| r % pairs as u32).collect::<Vec<u32>>(), 2 * pairs, xp.device())?;
+        let k_all = Tensor::cat(&[&kp.index_select(&pair_of, 0)?, &ks], 2)?; // [2P, Hkv, Lp + Ls, hd]
+        let v_all = Tensor::cat(&[&vp.index_select(&pair_of, 0)?, &vs], 2)?;
+        let a_s = attention(&qs, &k_all, &v_all, mask_s, scale)?; // [2P, Hq, Ls, hd]
+        Ok((self.layer_output(l, xp, &ap)?, self.layer_output(l, xs, &a_s)?))
+    }
+
+    fn attention_scale(&self) -> f64 {
+        (self.cfg.head_dim as f64).powf(-0.5)
+    }
+
+    /// x: [B, L, H] -> rotated q [B, Hq, L, hd], rotated k and v [B, Hkv, L, hd].
+    fn attention_inputs(&self, l: &TextLayer, x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<(Tensor, Tensor, Tensor)> {
         let c = &self.cfg;
         let (b, len, _) = x.dims3()?;
         let hd = c.head_dim;
@@ -92,14 +135,14 @@ impl TextModel {
         let q = heads(l.q_proj.forward(&h)?, c.num_attention_heads)?;
         let k = heads(l.k_proj.forward(&h)?, c.num_key_value_heads)?;
         let v = heads(l.v_proj.forward(&h)?, c.num_key_value_heads)?;
-        let q = apply_rotary(&q, cos, sin)?;
-        let k = apply_rotary(&k, cos, sin)?;
-        let (k, v) = match cache {
-            Some(slot) => slot.append(&k, &v)?, // [B, Hkv, S, hd]
-            None => (k, v),
-        };
-        let a = attention(&q, &k, &v, mask, (hd as f64).powf(-0.5))?; // [B, Hq, L, hd]
-        let a = a.transpose(1, 2)?.reshape((b, len, c.num_attention_heads * hd))?;
+        Ok((apply_rotary(&q, cos, sin)?, apply_rotary(&k, cos, sin)?, v))
+    }
+
+    /// The layer's output from its input x [B, L, H] and the attention output a [B, Hq, L, hd].
+    fn layer_output(&self, l: &TextLayer, x: &Tensor, a: &Tensor) -> CResult<Tensor> {
+        let c = &self.cfg;
+        let (b, len, _) = x.dims3()?;
+        let a = a.transpose(1, 2)?.reshape((b, len, c.num_attention_heads * c.head_dim))?;
         let x = (x + l.o_proj.forward(&a)?)?;
         let h = rms_norm(&x, &l.post_attention_layernorm, c.rms_norm_eps)?;
         let m = l.down_proj.forward(&swiglu(&l.gate_proj.forward(&h)?, &l.up_proj.forward(&h)?)?)?;

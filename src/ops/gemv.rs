@@ -86,27 +86,37 @@ const WIDE_BLOCK_N: usize = 128;
 /// temporary is ever allocated.
 pub fn matmul_bf16_wide(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f32> {
     debug_assert!(x.len() == m * k && w.len() == n * k);
-    let mut out_t = vec![0f32; n * m]; // [n, m]
-    out_t.par_chunks_mut(WIDE_BLOCK_N * m).enumerate().for_each(|(bi, o)| {
+    let mut y = vec![0f32; m * n]; // [m, n]
+    let yp = SendPtr(y.as_mut_ptr());
+    (0..n.div_ceil(WIDE_BLOCK_N)).into_par_iter().for_each(move |bi| {
+        let yp = yp;
         SCRATCH.with(|cell| {
             let mut wf = cell.borrow_mut();
             if wf.len() < WIDE_BLOCK_N * k {
                 wf.resize(WIDE_BLOCK_N * k, 0.0);
             }
             let n0 = bi * WIDE_BLOCK_N;
-            let nb = o.len() / m;
+            let nb = WIDE_BLOCK_N.min(n - n0);
             for (dst, &b) in wf[..nb * k].iter_mut().zip(&w[n0 * k..(n0 + nb) * k]) {
                 *dst = bf16_to_f32(b);
             }
-            // SAFETY: wf holds [nb, k] row-major (at least nb * k values); x is read as its transpose
-            // [k, m] (x is [m, k] row-major); o is [nb, m] row-major.
+            // SAFETY: the destination is the column block y[:, n0..n0+nb] (row stride n), written by
+            // this task only; x is [m, k] row-major; wf holds [nb, k] row-major, read as its
+            // transpose [k, nb] (row stride 1, column stride k).
             unsafe {
-                gemm::gemm(nb, m, k, o.as_mut_ptr(), 1, m as isize, false, wf.as_ptr(), 1, k as isize, x.as_ptr(), k as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                gemm::gemm(m, nb, k, yp.0.add(n0), 1, n as isize, false, x.as_ptr(), 1, k as isize, wf.as_ptr(), k as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
             }
         })
     });
-    transpose(&out_t, n, m)
+    y
 }
+
+/// A raw output pointer shared by tasks that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used for disjoint writes by parallel tasks while the owning Vec outlives them.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
 
 /// [rows, cols] -> [cols, rows]
 fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -126,7 +136,12 @@ mod tests {
 
     #[test]
     fn matches_f64_reference() {
-        let (m, k, n) = (3, 37, 130);
+        for (m, k, n) in [(3, 37, 130), (40, 65, 300)] {
+            check(m, k, n);
+        }
+    }
+
+    fn check(m: usize, k: usize, n: usize) {
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
         let wf: Vec<f32> = (0..n * k).map(|i| ((i * 11 % 17) as f32 - 8.0) / 9.0).collect();
         let w: Vec<u16> = wf.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();

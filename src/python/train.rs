@@ -117,7 +117,7 @@ impl PyTrainSession {
         gradient_checkpointing: bool,
         dropout_seed: u64,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let opts = StepOptions { gradient_checkpointing, dropout_seed, backward: true };
+        let opts = StepOptions { gradient_checkpointing, dropout_seed, backward: true, paired: false };
         self.run(py, input_ids, attention_mask, pixel_values, pixel_attention_mask, labels, loss_scale, opts)
     }
 
@@ -178,7 +178,7 @@ impl PyTrainSession {
         let inputs = guard(|| OwnedInput::copy(&input_ids, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref(), Some(&labels)))?;
         let losses = guard(|| losses.iter().map(|(k, w)| Ok((DpoLoss::parse(k)?, *w))).collect::<Result<Vec<_>, Error>>())?;
         let spec = DpoSpec { losses, beta, label_smoothing, loss_scale };
-        let opts = StepOptions { gradient_checkpointing, dropout_seed, backward };
+        let opts = StepOptions { gradient_checkpointing, dropout_seed, backward, paired: true };
         let (ds, ms) = detached(py, |interrupt| {
             let mut ds = DpoStats::default();
             let mut acc = if backward { lock(&self.grads).clone() } else { vec![None; self.params.len()] };
@@ -286,7 +286,7 @@ pub(crate) fn sequence_logps_of(model: &VlmModel, inputs: &OwnedInput, average: 
         Ok(lp.sum_all()?)
     };
     let mut none: Vec<Option<Tensor>> = Vec::new();
-    run_objective(model, &[], &inputs.view(0), &mut none, cache, &StepOptions::default(), interrupt, &mut obj)?;
+    run_objective(model, &[], &inputs.view(0), &mut none, cache, &StepOptions { paired: true, ..StepOptions::default() }, interrupt, &mut obj)?;
     Ok(out)
 }
 

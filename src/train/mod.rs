@@ -5,6 +5,7 @@
 
 pub mod dpo;
 pub mod features;
+pub mod rows;
 pub mod step;
 
 pub use features::FeatureCache;

@@ -7,16 +7,15 @@
 //! the graphs are kept. Frozen layers below the lowest trainable one are not back-propagated at all,
 //! and the vision tower only when something in it (or the connector) trains.
 
-use std::sync::Arc;
-
 use candle_core::{DType, Tensor, Var};
 
+use super::rows::Rows;
 use super::FeatureCache;
 use crate::error::{input_err, Result};
 use crate::loss::shifted_targets;
 use crate::model::{check, ForwardInput, Interrupt, VlmModel};
 use crate::ops::cross_entropy::{cross_entropy_rows, token_stats};
-use crate::ops::{rms_norm, Mask};
+use crate::ops::rms_norm;
 
 /// A trainable tensor with its PEFT key (`base_model.model.<module>.lora_A.weight`, ...).
 #[derive(Clone)]
@@ -45,6 +44,8 @@ pub struct StepOptions {
     pub dropout_seed: u64,
     /// Run the backward (false: evaluation, loss and metrics only).
     pub backward: bool,
+    /// Rows i and P + i share a prompt (DPO's chosen and rejected): run their common prefix once.
+    pub paired: bool,
 }
 
 /// Sums over one micro-batch, the ingredients of TRL's logged metrics.
@@ -146,35 +147,28 @@ pub fn run_objective(
         (false, Some(c)) => model.merged_embeddings_with(input, &|px, pam| c.features(model, px, pam, interrupt))?,
         _ => model.merged_embeddings(input, interrupt)?,
     }; // [B, L, H]
-    let key_valid = match input.attention_mask {
-        Some(m) if m.iter().any(|&v| v == 0) => Some(Arc::new(m.iter().map(|&v| v != 0).collect::<Vec<bool>>())),
-        _ => None,
-    };
-    let mask = Mask { causal: true, key_valid };
-    let pos: Vec<u32> = (0..b).flat_map(|_| 0..l as u32).collect();
-    let pos = Tensor::from_vec(pos, (b, l), &model.device)?;
-    let (cos, sin) = text.rope.cos_sin(&pos, x0.dtype())?;
+    let rows = Rows::new(text, input, &x0, opts.paired)?;
 
     let backward = opts.backward;
     // Layer i needs its input as a leaf when a gradient must reach below it.
     let needs_input_grad = |i: usize| backward && (vision_trains || lowest_text_layer.is_some_and(|lo| i > lo));
-    let mut inputs: Vec<Tensor> = Vec::with_capacity(text.layers.len());
-    let mut outputs: Vec<Option<Tensor>> = Vec::with_capacity(text.layers.len());
-    let mut h = x0.detach();
+    let leaves = |parts: &[Tensor]| -> Result<Vec<Tensor>> { Ok(parts.iter().map(|t| Var::from_tensor(t).map(|v| v.as_tensor().clone())).collect::<candle_core::Result<_>>()?) };
+    let mut inputs: Vec<Vec<Tensor>> = Vec::with_capacity(text.layers.len());
+    let mut outputs: Vec<Option<Vec<Tensor>>> = Vec::with_capacity(text.layers.len());
+    let mut h: Vec<Tensor> = rows.split(&x0.detach())?; // [B, L, H], or prefix [P, Lp, H] + suffixes [B, Ls, H]
     model.switch.set_training(backward);
     for (i, layer) in text.layers.iter().enumerate() {
         check(interrupt)?;
         model.switch.set_seed(layer_seed(opts.dropout_seed, i));
-        let hin = if needs_input_grad(i) && !opts.gradient_checkpointing { Var::from_tensor(&h)?.as_tensor().clone() } else { h.clone() };
-        let out = text.layer_forward(layer, &hin, &cos, &sin, &mask, None)?; // [B, L, H]
-        h = out.detach();
+        let hin = if needs_input_grad(i) && !opts.gradient_checkpointing { leaves(&h)? } else { h.clone() };
+        let out = rows.layer(text, layer, &hin)?;
+        h = out.iter().map(|t| t.detach()).collect();
         inputs.push(hin);
         outputs.push(if backward && !opts.gradient_checkpointing { Some(out) } else { None });
     }
-    let top = if backward { Var::from_tensor(&h)?.as_tensor().clone() } else { h.clone() };
-    let hidden = rms_norm(&top, &text.norm, text.cfg.rms_norm_eps)?; // [B, L, H]
-    let hdim = text.cfg.hidden_size;
-    let flat = hidden.reshape((b * l, hdim))?; // [B*L, H]
+    let top = if backward { leaves(&h)? } else { h.clone() };
+    let normed = top.iter().map(|t| rms_norm(t, &text.norm, text.cfg.rms_norm_eps)).collect::<candle_core::Result<Vec<_>>>()?;
+    let flat = rows.stacked(&normed)?; // [T, H]
 
     // Loss at the label rows (the head runs only there); TRL's entropy and accuracy are over the same rows.
     let targets = shifted_targets(labels, b, l, model.lm_head.out_features)?;
@@ -186,11 +180,11 @@ pub fn run_objective(
     if targets.is_empty() {
         return Ok(stats);
     }
-    let rows: Vec<u32> = targets.iter().map(|t| t.0).collect();
+    let at: Vec<u32> = targets.iter().map(|t| rows.stacked_row(t.0 as usize / l, t.0 as usize % l)).collect();
     let ys: Vec<u32> = targets.iter().map(|t| t.1).collect();
-    let n = rows.len();
-    let rows = Tensor::from_vec(rows, n, &model.device)?;
-    let logits = model.lm_head.forward(&flat.index_select(&rows, 0)?)?.to_dtype(DType::F32)?; // [N, V]
+    let n = at.len();
+    let at = Tensor::from_vec(at, n, &model.device)?;
+    let logits = model.lm_head.forward(&flat.index_select(&at, 0)?)?.to_dtype(DType::F32)?; // [N, V]
     let (entropy, argmax) = token_stats(&logits.detach())?;
     stats.entropy_sum = entropy.iter().map(|&e| e as f64).sum();
     stats.correct = argmax.iter().zip(&ys).filter(|(a, y)| a == y).count();
@@ -210,8 +204,8 @@ pub fn run_objective(
     // Backward: head + final norm, then the layers from the top.
     let grads = loss.backward()?;
     accumulate(acc, params, &grads)?;
-    let mut g = match grads.get(&top) {
-        Some(g) => g.detach(),
+    let mut g = match gradients(&grads, &top)? {
+        Some(g) => g,
         None => return Ok(stats),
     };
     drop(grads);
@@ -224,22 +218,47 @@ pub fn run_objective(
             Some(out) => (inputs[i].clone(), out),
             None => {
                 model.switch.set_seed(layer_seed(opts.dropout_seed, i));
-                let hin = if needs_input_grad(i) { Var::from_tensor(&inputs[i])?.as_tensor().clone() } else { inputs[i].clone() };
-                let out = text.layer_forward(&text.layers[i], &hin, &cos, &sin, &mask, None)?;
+                let hin = if needs_input_grad(i) { leaves(&inputs[i])? } else { inputs[i].clone() };
+                let out = rows.layer(text, &text.layers[i], &hin)?;
                 (hin, out)
             }
         };
-        let grads = (out * &g)?.sum_all()?.backward()?;
+        let grads = seeded(&out, &g)?.backward()?;
         accumulate(acc, params, &grads)?;
-        g = match grads.get(&hin) {
-            Some(gi) => gi.detach(),
+        g = match gradients(&grads, &hin)? {
+            Some(gi) => gi,
             None => break,
         };
-        inputs[i] = Tensor::zeros(1, DType::F32, &model.device)?; // free
+        inputs[i] = Vec::new(); // free
     }
     if vision_trains {
-        let grads = (x0 * &g)?.sum_all()?.backward()?;
+        let grads = seeded(&rows.split(&x0)?, &g)?.backward()?;
         accumulate(acc, params, &grads)?;
     }
     Ok(stats)
+}
+
+/// sum_k sum(out_k * g_k): the scalar whose backward seeds each part's output gradient.
+fn seeded(out: &[Tensor], g: &[Tensor]) -> Result<Tensor> {
+    let mut total: Option<Tensor> = None;
+    for (o, gk) in out.iter().zip(g) {
+        let term = (o * gk)?.sum_all()?;
+        total = Some(match total {
+            None => term,
+            Some(t) => (t + term)?,
+        });
+    }
+    match total {
+        Some(t) => Ok(t),
+        None => input_err("no layer output to differentiate".to_string()),
+    }
+}
+
+/// The gradients of the parts (zeros for a part the loss does not reach), None when none is reached.
+fn gradients(grads: &candle_core::backprop::GradStore, parts: &[Tensor]) -> Result<Option<Vec<Tensor>>> {
+    if parts.iter().all(|p| grads.get(p).is_none()) {
+        return Ok(None);
+    }
+    let g = parts.iter().map(|p| grads.get(p).map_or_else(|| p.zeros_like(), |g| Ok(g.detach()))).collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Some(g))
 }
