@@ -84,9 +84,12 @@ const WIDE_BLOCK_N: usize = 128;
 /// x: [m, k] f32, w: [n, k] bf16 bits -> [m, n] f32, for many rows (prefill): each parallel task
 /// widens one block of weight rows into a reused buffer and multiplies it with gemm. No weight-sized
 /// temporary is ever allocated.
-pub fn matmul_bf16_wide(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f32> {
-    debug_assert!(x.len() == m * k && w.len() == n * k);
+pub fn matmul_bf16_wide(x: &[f32], m: usize, k: usize, w: &[u16], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    debug_assert!(x.len() == m * k && w.len() == n * k && bias.is_none_or(|b| b.len() == n));
     let mut y = vec![0f32; m * n]; // [m, n]
+    if let Some(b) = bias {
+        y.par_chunks_mut(n.max(1)).for_each(|r| r.copy_from_slice(b)); // accumulated onto below
+    }
     let yp = SendPtr(y.as_mut_ptr());
     (0..n.div_ceil(WIDE_BLOCK_N)).into_par_iter().for_each(move |bi| {
         let yp = yp;
@@ -104,7 +107,7 @@ pub fn matmul_bf16_wide(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> V
             // this task only; x is [m, k] row-major; wf holds [nb, k] row-major, read as its
             // transpose [k, nb] (row stride 1, column stride k).
             unsafe {
-                gemm::gemm(m, nb, k, yp.0.add(n0), 1, n as isize, false, x.as_ptr(), 1, k as isize, wf.as_ptr(), k as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                gemm::gemm(m, nb, k, yp.0.add(n0), 1, n as isize, bias.is_some(), x.as_ptr(), 1, k as isize, wf.as_ptr(), k as isize, 1, 1.0, 1.0, false, false, false, gemm::Parallelism::None);
             }
         })
     });
@@ -146,12 +149,15 @@ mod tests {
         let wf: Vec<f32> = (0..n * k).map(|i| ((i * 11 % 17) as f32 - 8.0) / 9.0).collect();
         let w: Vec<u16> = wf.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
         let y = gemv_bf16(&x, m, k, &w, n);
-        let wide = matmul_bf16_wide(&x, m, k, &w, n);
+        let wide = matmul_bf16_wide(&x, m, k, &w, n, None);
+        let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 0.5).collect();
+        let wide_b = matmul_bf16_wide(&x, m, k, &w, n, Some(&bias));
         for r in 0..m {
             for j in 0..n {
                 let want: f64 = (0..k).map(|i| x[r * k + i] as f64 * bf16::from_bits(w[j * k + i]).to_f64()).sum();
                 assert!((y[r * n + j] as f64 - want).abs() < 1e-4, "{r},{j}");
                 assert!((wide[r * n + j] as f64 - want).abs() < 1e-4, "wide {r},{j}");
+                assert!((wide_b[r * n + j] as f64 - want - bias[j] as f64).abs() < 1e-4, "wide + bias {r},{j}");
             }
         }
     }

@@ -125,23 +125,25 @@ impl Linear {
         let y = if tracked && self.fused_ok(x) {
             linear_tracked(&x2, w, self.bias.as_ref())? // [N, out], bias included
         } else {
-            let y = match &self.weight {
-                Weight::Dense(w) => x2.matmul(&w.t()?)?, // [N, out]
-                Weight::Bf16(w) if x.dtype() == DType::F32 && x.device().is_cpu() => bf16_matmul(&x2, w, self.out_features)?, // [N, out]
-                Weight::Bf16(w) => x2.matmul(&w.to_dtype(x.dtype())?.t()?)?,
-                Weight::PackedBf16 { w, packed } if x.dtype() == DType::F32 && x.device().is_cpu() => {
+            let cpu_f32 = x.dtype() == DType::F32 && x.device().is_cpu();
+            let bias = self.bias.as_ref();
+            let (y, with_bias) = match &self.weight {
+                Weight::Dense(w) => (x2.matmul(&w.t()?)?, false), // [N, out]
+                Weight::Bf16(w) if cpu_f32 => (bf16_matmul(&x2, w, self.out_features, bias)?, true), // [N, out]
+                Weight::Bf16(w) => (x2.matmul(&w.to_dtype(x.dtype())?.t()?)?, false),
+                Weight::PackedBf16 { w, packed } if cpu_f32 => {
                     if n <= GEMV_MAX_ROWS {
-                        bf16_matmul(&x2, w, self.out_features)? // decoding: the skinny kernel
+                        (bf16_matmul(&x2, w, self.out_features, bias)?, true) // decoding: the skinny kernel
                     } else {
                         let y = with_f32(&x2, |xs| gemm_bf16::matmul_packed(xs, n, self.in_features, packed))?;
-                        Tensor::from_vec(y, (n, self.out_features), x.device())?
+                        (Tensor::from_vec(y, (n, self.out_features), x.device())?, false)
                     }
                 }
-                Weight::PackedBf16 { w, .. } => x2.matmul(&w.to_dtype(x.dtype())?.t()?)?,
+                Weight::PackedBf16 { w, .. } => (x2.matmul(&w.to_dtype(x.dtype())?.t()?)?, false),
             };
-            match &self.bias {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
+            match bias {
+                Some(b) if !with_bias => y.broadcast_add(b)?,
+                _ => y,
             }
         };
         let mut out_dims = dims;
@@ -189,14 +191,26 @@ impl Linear {
 
 /// x: [N, in] f32, w: [out, in] bf16 -> [N, out] f32: the skinny kernel for few rows (decoding),
 /// blockwise widening + gemm for many (prefill).
-fn bf16_matmul(x: &Tensor, w: &Tensor, out: usize) -> Result<Tensor> {
+fn bf16_matmul(x: &Tensor, w: &Tensor, out: usize, bias: Option<&Tensor>) -> Result<Tensor> {
     let (n, k) = x.dims2()?;
-    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let bias: Option<Vec<f32>> = bias.map(|b| b.to_dtype(DType::F32)?.to_vec1()).transpose()?; // [out]
     let w = w.contiguous()?;
     let (storage, layout) = w.storage_and_layout();
     let y = match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) if n <= GEMV_MAX_ROWS => super::gemv::gemv_bf16(&xs, n, k, v[a..b].reinterpret_cast(), out),
-        (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => super::gemv::matmul_bf16_wide(&xs, n, k, v[a..b].reinterpret_cast(), out),
+        (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => {
+            let w: &[u16] = v[a..b].reinterpret_cast();
+            with_f32(x, |xs| {
+                if n <= GEMV_MAX_ROWS {
+                    let mut y = super::gemv::gemv_bf16(xs, n, k, w, out);
+                    if let Some(b) = &bias {
+                        y.chunks_mut(out.max(1)).for_each(|r| r.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+                    }
+                    y
+                } else {
+                    super::gemv::matmul_bf16_wide(xs, n, k, w, out, bias.as_deref())
+                }
+            })?
+        }
         _ => candle_core::bail!("skinny bf16 matmul needs a contiguous bf16 CPU weight"),
     };
     Tensor::from_vec(y, (n, out), x.device())
@@ -276,7 +290,7 @@ fn linear_fwd_kernel(x: &[f32], n: usize, k: usize, w: &WSlice, out: usize, bias
             y
         }
         WSlice::Bf16(w) => {
-            let mut y = if n <= GEMV_MAX_ROWS { super::gemv::gemv_bf16(x, n, k, w, out) } else { super::gemv::matmul_bf16_wide(x, n, k, w, out) };
+            let mut y = if n <= GEMV_MAX_ROWS { super::gemv::gemv_bf16(x, n, k, w, out) } else { super::gemv::matmul_bf16_wide(x, n, k, w, out, None) };
             if let Some(b) = bias {
                 y.par_chunks_mut(out.max(1)).for_each(|r| r.iter_mut().zip(b).for_each(|(y, b)| *y += b));
             }
