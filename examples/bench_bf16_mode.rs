@@ -1,5 +1,5 @@
 //! Prefill (TTFT-like) of one image + text in f32 mode vs the bf16 compute mode (dev aid):
-//! cargo run --release --example bench_bf16_mode -- /path/to/checkpoint [reps]
+//! cargo run --release --example bench_bf16_mode -- /path/to/checkpoint [reps] [f32|bf16]
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -10,7 +10,11 @@ fn main() {
     let dir = args.next().expect("checkpoint dir");
     let reps: usize = args.next().map_or(3, |s| s.parse().unwrap());
     println!("avx512-bf16 kernel available: {}", ferrovlm::ops::gemm_bf16::available());
+    let only = args.next();
     for dtype in [DType::F32, DType::BF16] {
+        if only.as_deref().is_some_and(|o| o != if dtype == DType::F32 { "f32" } else { "bf16" }) {
+            continue;
+        }
         let t = Instant::now();
         let m = VlmModel::from_dir(std::path::Path::new(&dir), dtype, &Device::Cpu).unwrap();
         println!("{dtype:?}: load {:.3}s", t.elapsed().as_secs_f64());

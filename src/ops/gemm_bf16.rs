@@ -25,15 +25,15 @@ use rayon::prelude::*;
 /// Output columns per packed weight panel (the microkernel's tile width).
 pub const NR: usize = 64;
 /// Rows of `x` per microkernel tile.
-const MR: usize = 6;
+pub(crate) const MR: usize = 6;
 /// Zmm registers per tile row.
-const NV: usize = NR / 16;
+pub(crate) const NV: usize = NR / 16;
 /// Rows per parallel task (a multiple of MR).
-const MC: usize = 96;
+pub(crate) const MC: usize = 96;
 /// Packed panels (of NR columns) per parallel task.
-const NCP: usize = 4;
+pub(crate) const NCP: usize = 4;
 /// k pairs per cache block.
-const KC: usize = 256;
+pub(crate) const KC: usize = 256;
 
 /// Whether the fast AVX512-BF16 kernel can run on this CPU.
 pub fn available() -> bool {
@@ -89,6 +89,10 @@ impl PackedBf16 {
     /// Input features (columns of the PyTorch weight).
     pub fn in_features(&self) -> usize {
         self.k
+    }
+    /// The packed panels: ceil(out / NR) panels of `ceil(k/2) * NR` bf16 pairs.
+    pub(crate) fn panels(&self) -> &[u32] {
+        &self.data
     }
     /// The weight back in PyTorch layout `[out, k]`.
     pub fn unpack(&self) -> Vec<bf16> {
@@ -164,7 +168,7 @@ pub fn matmul_packed(x: &[f32], n: usize, k: usize, w: &PackedBf16) -> Vec<f32> 
 }
 
 /// `x` rounded to bf16, as rows of bf16 pairs `[n, ceil(k/2)]` (low half = even position).
-fn pack_x(x: &[f32], n: usize, k: usize) -> Vec<u32> {
+pub(crate) fn pack_x(x: &[f32], n: usize, k: usize) -> Vec<u32> {
     let kp2 = k.div_ceil(2);
     let mut xa = vec![0u32; n * kp2];
     xa.par_chunks_mut(kp2 * 16).zip(x.par_chunks(k * 16)).for_each(|(dst, src)| {
