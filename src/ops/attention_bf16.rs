@@ -3,15 +3,13 @@
 //!
 //! Reads q | k | v straight from the fused projection output (bf16 rows `[F * S, 3 * H * hd]`, head h
 //! at columns `h * hd` of each part) and writes bf16 rows `[F * S, H * hd]` for out_proj: no head
-//! transposes. Per (frame, head, chunk of queries) task: K is packed as a weight panel (`[S, hd]` as
-//! `[out, k]`), V as the transpose (`[hd, S]`), then per block of queries
+//! transposes. K of each (frame, head) is packed once as a weight panel (`[S, hd]` as `[out, k]`), V
+//! as the transpose (`[hd, S]`); then per (frame, head, chunk of queries) task and block of queries
 //!   scores = scale * q k^T (f32)  ->  e = bf16(exp(scores - max)) with hidden keys at 0
 //!   out = bf16((e v) / sum(e))
-//! (the sum is over the rounded e, so the weights used sum to 1). A query whose keys are all hidden
+//! (exp to about 3e-6 relative, as the value is rounded to bf16 next). A query whose keys are all hidden
 //! averages all values uniformly, as `attention_cpu::softmax_row` does.
 //! [`attention_qkv_bf16_portable`] computes the same on any CPU.
-
-use std::cell::RefCell;
 
 use rayon::prelude::*;
 
@@ -22,7 +20,7 @@ use super::math::exp_f32;
 /// Query rows per block (a multiple of MR): `[QB, S]` f32 scores stay in L2.
 const QB: usize = 8 * MR;
 /// Query rows per parallel task.
-const QCHUNK: usize = 5 * QB;
+const QCHUNK: usize = 2 * QB;
 
 fn check(qkv: &Bf16Rows, frames: usize, heads: usize, hd: usize, key_valid: Option<&[bool]>, out: &Bf16Rows) -> usize {
     let d = heads * hd;
@@ -39,17 +37,33 @@ fn key_bias(key_valid: Option<&[bool]>) -> Option<Vec<f32>> {
     key_valid.map(|m| m.iter().map(|&v| if v { 0.0 } else { f32::NEG_INFINITY }).collect())
 }
 
+/// Whether the AVX512 kernel runs here (AVX512-BF16 and the byte/word stores of AVX512BW).
+fn fast_ok() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        available() && std::arch::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// qkv: bf16 rows `[F * S, 3 * heads * hd]`; key_valid: `[F * S]` (false hides key j of a frame from
 /// that frame's queries) -> out: bf16 rows `[F * S, heads * hd]`. The AVX512-BF16 kernel where
 /// available, else [`attention_qkv_bf16_portable`].
 pub fn attention_qkv_bf16(qkv: &Bf16Rows, frames: usize, heads: usize, hd: usize, key_valid: Option<&[bool]>, scale: f32, out: &mut Bf16Rows) {
-    if !available() {
+    if !fast_ok() {
         return attention_qkv_bf16_portable(qkv, frames, heads, hd, key_valid, scale, out);
     }
     let s = check(qkv, frames, heads, hd, key_valid, out);
     #[cfg(target_arch = "x86_64")]
     {
         let kb = key_bias(key_valid);
+        // K and V of every (frame, head), packed once as weight panels.
+        let (klen, vlen) = fast::pack_lens(s, hd);
+        let mut packs = vec![0u32; frames * heads * (klen + vlen)];
+        packs.par_chunks_mut(klen + vlen).enumerate().for_each(|(fh, buf)| fast::pack_kv(qkv, s, heads, hd, fh / heads, fh % heads, buf));
         let chunks = s.div_ceil(QCHUNK);
         let op = out.pairs_mut().as_mut_ptr() as usize;
         (0..frames * heads * chunks).into_par_iter().for_each(|t| {
@@ -57,32 +71,34 @@ pub fn attention_qkv_bf16(qkv: &Bf16Rows, frames: usize, heads: usize, hd: usize
             let (f, h) = (fh / heads, fh % heads);
             let q0 = c * QCHUNK;
             let kbf = kb.as_ref().map(|b| &b[f * s..(f + 1) * s]);
-            // SAFETY: the CPU has avx512f + avx512bf16 (available()); check() validated the shapes;
+            let kv = &packs[fh * (klen + vlen)..][..klen + vlen];
+            // SAFETY: the CPU has avx512f/bw + avx512bf16 (fast_ok()); check() validated the shapes;
             // each task writes only rows q0.. of its frame, columns of its head.
-            unsafe { fast::task(qkv, s, heads, hd, f, h, q0, QCHUNK.min(s - q0), kbf, scale, op as *mut u16) };
+            unsafe { fast::task(qkv, s, heads, hd, f, h, q0, QCHUNK.min(s - q0), kbf, kv, scale, op as *mut u16) };
         });
     }
 }
 
-thread_local! {
-    static SCRATCH: RefCell<fast::Scratch> = RefCell::new(fast::Scratch::default());
-}
-
 #[cfg(target_arch = "x86_64")]
 mod fast {
+    use std::cell::RefCell;
+
     use super::super::gemm_bf16::{MR, NR};
     use super::super::gemm_bf16_fused::{tile, Bf16Rows, Epi};
-    use super::super::simd::x86::{bf16_bits, exp, lanes};
-    use super::{QB, SCRATCH};
+    use super::super::simd::x86::lanes;
+    use super::QB;
     use core::arch::x86_64::*;
 
+    /// Per-thread buffers of a task: scores, probabilities, 1 / row sums.
     #[derive(Default)]
-    pub(super) struct Scratch {
-        kpack: Vec<u32>,
-        vpack: Vec<u32>,
+    struct Scratch {
         scores: Vec<f32>,
         p: Vec<u32>,
         rs: Vec<f32>,
+    }
+
+    thread_local! {
+        static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
     }
 
     fn fit<T: Copy + Default>(v: &mut Vec<T>, n: usize) {
@@ -91,51 +107,53 @@ mod fast {
         }
     }
 
-    /// Queries q0..q0+nq of frame f, head h.
+    /// u32 lengths of the packed K and V of one head.
+    pub(super) fn pack_lens(s: usize, hd: usize) -> (usize, usize) {
+        (s.div_ceil(NR) * (hd / 2) * NR, hd.div_ceil(NR) * s.div_ceil(2) * NR)
+    }
+
+    /// Packs K of (f, h) (`[S, hd]` as a weight `[out = S, k = hd]`) then V (`[hd, S]`: pairs of
+    /// keys) into `buf` (zeroed, [`pack_lens`] long).
+    pub(super) fn pack_kv(qkv: &Bf16Rows, s: usize, heads: usize, hd: usize, f: usize, h: usize, buf: &mut [u32]) {
+        let (d, hp, ldq, sp2) = (heads * hd, hd / 2, qkv.kp2(), s.div_ceil(2));
+        let (kpack, vpack) = buf.split_at_mut(pack_lens(s, hd).0);
+        let src = qkv.pairs();
+        for j in 0..s {
+            let krow = &src[(f * s + j) * ldq + (d + h * hd) / 2..][..hp];
+            let base = (j / NR) * hp * NR + j % NR;
+            for (p, &v) in krow.iter().enumerate() {
+                kpack[base + p * NR] = v;
+            }
+        }
+        let bits = qkv.bits();
+        let vrow = |j: usize| &bits[(f * s + j) * 2 * ldq + 2 * d + h * hd..][..hd];
+        let zeros = vec![0u16; hd];
+        for p in 0..sp2 {
+            let (lo, hi) = (vrow(2 * p), if 2 * p + 1 < s { vrow(2 * p + 1) } else { &zeros[..] });
+            for dp in 0..hd.div_ceil(NR) {
+                let cols = NR.min(hd - dp * NR);
+                let dst = &mut vpack[(dp * sp2 + p) * NR..][..cols];
+                for ((o, &l), &u) in dst.iter_mut().zip(&lo[dp * NR..][..cols]).zip(&hi[dp * NR..][..cols]) {
+                    *o = l as u32 | (u as u32) << 16;
+                }
+            }
+        }
+    }
+
+    /// Queries q0..q0+nq of frame f, head h, with the packed K | V of that head in `kv`.
     ///
     /// # Safety
-    /// avx512f + avx512bf16; shapes as checked by `check`; `out` is the output's bf16 data.
-    #[target_feature(enable = "avx512f,avx512bf16")]
+    /// avx512f/bw + avx512bf16; shapes as checked by `check`; `out` is the output's bf16 data.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn task(qkv: &Bf16Rows, s: usize, heads: usize, hd: usize, f: usize, h: usize, q0: usize, nq: usize, kb: Option<&[f32]>, scale: f32, out: *mut u16) {
+    pub(super) unsafe fn task(qkv: &Bf16Rows, s: usize, heads: usize, hd: usize, f: usize, h: usize, q0: usize, nq: usize, kb: Option<&[f32]>, kv: &[u32], scale: f32, out: *mut u16) {
         SCRATCH.with(|sc| {
             let sc = &mut *sc.borrow_mut();
             let (d, hp, ldq, sp2) = (heads * hd, hd / 2, qkv.kp2(), s.div_ceil(2));
+            let (kpack, vpack) = kv.split_at(pack_lens(s, hd).0);
+            let (kpanels, vpanels) = (s.div_ceil(NR), hd.div_ceil(NR));
             let src = qkv.pairs();
             let row0 = f * s;
-            // K [S, hd] as a packed weight: panels of NR keys, hp pairs each.
-            let kpanels = s.div_ceil(NR);
-            fit(&mut sc.kpack, kpanels * hp * NR);
-            let kpack = &mut sc.kpack[..kpanels * hp * NR];
-            for j in 0..s {
-                let krow = &src[(row0 + j) * ldq + (d + h * hd) / 2..][..hp];
-                let base = (j / NR) * hp * NR + j % NR;
-                for (p, &v) in krow.iter().enumerate() {
-                    kpack[base + p * NR] = v;
-                }
-            }
-            for j in s..kpanels * NR {
-                let base = (j / NR) * hp * NR + j % NR;
-                (0..hp).for_each(|p| kpack[base + p * NR] = 0); // columns past S: computed, never stored
-            }
-            // V^T [hd, S] as a packed weight: panels of NR dims, pairs of keys.
-            let vpanels = hd.div_ceil(NR);
-            fit(&mut sc.vpack, vpanels * sp2 * NR);
-            let vpack = &mut sc.vpack[..vpanels * sp2 * NR];
-            let v16 = |j: usize, dd: usize| -> u32 {
-                let pair = src[(row0 + j) * ldq + (2 * d + h * hd + dd) / 2];
-                if dd % 2 == 0 { pair & 0xffff } else { pair >> 16 }
-            };
-            for p in 0..sp2 {
-                let (j0, j1) = (2 * p, 2 * p + 1);
-                for dd in 0..hd {
-                    let hi = if j1 < s { v16(j1, dd) } else { 0 };
-                    vpack[((dd / NR) * sp2 + p) * NR + dd % NR] = v16(j0, dd) | hi << 16;
-                }
-                for dd in hd..vpanels * NR {
-                    vpack[((dd / NR) * sp2 + p) * NR + dd % NR] = 0;
-                }
-            }
             fit(&mut sc.scores, QB * s);
             fit(&mut sc.p, QB * sp2);
             fit(&mut sc.rs, QB);
@@ -167,21 +185,38 @@ mod fast {
         });
     }
 
-    /// e = bf16(exp(row + kb - max)) written to `p` (2 * sp2 bf16, the odd tail 0); returns 1 / sum(e).
+    /// exp(x) for x <= 0 (or -inf), relative error below 3e-6 (the result is rounded to bf16):
+    /// 2^t = 2^n 2^f, f in [-1/2, 1/2], degree-5 Taylor polynomial of 2^f; exactly 0 below 2^-126.
+    #[inline]
     #[target_feature(enable = "avx512f")]
+    unsafe fn exp_nonpos(x: __m512) -> __m512 {
+        let t = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E));
+        let tiny = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(t, _mm512_set1_ps(-126.0));
+        let t = _mm512_max_ps(t, _mm512_set1_ps(-127.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+        let fr = _mm512_sub_ps(t, n);
+        let mut p = _mm512_set1_ps(1.333_355_8e-3);
+        for c in [9.618_129e-3f32, 5.550_411e-2, 2.402_265e-1, 6.931_472e-1, 1.0] {
+            p = _mm512_fmadd_ps(p, fr, _mm512_set1_ps(c));
+        }
+        _mm512_maskz_mov_ps(!tiny, _mm512_scalef_ps(p, n))
+    }
+
+    /// e = bf16(exp(row + kb - max)) written to `p` (2 * sp2 bf16, the odd tail 0); returns 1 / sum(e).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn softmax_row(row: &[f32], kb: Option<&[f32]>, p: *mut u16, sp2: usize) -> f32 {
         let s = row.len();
-        let load = |j: usize| -> __m512 {
-            let m = lanes(s - j);
+        let load = |j: usize| -> (__m512, __mmask16) {
+            let m = lanes(s.saturating_sub(j));
             let v = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), m, row.as_ptr().add(j));
             match kb {
-                Some(kb) => _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, kb.as_ptr().add(j))),
-                None => v,
+                Some(kb) => (_mm512_add_ps(v, _mm512_maskz_loadu_ps(m, kb.as_ptr().add(j))), m),
+                None => (v, m),
             }
         };
         let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
         for j in (0..s).step_by(16) {
-            mx = _mm512_max_ps(mx, load(j));
+            mx = _mm512_max_ps(mx, load(j).0);
         }
         let max = _mm512_reduce_max_ps(mx);
         if 2 * sp2 > s {
@@ -195,11 +230,13 @@ mod fast {
             return 1.0 / s as f32;
         }
         let (mv, mut sum) = (_mm512_set1_ps(max), _mm512_setzero_ps());
-        for j in (0..s).step_by(16) {
-            let bits = bf16_bits(exp(_mm512_sub_ps(load(j), mv)));
-            let m = lanes(s - j);
-            _mm512_mask_cvtepi32_storeu_epi16(p.add(j) as *mut _, m, bits);
-            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits))));
+        for j in (0..s).step_by(32) {
+            let ((v0, m0), (v1, m1)) = (load(j), load(j + 16));
+            let (e0, e1) = (exp_nonpos(_mm512_sub_ps(v0, mv)), exp_nonpos(_mm512_sub_ps(v1, mv)));
+            sum = _mm512_add_ps(sum, _mm512_add_ps(_mm512_maskz_mov_ps(m0, e0), _mm512_maskz_mov_ps(m1, e1)));
+            let bf = _mm512_cvtne2ps_pbh(e1, e0); // e0 -> elements 0..16, e1 -> 16..32
+            let m = m0 as u32 | (m1 as u32) << 16;
+            _mm512_mask_storeu_epi16(p.add(j) as *mut _, m, core::mem::transmute::<__m512bh, __m512i>(bf));
         }
         1.0 / _mm512_reduce_add_ps(sum)
     }
@@ -228,8 +265,10 @@ pub fn attention_qkv_bf16_portable(qkv: &Bf16Rows, frames: usize, heads: usize, 
                     e.iter_mut().for_each(|v| *v = 1.0);
                     1.0 / s as f32
                 } else {
-                    e.iter_mut().for_each(|v| *v = f32::from_bits((f32_to_bf16_bits(exp_f32(*v - max)) as u32) << 16));
-                    1.0 / e.iter().sum::<f32>()
+                    e.iter_mut().for_each(|v| *v = exp_f32(*v - max));
+                    let inv = 1.0 / e.iter().sum::<f32>();
+                    e.iter_mut().for_each(|v| *v = f32::from_bits((f32_to_bf16_bits(*v) as u32) << 16));
+                    inv
                 };
                 let orow = &mut o[i * d + h * hd..][..hd];
                 for (j, &ej) in e.iter().enumerate() {

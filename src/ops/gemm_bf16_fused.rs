@@ -50,6 +50,12 @@ impl Bf16Rows {
     pub fn pairs(&self) -> &[u32] {
         &self.data
     }
+    /// `[n, 2 * kp2]` bf16 bits (the pairs' halves in order on a little-endian CPU).
+    #[cfg(target_endian = "little")]
+    pub(crate) fn bits(&self) -> &[u16] {
+        // SAFETY: u16 has a smaller alignment than u32 and twice as many fit in the same bytes.
+        unsafe { std::slice::from_raw_parts(self.data.as_ptr() as *const u16, 2 * self.data.len()) }
+    }
     pub(crate) fn pairs_mut(&mut self) -> &mut [u32] {
         &mut self.data
     }
