@@ -62,7 +62,7 @@ pub fn attention_qkv_bf16(qkv: &Bf16Rows, frames: usize, heads: usize, hd: usize
         let kb = key_bias(key_valid);
         // K and V of every (frame, head), packed once as weight panels.
         let (klen, vlen) = fast::pack_lens(s, hd);
-        let mut packs = vec![0u32; frames * heads * (klen + vlen)];
+        let mut packs = super::gemm_bf16::AlignedU32::zeros(frames * heads * (klen + vlen));
         packs.par_chunks_mut(klen + vlen).enumerate().for_each(|(fh, buf)| fast::pack_kv(qkv, s, heads, hd, fh / heads, fh % heads, buf));
         let chunks = s.div_ceil(QCHUNK);
         let op = out.pairs_mut().as_mut_ptr() as usize;
