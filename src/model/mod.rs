@@ -4,6 +4,7 @@ pub mod cache;
 pub mod connector;
 pub mod text;
 pub mod vision;
+mod vision_fast;
 pub mod vlm;
 
 use candle_core::{DType, Device, Tensor};

@@ -112,17 +112,27 @@ impl VisionModel {
             // Masked patches stay queries (their outputs feed the connector) but are hidden as keys.
             Mask { causal: false, key_valid: Some(Arc::new(patch_mask.iter().flatten().copied().collect())) }
         };
-        for layer in &self.layers {
-            check(interrupt)?;
-            hs = self.layer_forward(layer, &hs, &mask)?;
+        let heads = self.cfg.num_attention_heads;
+        if super::vision_fast::usable(&self.layers, &hs, heads) {
+            // bf16 compute mode, inference: the fused layers (see vision_fast.rs)
+            let kv = mask.key_valid.as_deref().map(|v| v.as_slice());
+            hs = super::vision_fast::encoder_layers(&self.layers, heads, &hs, kv, interrupt, false)?;
+        } else {
+            for layer in &self.layers {
+                check(interrupt)?;
+                hs = layer.forward(&hs, &mask, heads)?;
+            }
         }
         Ok(self.post_layernorm.forward(&hs)?)
     }
+}
 
-    fn layer_forward(&self, l: &VisionLayer, x: &Tensor, mask: &Mask) -> CResult<Tensor> {
+impl VisionLayer {
+    /// x [F, Np, D] -> [F, Np, D] (candle ops; autograd-friendly).
+    pub fn forward(&self, x: &Tensor, mask: &Mask, heads: usize) -> CResult<Tensor> {
+        let l = self;
         let (f, np, d) = x.dims3()?;
-        let heads = self.cfg.num_attention_heads;
-        let hd = self.cfg.head_dim();
+        let hd = d / heads;
         let h = l.layer_norm1.forward(x)?; // [F, Np, D]
         let split = |t: Tensor| t.reshape((f, np, heads, hd))?.transpose(1, 2)?.contiguous(); // [F, H, Np, hd]
         let q = split(l.q_proj.forward(&h)?)?;

@@ -7,11 +7,11 @@ use rayon::prelude::*;
 use super::linear::f32_arg;
 use super::math::exp_f32;
 
-const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+pub(crate) const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 
 /// 0.5 x (1 + tanh(u)) == x / (1 + exp(-2u)): one exp instead of a (slower) tanh.
 #[inline]
-fn gelu_tanh_scalar(x: f32) -> f32 {
+pub(crate) fn gelu_tanh_scalar(x: f32) -> f32 {
     let u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
     x / (1.0 + exp_f32(-2.0 * u))
 }

@@ -25,15 +25,15 @@ use rayon::prelude::*;
 /// Output columns per packed weight panel (the microkernel's tile width).
 pub const NR: usize = 64;
 /// Rows of `x` per microkernel tile.
-const MR: usize = 6;
+pub(crate) const MR: usize = 6;
 /// Zmm registers per tile row.
-const NV: usize = NR / 16;
+pub(crate) const NV: usize = NR / 16;
 /// Rows per parallel task (a multiple of MR).
-const MC: usize = 96;
+pub(crate) const MC: usize = 96;
 /// Packed panels (of NR columns) per parallel task.
-const NCP: usize = 4;
+pub(crate) const NCP: usize = 4;
 /// k pairs per cache block.
-const KC: usize = 256;
+pub(crate) const KC: usize = 256;
 
 /// Whether the fast AVX512-BF16 kernel can run on this CPU.
 pub fn available() -> bool {
@@ -71,8 +71,42 @@ pub struct PackedBf16 {
     k: usize,
     /// ceil(k / 2): bf16 pairs per column.
     kp2: usize,
-    /// ceil(out / NR) panels of `kp2 * NR` u32 (bf16 pairs).
-    data: Vec<u32>,
+    /// ceil(out / NR) panels of `kp2 * NR` u32 (bf16 pairs), 64-byte aligned.
+    data: AlignedU32,
+}
+
+/// One cache line of u32.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Line([u32; 16]);
+
+/// A zeroed u32 buffer starting on a cache line: the kernels' 64-byte loads of packed panels then
+/// never straddle two lines.
+#[derive(Clone, Default)]
+pub(crate) struct AlignedU32 {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+impl AlignedU32 {
+    pub(crate) fn zeros(len: usize) -> Self {
+        AlignedU32 { lines: vec![Line::default(); len.div_ceil(16)], len }
+    }
+}
+
+impl std::ops::Deref for AlignedU32 {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        // SAFETY: `lines` holds at least `len` contiguous u32 (Line is repr(C) [u32; 16]).
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const u32, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedU32 {
+    fn deref_mut(&mut self) -> &mut [u32] {
+        // SAFETY: as in deref, uniquely borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut u32, self.len) }
+    }
 }
 
 impl std::fmt::Debug for PackedBf16 {
@@ -89,6 +123,10 @@ impl PackedBf16 {
     /// Input features (columns of the PyTorch weight).
     pub fn in_features(&self) -> usize {
         self.k
+    }
+    /// The packed panels: ceil(out / NR) panels of `ceil(k/2) * NR` bf16 pairs.
+    pub(crate) fn panels(&self) -> &[u32] {
+        &self.data
     }
     /// The weight back in PyTorch layout `[out, k]`.
     pub fn unpack(&self) -> Vec<bf16> {
@@ -111,7 +149,7 @@ pub fn pack(w: &[bf16], out: usize, k: usize) -> PackedBf16 {
     assert_eq!(w.len(), out * k, "gemm_bf16::pack: w has {} values, expected out*k = {}", w.len(), out * k);
     let kp2 = k.div_ceil(2);
     let panels = out.div_ceil(NR);
-    let mut data = vec![0u32; panels * kp2 * NR];
+    let mut data = AlignedU32::zeros(panels * kp2 * NR);
     if kp2 > 0 {
         data.par_chunks_mut(kp2 * NR).enumerate().for_each(|(pi, panel)| {
             let j0 = pi * NR;
@@ -164,7 +202,7 @@ pub fn matmul_packed(x: &[f32], n: usize, k: usize, w: &PackedBf16) -> Vec<f32> 
 }
 
 /// `x` rounded to bf16, as rows of bf16 pairs `[n, ceil(k/2)]` (low half = even position).
-fn pack_x(x: &[f32], n: usize, k: usize) -> Vec<u32> {
+pub(crate) fn pack_x(x: &[f32], n: usize, k: usize) -> Vec<u32> {
     let kp2 = k.div_ceil(2);
     let mut xa = vec![0u32; n * kp2];
     xa.par_chunks_mut(kp2 * 16).zip(x.par_chunks(k * 16)).for_each(|(dst, src)| {

@@ -8,15 +8,18 @@
 
 pub mod activation;
 pub mod attention;
+pub mod attention_bf16;
 mod attention_cpu;
 pub mod cross_entropy;
 pub mod gemm_bf16;
+pub mod gemm_bf16_fused;
 pub mod gradcheck;
 pub mod gemv;
 pub mod linear;
 pub mod math;
 pub mod norm;
 pub mod rope;
+pub mod simd;
 
 pub use activation::{gelu_tanh, silu, swiglu};
 pub use attention::{attention, Mask};

@@ -3,6 +3,8 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::gemm_bf16::f32_to_bf16_bits;
+use super::gemm_bf16_fused::Bf16Rows;
 use super::linear::{f32_arg, rows_per_task, with_f32};
 
 /// Whether the fused CPU kernels apply: f32 CPU x [.., H] and f32 CPU per-feature params [H].
@@ -208,6 +210,30 @@ fn layer_norm_fwd(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
     y
 }
 
+/// The forward of [`layer_norm`] (same arithmetic) on x [N, D] f32, written rounded to bf16 as the
+/// input rows of a following bf16 gemm (inference in the bf16 compute mode).
+pub fn layer_norm_bf16(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut Bf16Rows) {
+    let h = w.len();
+    assert!(b.len() == h && out.k() == h && x.len() == out.n() * h, "layer_norm_bf16: x {}, w {h}, b {}, out {}x{}", x.len(), b.len(), out.n(), out.k());
+    if h == 0 || out.n() == 0 {
+        return;
+    }
+    let kp2 = out.kp2();
+    let rows = rows_per_task(out.n(), h);
+    out.pairs_mut().par_chunks_mut(rows * kp2).zip(x.par_chunks(rows * h)).for_each(|(o, x)| {
+        for (o, x) in o.chunks_exact_mut(kp2).zip(x.chunks_exact(h)) {
+            let (mu, r) = ln_stats(x, eps);
+            let y = |i: usize| f32_to_bf16_bits((x[i] - mu) * r * w[i] + b[i]) as u32;
+            for (p, o) in o.iter_mut().enumerate().take(h / 2) {
+                *o = y(2 * p) | y(2 * p + 1) << 16;
+            }
+            if h % 2 == 1 {
+                o[kp2 - 1] = y(h - 1);
+            }
+        }
+    });
+}
+
 /// Backward, per row with xh = (x - mu) r, gw = g w:
 ///   dx = r (gw - mean(gw) - xh mean(gw xh))    [N, D]
 ///   dw = sum over rows of g xh                 [D]
@@ -273,6 +299,19 @@ mod tests {
         let m: f32 = y[0].iter().sum::<f32>() / 4.0;
         let v: f32 = y[0].iter().map(|a| a * a).sum::<f32>() / 4.0;
         assert!(m.abs() < 1e-6 && (v - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn layer_norm_bf16_is_the_rounded_forward() {
+        let (n, h) = (37, 45);
+        let x = Tensor::randn(0f32, 2.0, (n, h), &Device::Cpu).unwrap();
+        let w = Tensor::randn(1f32, 0.2, h, &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 0.2, h, &Device::Cpu).unwrap();
+        let want = layer_norm(&x, &w, &b, 1e-6).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut out = Bf16Rows::zeros(n, h);
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        layer_norm_bf16(&v(&x), &v(&w), &v(&b), 1e-6, &mut out);
+        assert_eq!(out, Bf16Rows::from_f32(&want, n, h));
     }
 
     #[test]
