@@ -20,7 +20,7 @@ sys.path.insert(0, str(HERE))
 from bench_forward import make_inputs, peak_rss_mb, run_both_sides  # noqa: E402
 
 
-def run_side(side: str, ckpt: str, new: int, dtype: str = "float32") -> dict:
+def run_side(side: str, ckpt: str, new: int, dtype: str = "float32", hf_dtype: str = "float32") -> dict:
     cfg = json.loads((Path(ckpt) / "config.json").read_text())
     ids, am, px, pm = make_inputs(cfg)
     ids, am = ids[:, :80], am[:, :80]  # 8 text + 73 image-block tokens: a short question
@@ -52,7 +52,7 @@ def run_side(side: str, ckpt: str, new: int, dtype: str = "float32") -> dict:
                 pass
 
         torch.set_grad_enabled(False)
-        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).eval()
+        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=getattr(torch, hf_dtype)).eval()
         inputs = {k: torch.from_numpy(v) for k, v in dict(input_ids=ids, attention_mask=am, pixel_values=px, pixel_attention_mask=pm).items()}
     t0 = time.perf_counter()
     out = model.generate(**inputs, streamer=Clock(), **kw)
@@ -69,13 +69,14 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--out", default=str(HERE / "out" / "generate.json"))
     ap.add_argument("--dtype", default="float32", help="ferrovlm's dtype (bfloat16: bf16 weights, AVX512-BF16 matmuls, f32 activations); transformers runs fp32")
+    ap.add_argument("--hf-dtype", default="float32", help="transformers' dtype (the issue's comparison is float32)")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
-        print(json.dumps(run_side(args.side, args.ckpt, args.new, args.dtype)))
+        print(json.dumps(run_side(args.side, args.ckpt, args.new, args.dtype, args.hf_dtype)))
         return
-    res = run_both_sides(__file__, ["--new", str(args.new), "--dtype", args.dtype])
+    res = run_both_sides(__file__, ["--new", str(args.new), "--dtype", args.dtype, "--hf-dtype", args.hf_dtype])
     f, t = res["ferrovlm"], res["transformers"]
     res["ratios"] = {
         "decode_speedup": f["decode_tokens_per_s"] / t["decode_tokens_per_s"],
