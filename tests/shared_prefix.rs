@@ -127,3 +127,14 @@ fn shared_prefix_equals_full_rows_when_the_vision_tower_trains() {
     let full = run(&m, &bt, false, true);
     assert_same(&full, &run(&m, &bt, true, true), "paired, vision LoRA");
 }
+
+#[test]
+fn a_step_with_images_is_bitwise_reproducible() {
+    let (m, bt) = (model(true), batch());
+    let first = run(&m, &bt, true, true);
+    for _ in 0..3 {
+        let again = run(&m, &bt, true, true);
+        assert_eq!(first.0.to_bits(), again.0.to_bits());
+        assert!(first.1 == again.1, "gradients differ between identical runs");
+    }
+}

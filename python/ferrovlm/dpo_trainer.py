@@ -15,6 +15,7 @@ import numpy as np
 
 from . import _core
 from .dpo_collator import DataCollatorForVisionPreference
+from .generation import set_seed
 from .peft import PeftModel, get_peft_model
 from .sft_config import DPOConfig
 from .trainer import BaseTrainer, TrainingError, _batch_arrays
@@ -58,6 +59,9 @@ class DPOTrainer(BaseTrainer):
         if args is None:
             name = str(getattr(model.config, "_name_or_path", "model")).rstrip("/").split("/")[-1]
             args = DPOConfig(output_dir=f"{name}-DPO")
+        # transformers' Trainer seeds everything with args.seed in __init__; doing it before the adapter is
+        # attached also makes a fresh LoRA's initial weights (and so the whole run) reproducible.
+        set_seed(int(args.seed))
         if compute_metrics is not None or optimizers not in ((None, None), None):
             raise NotImplementedError("compute_metrics and custom optimizers are not supported by ferrovlm's DPOTrainer")
         processing_class = processing_class if processing_class is not None else tokenizer

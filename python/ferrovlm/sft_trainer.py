@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from .data_collator import DataCollatorForVisionLanguageModeling
+from .generation import set_seed
 from .peft import PeftModel, get_peft_model
 from .sft_config import SFTConfig
 from .trainer import BaseTrainer, TrainingError, _batch_arrays, num_label_tokens
@@ -51,6 +52,9 @@ class SFTTrainer(BaseTrainer):
             model = AutoModelForImageTextToText.from_pretrained(model)
         if args is None:
             args = SFTConfig(output_dir=f"{_model_name(model)}-SFT")
+        # transformers' Trainer seeds everything with args.seed in __init__; doing it before the adapter is
+        # attached also makes a fresh LoRA's initial weights (and so the whole run) reproducible.
+        set_seed(int(args.seed))
         if compute_loss_func is not None or formatting_func is not None or compute_metrics is not None:
             raise NotImplementedError("compute_loss_func, compute_metrics and formatting_func are not supported by ferrovlm's SFTTrainer")
         if optimizers not in ((None, None), None) or optimizer_cls_and_kwargs is not None:
