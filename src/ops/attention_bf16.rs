@@ -285,15 +285,7 @@ pub fn attention_qkv_bf16_portable(qkv: &Bf16Rows, frames: usize, heads: usize, 
 mod tests {
     use super::*;
 
-    fn rng_vec(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..len)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::ops::gemm_bf16::tests::rng_vec;
 
     /// f64 softmax attention on the bf16-rounded q, k, v (probabilities not rounded).
     fn reference(x: &[f32], frames: usize, s: usize, heads: usize, hd: usize, key_valid: Option<&[bool]>, scale: f64) -> Vec<f64> {

@@ -258,7 +258,7 @@ pub fn matmul_portable(x: &[f32], n: usize, k: usize, w: &[bf16], out: usize) ->
 }
 
 #[cfg(target_arch = "x86_64")]
-mod fast {
+pub(crate) mod fast {
     use super::{PackedBf16, KC, MC, MR, NCP, NR, NV};
     use core::arch::x86_64::*;
     use rayon::prelude::*;
@@ -310,20 +310,16 @@ mod fast {
         });
     }
 
-    /// One `MR x NR` tile over `kc` k-pairs: `c[rows, cols] (+)= a[rows, kc pairs] . b[kc pairs, NR]`.
+    /// The `MR x NR` products of one tile over `kc` k-pairs, `a[rows, kc pairs] . b[kc pairs, NR]`, in
+    /// `MR * NV` zmm accumulators (rows past `rows` repeat the last row: computed, never stored). The
+    /// microkernel shared by [`kernel`] and the fused gemm's tile.
+    ///
+    /// # Safety
+    /// Needs avx512f + avx512bf16; `1 <= rows <= MR`; `a` valid for `rows` rows of `kc` pairs (stride
+    /// `lda`), `b` for `kc * NR` pairs.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn kernel(
-        kc: usize,
-        a: *const u32,
-        lda: usize,
-        rows: usize,
-        b: *const u32,
-        c: *mut f32,
-        ldc: usize,
-        cols: usize,
-        accumulate: bool,
-    ) {
+    #[inline]
+    pub(crate) unsafe fn dot_tile(kc: usize, a: *const u32, lda: usize, rows: usize, b: *const u32) -> [[__m512; NV]; MR] {
         // Rows past the end repeat the last row (computed, never stored).
         let mut ap = [a; MR];
         for (i, p) in ap.iter_mut().enumerate() {
@@ -344,6 +340,24 @@ mod fast {
             }
             bp = bp.add(NR);
         }
+        acc
+    }
+
+    /// One `MR x NR` tile over `kc` k-pairs: `c[rows, cols] (+)= a[rows, kc pairs] . b[kc pairs, NR]`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel(
+        kc: usize,
+        a: *const u32,
+        lda: usize,
+        rows: usize,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let acc = dot_tile(kc, a, lda, rows, b);
         for (i, row) in acc.iter().enumerate().take(rows) {
             let crow = c.add(i * ldc);
             for (v, &r) in row.iter().enumerate() {
@@ -361,10 +375,11 @@ mod fast {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn rng_vec(len: usize, seed: u64) -> Vec<f32> {
+    /// Deterministic values in [-1, 1) (an LCG), shared by the bf16 kernels' tests.
+    pub(crate) fn rng_vec(len: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (0..len)
             .map(|_| {

@@ -251,29 +251,9 @@ pub(crate) unsafe fn tile(
     ldp: usize,
     epi: &Epi,
 ) {
-    use super::gemm_bf16::NV;
     use super::simd::x86::{gelu_tanh, lanes, store_bf16};
     use core::arch::x86_64::*;
-    // Rows past the end repeat the last row (computed, never stored).
-    let mut ap = [a; MR];
-    for (i, p) in ap.iter_mut().enumerate() {
-        *p = a.add(i.min(rows - 1) * lda);
-    }
-    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-    let mut bp = b;
-    for p in 0..kc {
-        let mut bv = [core::mem::zeroed::<__m512bh>(); NV];
-        for (v, r) in bv.iter_mut().enumerate() {
-            *r = core::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.add(v * 16) as *const _));
-        }
-        for i in 0..MR {
-            let av = core::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*ap[i].add(p) as i32));
-            for v in 0..NV {
-                acc[i][v] = _mm512_dpbf16_ps(acc[i][v], av, bv[v]);
-            }
-        }
-        bp = bp.add(NR);
-    }
+    let acc = super::gemm_bf16::fast::dot_tile(kc, a, lda, rows, b);
     for (i, row) in acc.iter().enumerate().take(rows) {
         for (v, &r) in row.iter().enumerate() {
             let c0 = v * 16;
@@ -348,15 +328,7 @@ mod tests {
     use super::*;
     use half::bf16;
 
-    fn rng_vec(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..len)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::ops::gemm_bf16::tests::rng_vec;
 
     /// f64 reference: epilogue(x_bf16 @ w^T + b) per job, with the residual `init` (or 0).
     fn reference(x: &[f32], n: usize, k: usize, ws: &[(Vec<bf16>, usize, Vec<f32>, usize)], gelu: bool, ld: usize, init: &[f32]) -> Vec<f64> {
