@@ -13,6 +13,7 @@ pub mod loss;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod quant;
 pub mod train;
 
 #[cfg(feature = "python")]

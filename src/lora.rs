@@ -131,7 +131,7 @@ fn normal(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
 
 /// Row-wise L2 norm of W + scaling * B A, detached. w: [out, in] -> [out]
 fn weight_norm(lin: &Linear, a: &Tensor, b: &Tensor, scaling: f64) -> CResult<Tensor> {
-    let w = lin.weight_tensor().to_dtype(DType::F32)?.detach(); // [out, in]
+    let w = lin.dense_weight()?.to_dtype(DType::F32)?.detach(); // [out, in]
     let ba = b.detach().matmul(&a.detach())?; // [out, in]
     let full = (w + (ba * scaling)?)?;
     full.sqr()?.sum(D::Minus1)?.sqrt()
@@ -157,7 +157,7 @@ impl Adapter {
 
     /// A trainable full copy of `lin` (`modules_to_save`).
     pub fn full_copy(lin: &Linear, switch: Arc<AdapterSwitch>) -> CResult<Self> {
-        let weight = Var::from_tensor(&lin.weight_tensor().to_dtype(DType::F32)?)?;
+        let weight = Var::from_tensor(&lin.dense_weight()?.to_dtype(DType::F32)?)?;
         let bias = lin.bias.as_ref().map(|b| Var::from_tensor(&b.to_dtype(DType::F32)?)).transpose()?;
         Ok(Adapter { kind: AdapterKind::Full { weight, bias }, switch })
     }
@@ -244,7 +244,7 @@ impl Adapter {
         match &self.kind {
             AdapterKind::Full { weight, bias } => Ok((weight.as_tensor().detach(), bias.as_ref().map(|b| b.as_tensor().detach()))),
             AdapterKind::Lora(l) => {
-                let w = lin.weight_tensor().to_dtype(DType::F32)?;
+                let w = lin.dense_weight()?.to_dtype(DType::F32)?;
                 let full = (w + (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scaling)?)?; // [out, in]
                 let full = match &l.magnitude {
                     None => full,
@@ -299,7 +299,14 @@ pub fn detach(model: &mut crate::model::VlmModel, merge: bool) -> Result<()> {
         if let Some(ad) = lin.adapter.take() {
             if merge {
                 let (w, b) = ad.merged_weight(lin)?;
-                let dt = lin.weight_tensor().dtype();
+                if let Some(q) = lin.quant() {
+                    // PEFT on a bitsandbytes layer: the merged weight is quantized again (rounding).
+                    let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
+                    let bf16 = matches!(lin.weight, crate::ops::linear::Weight::Quant { bf16: true, .. });
+                    *lin = Linear::quantized(Arc::new(q.requantize(&wv)), b.or(lin.bias.clone()), bf16);
+                    continue;
+                }
+                let dt = lin.weight_tensor().map_or(DType::F32, |w| w.dtype());
                 let w = if dt == DType::BF16 { w } else { w.to_dtype(dt)? };
                 let b = match b {
                     Some(b) => Some(b.to_dtype(lin.bias.as_ref().map_or(DType::F32, |x| x.dtype()))?),

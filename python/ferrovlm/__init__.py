@@ -30,7 +30,8 @@ from .processing import AutoProcessor, Idefics3Processor, SmolVLMProcessor
 from .tokenization import AutoTokenizer, PreTrainedTokenizerFast
 from .streamers import TextIteratorStreamer, TextStreamer
 from .peft_config import LoraConfig, TaskType
-from .peft import PeftModel, get_peft_model
+from .quantization_config import BitsAndBytesConfig
+from .peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from .sft_config import DPOConfig, SFTConfig, TrainingArguments
 from .data_collator import DataCollatorForVisionLanguageModeling
 from .trainer import TrainerState, TrainOutput, TrainingError
@@ -46,6 +47,8 @@ from .modeling import (
 )
 
 __all__ = [
+    "BitsAndBytesConfig",
+    "prepare_model_for_kbit_training",
     "LoraConfig",
     "TaskType",
     "PeftModel",

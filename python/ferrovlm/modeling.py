@@ -45,6 +45,41 @@ def _dtype_name(dtype: Any, config: Dict[str, Any]) -> str:
     return _DTYPE_NAMES[name]
 
 
+def _is_dtype(a: Any) -> bool:
+    return type(a).__name__ == "dtype" or str(a).replace("torch.", "") in _DTYPE_NAMES
+
+
+def _quantization_config(quantization_config: Any, load_in_4bit: bool, load_in_8bit: bool) -> Any:
+    """A ``BitsAndBytesConfig`` from ``quantization_config`` (config or dict) or the legacy
+    ``load_in_4bit`` / ``load_in_8bit`` keywords (as transformers still accepts)."""
+    from .quantization_config import BitsAndBytesConfig
+
+    if load_in_4bit or load_in_8bit:
+        if quantization_config is not None:
+            raise ValueError(
+                "You can't pass `load_in_4bit`or `load_in_8bit` as a kwarg when passing `quantization_config` argument at the same time."
+            )
+        warnings.warn(
+            "The `load_in_4bit` and `load_in_8bit` arguments are deprecated and will be removed in the future versions. "
+            "Please, pass a `BitsAndBytesConfig` object in `quantization_config` argument instead.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        return BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
+    if quantization_config is None:
+        return None
+    if isinstance(quantization_config, dict):
+        method = quantization_config.get("quant_method", "bitsandbytes")
+        if method != "bitsandbytes":
+            raise ValueError(f"quantization method {method!r} is not supported (bitsandbytes)")
+        return BitsAndBytesConfig.from_dict(quantization_config)
+    if isinstance(quantization_config, BitsAndBytesConfig):
+        return quantization_config
+    if type(quantization_config).__name__ == "BitsAndBytesConfig" and hasattr(quantization_config, "to_dict"):
+        return BitsAndBytesConfig.from_dict(quantization_config.to_dict())  # transformers' own class
+    raise ValueError(f"unsupported quantization_config {type(quantization_config).__name__}; use ferrovlm.BitsAndBytesConfig")
+
+
 def _check_device_map(device_map: Any) -> None:
     targets = device_map.values() if isinstance(device_map, dict) else [device_map]
     for t in targets:
@@ -96,14 +131,17 @@ class Idefics3ForConditionalGeneration:
         low_cpu_mem_usage: Optional[bool] = None,
         trust_remote_code: bool = False,
         quantization_config: Any = None,
+        load_in_4bit: bool = False,
+        load_in_8bit: bool = False,
     ) -> "Idefics3ForConditionalGeneration":
         if dtype is not None and torch_dtype is not None:
             raise ValueError("pass only one of dtype= and torch_dtype=")
         attn = attn_implementation or _attn_implementation
         if attn is not None and attn not in _ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation={attn!r} is not one of {sorted(_ATTN_IMPLEMENTATIONS)}")
-        if quantization_config is not None:
-            raise NotImplementedError("quantization_config is not supported yet")
+        if attn in ("flash_attention_2", "flash_attention_3"):
+            warnings.warn(f"attn_implementation={attn!r} needs a GPU; ferrovlm runs its own fused attention on the CPU", stacklevel=2)
+        quant = _quantization_config(quantization_config, load_in_4bit, load_in_8bit)
         _check_device_map(device_map)
         path = resolve_pretrained(
             pretrained_model_name_or_path,
@@ -120,7 +158,21 @@ class Idefics3ForConditionalGeneration:
                 f"loading a '{model_type}' checkpoint into {cls.__name__} (made for '{expected}'); the math is the same",
                 stacklevel=2,
             )
-        core = _core.VlmModel.load(path, _dtype_name(dtype if dtype is not None else torch_dtype, resolved))
+        stored_quant = resolved.get("quantization_config")
+        if stored_quant is not None and quant is not None:
+            warnings.warn(
+                "You passed `quantization_config` or equivalent parameters to `from_pretrained` but the model you're loading "
+                "already has a `quantization_config` attribute. The `quantization_config` from the model will be used.",
+                stacklevel=2,
+            )
+            quant = None
+        core = _core.VlmModel.load(
+            path,
+            _dtype_name(dtype if dtype is not None else torch_dtype, resolved),
+            json.dumps(quant.to_dict()) if quant is not None else None,
+        )
+        if quant is not None:
+            resolved["quantization_config"] = quant.to_dict()
         config = CONFIG_CLASSES[model_type].from_dict(resolved)
         config._name_or_path = os.fspath(pretrained_model_name_or_path)
         config._attn_implementation = attn or "eager"
@@ -148,6 +200,11 @@ class Idefics3ForConditionalGeneration:
             return name
 
     def to(self, *args: Any, **kwargs: Any) -> "Idefics3ForConditionalGeneration":
+        if self.is_quantized and (kwargs.get("dtype") is not None or any(_is_dtype(a) for a in args)):
+            raise ValueError(
+                "`.to` is not supported for `4-bit` or `8-bit` bitsandbytes models. Please use the model as it is, since the"
+                " model has already been set to the correct devices and casted to the correct `dtype`."
+            )
         for a in list(args) + list(kwargs.values()):
             if str(a).split(":")[0] not in ("cpu",) and not str(a).startswith("torch."):
                 warnings.warn(f"device {a!r} is not supported yet; ferrovlm runs on the CPU", stacklevel=2)
@@ -163,6 +220,53 @@ class Idefics3ForConditionalGeneration:
 
     def num_parameters(self) -> int:
         return self._core.num_parameters
+
+    # -- quantization (transformers' bitsandbytes integration) ------------------------------------
+    @property
+    def is_quantized(self) -> bool:
+        return self._core.quantization[0] is not None
+
+    @property
+    def is_loaded_in_4bit(self) -> bool:
+        return self._core.quantization[0] == "4bit"
+
+    @property
+    def is_loaded_in_8bit(self) -> bool:
+        return self._core.quantization[0] == "8bit"
+
+    @property
+    def quantization_method(self) -> Optional[str]:
+        return "bitsandbytes" if self.is_quantized else None
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes of the parameters (and buffers) as transformers counts them: dense tensors in the model's
+        dtype, a 4-bit weight as its packed bytes (its block scales are not parameters), an int8 weight
+        as one byte per value."""
+        _, _, qbytes, qlogical = self._core.quantization
+        itemsize = 2 if self._core.dtype in ("bfloat16", "float16") else 4
+        mem = (self.num_parameters() - qlogical) * itemsize + qbytes
+        if return_buffers:
+            text = self.config.text_config
+            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+            mem += 2 * (head_dim // 2) * 4  # the rotary embedding's inv_freq and original_inv_freq (float32)
+        return int(mem)
+
+    def save_pretrained(self, save_directory: "str | os.PathLike[str]", safe_serialization: bool = True, **kwargs: Any) -> None:
+        """``config.json``, ``generation_config.json`` and ``model.safetensors`` (transformers' keys; a
+        quantized model in bitsandbytes' serialized form, which transformers + bitsandbytes load)."""
+        os.makedirs(save_directory, exist_ok=True)
+        self._core.save_weights(os.fspath(save_directory))
+        cfg = self.config.to_dict()
+        cfg.pop("_name_or_path", None)
+        cfg.pop("_attn_implementation", None)
+        cfg["dtype"] = self._core.dtype
+        cfg.pop("torch_dtype", None)
+        with open(os.path.join(save_directory, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+            f.write("\n")
+        with open(os.path.join(save_directory, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump(self.generation_config.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
 
     # -- adapters (transformers' PEFT integration) ------------------------------------------------
     _peft_model: Any = None

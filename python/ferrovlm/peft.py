@@ -262,4 +262,17 @@ def get_peft_model(model: Any, peft_config: LoraConfig, adapter_name: str = "def
     return PeftModel(model, copy.copy(peft_config), adapter_name)
 
 
-__all__ = ["PeftModel", "get_peft_model", "LoraConfig", "TaskType", "module_names"]
+def prepare_model_for_kbit_training(model: Any, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: Optional[Dict[str, Any]] = None) -> Any:
+    """PEFT's ``prepare_model_for_kbit_training``: the base is frozen (it always is here), the layers that
+    are not quantized compute in float32 (bf16 weights widened exactly, as PEFT's upcast of fp16/bf16
+    parameters), and gradient checkpointing is switched on when asked. Returns the model."""
+    base = model.base_model.model if isinstance(model, PeftModel) else model
+    if getattr(base, "is_quantized", False):
+        _core.upcast_dense_layers(base._core)
+    if use_gradient_checkpointing:
+        base.enable_input_require_grads()
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": True})
+    return model
+
+
+__all__ = ["PeftModel", "get_peft_model", "LoraConfig", "TaskType", "module_names", "prepare_model_for_kbit_training"]

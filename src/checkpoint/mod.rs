@@ -3,6 +3,7 @@
 pub mod hub;
 pub mod peft;
 pub mod safetensors;
+pub mod save;
 
 pub use self::hub::{resolve_dir, resolve_model_dir, HubCache};
 pub use self::safetensors::WeightStore;

@@ -118,6 +118,13 @@ impl WeightStore {
         names.join(", ")
     }
 
+    /// The stored bytes of `name` with its safetensors dtype and shape (quantized weights, byte blobs).
+    pub fn raw(&self, name: &str) -> Result<(StDtype, Vec<usize>, &[u8], &Path), CheckpointError> {
+        let e = self.entries.get(name).ok_or_else(|| CheckpointError::MissingTensor { name: name.to_string(), files: self.file_list() })?;
+        let (path, mmap) = &self.files[e.file];
+        Ok((e.dtype, e.shape.clone(), &mmap[e.start..e.end], path.as_path()))
+    }
+
     /// Loads `name`, checking it has `shape`, converted to `dtype` on `device`.
     pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor, CheckpointError> {
         let e = self.entries.get(name).ok_or_else(|| CheckpointError::MissingTensor { name: name.to_string(), files: self.file_list() })?;

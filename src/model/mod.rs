@@ -26,6 +26,8 @@ pub struct LoadCtx {
     /// activations, norms, softmax, ...; every Linear weight is stored in bf16 (rounded when f32 on
     /// disk) and multiplied with the AVX512-BF16 kernel (see `Weight::PackedBf16`).
     pub bf16_compute: bool,
+    /// Quantize Linear weights while loading (bitsandbytes 4-bit / 8-bit), see `crate::quant::load`.
+    pub quant: Option<std::sync::Arc<crate::quant::QuantConfig>>,
 }
 
 impl LoadCtx {

@@ -45,7 +45,7 @@ pub(crate) fn usable(layers: &[VisionLayer], x: &Tensor, heads: usize) -> bool {
     layers.iter().all(|l| {
         let lin_ok = |lin: &Linear, i: usize, o: Option<usize>| {
             packed(lin).is_some()
-                && !lin.weight_tensor().track_op()
+                && lin.weight_tensor().is_some_and(|w| !w.track_op())
                 && lin.in_features == i
                 && o.is_none_or(|o| lin.out_features == o)
                 && lin.bias.as_ref().is_none_or(|b| untracked_f32_cpu(b) && b.dims() == [lin.out_features])

@@ -16,6 +16,7 @@ use crate::error::{input_err, Result};
 use crate::loss::causal_lm_loss_sum;
 use crate::lora::AdapterSwitch;
 use crate::ops::{Linear, Mask};
+use crate::quant::QuantConfig;
 
 #[derive(Clone)]
 pub struct VlmModel {
@@ -32,6 +33,8 @@ pub struct VlmModel {
     /// norms, softmax), every Linear weight is bf16 and multiplied with the AVX512-BF16 kernel.
     /// The model reports bf16 ([`Self::reported_dtype`]).
     pub bf16_compute: bool,
+    /// How the Linear weights were quantized while loading, if they were (bitsandbytes).
+    pub quant: Option<Arc<QuantConfig>>,
 }
 
 /// Inputs of one forward, shapes as in transformers. Integer inputs are plain vectors (row-major),
@@ -75,13 +78,27 @@ pub struct ImageFeatures {
 impl VlmModel {
     /// Loads config and weights from a checkpoint directory in `dtype` on `device`.
     pub fn from_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::from_dir_quantized(dir, dtype, device, None)
+    }
+
+    /// [`Self::from_dir`], quantizing Linear weights per `quant` (bitsandbytes' `quantization_config`).
+    /// A checkpoint saved quantized loads as stored, with the `quantization_config` of its config.json
+    /// when `quant` is None.
+    pub fn from_dir_quantized(dir: &Path, dtype: DType, device: &Device, quant: Option<QuantConfig>) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let store = WeightStore::open_dir(dir)?;
+        let prequantized = crate::quant::load::store_is_prequantized(&store);
+        let quant = match quant {
+            Some(q) => Some(q),
+            None if prequantized => Some(QuantConfig::from_config_file(&dir.join("config.json"))?),
+            None => None,
+        };
+        let quant = quant.map(|q| Arc::new(QuantConfig { prequantized, ..q }));
         // bf16 on the CPU: f32 activations with bf16 Linear weights (see `LoadCtx::bf16_compute`),
         // much faster than candle's bf16 tensors.
         let bf16_compute = dtype == DType::BF16 && device.is_cpu();
         let dtype = if bf16_compute { DType::F32 } else { dtype };
-        let ctx = LoadCtx { dtype, device: device.clone(), bf16_storage: false, bf16_compute };
+        let ctx = LoadCtx { dtype, device: device.clone(), bf16_storage: false, bf16_compute, quant };
         Self::load(config, &store, &ctx)
     }
 
@@ -99,7 +116,31 @@ impl VlmModel {
         } else {
             Linear::load(store, "lm_head", config.text.hidden_size, config.text.vocab_size, false, &tctx)?
         };
-        Ok(VlmModel { config, vision, connector, text, lm_head, dtype: ctx.dtype, device: ctx.device.clone(), switch: Arc::default(), bf16_compute: ctx.bf16_compute })
+        Ok(VlmModel { config, vision, connector, text, lm_head, dtype: ctx.dtype, device: ctx.device.clone(), switch: Arc::default(), bf16_compute: ctx.bf16_compute, quant: ctx.quant.clone() })
+    }
+
+    /// Linears packed for the bf16 compute mode (not quantized) compute in f32 with their bf16
+    /// weights from now on (PEFT's upcast in `prepare_model_for_kbit_training`; exact widening).
+    pub fn upcast_dense_layers(&mut self) -> Result<()> {
+        let upcast = |l: &mut Linear| -> Result<()> {
+            if let crate::ops::linear::Weight::PackedBf16 { w, .. } = &l.weight {
+                l.weight = crate::ops::linear::Weight::Bf16(w.clone());
+            }
+            Ok(())
+        };
+        upcast(&mut self.vision.patch_embedding)?;
+        for (_, l) in self.linears_mut() {
+            upcast(l)?;
+        }
+        Ok(())
+    }
+
+    /// Training mode (adapter dropout; bitsandbytes' training product for int8 layers) on or off.
+    pub fn set_training(&self, on: bool) {
+        self.switch.set_training(on);
+        if let Some(q) = &self.quant {
+            q.training.store(on, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     /// The dtype the model was loaded in: bf16 in the bf16 compute mode (which computes in f32).

@@ -1,7 +1,8 @@
 //! Linear layer y = x W^T + b over arbitrary leading dims.
 //!
-//! The weight is kept as stored by PyTorch ([out, in]). Quantized storage (nf4/fp4/int8, GGUF) will be
-//! further variants of [`Weight`], each with a matmul and a backward to the input.
+//! The weight is kept as stored by PyTorch ([out, in]), or quantized ([`Weight::Quant`]: bitsandbytes'
+//! nf4/fp4/int8, multiplied by `ops::quant_matmul` without a dequantized copy; GGUF will be another
+//! quantized kind), each with a matmul and a backward to the input.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -26,6 +27,9 @@ pub enum Weight {
     /// [`gemm_bf16::matmul_packed`] (x rounded to bf16, f32 accumulation), used for more than
     /// [`GEMV_MAX_ROWS`] rows. Only built where [`gemm_bf16::available`].
     PackedBf16 { w: Tensor, packed: Arc<gemm_bf16::PackedBf16> },
+    /// A frozen quantized weight (bitsandbytes 4-bit or 8-bit). `bf16`: products in bf16 with f32
+    /// accumulation and the output rounded to bf16 (`bnb_4bit_compute_dtype=bfloat16`).
+    Quant { q: Arc<crate::quant::QuantWeight>, bf16: bool },
 }
 
 /// Up to this many rows, bf16 weights go through the skinny kernel; above, they are widened block by
@@ -78,6 +82,20 @@ impl Linear {
         Ok(Linear { weight, bias, in_features, out_features, adapter: None })
     }
 
+    /// A layer over a quantized weight.
+    pub fn quantized(q: Arc<crate::quant::QuantWeight>, bias: Option<Tensor>, bf16: bool) -> Self {
+        let (out_features, in_features) = q.shape();
+        Linear { weight: Weight::Quant { q, bf16 }, bias, in_features, out_features, adapter: None }
+    }
+
+    /// The quantized weight, when the layer has one.
+    pub fn quant(&self) -> Option<&Arc<crate::quant::QuantWeight>> {
+        match &self.weight {
+            Weight::Quant { q, .. } => Some(q),
+            _ => None,
+        }
+    }
+
     /// Whether the weight is kept for the bf16 compute mode (see [`Self::bf16_compute`]).
     pub fn is_bf16_compute(&self) -> bool {
         matches!(self.weight, Weight::PackedBf16 { .. })
@@ -93,6 +111,10 @@ impl Linear {
         ctx: &crate::model::LoadCtx,
     ) -> std::result::Result<Self, CheckpointError> {
         let b = if bias { Some(ctx.get(store, &format!("{prefix}.bias"), &[out_features])?) } else { None };
+        if let Some(q) = crate::quant::load::linear(store, prefix, (out_features, in_features), ctx)? {
+            let bf16 = ctx.quant.as_ref().is_some_and(|c| c.compute_bf16) || (ctx.bf16_compute && matches!(*q, crate::quant::QuantWeight::Int8(_)));
+            return Ok(Linear::quantized(q, b, bf16));
+        }
         if ctx.bf16_compute && ctx.dtype == DType::F32 {
             let w = store.get(&format!("{prefix}.weight"), &[out_features, in_features], DType::BF16, &ctx.device)?;
             return Linear::bf16_compute(w, b).map_err(|e| CheckpointError::Io { file: "<memory>".into(), msg: e.to_string() });
@@ -120,7 +142,14 @@ impl Linear {
         let dims = x.dims().to_vec();
         let n: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((n, self.in_features))?; // [N, in]
-        let w = self.weight_tensor();
+        if let Weight::Quant { q, bf16 } = &self.weight {
+            let y = self.quant_forward(&x2, q, *bf16)?; // [N, out]
+            let mut out_dims = dims;
+            let last = out_dims.len() - 1;
+            out_dims[last] = self.out_features;
+            return y.reshape(out_dims);
+        }
+        let w = self.weight_tensor().ok_or_else(|| candle_core::Error::Msg("linear: no dense weight".into()))?;
         let tracked = x.track_op() || w.track_op() || self.bias.as_ref().is_some_and(|b| b.track_op());
         let y = if tracked && self.fused_ok(x) {
             linear_tracked(&x2, w, self.bias.as_ref())? // [N, out], bias included
@@ -140,6 +169,7 @@ impl Linear {
                     }
                 }
                 Weight::PackedBf16 { w, .. } => (x2.matmul(&w.to_dtype(x.dtype())?.t()?)?, false),
+                Weight::Quant { .. } => unreachable!("handled above"),
             };
             match bias {
                 Some(b) if !with_bias => y.broadcast_add(b)?,
@@ -152,13 +182,29 @@ impl Linear {
         y.reshape(out_dims)
     }
 
+    /// x [N, in] through a quantized weight: int8 in inference mode runs LLM.int8's product, every
+    /// other case [`quant_matmul::quant_linear`] (tracked x gets its gradient; the weight never).
+    fn quant_forward(&self, x2: &Tensor, q: &Arc<crate::quant::QuantWeight>, bf16: bool) -> Result<Tensor> {
+        let x2 = if x2.dtype() == DType::F32 { x2.clone() } else { x2.to_dtype(DType::F32)? };
+        if let crate::quant::QuantWeight::Int8(w) = &**q {
+            if !x2.track_op() && !w.training.load(std::sync::atomic::Ordering::SeqCst) {
+                let n = x2.dim(0)?;
+                let bias: Option<Vec<f32>> = self.bias.as_ref().map(|b| b.to_dtype(DType::F32)?.to_vec1()).transpose()?;
+                let y = with_f32(&x2, |xs| w.forward_lt(xs, n, bias.as_deref()))?;
+                return Tensor::from_vec(y, (n, self.out_features), x2.device());
+            }
+            return super::quant_matmul::quant_linear(&x2, q, self.bias.as_ref(), false);
+        }
+        super::quant_matmul::quant_linear(&x2, q, self.bias.as_ref(), bf16)
+    }
+
     /// The reference composition (candle matmul + broadcast_add, weight widened to x's dtype):
     /// autograd through it differentiates every argument, frozen or not. Used by tests.
     pub fn forward_reference(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let n: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((n, self.in_features))?; // [N, in]
-        let w = self.weight_tensor().to_dtype(x.dtype())?; // [out, in]
+        let w = self.dense_weight()?.to_dtype(x.dtype())?; // [out, in]
         let y = x2.matmul(&w.t()?)?; // [N, out]
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
@@ -176,15 +222,26 @@ impl Linear {
         let w_ok = match &self.weight {
             Weight::Dense(w) => w.dtype() == DType::F32 && w.device().is_cpu(),
             Weight::Bf16(w) | Weight::PackedBf16 { w, .. } => w.dtype() == DType::BF16 && w.device().is_cpu(),
+            Weight::Quant { .. } => false,
         };
         let b_ok = self.bias.as_ref().is_none_or(|b| b.dtype() == DType::F32 && b.device().is_cpu());
         x.dtype() == DType::F32 && x.device().is_cpu() && w_ok && b_ok
     }
 
-    /// The stored weight [out, in].
-    pub fn weight_tensor(&self) -> &Tensor {
+    /// The stored weight [out, in]; None for a quantized one (see [`Self::dense_weight`]).
+    pub fn weight_tensor(&self) -> Option<&Tensor> {
         match &self.weight {
-            Weight::Dense(w) | Weight::Bf16(w) | Weight::PackedBf16 { w, .. } => w,
+            Weight::Dense(w) | Weight::Bf16(w) | Weight::PackedBf16 { w, .. } => Some(w),
+            Weight::Quant { .. } => None,
+        }
+    }
+
+    /// The weight [out, in] as a tensor: the stored one, or a quantized one dequantized to f32 (a
+    /// temporary copy: merging, DoRA norms, references).
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) | Weight::Bf16(w) | Weight::PackedBf16 { w, .. } => Ok(w.clone()),
+            Weight::Quant { q, .. } => Tensor::from_vec(q.dequantize(), (self.out_features, self.in_features), &candle_core::Device::Cpu),
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod gemv;
 pub mod linear;
 pub mod math;
 pub mod norm;
+pub mod quant_matmul;
 pub mod rope;
 pub mod simd;
 

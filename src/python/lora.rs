@@ -54,6 +54,13 @@ fn remove_adapters(model: &PyVlmModel, merge: bool) -> PyResult<()> {
     guard(|| model.update(|m| lora::detach(m, merge)))
 }
 
+/// PEFT's `prepare_model_for_kbit_training` upcast: Linears that are not quantized and were packed for
+/// the bf16 compute mode compute in f32 with their bf16 weights (exact widening).
+#[pyfunction]
+fn upcast_dense_layers(model: &PyVlmModel) -> PyResult<()> {
+    guard(|| model.update(|m| m.upcast_dense_layers()))
+}
+
 /// Turns every adapter on or off (PEFT's `disable_adapter()`).
 #[pyfunction]
 fn set_adapters_enabled(model: &PyVlmModel, enabled: bool) {
@@ -125,6 +132,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(add_adapters, m)?)?;
     m.add_function(wrap_pyfunction!(remove_adapters, m)?)?;
     m.add_function(wrap_pyfunction!(set_adapters_enabled, m)?)?;
+    m.add_function(wrap_pyfunction!(upcast_dense_layers, m)?)?;
     m.add_function(wrap_pyfunction!(adapters_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(trainable_shapes, m)?)?;
     m.add_function(wrap_pyfunction!(adapter_state, m)?)?;

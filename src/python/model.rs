@@ -153,12 +153,53 @@ impl PyVlmModel {
 #[pymethods]
 impl PyVlmModel {
     /// Loads config.json and the safetensors weights of a checkpoint directory.
+    /// `quantization_config`: transformers' `BitsAndBytesConfig.to_dict()` as JSON (quantize while
+    /// loading); a checkpoint saved quantized loads as stored without it.
     #[staticmethod]
-    #[pyo3(signature = (dir, dtype="float32"))]
-    fn load(py: Python<'_>, dir: PathBuf, dtype: &str) -> PyResult<Self> {
+    #[pyo3(signature = (dir, dtype="float32", quantization_config=None))]
+    fn load(py: Python<'_>, dir: PathBuf, dtype: &str, quantization_config: Option<&str>) -> PyResult<Self> {
         let dtype = guard(|| parse_dtype(dtype))?;
-        let m = detached(py, |_| VlmModel::from_dir(&dir, dtype, &Device::Cpu))?;
+        let quant = guard(|| {
+            quantization_config
+                .map(|j| {
+                    let v: serde_json::Value = serde_json::from_str(j).or_else(|e| input_err(format!("quantization_config is not JSON: {e}")))?;
+                    Ok(crate::quant::QuantConfig::from_json(&v, std::path::Path::new("<quantization_config>"))?)
+                })
+                .transpose()
+        })?;
+        let m = detached(py, |_| VlmModel::from_dir_quantized(&dir, dtype, &Device::Cpu, quant))?;
         Ok(PyVlmModel::new(m))
+    }
+
+    /// Quantized Linear layers: (method or None, their count, bytes of their quantized weights as
+    /// transformers counts them, their number of logical weights).
+    #[getter]
+    fn quantization(&self) -> (Option<&'static str>, usize, usize, usize) {
+        let m = self.get();
+        let mut kind = None;
+        let (mut n, mut bytes, mut logical) = (0, 0, 0);
+        for (_, l) in m.linears() {
+            if let Some(q) = l.quant() {
+                kind = Some(match &**q {
+                    crate::quant::QuantWeight::FourBit(_) => "4bit",
+                    crate::quant::QuantWeight::Int8(_) => "8bit",
+                });
+                n += 1;
+                let (o, k) = q.shape();
+                bytes += match &**q {
+                    crate::quant::QuantWeight::FourBit(f) => f.packed.len(),
+                    crate::quant::QuantWeight::Int8(_) => o * k,
+                };
+                logical += o * k;
+            }
+        }
+        (kind, n, bytes, logical)
+    }
+
+    /// Writes `model.safetensors` (transformers' keys; quantized layers in bitsandbytes' form) to `dir`.
+    fn save_weights(&self, py: Python<'_>, dir: PathBuf) -> PyResult<()> {
+        let model = self.get();
+        detached(py, |_| crate::checkpoint::save::save_model(&model, &dir))
     }
 
     /// The config as JSON (file keys plus defaults).

@@ -156,7 +156,7 @@ pub fn run_objective(
     let mut inputs: Vec<Vec<Tensor>> = Vec::with_capacity(text.layers.len());
     let mut outputs: Vec<Option<Vec<Tensor>>> = Vec::with_capacity(text.layers.len());
     let mut h: Vec<Tensor> = rows.split(&x0.detach())?; // [B, L, H], or prefix [P, Lp, H] + suffixes [B, Ls, H]
-    model.switch.set_training(backward);
+    model.set_training(backward);
     for (i, layer) in text.layers.iter().enumerate() {
         check(interrupt)?;
         model.switch.set_seed(layer_seed(opts.dropout_seed, i));

@@ -1,0 +1,227 @@
+//! y = x W^T (+ b) for a quantized weight W (`crate::quant::QuantWeight`), and its backward to x.
+//!
+//! Reference: dequantize W whole, then a plain matmul ([`reference`]; tests only). The kernels here
+//! never build that copy: they decode W a tile of output rows at a time into a per-thread buffer
+//! (`TILE_ROWS x in` f32, in L2) and multiply it there:
+//! * many rows (prefill, training): each parallel task decodes one tile and runs gemm on it into the
+//!   tile's columns of y;
+//! * few rows (decoding): each task decodes one weight row at a time and takes its dot products with
+//!   every x row, so the weight is read once, as packed bytes.
+//! * backward: dx [N, in] = g [N, out] W [out, in], tile by tile, the tiles' products summed into dx.
+//!
+//! bf16 compute (`bnb_4bit_compute_dtype=bfloat16`), as bitsandbytes' Linear4bit: x, the decoded
+//! weight and the bias are rounded to bf16, multiplied with f32 accumulation (bf16 x bf16 products are
+//! exact in f32) and the output rounded to bf16; backward: the output gradient is rounded to bf16,
+//! multiplied by the bf16 weight, and dx rounded to bf16. Activations stay f32 between layers.
+//!
+//! The frozen quantized weight never gets a gradient: [`QuantLinearOp`] is an op of x alone.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::gemm_bf16::round_to_bf16;
+use super::linear::{f32_arg, with_f32};
+use crate::quant::QuantWeight;
+
+/// Output rows of W decoded per tile in the many-rows kernels.
+const TILE_ROWS: usize = 128;
+/// Up to this many rows of x, the row-at-a-time kernel (decoding) runs.
+pub const FEW_ROWS: usize = 16;
+
+thread_local! {
+    static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn with_tile<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    TILE.with(|cell| {
+        let mut t = cell.borrow_mut();
+        if t.len() < len {
+            t.resize(len, 0.0);
+        }
+        f(&mut t[..len])
+    })
+}
+
+/// Decodes rows r0..r0+rows of w into dst, rounded to bf16 when `bf16`.
+fn decode(w: &QuantWeight, r0: usize, rows: usize, dst: &mut [f32], bf16: bool) {
+    w.decode_rows(r0, rows, dst);
+    if bf16 {
+        dst.iter_mut().for_each(|v| *v = round_to_bf16(*v));
+    }
+}
+
+fn parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        t => gemm::Parallelism::Rayon(t),
+    }
+}
+
+/// A raw output pointer shared by tasks that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used for disjoint writes by parallel tasks while the owning Vec outlives them.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ar.iter().zip(br) {
+        tail += x * y;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// y [n, out] = x [n, k] W^T (+ bias).
+pub fn forward(x: &[f32], n: usize, w: &QuantWeight, bias: Option<&[f32]>, bf16: bool) -> Vec<f32> {
+    let (out, k) = w.shape();
+    debug_assert!(x.len() == n * k && bias.is_none_or(|b| b.len() == out));
+    let xr: Option<Vec<f32>> = bf16.then(|| x.iter().map(|&v| round_to_bf16(v)).collect());
+    let x = xr.as_deref().unwrap_or(x);
+    let mut y = vec![0f32; n * out]; // [n, out]
+    if n == 0 || out == 0 {
+        return y;
+    }
+    if let Some(b) = bias {
+        y.chunks_mut(out).for_each(|r| r.iter_mut().zip(b).for_each(|(y, &b)| *y = if bf16 { round_to_bf16(b) } else { b }));
+    }
+    let yp = SendPtr(y.as_mut_ptr());
+    if n <= FEW_ROWS {
+        // Decoding: one weight row at a time, dotted with every x row.
+        const ROWS_PER_TASK: usize = 32;
+        (0..out.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(move |t| {
+            let yp = yp;
+            with_tile(k, |row| {
+                for o in t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(out) {
+                    decode(w, o, 1, row, bf16);
+                    for r in 0..n {
+                        // SAFETY: y[r, o] is written by this task only (it owns rows o of W).
+                        unsafe { *yp.0.add(r * out + o) += dot(&x[r * k..(r + 1) * k], row) };
+                    }
+                }
+            })
+        });
+    } else {
+        (0..out.div_ceil(TILE_ROWS)).into_par_iter().for_each(move |t| {
+            let yp = yp;
+            let o0 = t * TILE_ROWS;
+            let ob = TILE_ROWS.min(out - o0);
+            with_tile(ob * k, |tile| {
+                decode(w, o0, ob, tile, bf16);
+                // SAFETY: the destination is the column block y[:, o0..o0+ob] (row stride out), written
+                // by this task only; x is [n, k] row-major; the tile [ob, k] is read as its transpose.
+                unsafe {
+                    gemm::gemm(n, ob, k, yp.0.add(o0), 1, out as isize, true, x.as_ptr(), 1, k as isize, tile.as_ptr(), k as isize, 1, 1.0, 1.0, false, false, false, gemm::Parallelism::None);
+                }
+            })
+        });
+    }
+    if bf16 {
+        y.par_chunks_mut(4096).for_each(|c| c.iter_mut().for_each(|v| *v = round_to_bf16(*v)));
+    }
+    y
+}
+
+/// dx [n, k] = g [n, out] W [out, k] (the gradient of x W^T with respect to x).
+pub fn backward_input(g: &[f32], n: usize, w: &QuantWeight, bf16: bool) -> Vec<f32> {
+    let (out, k) = w.shape();
+    debug_assert_eq!(g.len(), n * out);
+    let mut dx = vec![0f32; n * k]; // [n, k]
+    if n == 0 || k == 0 {
+        return dx;
+    }
+    let gr: Option<Vec<f32>> = bf16.then(|| g.iter().map(|&v| round_to_bf16(v)).collect());
+    let g = gr.as_deref().unwrap_or(g);
+    let rows = TILE_ROWS.max((1 << 20) / k.max(1)).min(out.max(1));
+    let mut tile = vec![0f32; rows * k]; // [rows, k]
+    let mut o0 = 0;
+    while o0 < out {
+        let ob = rows.min(out - o0);
+        tile[..ob * k].par_chunks_mut(k * 8).enumerate().for_each(|(i, d)| {
+            let r = d.len() / k;
+            decode(w, o0 + i * 8, r, d, bf16);
+        });
+        // SAFETY: dx [n, k]; lhs is the column block g[:, o0..o0+ob] (row stride out); rhs is the
+        // tile [ob, k] row-major.
+        unsafe {
+            gemm::gemm(n, k, ob, dx.as_mut_ptr(), 1, k as isize, o0 > 0, g.as_ptr().add(o0), 1, out as isize, tile.as_ptr(), 1, k as isize, 1.0, 1.0, false, false, false, parallelism());
+        }
+        o0 += ob;
+    }
+    if bf16 {
+        dx.par_chunks_mut(4096).for_each(|c| c.iter_mut().for_each(|v| *v = round_to_bf16(*v)));
+    }
+    dx
+}
+
+/// The reference composition: W dequantized whole, then candle's matmul; with `bf16`, x, W, the bias
+/// and the output pass through bf16 casts (whose backward rounds the gradients as bitsandbytes'
+/// bf16 autograd does). Autograd through it gives dx. x: [n, k] f32 -> [n, out]. Tests only.
+pub fn reference(x: &Tensor, w: &QuantWeight, bias: Option<&Tensor>, bf16: bool) -> Result<Tensor> {
+    let (out, k) = w.shape();
+    let mut wd = w.dequantize();
+    let mut x = x.clone();
+    if bf16 {
+        wd.iter_mut().for_each(|v| *v = round_to_bf16(*v));
+        x = x.to_dtype(candle_core::DType::BF16)?.to_dtype(candle_core::DType::F32)?;
+    }
+    let wt = Tensor::from_vec(wd, (out, k), x.device())?; // [out, k]
+    let y = x.matmul(&wt.t()?)?; // [n, out]
+    let y = match bias {
+        Some(b) if bf16 => y.broadcast_add(&b.to_dtype(candle_core::DType::BF16)?.to_dtype(candle_core::DType::F32)?)?,
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    if bf16 {
+        y.to_dtype(candle_core::DType::BF16)?.to_dtype(candle_core::DType::F32)
+    } else {
+        Ok(y)
+    }
+}
+
+/// y = x W^T (+ b) on x alone: W and b are frozen constants of the op. Backward: dx only.
+pub struct QuantLinearOp {
+    pub weight: Arc<QuantWeight>,
+    /// [out]
+    pub bias: Option<Vec<f32>>,
+    pub bf16: bool,
+}
+
+impl CustomOp1 for QuantLinearOp {
+    fn name(&self) -> &'static str {
+        "quant-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_arg(s, l, "quant-linear")?; // [N, in]
+        let (n, k) = l.shape().dims2()?;
+        let (out, kw) = self.weight.shape();
+        if k != kw {
+            candle_core::bail!("quant-linear: x {:?} does not match the weight [{out}, {kw}]", l.shape());
+        }
+        Ok((CpuStorage::F32(forward(x, n, &self.weight, self.bias.as_deref(), self.bf16)), Shape::from((n, out))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (n, k) = x.dims2()?;
+        let dx = with_f32(&g.contiguous()?, |g| backward_input(g, n, &self.weight, self.bf16))?;
+        Ok(Some(Tensor::from_vec(dx, (n, k), x.device())?))
+    }
+}
+
+/// x [N, in] f32 CPU -> [N, out] through [`QuantLinearOp`] (tracked or not).
+pub fn quant_linear(x: &Tensor, w: &Arc<QuantWeight>, bias: Option<&Tensor>, bf16: bool) -> Result<Tensor> {
+    let bias = bias.map(|b| b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()).transpose()?;
+    x.contiguous()?.apply_op1(QuantLinearOp { weight: w.clone(), bias, bf16 })
+}
