@@ -14,7 +14,6 @@ from PIL import Image
 
 from conftest import FIXTURES
 
-import ferrovlm
 from ferrovlm import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -104,8 +103,8 @@ def test_log_history_matches_trl(tiny_smolvlm, tmp_path, case):
             np.testing.assert_allclose(g[k], w[k], rtol=RTOL, err_msg=f"step {i + 1} {k}\n{table}")
         for k in ("learning_rate", "num_tokens", "epoch", "step"):
             np.testing.assert_allclose(g[k], w[k], rtol=1e-6, err_msg=f"step {i + 1} {k}")
-        # argmax accuracy over 339 label tokens: allow one token to flip on a near tie
-        np.testing.assert_allclose(g["mean_token_accuracy"], w["mean_token_accuracy"], atol=1.01 / 339, err_msg=f"step {i + 1}")
+        # argmax accuracy over ~340 label tokens: allow one token to flip on a near tie
+        np.testing.assert_allclose(g["mean_token_accuracy"], w["mean_token_accuracy"], atol=1.01 / 330, err_msg=f"step {i + 1}")
     np.testing.assert_allclose(got[-1]["train_loss"], want[-1]["train_loss"], rtol=RTOL)
     if quant_facts(case)["adapter"] == "float32":
         # Adam moves a weight by ~lr per step in the direction of its gradient's sign, whatever the gradient's size, so

@@ -29,8 +29,9 @@ as `row * (in // blocksize) + col // blocksize`, which is wrong when `in_feature
 (64): a 32-wide layer then scales every row with the first block's absmax. Its quantizer, its generic
 implementation (`backends/default/ops.py: _dequantize_4bit_compute`) and the CUDA kernel use flat blocks of 64
 consecutive weights. Most tiny-model layers are 32 wide (SmolVLM-256M's are all multiples of 64, where the kernels
-agree), so `bitsandbytes.functional.dequantize_4bit` is patched here to the generic, flat-block computation for such
-CPU weights (`patch_bnb_cpu_dequantize_4bit`; quant.json records it).
+agree), so the CPU kernel of the `bitsandbytes::dequantize_4bit` op (behind every 4-bit forward, backward and
+`F.dequantize_4bit`) is replaced here by the generic implementation (`patch_bnb_cpu_dequantize_4bit`; checked by
+`check_flat_blocks`; quant.json records it).
 
 The folder is emptied (except README.md) and rewritten on every run.
 """
