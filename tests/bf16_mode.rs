@@ -147,3 +147,68 @@ fn bf16_mode_model_is_close_to_f32() {
     assert!((l32 - l16).abs() <= 1e-2 * l32.abs(), "loss {l16} vs f32 {l32}");
     println!("bf16 mode: logits diff {diff} (scale {scale}), argmax {agree}/{total}, loss {l16} vs {l32}");
 }
+
+#[test]
+fn unpacked_bf16_linear_gives_the_same_numbers_tracked_or_not() {
+    // While adapters are attached the bf16 compute mode keeps weights unpacked (`Weight::Bf16`): the
+    // untracked product and the tracked op must then round alike, bias included, also when gemm splits
+    // the depth into several blocks (large k).
+    let dev = Device::Cpu;
+    for (out, k) in [(70, 48), (150, 1500)] {
+        let w = Tensor::randn(0f32, 0.05, (out, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.1, out, &dev).unwrap();
+        let mut lin = Linear::bf16_compute(w, Some(b)).unwrap();
+        if let Weight::PackedBf16 { w, .. } = &lin.weight {
+            lin.weight = Weight::Bf16(w.clone());
+        }
+        assert!(matches!(lin.weight, Weight::Bf16(_)));
+        for n in [5usize, 16, 17, 300] {
+            let x = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let plain = vals(&lin.forward(&x).unwrap());
+            let tracked = vals(&lin.forward(Var::from_tensor(&x).unwrap().as_tensor()).unwrap());
+            assert!(plain == tracked, "[{out}x{k}] rows {n}: tracked differs by {}", max_diff(&plain, &tracked));
+        }
+    }
+}
+
+#[test]
+fn bf16_mode_with_adapters_runs_one_arithmetic() {
+    use ferrovlm::lora::{self, AdapterPlan, LoraInit, LoraSpec};
+
+    let dir = fixtures().join("idefics3_gqa");
+    let mut m = VlmModel::from_dir(&dir.join("checkpoint"), DType::BF16, &Device::Cpu).unwrap();
+    let inp: std::collections::HashMap<String, Tensor> = Tensor::read_npz(dir.join("inputs.npz")).unwrap().into_iter().collect();
+    let (b, l) = inp["input_ids"].dims2().unwrap();
+    let (ids, am) = (i64s(&inp["input_ids"]), i64s(&inp["attention_mask"]));
+    let pam: Vec<bool> = inp["pixel_attention_mask"].flatten_all().unwrap().to_vec1::<u8>().unwrap().iter().map(|&v| v != 0).collect();
+    let input = ForwardInput {
+        input_ids: &ids,
+        batch: b,
+        seq_len: l,
+        attention_mask: Some(&am),
+        pixel_values: Some(&inp["pixel_values"]),
+        pixel_attention_mask: Some(&pam),
+        labels: None,
+        logits_to_keep: 0,
+    };
+    let logits = |m: &VlmModel| vals(&m.forward(&input, &no_interrupt).unwrap().logits);
+    let packed = logits(&m);
+    let targets: Vec<String> = m.linears().into_iter().map(|(n, _)| n).filter(|n| n != "lm_head").collect();
+    let spec = LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, use_dora: false, use_rslora: false, init: LoraInit::Default, seed: 1 };
+    lora::attach(&mut m, &AdapterPlan { lora_targets: targets, spec, modules_to_save: vec![] }).unwrap();
+    for (name, lin) in m.linears() {
+        assert!(matches!(lin.weight, Weight::Bf16(_)), "{name}: packed while adapters are attached");
+    }
+    // A fresh adapter (lora_B = 0) on or off: the same function, the same numbers (its outputs are
+    // tracked, the adapter-off pass is not).
+    let on = logits(&m);
+    m.switch.set_enabled(false);
+    let off = logits(&m);
+    m.switch.set_enabled(true);
+    assert!(on == off, "fresh adapter on vs off: max diff {}", max_diff(&on, &off));
+    lora::detach(&mut m, false).unwrap();
+    for (name, lin) in m.linears() {
+        assert_eq!(matches!(lin.weight, Weight::PackedBf16 { .. }), gemm_bf16::available(), "{name}: not packed again");
+    }
+    assert!(logits(&m) == packed, "after detach the model is the adapter-free one again");
+}

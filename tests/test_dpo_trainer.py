@@ -107,3 +107,48 @@ def test_a_fresh_adapter_run_is_reproducible_from_args_seed(tiny_smolvlm, tmp_pa
     first = losses(3)
     assert losses(3) == first
     assert losses(4) != first
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj", "fc1", "out_proj"]])
+def test_bf16_compute_first_step_is_exactly_log2_with_a_fresh_vision_lora(tiny_smolvlm, tmp_path, targets):
+    """dtype="bfloat16" (the bf16 compute mode) with LoRA in the vision tower: a fresh adapter (lora_B = 0) makes
+    the policy and the adapter-off reference the same function, so TRL logs loss ln 2 and zero rewards; the
+    reference pass (untracked) must run the tracked policy pass's arithmetic, vision tower and text model alike."""
+    rows = load_rows("sigmoid")
+    model = AutoModelForImageTextToText.from_pretrained(tiny_smolvlm, dtype="bfloat16")
+    args = DPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-3,
+                     logging_steps=1, report_to="none", save_strategy="no", bf16=True)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=rows, processing_class=AutoProcessor.from_pretrained(tiny_smolvlm),
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    assert any(".vision_model." in k for k in trainer.model.named_trainable_parameters())
+    trainer.train()
+    first = trainer.state.log_history[0]
+    assert abs(first["loss"] - np.log(2)) < 1e-6, first
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0 and first["rewards/margins"] == 0.0, first
+
+
+def test_vision_lora_reference_does_not_reuse_features_of_other_passes(tiny_smolvlm, tmp_path):
+    """With an adapter on the vision tower, image features depend on the adapter and on whether it is on: the
+    reference pass (adapter off) must not reuse features that a pass with the adapter on left in the frozen-vision
+    cache (an evaluation, say), and vice versa."""
+    rows = load_rows("sigmoid")
+
+    def trainer():
+        args = DPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4, report_to="none",
+                         save_strategy="no", bf16=False)
+        t = DPOTrainer(model=AutoModelForImageTextToText.from_pretrained(tiny_smolvlm), args=args, train_dataset=rows,
+                       processing_class=AutoProcessor.from_pretrained(tiny_smolvlm),
+                       peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        rng = np.random.default_rng(1)
+        _core.load_adapter_state(t.model._core, {k: (rng.standard_normal(v.shape) * 0.3).astype(np.float32)
+                                                 for k, v in _core.adapter_state(t.model._core).items()})
+        return t
+
+    a, b = trainer(), trainer()
+    batch = a._collate_rows(a.train_dataset, [0, 1, 2, 3], "train_dataset")
+    kw = dict(attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"], pixel_attention_mask=batch["pixel_attention_mask"])
+    policy = a.session.sequence_logps(batch["input_ids"], batch["labels"], **kw)  # adapter on
+    reference = a._reference(batch)  # adapter off
+    assert reference == b._reference(batch)
+    assert a.session.sequence_logps(batch["input_ids"], batch["labels"], **kw) == policy
+    assert policy != reference

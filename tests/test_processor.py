@@ -162,3 +162,41 @@ def test_apply_chat_template_tokenize_runs_the_processor(processor):
     out = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np")
     np.testing.assert_array_equal(out["input_ids"], EXPECTED["single.input_ids"])
     assert np.abs(out["pixel_values"] - EXPECTED["single.pixel_values"]).max() == 0.0
+
+
+SIZE_TUPLE = dict(np.load(FIXTURES / "processor_size_tuple" / "expected.npz"))
+SIZE_TUPLE_META = json.loads((FIXTURES / "processor_size_tuple" / "calls.json").read_text())["calls"]
+
+
+@pytest.mark.parametrize("name", sorted(SIZE_TUPLE_META))
+def test_non_dict_size_as_the_smol_course_video_cell_sets_it(checkpoint, name):
+    """smol-course's video cell: `processor.image_processor.size = (384, 384)` (a tuple) and
+    `do_resize = False`, then a processor call on the frames; plus a (height, width) tuple and an int
+    with do_resize on. Same outputs as transformers (scripts/reference/processor_size_tuple.py)."""
+    call = SIZE_TUPLE_META[name]
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    for k, v in call["attrs"].items():
+        setattr(processor.image_processor, k, tuple(v) if k == "size" and call["size_is_tuple"] else v)
+    frames = [load(n) for n in call["images"]]
+    content = [{"type": "text", "text": "Describe the video."}] + [{"type": "image"} for _ in frames]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    assert prompt == call["prompt"]
+    out = processor(text=prompt, images=frames, return_tensors="np")
+    keys = sorted(k[len(name) + 1:] for k in SIZE_TUPLE if k.startswith(name + "."))
+    assert sorted(out.keys()) == keys
+    for k in keys:
+        want, got = SIZE_TUPLE[f"{name}.{k}"], np.asarray(out[k])
+        assert got.shape == want.shape, k
+        if k == "pixel_values":
+            assert got.dtype == np.float32 and np.abs(got - want).max() == 0.0  # bit-identical
+        else:
+            np.testing.assert_array_equal(got, want.astype(got.dtype))
+
+
+def test_sizes_transformers_rejects_still_raise(checkpoint):
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    processor.image_processor.do_resize = False
+    for bad in [(384,), {"foo": 3}, "384"]:
+        processor.image_processor.size = bad
+        with pytest.raises(ProcessorError, match="size"):
+            processor(text="<image>", images=[load("rgb_37x53.png")])

@@ -246,3 +246,76 @@ def test_images_missing_for_placeholders_names_the_rows(tiny_smolvlm, tmp_path):
     trainer.train_dataset[2]["images"] = []
     with pytest.raises(ValueError, match=r"train_dataset rows \[.*2.*\]"):
         trainer.train()
+
+
+def _cookbook_rows(rows, same_objects=True):
+    """The HF cookbook's SFT rows (trained with TRL <= 0.22): a system turn, and each image both in "images" and in
+    the user turn as {"type": "image", "image": img} (the same object; a copy when rows come from `datasets`)."""
+    out = []
+    for r in rows:
+        imgs = iter(r["images"] if same_objects else [im.copy() for im in r["images"]])
+        msgs = [{"role": "system", "content": [{"type": "text", "text": "You are a vision assistant."}]}]
+        for m in r["messages"]:
+            msgs.append({**m, "content": [({"type": "image", "image": next(imgs)} if p["type"] == "image" else p) for p in m["content"]]})
+        out.append({"images": r["images"], "messages": msgs})
+    return out
+
+
+def _placeholder_rows(rows):
+    """The same rows with the images only in "images" (TRL 1.16's form)."""
+    return [{"images": r["images"], "messages": [{**m, "content": [({"type": "image"} if p["type"] == "image" else p) for p in m["content"]]}
+                                                 for m in r["messages"]]} for r in rows]
+
+
+def _trainer_on(tiny_smolvlm, rows, tmp_path):
+    args = json.loads((SFT / "messages" / "args.json").read_text())
+    args.update(max_steps=2)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_smolvlm)
+    model = PeftModel.from_pretrained(base, SFT / "messages" / "adapter", is_trainable=True)
+    return SFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path / "out"), **args), train_dataset=rows,
+                      processing_class=AutoProcessor.from_pretrained(tiny_smolvlm))
+
+
+@pytest.mark.parametrize("same_objects", [True, False])
+def test_cookbook_rows_with_images_in_images_and_in_the_messages(tiny_smolvlm, tmp_path, same_objects):
+    from test_sft_trajectory import load_rows as load_sft_rows
+
+    cookbook = _cookbook_rows(load_sft_rows("messages"), same_objects)
+    plain = _placeholder_rows(cookbook)
+    a = _trainer_on(tiny_smolvlm, cookbook, tmp_path / "a")
+    b = _trainer_on(tiny_smolvlm, plain, tmp_path / "b")
+    ba = a._collate(a._rows(a.train_dataset, [0, 1, 2, 3]))
+    bb = b._collate(b._rows(b.train_dataset, [0, 1, 2, 3]))
+    assert sorted(ba) == sorted(bb)
+    for k in bb:
+        np.testing.assert_array_equal(ba[k], bb[k], err_msg=k)
+    # each row's image counted once: one <image> expansion per row, frames of one image only
+    single = b._collate(b._rows(b.train_dataset, [0]))
+    assert ba["pixel_values"].shape[1] == single["pixel_values"].shape[1]
+    a.train()
+    b.train()
+    got, want = _strip(a.state.log_history), _strip(b.state.log_history)
+    assert len(got) == len(want) == 2
+    assert got == want
+    # the rows themselves are left as they were
+    assert cookbook[0]["messages"][1]["content"][0]["type"] == "image" and "image" in cookbook[0]["messages"][1]["content"][0]
+
+
+def test_cookbook_prompt_completion_rows_and_mismatched_images(tiny_smolvlm):
+    from test_sft_trajectory import load_rows as load_sft_rows
+
+    from ferrovlm import DataCollatorForVisionLanguageModeling
+
+    processor = AutoProcessor.from_pretrained(tiny_smolvlm)
+    rows = _cookbook_rows(load_sft_rows("messages"))
+    pc = [{"images": r["images"], "prompt": r["messages"][:2], "completion": r["messages"][2:]} for r in rows]
+    plain = [{**r, "prompt": _placeholder_rows([{"images": [], "messages": r["prompt"]}])[0]["messages"]} for r in pc]
+    collate = DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True)
+    x, y = collate(pc), collate(plain)
+    for k in y:
+        np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    other = Image.new("RGB", (32, 32), (1, 2, 3))
+    bad = [{**rows[0], "images": [other]}]  # the content holds a different image than "images"
+    with pytest.raises(ValueError, match="does not match"):
+        collate_lm = DataCollatorForVisionLanguageModeling(processor)
+        collate_lm(bad)

@@ -8,6 +8,9 @@ TRL rules reproduced (trl/trainer/sft_trainer.py, transformers 5.24):
   ``{"images", "prompt", "completion"}`` (conversational message lists or plain strings).
 * Messages with string content get ``{"type": "image"}`` placeholders for all the row's images in front of the
   first user message's text; placeholders are filled with the row's images in order; the count must match.
+  Rows that hold their images both in ``"images"`` and in the content (``{"type": "image", "image": img}``, the
+  same images: the HF cookbook's SFT rows) are taken as TRL <= 0.22 took them: each content image part is one of
+  the row's images, counted once (TRL 1.16 raises there: no unfilled placeholder for the row's images).
 * Language modeling: the chat template is rendered, then one processor call with ``padding=True``,
   ``padding_side="right"``, ``truncation=max_length is not None``, ``max_length``, ``add_special_tokens=False``;
   the cut follows the tokenizer's ``truncation_side``, which is "left" in SmolVLM's tokenizer_config.json (so
@@ -85,6 +88,13 @@ def prepare_multimodal_messages(messages: List[Dict[str, Any]], images: Optional
         out.append(m)
     slots = sum(1 for m in out if m.get("content") and m["role"] != "tool"
                 for p in m["content"] if p.get("type") == "image" and "image" not in p)
+    if slots != len(images) and images and _images_given_twice(out, images):
+        # TRL <= 0.22 rows (the cookbook's): every image part of the content, filled or not, is a slot for the
+        # row's images in order; the images in the content are the row's own, so each is counted once.
+        it = iter(images)
+        return [m if not m.get("content") or m["role"] == "tool" else
+                {**m, "content": [({**p, "image": next(it)} if p.get("type") == "image" else p) for p in m["content"]]}
+                for m in out]
     if slots != len(images):
         raise ValueError(f"Number of images provided ({len(images)}) does not match number of image placeholders ({slots}).")
     if images:
@@ -95,6 +105,35 @@ def prepare_multimodal_messages(messages: List[Dict[str, Any]], images: Optional
             out[i] = {**m, "content": [({**p, "image": next(it)} if p.get("type") == "image" and "image" not in p else p)
                                        for p in m["content"]]}
     return out
+
+
+def _images_given_twice(messages: List[Dict[str, Any]], images: Sequence[Any]) -> bool:
+    """True when the content's image parts (filled or not) are as many as ``images`` and each filled one holds
+    the image at its position in ``images`` (the same object, or equal pixels: a ``datasets`` row decodes the two
+    copies separately): rows that give their images both in ``"images"`` and in the messages, which TRL <= 0.22
+    trained on (its ``prepare_multimodal_messages`` left structured content alone and the processor got the
+    ``"images"`` list)."""
+    parts = [p for m in messages if m.get("content") and m["role"] != "tool"
+             for p in m["content"] if p.get("type") == "image"]
+    if len(parts) != len(images):
+        return False
+    return all("image" not in p or _same_image(p["image"], img) for p, img in zip(parts, images))
+
+
+def _same_image(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    from .image_processing import _is_pil
+
+    if _is_pil(a) and _is_pil(b):
+        return a.mode == b.mode and a.size == b.size and a.tobytes() == b.tobytes()
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    try:
+        a_arr, b_arr = np.asarray(a), np.asarray(b)
+    except Exception:
+        return False
+    return a_arr.dtype != object and a_arr.shape == b_arr.shape and bool(np.array_equal(a_arr, b_arr))
 
 
 def _images_of(messages: List[Dict[str, Any]]) -> List[Any]:

@@ -7,7 +7,9 @@
 //! 2. `do_resize`: `size.longest_edge = L`: `ar = w / h` (f64); if `w >= h`: `w = L`,
 //!    `h = int(w / ar)` else `h = L`, `w = int(h * ar)`; the computed side is bumped to even; both
 //!    at least 1; then capped so the longest edge is at most 4096 (`int()` again, no even bump).
-//!    `size = {height, width}` resizes to exactly that.
+//!    `size = {height, width}` resizes to exactly that; so do `size = (height, width)` and
+//!    `size = n` (n x n), which transformers' `get_size_dict` turns into that dict.
+//!    With `do_resize` off, `size` is not used (the image keeps its size for step 3).
 //! 3. `do_image_splitting` with `M = max_image_size.longest_edge`: resize to multiples of M
 //!    (`ar = w / h`; if `w >= h`: `w = ceil(w / M) * M`, `h = ceil(int(w / ar) / M) * M`, else
 //!    symmetric), then if `h > M or w > M`: `rows = (h - M) // M + 1` x `cols` tiles (row-major) plus
@@ -118,6 +120,59 @@ fn as_floats(obj: &Map<String, Value>, key: &str, default: &[f64]) -> Result<Vec
     }
 }
 
+/// transformers' `VALID_SIZE_DICT_KEYS`.
+const VALID_SIZE_KEYS: [&[&str]; 6] = [
+    &["height", "width"],
+    &["shortest_edge"],
+    &["longest_edge", "shortest_edge"],
+    &["longest_edge"],
+    &["max_height", "max_width"],
+    &["max_pixels", "min_pixels"],
+];
+
+/// `size` as transformers' `get_size_dict` reads it (then `Idefics3ImageProcessor.resize` uses it):
+/// a dict with one of the valid key sets; a list / tuple `(height, width)` (`size = (384, 384)` as
+/// tutorials set it on the processor); an int n, `{height: n, width: n}` (with `default_to_square`,
+/// the default; else `{shortest_edge: n}`). `Ok(None)`: not set. `Ok(Some(Err(msg)))`: a valid size
+/// that Idefics3's resize rejects (no `longest_edge`, no `height` + `width`): an error only when
+/// `do_resize` is on, as in transformers. `Err`: an invalid size (transformers raises in any case).
+fn parse_size(v: Option<&Value>, default_to_square: bool) -> Result<Option<std::result::Result<ResizeTarget, String>>> {
+    let unusable = |s: &Value| {
+        Ok(Some(Err(format!("'size' must have 'longest_edge' or 'height' and 'width' to resize, got {s}"))))
+    };
+    let Some(v) = v else { return Ok(None) };
+    match v {
+        Value::Object(s) => {
+            let mut keys: Vec<&str> = s.iter().filter(|(_, x)| !x.is_null()).map(|(k, _)| k.as_str()).collect();
+            keys.sort_unstable();
+            if !VALID_SIZE_KEYS.iter().any(|k| *k == keys.as_slice()) {
+                return Err(cfg_err(format!("'size' must have one of the key sets {VALID_SIZE_KEYS:?}, got {v}")));
+            }
+            // transformers tests `size.longest_edge` first (truthy), then `size.height and size.width`.
+            let truthy = |k: &str| get(s, k).filter(|x| x.as_f64() != Some(0.0));
+            if let Some(l) = truthy("longest_edge") {
+                Ok(Some(Ok(ResizeTarget::LongestEdge(as_count(l, "size.longest_edge")?))))
+            } else if let (Some(h), Some(w)) = (truthy("height"), truthy("width")) {
+                Ok(Some(Ok(ResizeTarget::Exact { height: as_count(h, "size.height")?, width: as_count(w, "size.width")? })))
+            } else {
+                unusable(v)
+            }
+        }
+        Value::Array(a) if a.len() >= 2 => {
+            Ok(Some(Ok(ResizeTarget::Exact { height: as_count(&a[0], "size[0]")?, width: as_count(&a[1], "size[1]")? })))
+        }
+        Value::Number(n) if n.is_i64() || n.is_u64() => {
+            let n = as_count(v, "size")?;
+            if default_to_square {
+                Ok(Some(Ok(ResizeTarget::Exact { height: n, width: n })))
+            } else {
+                unusable(&json!({ "shortest_edge": n }))
+            }
+        }
+        _ => Err(cfg_err(format!("'size' must be a dict like {{\"longest_edge\": 2048}}, a (height, width) pair or an int, got {v}"))),
+    }
+}
+
 impl ImageProcessorConfig {
     /// Parses `preprocessor_config.json` (or the `"image_processor"` object that newer saves nest in
     /// `processor_config.json`; a whole processor config holding that key is accepted too).
@@ -130,18 +185,14 @@ impl ImageProcessorConfig {
             obj = inner;
         }
         let d = ImageProcessorConfig::default();
-        let size = match get(obj, "size") {
+        let do_resize = as_bool(obj, "do_resize", d.do_resize)?;
+        let default_to_square = as_bool(obj, "default_to_square", true)?;
+        let size = match parse_size(get(obj, "size"), default_to_square)? {
             None => d.size,
-            Some(Value::Object(s)) => {
-                if let Some(l) = get(s, "longest_edge") {
-                    ResizeTarget::LongestEdge(as_count(l, "size.longest_edge")?)
-                } else if let (Some(h), Some(w)) = (get(s, "height"), get(s, "width")) {
-                    ResizeTarget::Exact { height: as_count(h, "size.height")?, width: as_count(w, "size.width")? }
-                } else {
-                    return Err(cfg_err(format!("'size' needs 'longest_edge' or 'height' and 'width', got {}", Value::Object(s.clone()))));
-                }
-            }
-            Some(v) => return Err(cfg_err(format!("'size' must be an object like {{\"longest_edge\": 2048}}, got {v}"))),
+            Some(Ok(t)) => t,
+            // A size transformers accepts but Idefics3's resize cannot use: an error only when it resizes.
+            Some(Err(_)) if !do_resize => d.size,
+            Some(Err(msg)) => return Err(cfg_err(msg)),
         };
         let max_image_size = match get(obj, "max_image_size") {
             None => d.max_image_size,
@@ -164,7 +215,7 @@ impl ImageProcessorConfig {
         };
         Ok(ImageProcessorConfig {
             do_convert_rgb: as_bool(obj, "do_convert_rgb", d.do_convert_rgb)?,
-            do_resize: as_bool(obj, "do_resize", d.do_resize)?,
+            do_resize,
             size,
             resample,
             do_image_splitting: as_bool(obj, "do_image_splitting", d.do_image_splitting)?,
@@ -535,9 +586,26 @@ mod tests {
         assert_eq!(c.size, ResizeTarget::LongestEdge(2048));
         assert_eq!((c.max_image_size, c.resample), (512, Filter::Bicubic));
         assert_eq!(ImageProcessorConfig::from_json(&c.to_json()).unwrap(), c);
-        for bad in [json!({"size": 5}), json!({"do_pad": "yes"}), json!({"resample": 9}), json!({"max_image_size": {}}), json!([])] {
+        for bad in [json!({"size": "5"}), json!({"size": [5]}), json!({"size": {"foo": 5}}), json!({"do_pad": "yes"}), json!({"resample": 9}), json!({"max_image_size": {}}), json!([])] {
             assert!(ImageProcessorConfig::from_json(&bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn size_forms_follow_get_size_dict() {
+        let size = |v: Value| ImageProcessorConfig::from_json(&v).map(|c| c.size);
+        let exact = |height, width| ResizeTarget::Exact { height, width };
+        assert_eq!(size(json!({"size": [384, 320]})).unwrap(), exact(384, 320)); // (height, width)
+        assert_eq!(size(json!({"size": 50})).unwrap(), exact(50, 50));
+        assert_eq!(size(json!({"size": {"shortest_edge": 9, "longest_edge": 20}})).unwrap(), ResizeTarget::LongestEdge(20));
+        // Valid for transformers but not usable by Idefics3's resize: fine unless it resizes.
+        for s in [json!({"shortest_edge": 9}), json!({"max_height": 9, "max_width": 9})] {
+            assert!(size(json!({"size": s.clone()})).is_err(), "{s}");
+            assert_eq!(size(json!({"size": s, "do_resize": false})).unwrap(), ImageProcessorConfig::default().size);
+        }
+        assert!(size(json!({"size": 50, "default_to_square": false})).is_err());
+        assert!(size(json!({"size": 50, "default_to_square": false, "do_resize": false})).is_ok());
+        assert!(size(json!({"size": [5], "do_resize": false})).is_err()); // transformers: IndexError
     }
 
     #[test]

@@ -23,7 +23,9 @@ use crate::ops::linear::Weight;
 use crate::ops::norm::layer_norm_bf16;
 use crate::ops::Linear;
 
-/// The packed bf16 weight of a layer without adapter.
+/// The packed bf16 weight of a layer without adapter. (While a model carries adapters its weights are
+/// not packed at all, see `crate::lora::attach`: every pass then takes the unfused layers, whose
+/// arithmetic the tracked training pass shares.)
 fn packed(l: &Linear) -> Option<&PackedBf16> {
     match (&l.weight, &l.adapter) {
         (Weight::PackedBf16 { packed, .. }, None) => Some(packed),

@@ -346,6 +346,12 @@ impl VlmModel {
         out
     }
 
+    /// Whether an adapter sits on a Linear of the vision tower or the connector (image features then
+    /// depend on the adapter).
+    pub fn vision_side_has_adapters(&self) -> bool {
+        self.linears().iter().any(|(n, l)| l.adapter.is_some() && !n.starts_with("model.text_model.") && n != "lm_head")
+    }
+
     /// [`Self::linears`], mutable.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();

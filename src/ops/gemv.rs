@@ -87,9 +87,6 @@ const WIDE_BLOCK_N: usize = 128;
 pub fn matmul_bf16_wide(x: &[f32], m: usize, k: usize, w: &[u16], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
     debug_assert!(x.len() == m * k && w.len() == n * k && bias.is_none_or(|b| b.len() == n));
     let mut y = vec![0f32; m * n]; // [m, n]
-    if let Some(b) = bias {
-        y.par_chunks_mut(n.max(1)).for_each(|r| r.copy_from_slice(b)); // accumulated onto below
-    }
     let yp = SendPtr(y.as_mut_ptr());
     (0..n.div_ceil(WIDE_BLOCK_N)).into_par_iter().for_each(move |bi| {
         let yp = yp;
@@ -107,7 +104,17 @@ pub fn matmul_bf16_wide(x: &[f32], m: usize, k: usize, w: &[u16], n: usize, bias
             // this task only; x is [m, k] row-major; wf holds [nb, k] row-major, read as its
             // transpose [k, nb] (row stride 1, column stride k).
             unsafe {
-                gemm::gemm(m, nb, k, yp.0.add(n0), 1, n as isize, bias.is_some(), x.as_ptr(), 1, k as isize, wf.as_ptr(), k as isize, 1, 1.0, 1.0, false, false, false, gemm::Parallelism::None);
+                gemm::gemm(m, nb, k, yp.0.add(n0), 1, n as isize, false, x.as_ptr(), 1, k as isize, wf.as_ptr(), k as isize, 1, 1.0, 1.0, false, false, false, gemm::Parallelism::None);
+            }
+            // The bias is added to the finished products (not preloaded into gemm's accumulator, which
+            // adds it before the later depth blocks): the same rounding as the tracked linear op's
+            // `x W^T + b`, so a layer gives the same numbers with or without autograd.
+            if let Some(b) = bias {
+                for r in 0..m {
+                    // SAFETY: row r of this task's column block, as written by gemm above.
+                    let row = unsafe { std::slice::from_raw_parts_mut(yp.0.add(r * n + n0), nb) };
+                    row.iter_mut().zip(&b[n0..n0 + nb]).for_each(|(y, b)| *y += b);
+                }
             }
         })
     });

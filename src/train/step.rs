@@ -142,9 +142,14 @@ pub fn run_objective(
         names.iter().any(|n| n.contains(&tag))
     });
 
-    // Embeddings with image features: tracked only when the vision side trains; else cached by content.
+    // Embeddings with image features: tracked only when the vision side trains; else cached by content,
+    // unless an adapter sits on the vision tower or the connector: the features then depend on the
+    // adapter's current values and on whether it is switched on (DPO's reference pass, evaluation),
+    // which a cache keyed by pixels cannot tell apart.
     let x0 = match (vision_trains, cache) {
-        (false, Some(c)) => model.merged_embeddings_with(input, &|px, pam| c.features(model, px, pam, interrupt))?,
+        (false, Some(c)) if !model.vision_side_has_adapters() => {
+            model.merged_embeddings_with(input, &|px, pam| c.features(model, px, pam, interrupt))?
+        }
         _ => model.merged_embeddings(input, interrupt)?,
     }; // [B, L, H]
     let rows = Rows::new(text, input, &x0, opts.paired)?;
