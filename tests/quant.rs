@@ -233,3 +233,19 @@ fn decode_range_handles_any_start_and_length() {
     four_bit::decode_range(&q.packed, &q.scales, FourBitType::Nf4.table(), 64, 63, &mut one);
     assert_eq!(one, whole[63..66]);
 }
+
+#[test]
+fn double_quant_offset_is_torchs_f32_mean() {
+    // tests/fixtures/bnb/torch_mean.npz: x<n> and torch's x.mean() (torch 2.15, CPU) for many n
+    let fx: HashMap<String, Tensor> = Tensor::read_npz("tests/fixtures/bnb/torch_mean.npz").unwrap().into_iter().collect();
+    let mut n_checked = 0;
+    for (k, x) in &fx {
+        if let Some(n) = k.strip_prefix('x') {
+            let want = f32v(&fx[&format!("m{n}")])[0];
+            let got = ferrovlm::quant::dynamic::mean_f32(&f32v(x));
+            assert_eq!(got.to_bits(), want.to_bits(), "n = {n}: {got} vs torch {want}");
+            n_checked += 1;
+        }
+    }
+    assert!(n_checked >= 20);
+}

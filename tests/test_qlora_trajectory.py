@@ -28,7 +28,9 @@ from ferrovlm import (
 )
 
 QLORA = FIXTURES / "qlora"
-CASES = ["nf4", "nf4_fp32_adapter", "int8", "int8_fp32_adapter"]
+# "nf4" and "int8" (TRL as is: it casts a quantized model's adapter to bfloat16 in SFTTrainer.__init__) stay in
+# the fixtures for the record; ferrovlm keeps float32 adapters (README: QLoRA), compared here with TRL run so.
+CASES = ["nf4_fp32_adapter", "int8_fp32_adapter"]
 RTOL = 1e-3  # issue 11: loss and grad_norm per step within 1e-3 relative
 NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype="float32")
 

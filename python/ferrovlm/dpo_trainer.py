@@ -196,11 +196,12 @@ class DPOTrainer(BaseTrainer):
         bs = int(self.args.per_device_eval_batch_size)
         self._metrics["eval"] = {}
         losses = []
-        for start in range(0, len(ds), bs):
-            idx = list(range(start, min(start + bs, len(ds))))
-            batch = self._collate_rows(ds, idx, "eval_dataset")
-            batch.pop("_rows")
-            losses.append((self._micro_step(batch, 1, 0, backward=False, mode="eval"), len(idx)))
+        with self._eval_mode():
+            for start in range(0, len(ds), bs):
+                idx = list(range(start, min(start + bs, len(ds))))
+                batch = self._collate_rows(ds, idx, "eval_dataset")
+                batch.pop("_rows")
+                losses.append((self._micro_step(batch, 1, 0, backward=False, mode="eval"), len(idx)))
         metrics = {f"{metric_key_prefix}_loss": sum(l * n for l, n in losses) / sum(n for _, n in losses)}
         metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._flush_metrics("eval").items()})
         self.log(dict(metrics))

@@ -211,11 +211,11 @@ class Idefics3ForConditionalGeneration:
         return self
 
     def eval(self) -> "Idefics3ForConditionalGeneration":
-        self.training = False
-        return self
+        return self.train(False)
 
     def train(self, mode: bool = True) -> "Idefics3ForConditionalGeneration":
         self.training = mode
+        _core.set_training(self._core, bool(mode))
         return self
 
     def num_parameters(self) -> int:

@@ -124,20 +124,21 @@ class SFTTrainer(BaseTrainer):
         t0 = time.time()
         total, weight, n_batches = 0.0, 0, 0
         self._metrics["eval"] = {}
-        for start in range(0, len(ds), bs):
-            idx = list(range(start, min(start + bs, len(ds))))
-            rows = idx
-            batch = self._collate_rows(ds, idx, "eval_dataset")
-            stats = self.session.evaluate(
-                batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-                pixel_attention_mask=batch["pixel_attention_mask"],
-            )
-            n = stats["num_label_tokens"]
-            loss = stats["loss_sum"] / n if n else float("nan")
-            total += loss * len(rows)
-            weight += len(rows)
-            n_batches += 1
-            self._account(stats, "eval")
+        with self._eval_mode():
+            for start in range(0, len(ds), bs):
+                idx = list(range(start, min(start + bs, len(ds))))
+                rows = idx
+                batch = self._collate_rows(ds, idx, "eval_dataset")
+                stats = self.session.evaluate(
+                    batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+                    pixel_attention_mask=batch["pixel_attention_mask"],
+                )
+                n = stats["num_label_tokens"]
+                loss = stats["loss_sum"] / n if n else float("nan")
+                total += loss * len(rows)
+                weight += len(rows)
+                n_batches += 1
+                self._account(stats, "eval")
         runtime = time.time() - t0
         metrics = {f"{metric_key_prefix}_loss": total / weight}
         metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._flush_metrics("eval").items()})

@@ -4,6 +4,7 @@ backward, optimizer) are computed in Rust by ``_core.TrainSession``; this file o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -171,6 +172,13 @@ class BaseTrainer:
     _tag = "train"
 
     def __init__(self, model: Any, args: Any, train_dataset: Any, eval_dataset: Any, callbacks: Any = None) -> None:
+        core = getattr(model, "_core", None)
+        if core is not None and core.quantization[0] is not None and not _core.trainable_shapes(core):
+            # transformers' Trainer: a quantized base cannot be trained itself (its weights are frozen codes).
+            raise ValueError(
+                "You cannot perform fine-tuning on purely quantized models. Please attach trainable adapters on top of"
+                " the quantized model to correctly perform fine-tuning (peft_config= or get_peft_model())."
+            )
         self.model = model
         self.args = args
         self.train_dataset = train_dataset
@@ -179,6 +187,16 @@ class BaseTrainer:
         self.callbacks = list(callbacks or [])
         self._session: Optional[Any] = None
         self._metrics: Dict[str, Dict[str, List[float]]] = {"train": {}, "eval": {}}
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """transformers' evaluation loop runs the model in eval mode (int8 layers: LLM.int8's product)."""
+        was = bool(getattr(self.model, "training", False))
+        _core.set_training(self.model._core, False)
+        try:
+            yield
+        finally:
+            _core.set_training(self.model._core, was)
 
     # -- core session -----------------------------------------------------------------------------
     @property

@@ -132,12 +132,20 @@ impl VlmModel {
         for (_, l) in self.linears_mut() {
             upcast(l)?;
         }
+        // f32 compute from now on: nothing packs these layers again (`lora::detach`), and the model
+        // reports float32 as transformers does after PEFT's upcast.
+        self.bf16_compute = false;
         Ok(())
     }
 
     /// Training mode (adapter dropout; bitsandbytes' training product for int8 layers) on or off.
     pub fn set_training(&self, on: bool) {
         self.switch.set_training(on);
+        self.set_quant_training(on);
+    }
+
+    /// The int8 layers' mode alone: bitsandbytes' training product (on) or LLM.int8's (off).
+    pub fn set_quant_training(&self, on: bool) {
         if let Some(q) = &self.quant {
             q.training.store(on, std::sync::atomic::Ordering::SeqCst);
         }

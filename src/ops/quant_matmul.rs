@@ -97,6 +97,14 @@ pub fn forward(x: &[f32], n: usize, w: &QuantWeight, bias: Option<&[f32]>, bf16:
         y.chunks_mut(out).for_each(|r| r.iter_mut().zip(b).for_each(|(y, &b)| *y = if bf16 { round_to_bf16(b) } else { b }));
     }
     let yp = SendPtr(y.as_mut_ptr());
+    if n <= FEW_ROWS && !bf16 {
+        if let QuantWeight::FourBit(q) = w {
+            if k % q.blocksize == 0 && q.blocksize % 2 == 0 && q.blocksize <= 256 {
+                few_rows_4bit(x, n, q, &mut y);
+                return y;
+            }
+        }
+    }
     if n <= FEW_ROWS {
         // Decoding: one weight row at a time, dotted with every x row.
         const ROWS_PER_TASK: usize = 32;
@@ -131,6 +139,61 @@ pub fn forward(x: &[f32], n: usize, w: &QuantWeight, bias: Option<&[f32]>, bf16:
         y.par_chunks_mut(4096).for_each(|c| c.iter_mut().for_each(|v| *v = round_to_bf16(*v)));
     }
     y
+}
+
+/// Decoding with a 4-bit weight whose rows are whole blocks: per block, its 64 codes are looked up
+/// two at a time (one byte, [`four_bit::pair_table`]) into the table values, dotted with each x row,
+/// and the sum scaled once by the block's absmax: y += s_b * sum_j table[q_j] x_j. Reads the packed
+/// bytes only (half a byte per weight). y [n, out] holds the bias already.
+fn few_rows_4bit(x: &[f32], n: usize, q: &crate::quant::FourBit, y: &mut [f32]) {
+    let (out, k) = q.shape;
+    let bs = q.blocksize;
+    let lut = crate::quant::four_bit::pair_table(q.ty);
+    let yp = SendPtr(y.as_mut_ptr());
+    const ROWS_PER_TASK: usize = 16;
+    (0..out.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(move |t| {
+        let yp = yp;
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports avx2 and fma (checked above).
+            unsafe { few_rows_4bit_task_avx2(x, n, q, lut, t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(out), k, bs, out, yp) };
+            return;
+        }
+        few_rows_4bit_task(x, n, q, lut, t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(out), k, bs, out, yp);
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn few_rows_4bit_task_avx2(x: &[f32], n: usize, q: &crate::quant::FourBit, lut: &[[f32; 2]; 256], o0: usize, o1: usize, k: usize, bs: usize, out: usize, yp: SendPtr) {
+    few_rows_4bit_task(x, n, q, lut, o0, o1, k, bs, out, yp)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn few_rows_4bit_task(x: &[f32], n: usize, q: &crate::quant::FourBit, lut: &[[f32; 2]; 256], o0: usize, o1: usize, k: usize, bs: usize, out: usize, yp: SendPtr) {
+    let mut vals = [0f32; 256]; // one block's table values (bs <= 256 on this path)
+    let mut acc = [0f32; FEW_ROWS];
+    for o in o0..o1 {
+        acc[..n].iter_mut().for_each(|a| *a = 0.0);
+        let e0 = o * k;
+        for (bi, kk) in (0..k).step_by(bs).enumerate() {
+            let bytes = &q.packed[(e0 + kk) / 2..(e0 + kk + bs) / 2];
+            let v = &mut vals[..bs];
+            for (pair, &b) in v.chunks_exact_mut(2).zip(bytes) {
+                pair.copy_from_slice(&lut[b as usize]);
+            }
+            let s = q.scales[e0 / bs + bi];
+            for (r, a) in acc[..n].iter_mut().enumerate() {
+                *a += s * dot(&x[r * k + kk..r * k + kk + bs], v);
+            }
+        }
+        for (r, a) in acc[..n].iter().enumerate() {
+            // SAFETY: y[r, o] is written by this task only (it owns rows o0..o1 of W).
+            unsafe { *yp.0.add(r * out + o) += a };
+        }
+    }
 }
 
 /// dx [n, k] = g [n, out] W [out, k] (the gradient of x W^T with respect to x).

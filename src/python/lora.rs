@@ -61,6 +61,13 @@ fn upcast_dense_layers(model: &PyVlmModel) -> PyResult<()> {
     guard(|| model.update(|m| m.upcast_dense_layers()))
 }
 
+/// Training mode on or off (`model.train()` / `model.eval()`): adapter dropout, and bitsandbytes'
+/// training product for int8 layers.
+#[pyfunction]
+fn set_training(model: &PyVlmModel, on: bool) {
+    model.get().set_training(on)
+}
+
 /// Turns every adapter on or off (PEFT's `disable_adapter()`).
 #[pyfunction]
 fn set_adapters_enabled(model: &PyVlmModel, enabled: bool) {
@@ -133,6 +140,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(remove_adapters, m)?)?;
     m.add_function(wrap_pyfunction!(set_adapters_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(upcast_dense_layers, m)?)?;
+    m.add_function(wrap_pyfunction!(set_training, m)?)?;
     m.add_function(wrap_pyfunction!(adapters_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(trainable_shapes, m)?)?;
     m.add_function(wrap_pyfunction!(adapter_state, m)?)?;

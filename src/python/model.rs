@@ -255,7 +255,14 @@ impl PyVlmModel {
     }
 }
 
+/// The Linear modules stored quantized, in module order (transformers' names).
+#[pyfunction]
+fn quantized_linear_names(model: &PyVlmModel) -> Vec<String> {
+    model.get().linears().into_iter().filter(|(_, l)| l.quant().is_some()).map(|(n, _)| n).collect()
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyVlmModel>()?;
+    m.add_function(wrap_pyfunction!(quantized_linear_names, m)?)?;
     Ok(())
 }

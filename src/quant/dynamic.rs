@@ -47,7 +47,9 @@ pub const TORCH_VEC_LANES: usize = 8;
 /// torch's CPU sum of a contiguous f32 row (ATen's SumKernel): fewer values than a vector: the scalar
 /// `row_sum` (4 interleaved accumulators, the tail into the first); otherwise `vectorized_inner_sum`
 /// (the same over vectors of [`TORCH_VEC_LANES`], then the scalar tail in order, then the lanes).
-/// Matching its order makes the double-quantization offset the same f32 number.
+/// Matching its order makes the double-quantization offset the same f32 number. (torch splits sums of
+/// more than 32768 values over its threads, so bitsandbytes' own offset for weights of more than 2M
+/// values depends on its thread count; this is its single-thread order.)
 pub fn torch_sum_f32(x: &[f32]) -> f32 {
     const ILP: usize = 4;
     let lanes = if x.len() < TORCH_VEC_LANES { 1 } else { TORCH_VEC_LANES };

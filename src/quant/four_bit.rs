@@ -195,3 +195,17 @@ pub fn decode_range(packed: &[u8], scales: &[f32], table: &[f32; 16], blocksize:
         }
     }
 }
+
+/// For each byte, the two table values it codes (high nibble first): decodes 2 values per lookup.
+pub fn pair_table(ty: FourBitType) -> &'static [[f32; 2]; 256] {
+    static NF4_PAIRS: std::sync::LazyLock<[[f32; 2]; 256]> = std::sync::LazyLock::new(|| pairs(&NF4));
+    static FP4_PAIRS: std::sync::LazyLock<[[f32; 2]; 256]> = std::sync::LazyLock::new(|| pairs(&FP4));
+    match ty {
+        FourBitType::Nf4 => &NF4_PAIRS,
+        FourBitType::Fp4 => &FP4_PAIRS,
+    }
+}
+
+fn pairs(t: &[f32; 16]) -> [[f32; 2]; 256] {
+    std::array::from_fn(|b| [t[b >> 4], t[b & 15]])
+}

@@ -24,7 +24,8 @@ fn round_i8(v: f32) -> i8 {
 /// bitsandbytes' `int8_vectorwise_quant` of one row (threshold 0): (codes, absmax).
 fn quant_row(row: &[f32], out: &mut [i8]) -> f32 {
     let a = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let s = 127.0 / a;
+    // torch evaluates `127.0 / row_stats` as `reciprocal(row_stats) * 127`
+    let s = (1.0 / a) * 127.0;
     for (o, &v) in out.iter_mut().zip(row) {
         *o = round_i8(v * s);
     }

@@ -110,12 +110,16 @@ pub fn write(prefix: &str, w: &QuantWeight) -> Vec<RawTensor> {
             (format!("{prefix}.weight_format"), St::U8, vec![], vec![0]),
         ],
         QuantWeight::FourBit(q) => {
-            let mut state = serde_json::json!({
-                "quant_type": q.ty.name(),
-                "blocksize": q.blocksize,
-                "dtype": q.dtype,
-                "shape": [q.shape.0, q.shape.1],
-            });
+            // The JSON text exactly as bitsandbytes writes it (Python's json.dumps: its key order, ", "
+            // and ": " separators, shortest float repr).
+            let mut state = format!(
+                r#"{{"quant_type": "{}", "blocksize": {}, "dtype": "{}", "shape": [{}, {}]"#,
+                q.ty.name(),
+                q.blocksize,
+                q.dtype,
+                q.shape.0,
+                q.shape.1
+            );
             let mut out = vec![
                 (format!("{prefix}.weight"), St::U8, vec![q.packed.len(), 1], q.packed.clone()),
                 (format!("{prefix}.weight.quant_map"), St::F32, vec![16], le_f32(&q.ty.quant_map())),
@@ -123,15 +127,16 @@ pub fn write(prefix: &str, w: &QuantWeight) -> Vec<RawTensor> {
             match &q.absmax {
                 Absmax::Plain(a) => out.push((format!("{prefix}.weight.absmax"), St::F32, vec![a.len()], le_f32(a))),
                 Absmax::Nested { codes, nested_absmax, nested_map, nested_blocksize, offset } => {
-                    state["nested_blocksize"] = (*nested_blocksize).into();
-                    state["nested_dtype"] = "float32".into();
-                    state["nested_offset"] = (*offset as f64).into();
+                    let off = serde_json::Value::from(*offset as f64).to_string();
+                    let off = if off.contains(['.', 'e', 'E']) { off } else { format!("{off}.0") };
+                    state.push_str(&format!(r#", "nested_blocksize": {nested_blocksize}, "nested_dtype": "float32", "nested_offset": {off}"#));
                     out.push((format!("{prefix}.weight.absmax"), St::U8, vec![codes.len()], codes.clone()));
                     out.push((format!("{prefix}.weight.nested_absmax"), St::F32, vec![nested_absmax.len()], le_f32(nested_absmax)));
                     out.push((format!("{prefix}.weight.nested_quant_map"), St::F32, vec![nested_map.len()], le_f32(nested_map)));
                 }
             }
-            let json = serde_json::to_vec(&state).unwrap_or_default();
+            state.push('}');
+            let json = state.into_bytes();
             out.push((format!("{prefix}.weight.quant_state.bitsandbytes__{}", q.ty.name()), St::U8, vec![json.len()], json));
             out
         }

@@ -146,8 +146,17 @@ pub fn run_objective(
     // unless an adapter sits on the vision tower or the connector: the features then depend on the
     // adapter's current values and on whether it is switched on (DPO's reference pass, evaluation),
     // which a cache keyed by pixels cannot tell apart.
+    // A training step runs int8 layers in bitsandbytes' training mode (vision tower included); passes
+    // without backward keep the model's mode (DPO's reference pass during training runs in training
+    // mode in TRL, evaluation in eval mode: the trainers set it).
+    if opts.backward {
+        model.set_quant_training(true);
+    }
+    // An int8 vision tower computes differently in training and inference mode (LLM.int8 vs
+    // dequantize-then-matmul), which a cache keyed by pixels cannot tell apart either.
+    let int8 = model.quant.as_ref().is_some_and(|q| q.method == crate::quant::QuantMethod::Int8);
     let x0 = match (vision_trains, cache) {
-        (false, Some(c)) if !model.vision_side_has_adapters() => {
+        (false, Some(c)) if !model.vision_side_has_adapters() && !int8 => {
             model.merged_embeddings_with(input, &|px, pam| c.features(model, px, pam, interrupt))?
         }
         _ => model.merged_embeddings(input, interrupt)?,
@@ -161,7 +170,7 @@ pub fn run_objective(
     let mut inputs: Vec<Vec<Tensor>> = Vec::with_capacity(text.layers.len());
     let mut outputs: Vec<Option<Vec<Tensor>>> = Vec::with_capacity(text.layers.len());
     let mut h: Vec<Tensor> = rows.split(&x0.detach())?; // [B, L, H], or prefix [P, Lp, H] + suffixes [B, Ls, H]
-    model.set_training(backward);
+    model.switch.set_training(backward);
     for (i, layer) in text.layers.iter().enumerate() {
         check(interrupt)?;
         model.switch.set_seed(layer_seed(opts.dropout_seed, i));
