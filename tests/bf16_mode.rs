@@ -33,8 +33,8 @@ fn bf16_linear_matches_f32_and_the_packed_kernel() {
     let f32_lin = Linear::new(w.clone(), Some(b.clone())).unwrap();
     let lin = Linear::bf16_compute(w.clone(), Some(b.clone())).unwrap();
     let lin_nob = Linear::bf16_compute(w.clone(), None).unwrap();
-    assert_eq!(lin.weight_tensor().dtype(), DType::BF16);
-    assert_eq!(lin.weight_tensor().dims(), &[out, k]);
+    assert_eq!(lin.weight_tensor().expect("dense").dtype(), DType::BF16);
+    assert_eq!(lin.weight_tensor().expect("dense").dims(), &[out, k]);
     assert_eq!(matches!(lin.weight, Weight::PackedBf16 { .. }), gemm_bf16::available());
     let wb: Vec<bf16> = w.to_dtype(DType::BF16).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     // The skinny reference for few rows: the existing bf16-storage path.
@@ -97,11 +97,11 @@ fn bf16_mode_model_is_close_to_f32() {
     assert!(!m32.bf16_compute && m32.reported_dtype() == DType::F32);
     assert!(m16.bf16_compute && m16.reported_dtype() == DType::BF16 && m16.dtype == DType::F32);
     for (name, lin) in m16.linears() {
-        assert_eq!(lin.weight_tensor().dtype(), DType::BF16, "{name}");
+        assert_eq!(lin.weight_tensor().expect("dense").dtype(), DType::BF16, "{name}");
         assert_eq!(matches!(lin.weight, Weight::PackedBf16 { .. }), gemm_bf16::available(), "{name}");
     }
     for (name, lin) in m32.linears() {
-        assert!(matches!(lin.weight, Weight::Dense(_)) && lin.weight_tensor().dtype() == DType::F32, "{name}");
+        assert!(matches!(lin.weight, Weight::Dense(_)) && lin.weight_tensor().expect("dense").dtype() == DType::F32, "{name}");
     }
     assert_eq!(m16.num_parameters(), m32.num_parameters());
 

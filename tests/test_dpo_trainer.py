@@ -152,3 +152,25 @@ def test_vision_lora_reference_does_not_reuse_features_of_other_passes(tiny_smol
     assert reference == b._reference(batch)
     assert a.session.sequence_logps(batch["input_ids"], batch["labels"], **kw) == policy
     assert policy != reference
+
+
+@pytest.mark.parametrize("quant", [
+    dict(load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="bfloat16"),
+    dict(load_in_8bit=True),
+])
+def test_qlora_dpo_notebook_first_step_is_exactly_log2(tiny_smolvlm, tmp_path, quant):
+    """The DPO notebook's QLoRA load (4-bit NF4, bf16 compute, or 8-bit), DPOConfig and DPOTrainer(model,
+    ref_model=None, ...): a fresh adapter's first step logs ln 2 and zero rewards, as TRL, because the policy and
+    the adapter-off reference run the same quantized arithmetic."""
+    rows = load_rows("sigmoid")
+    model = AutoModelForImageTextToText.from_pretrained(tiny_smolvlm, dtype="bfloat16", device_map="auto",
+                                                        quantization_config=ferrovlm.BitsAndBytesConfig(**quant))
+    args = DPOConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                     logging_steps=1, report_to="none", save_strategy="no", bf16=True, gradient_checkpointing=True)
+    trainer = DPOTrainer(model, ref_model=None, args=args, train_dataset=rows, processing_class=AutoProcessor.from_pretrained(tiny_smolvlm),
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True, init_lora_weights="gaussian"))
+    trainer.train()
+    first, second = [e for e in trainer.state.log_history if "loss" in e][:2]
+    assert abs(first["loss"] - np.log(2)) < 1e-6, first
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0, first
+    assert second["loss"] != first["loss"] and np.isfinite(second["loss"])

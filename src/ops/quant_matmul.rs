@@ -97,9 +97,18 @@ pub fn forward(x: &[f32], n: usize, w: &QuantWeight, bias: Option<&[f32]>, bf16:
         y.chunks_mut(out).for_each(|r| r.iter_mut().zip(b).for_each(|(y, &b)| *y = if bf16 { round_to_bf16(b) } else { b }));
     }
     let yp = SendPtr(y.as_mut_ptr());
-    if n <= FEW_ROWS && !bf16 {
+    if n <= FEW_ROWS {
         if let QuantWeight::FourBit(q) = w {
-            if k % q.blocksize == 0 && q.blocksize % 2 == 0 && q.blocksize <= 256 {
+            #[cfg(target_arch = "x86_64")]
+            if q.blocksize == 64 && k % 64 == 0 && super::simd::avx512() {
+                // SAFETY: avx512f checked; shapes as the kernel requires (k a multiple of the 64-value blocks).
+                unsafe { few_rows_4bit_avx512(x, n, q, bf16, &mut y) };
+                if bf16 {
+                    y.iter_mut().for_each(|v| *v = round_to_bf16(*v));
+                }
+                return y;
+            }
+            if !bf16 && k % q.blocksize == 0 && q.blocksize % 2 == 0 && q.blocksize <= 256 {
                 few_rows_4bit(x, n, q, &mut y);
                 return y;
             }
@@ -139,6 +148,73 @@ pub fn forward(x: &[f32], n: usize, w: &QuantWeight, bias: Option<&[f32]>, bf16:
         y.par_chunks_mut(4096).for_each(|c| c.iter_mut().for_each(|v| *v = round_to_bf16(*v)));
     }
     y
+}
+
+/// Decoding with a 4-bit weight (AVX-512): per block of 64, the table scaled by the block's absmax
+/// (`table * s`, rounded to bf16 in bf16 compute: exactly the dequantized values) stays in one
+/// register and `vpermps` looks the 64 codes up, 16 at a time, straight from the packed bytes; x is
+/// reordered once per call so that the even positions (high nibbles) and the odd ones (low nibbles)
+/// are contiguous. Reads half a byte per weight. y [n, out] holds the bias already (rounded to bf16
+/// in bf16 compute); it is rounded after by the caller.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn few_rows_4bit_avx512(x: &[f32], n: usize, q: &crate::quant::FourBit, bf16: bool, y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (out, k) = q.shape;
+    // x per block of 64: [x0 x2 .. x30 | x32 .. x62 | x1 x3 .. x31 | x33 .. x63], rounded to bf16 in bf16 compute
+    let mut xp = vec![0f32; n * k];
+    for (src, dst) in x.chunks_exact(64).zip(xp.chunks_exact_mut(64)) {
+        for j in 0..32 {
+            let (e, o) = (src[2 * j], src[2 * j + 1]);
+            let (e, o) = if bf16 { (round_to_bf16(e), round_to_bf16(o)) } else { (e, o) };
+            dst[j] = e; // byte j's high nibble
+            dst[32 + j] = o; // its low nibble
+        }
+    }
+    let table = q.ty.table();
+    let yp = SendPtr(y.as_mut_ptr());
+    let xp = &xp;
+    const ROWS_PER_TASK: usize = 16;
+    (0..out.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(move |t| {
+        let yp = yp;
+        // SAFETY: avx512f is available (checked by the caller); every load is inside packed, scales and xp.
+        unsafe {
+            let tab = _mm512_loadu_ps(table.as_ptr());
+            let round_mask = _mm512_set1_epi32(0xffff_0000u32 as i32);
+            for o in t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(out) {
+                let mut acc = [_mm512_setzero_ps(); FEW_ROWS];
+                let e0 = o * k;
+                for bi in 0..k / 64 {
+                    let mut st = _mm512_mul_ps(tab, _mm512_set1_ps(*q.scales.get_unchecked(e0 / 64 + bi)));
+                    if bf16 {
+                        // round to nearest even at bit 16: bits + 0x7fff + ((bits >> 16) & 1), low half cleared
+                        let b = _mm512_castps_si512(st);
+                        let lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+                        let r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb);
+                        st = _mm512_castsi512_ps(_mm512_and_si512(r, round_mask));
+                    }
+                    let bp = q.packed.as_ptr().add((e0 + bi * 64) / 2);
+                    let c0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(bp as *const __m128i)); // bytes 0..15
+                    let c1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(bp.add(16) as *const __m128i)); // bytes 16..31
+                    let h0 = _mm512_permutexvar_ps(_mm512_srli_epi32(c0, 4), st); // elements 0, 2, .., 30
+                    let h1 = _mm512_permutexvar_ps(_mm512_srli_epi32(c1, 4), st); // 32, .., 62
+                    let l0 = _mm512_permutexvar_ps(c0, st); // 1, 3, .., 31 (vpermps reads the low 4 bits)
+                    let l1 = _mm512_permutexvar_ps(c1, st); // 33, .., 63
+                    for (r, a) in acc[..n].iter_mut().enumerate() {
+                        let xb = xp.as_ptr().add(r * k + bi * 64);
+                        *a = _mm512_fmadd_ps(h0, _mm512_loadu_ps(xb), *a);
+                        *a = _mm512_fmadd_ps(h1, _mm512_loadu_ps(xb.add(16)), *a);
+                        *a = _mm512_fmadd_ps(l0, _mm512_loadu_ps(xb.add(32)), *a);
+                        *a = _mm512_fmadd_ps(l1, _mm512_loadu_ps(xb.add(48)), *a);
+                    }
+                }
+                for (r, a) in acc[..n].iter().enumerate() {
+                    // SAFETY: y[r, o] is written by this task only (it owns rows o of W).
+                    *yp.0.add(r * out + o) += _mm512_reduce_add_ps(*a);
+                }
+            }
+        }
+    });
 }
 
 /// Decoding with a 4-bit weight whose rows are whole blocks: per block, its 64 codes are looked up
