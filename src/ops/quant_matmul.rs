@@ -46,6 +46,17 @@ fn with_tile<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 
 /// Decodes rows r0..r0+rows of w into dst, rounded to bf16 when `bf16`.
 fn decode(w: &QuantWeight, r0: usize, rows: usize, dst: &mut [f32], bf16: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if let QuantWeight::FourBit(q) = w {
+        if q.blocksize == 64 && q.shape.1 % 64 == 0 && super::simd::avx512() {
+            // SAFETY: avx512f checked; rows of whole 64-value blocks.
+            unsafe { decode_4bit_avx512(q, r0, rows, dst) };
+            if bf16 {
+                dst[..rows * q.shape.1].iter_mut().for_each(|v| *v = round_to_bf16(*v));
+            }
+            return;
+        }
+    }
     w.decode_rows(r0, rows, dst);
     if bf16 {
         dst.iter_mut().for_each(|v| *v = round_to_bf16(*v));
@@ -150,6 +161,37 @@ pub fn forward(x: &[f32], n: usize, w: &QuantWeight, bias: Option<&[f32]>, bf16:
     y
 }
 
+/// Rows r0..r0+rows of a 4-bit weight (rows of whole 64-value blocks) dequantized into dst with
+/// AVX-512: per block the table scaled by its absmax (`table * s`: the dequantized values exactly),
+/// `vpermps` lookups of the 64 codes, and the high / low nibble halves interleaved back in order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn decode_4bit_avx512(q: &crate::quant::FourBit, r0: usize, rows: usize, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let k = q.shape.1;
+    let tab = _mm512_loadu_ps(q.ty.table().as_ptr());
+    // result[2i] = a[i], result[2i + 1] = b[i]: lanes 0..7 of a and b, then lanes 8..15
+    let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let e0 = r0 * k;
+    let blocks = rows * k / 64;
+    assert!(dst.len() >= rows * k);
+    for bi in 0..blocks {
+        let e = e0 + bi * 64;
+        let st = _mm512_mul_ps(tab, _mm512_set1_ps(q.scales[e / 64]));
+        let bp = q.packed.as_ptr().add(e / 2);
+        let c0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(bp as *const __m128i));
+        let c1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(bp.add(16) as *const __m128i));
+        let (h0, h1) = (_mm512_permutexvar_ps(_mm512_srli_epi32(c0, 4), st), _mm512_permutexvar_ps(_mm512_srli_epi32(c1, 4), st));
+        let (l0, l1) = (_mm512_permutexvar_ps(c0, st), _mm512_permutexvar_ps(c1, st));
+        let d = dst.as_mut_ptr().add(bi * 64);
+        _mm512_storeu_ps(d, _mm512_permutex2var_ps(h0, lo, l0));
+        _mm512_storeu_ps(d.add(16), _mm512_permutex2var_ps(h0, hi, l0));
+        _mm512_storeu_ps(d.add(32), _mm512_permutex2var_ps(h1, lo, l1));
+        _mm512_storeu_ps(d.add(48), _mm512_permutex2var_ps(h1, hi, l1));
+    }
+}
+
 /// Decoding with a 4-bit weight (AVX-512): per block of 64, the table scaled by the block's absmax
 /// (`table * s`, rounded to bf16 in bf16 compute: exactly the dequantized values) stays in one
 /// register and `vpermps` looks the 64 codes up, 16 at a time, straight from the packed bytes; x is
@@ -174,7 +216,7 @@ unsafe fn few_rows_4bit_avx512(x: &[f32], n: usize, q: &crate::quant::FourBit, b
     let table = q.ty.table();
     let yp = SendPtr(y.as_mut_ptr());
     let xp = &xp;
-    const ROWS_PER_TASK: usize = 16;
+    const ROWS_PER_TASK: usize = 32;
     (0..out.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(move |t| {
         let yp = yp;
         // SAFETY: avx512f is available (checked by the caller); every load is inside packed, scales and xp.
@@ -182,9 +224,9 @@ unsafe fn few_rows_4bit_avx512(x: &[f32], n: usize, q: &crate::quant::FourBit, b
             let tab = _mm512_loadu_ps(table.as_ptr());
             let round_mask = _mm512_set1_epi32(0xffff_0000u32 as i32);
             for o in t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(out) {
-                let mut acc = [_mm512_setzero_ps(); FEW_ROWS];
                 let e0 = o * k;
-                for bi in 0..k / 64 {
+                // the 64 table values of block bi (dequantized), as (even, even, odd, odd) positions
+                let block = |bi: usize| {
                     let mut st = _mm512_mul_ps(tab, _mm512_set1_ps(*q.scales.get_unchecked(e0 / 64 + bi)));
                     if bf16 {
                         // round to nearest even at bit 16: bits + 0x7fff + ((bits >> 16) & 1), low half cleared
@@ -196,16 +238,37 @@ unsafe fn few_rows_4bit_avx512(x: &[f32], n: usize, q: &crate::quant::FourBit, b
                     let bp = q.packed.as_ptr().add((e0 + bi * 64) / 2);
                     let c0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(bp as *const __m128i)); // bytes 0..15
                     let c1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(bp.add(16) as *const __m128i)); // bytes 16..31
-                    let h0 = _mm512_permutexvar_ps(_mm512_srli_epi32(c0, 4), st); // elements 0, 2, .., 30
-                    let h1 = _mm512_permutexvar_ps(_mm512_srli_epi32(c1, 4), st); // 32, .., 62
-                    let l0 = _mm512_permutexvar_ps(c0, st); // 1, 3, .., 31 (vpermps reads the low 4 bits)
-                    let l1 = _mm512_permutexvar_ps(c1, st); // 33, .., 63
+                    [
+                        _mm512_permutexvar_ps(_mm512_srli_epi32(c0, 4), st), // elements 0, 2, .., 30
+                        _mm512_permutexvar_ps(_mm512_srli_epi32(c1, 4), st), // 32, .., 62
+                        _mm512_permutexvar_ps(c0, st),                       // 1, 3, .., 31 (vpermps reads the low 4 bits)
+                        _mm512_permutexvar_ps(c1, st),                       // 33, .., 63
+                    ]
+                };
+                if n == 1 {
+                    // decoding one token: four register accumulators, no FMA latency chain
+                    let (mut a0, mut a1, mut a2, mut a3) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
+                    for bi in 0..k / 64 {
+                        let v = block(bi);
+                        let xb = xp.as_ptr().add(bi * 64);
+                        a0 = _mm512_fmadd_ps(v[0], _mm512_loadu_ps(xb), a0);
+                        a1 = _mm512_fmadd_ps(v[1], _mm512_loadu_ps(xb.add(16)), a1);
+                        a2 = _mm512_fmadd_ps(v[2], _mm512_loadu_ps(xb.add(32)), a2);
+                        a3 = _mm512_fmadd_ps(v[3], _mm512_loadu_ps(xb.add(48)), a3);
+                    }
+                    // SAFETY: y[0, o] is written by this task only (it owns rows o of W).
+                    *yp.0.add(o) += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+                    continue;
+                }
+                let mut acc = [_mm512_setzero_ps(); FEW_ROWS];
+                for bi in 0..k / 64 {
+                    let v = block(bi);
                     for (r, a) in acc[..n].iter_mut().enumerate() {
                         let xb = xp.as_ptr().add(r * k + bi * 64);
-                        *a = _mm512_fmadd_ps(h0, _mm512_loadu_ps(xb), *a);
-                        *a = _mm512_fmadd_ps(h1, _mm512_loadu_ps(xb.add(16)), *a);
-                        *a = _mm512_fmadd_ps(l0, _mm512_loadu_ps(xb.add(32)), *a);
-                        *a = _mm512_fmadd_ps(l1, _mm512_loadu_ps(xb.add(48)), *a);
+                        *a = _mm512_fmadd_ps(v[0], _mm512_loadu_ps(xb), *a);
+                        *a = _mm512_fmadd_ps(v[1], _mm512_loadu_ps(xb.add(16)), *a);
+                        *a = _mm512_fmadd_ps(v[2], _mm512_loadu_ps(xb.add(32)), *a);
+                        *a = _mm512_fmadd_ps(v[3], _mm512_loadu_ps(xb.add(48)), *a);
                     }
                 }
                 for (r, a) in acc[..n].iter().enumerate() {

@@ -1,0 +1,30 @@
+//! Micro-benchmark of the quantized matmul kernels against the bf16 skinny kernel (dev only):
+//! `cargo run --release --example bench_quant`
+use std::time::Instant;
+
+use ferrovlm::ops::gemv::gemv_bf16;
+use ferrovlm::ops::quant_matmul;
+use ferrovlm::quant::{FourBit, FourBitType, QuantWeight};
+
+fn main() {
+    for (o, k) in [(1536, 576), (576, 1536), (576, 576)] {
+        let w: Vec<f32> = (0..o * k).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1).collect();
+        let wb: Vec<u16> = w.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+        let q = QuantWeight::FourBit(FourBit::quantize(&w, (o, k), FourBitType::Nf4, true, "float32"));
+        for n in [1usize, 64] {
+            let x: Vec<f32> = (0..n * k).map(|i| (i % 13) as f32 * 0.1).collect();
+            let reps = if n == 1 { 2000 } else { 50 };
+            let t = Instant::now();
+            for _ in 0..reps {
+                std::hint::black_box(quant_matmul::forward(&x, n, &q, None, false));
+            }
+            let tq = t.elapsed().as_secs_f64() / reps as f64;
+            let t = Instant::now();
+            for _ in 0..reps {
+                std::hint::black_box(if n <= 16 { gemv_bf16(&x, n, k, &wb, o) } else { ferrovlm::ops::gemv::matmul_bf16_wide(&x, n, k, &wb, o, None) });
+            }
+            let tb = t.elapsed().as_secs_f64() / reps as f64;
+            println!("[{o}x{k}] n={n}: nf4 {:.1} us ({:.2} GB/s of packed bytes), bf16 {:.1} us ({:.2} GB/s)", tq * 1e6, (o * k / 2) as f64 / tq / 1e9, tb * 1e6, (o * k * 2) as f64 / tb / 1e9);
+        }
+    }
+}
