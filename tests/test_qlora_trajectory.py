@@ -14,6 +14,7 @@ from PIL import Image
 
 from conftest import FIXTURES
 
+from test_sft_trainer import _colour_rows, colour_accuracy
 from ferrovlm import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -129,21 +130,6 @@ def args_lr(case: str) -> float:
 
 # -- QLoRA learns: the colour task of test_sft_trainer.py on an NF4 base ---------------------------------------------
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
-
-
-def _colour_rows(rng, n):
-    rows = []
-    names = list(COLOURS)
-    for i in range(n):
-        name = names[i % len(names)]
-        rgb = np.clip(np.array(COLOURS[name]) + rng.integers(-25, 26, size=3), 0, 255)
-        img = Image.fromarray(np.tile(rgb.astype(np.uint8), (32, 32, 1)))
-        rows.append({"images": [img], "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour?"}]}],
-                     "completion": [{"role": "assistant", "content": [{"type": "text", "text": name}]}], "answer": name})
-    return rows
-
-
 def test_qlora_learns_a_generated_colour_task(tiny_smolvlm, tmp_path):
     rng = np.random.default_rng(0)
     train, held_out = _colour_rows(rng, 32), _colour_rows(rng, 16)
@@ -160,17 +146,5 @@ def test_qlora_learns_a_generated_colour_task(tiny_smolvlm, tmp_path):
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.5 * losses[0], losses
-
-    def accuracy(m):
-        right = 0
-        for r in held_out:
-            text = processor.apply_chat_template(r["prompt"], add_generation_prompt=True)
-            inputs = processor(text=text, images=r["images"], return_tensors="np")
-            out = m.generate(**inputs, max_new_tokens=2, do_sample=False)
-            right += processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip().startswith(r["answer"])
-        return right / len(held_out)
-
     assert trainer.model.base_model.model.is_loaded_in_4bit  # still the quantized base
-    acc = accuracy(trainer.model)
-    print("qlora colour task: losses", losses, "held-out accuracy", acc)
-    assert acc >= 0.75  # chance is 0.25
+    assert colour_accuracy(trainer.model, processor, held_out) >= 0.75  # chance is 0.25
