@@ -573,6 +573,8 @@ OTHER_SETS = """
 | `processor/` | `processor.py` | `config/` (processor configs; tests add the tokenizer files) and `expected.npz`: whole `Idefics3Processor` calls (chat template, expansion, padding, pixel values) |
 | `processor_size_tuple/` | `processor_size_tuple.py` | `expected.npz` + `calls.json`: processor calls after setting `image_processor.size` to a tuple / an int (smol-course's video cell: `size = (384, 384)`, `do_resize = False`) |
 | `generation/` | `generation.py` | `generate()` token ids on `idefics3_gqa`: greedy, left-padded batches, EOS stops, beam search, repetition penalty |
+| `bnb/` | `bnb_quant.py` | bitsandbytes 0.50 on CPU: 4-bit / int8 codes, scales, dequantized weights and layer outputs (`quant.npz`); a tiny base checkpoint quantized and saved by transformers (nf4 + double quant, fp4, int8) with its logits and facts; torch's f32 means |
+| `qlora/` | `qlora_trajectory.py` | TRL + PEFT + bitsandbytes QLoRA SFT trajectories (nf4 / int8 base; see its README) |
 """
 
 
@@ -609,6 +611,12 @@ def main() -> None:
     lora_grads.main()
     sft_collate.main()
     sft_trajectory.main()
+    # bitsandbytes sets (need bitsandbytes): quantization and QLoRA.
+    import bnb_quant
+    import qlora_trajectory
+
+    bnb_quant.main()
+    qlora_trajectory.main()
     with open(FIXTURES / "README.md", "a") as f:
         f.write(OTHER_SETS)
 

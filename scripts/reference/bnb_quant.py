@@ -13,6 +13,7 @@ Writes tests/fixtures/bnb/:
                       serialized form)
   <case>/expected.npz logits of transformers + bitsandbytes on base/inputs.npz (fp32, eager)
   <case>/facts.json   the modules transformers quantized, get_memory_footprint()
+  torch_mean.npz      torch's f32 mean of arrays of many sizes (one thread)
 bitsandbytes' AVX512-BF16 4-bit inference kernel is switched off (it asserts on tiny layer widths and
 is not what training uses); the product is then bitsandbytes' dequantize + matmul.
 
@@ -159,8 +160,21 @@ def base() -> None:
     np.savez(d / "inputs.npz", input_ids=ids, attention_mask=am, pixel_values=px, pixel_attention_mask=pam, labels=labels)
 
 
+def torch_means() -> None:
+    """torch_mean.npz: x<n> and torch's f32 x.mean() on one thread (the double-quantization offset)."""
+    torch.set_num_threads(1)
+    out = {}
+    g = torch.Generator().manual_seed(5)
+    for n in [1, 3, 5, 7, 8, 11, 16, 17, 31, 32, 33, 64, 100, 144, 256, 257, 1000, 1536, 4096, 9000, 20000, 40000]:
+        a = (torch.rand(n, generator=g) * 3).float()
+        out[f"x{n}"] = a.numpy()
+        out[f"m{n}"] = a.mean().reshape(1).numpy()
+    np.savez(OUT / "torch_mean.npz", **out)
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    torch_means()
     base()
     np.savez_compressed(OUT / "quant.npz", **quant_cases())
     for name, kw in MODEL_CASES.items():
