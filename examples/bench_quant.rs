@@ -11,9 +11,9 @@ fn main() {
         let w: Vec<f32> = (0..o * k).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1).collect();
         let wb: Vec<u16> = w.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
         let q = QuantWeight::FourBit(FourBit::quantize(&w, (o, k), FourBitType::Nf4, true, "float32"));
-        for n in [1usize, 64] {
+        for n in [1usize, 64, 1024] {
             let x: Vec<f32> = (0..n * k).map(|i| (i % 13) as f32 * 0.1).collect();
-            let reps = if n == 1 { 2000 } else { 50 };
+            let reps = if n == 1 { 2000 } else if n == 64 { 50 } else { 5 };
             let t = Instant::now();
             for _ in 0..reps {
                 std::hint::black_box(quant_matmul::forward(&x, n, &q, None, false));

@@ -150,7 +150,7 @@ pub fn forward(x: &[f32], n: usize, w: &QuantWeight, bias: Option<&[f32]>, bf16:
                 // SAFETY: the destination is the column block y[:, o0..o0+ob] (row stride out), written
                 // by this task only; x is [n, k] row-major; the tile [ob, k] is read as its transpose.
                 unsafe {
-                    gemm::gemm(n, ob, k, yp.0.add(o0), 1, out as isize, true, x.as_ptr(), 1, k as isize, tile.as_ptr(), k as isize, 1, 1.0, 1.0, false, false, false, gemm::Parallelism::None);
+                    gemm::gemm(n, ob, k, yp.0.add(o0), 1, out as isize, bias.is_some(), x.as_ptr(), 1, k as isize, tile.as_ptr(), k as isize, 1, 1.0, 1.0, false, false, false, gemm::Parallelism::None);
                 }
             })
         });
