@@ -172,7 +172,7 @@ fn kernels_equal_the_dequantize_then_matmul_reference_with_backward() {
         ];
         for q in kinds {
             let q = Arc::new(q);
-            for n in [1, 3, quant_matmul::FEW_ROWS + 1, 70] {
+            for n in [1, 3, quant_matmul::FEW_ROWS + 1, 70, 300] {
                 for bf16 in [false, true] {
                     let xs = weights(n, k, 9 + n as u32).iter().map(|v| v * 10.0).collect::<Vec<_>>();
                     let x = Var::from_vec(xs, (n, k), &Device::Cpu).unwrap();

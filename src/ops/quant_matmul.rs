@@ -4,7 +4,8 @@
 //! never build that copy: they decode W a tile of output rows at a time into a per-thread buffer
 //! (`TILE_ROWS x in` f32, in L2) and multiply it there:
 //! * many rows (prefill, training): each parallel task decodes one tile and runs gemm on it into the
-//!   tile's columns of y;
+//!   tile's columns of y; in bf16 compute on a CPU with AVX512-BF16 the tiles are packed for
+//!   `gemm_bf16`'s kernel instead;
 //! * few rows (decoding): each task decodes one weight row at a time and takes its dot products with
 //!   every x row, so the weight is read once, as packed bytes.
 //! * backward: dx [N, in] = g [N, out] W [out, in], tile by tile, the tiles' products summed into dx.
@@ -27,6 +28,11 @@ use crate::quant::QuantWeight;
 
 /// Output rows of W decoded per tile in the many-rows kernels.
 const TILE_ROWS: usize = 128;
+/// Output rows of W per tile packed for the AVX512-BF16 kernel (bf16 compute, many rows).
+const BF16_TILE_ROWS: usize = 256;
+/// From this many rows of x on, packing W's tiles for the AVX512-BF16 kernel pays (measured with
+/// examples/bench_quant.rs: 2.4x slower at 64 rows, 1.2-1.9x faster at 1024).
+const BF16_PACKED_MIN_ROWS: usize = 256;
 /// Up to this many rows of x, the row-at-a-time kernel (decoding) runs.
 pub const FEW_ROWS: usize = 16;
 
@@ -140,6 +146,23 @@ pub fn forward(x: &[f32], n: usize, w: &QuantWeight, bias: Option<&[f32]>, bf16:
                 }
             })
         });
+    } else if bf16 && n >= BF16_PACKED_MIN_ROWS && super::gemm_bf16::available() {
+        // bf16 compute on a CPU with AVX512-BF16: each tile of W, decoded and rounded to bf16, is packed
+        // for the bf16 dot-product kernel (x rounded to bf16, f32 accumulation), one tile at a time (the
+        // kernel runs in parallel itself).
+        let rows = BF16_TILE_ROWS.min(out);
+        let mut tile = vec![0f32; rows * k]; // [rows, k]
+        let mut tb = vec![half::bf16::ZERO; rows * k];
+        let mut o0 = 0;
+        while o0 < out {
+            let ob = rows.min(out - o0);
+            tile[..ob * k].par_chunks_mut(k * 8).enumerate().for_each(|(i, d)| decode(w, o0 + i * 8, d.len() / k, d, true));
+            tb[..ob * k].par_iter_mut().zip(tile[..ob * k].par_iter()).for_each(|(b, &v)| *b = half::bf16::from_f32(v)); // exact
+            let packed = super::gemm_bf16::pack(&tb[..ob * k], ob, k);
+            let part = super::gemm_bf16::matmul_packed(x, n, k, &packed); // [n, ob]
+            y.par_chunks_mut(out).zip(part.par_chunks(ob)).for_each(|(yr, pr)| yr[o0..o0 + ob].iter_mut().zip(pr).for_each(|(y, p)| *y += p));
+            o0 += ob;
+        }
     } else {
         (0..out.div_ceil(TILE_ROWS)).into_par_iter().for_each(move |t| {
             let yp = yp;
