@@ -70,11 +70,7 @@ class BitsAndBytesConfig:
 
     @load_in_4bit.setter
     def load_in_4bit(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise TypeError("load_in_4bit must be a boolean")
-        if self.load_in_8bit and value:
-            raise ValueError("load_in_4bit and load_in_8bit are both True, but only one can be used at the same time")
-        self._load_in_4bit = value
+        self._set_mode("load_in_4bit", value, self.load_in_8bit)
 
     @property
     def load_in_8bit(self) -> bool:
@@ -82,11 +78,14 @@ class BitsAndBytesConfig:
 
     @load_in_8bit.setter
     def load_in_8bit(self, value: bool) -> None:
+        self._set_mode("load_in_8bit", value, self.load_in_4bit)
+
+    def _set_mode(self, name: str, value: bool, other: bool) -> None:
         if not isinstance(value, bool):
-            raise TypeError("load_in_8bit must be a boolean")
-        if self.load_in_4bit and value:
+            raise TypeError(f"{name} must be a boolean")
+        if other and value:
             raise ValueError("load_in_4bit and load_in_8bit are both True, but only one can be used at the same time")
-        self._load_in_8bit = value
+        setattr(self, f"_{name}", value)
 
     def post_init(self) -> None:
         """transformers' checks, plus the quant type (bitsandbytes would reject it later)."""

@@ -7,6 +7,7 @@ pub mod image;
 pub mod image_decode;
 pub(crate) mod image_kernels;
 pub mod image_processor;
+pub mod image_processor_config;
 pub mod processor;
 pub mod resample;
 pub mod tokenizer;

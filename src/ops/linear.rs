@@ -112,7 +112,8 @@ impl Linear {
     ) -> std::result::Result<Self, CheckpointError> {
         let b = if bias { Some(ctx.get(store, &format!("{prefix}.bias"), &[out_features])?) } else { None };
         if let Some(q) = crate::quant::load::linear(store, prefix, (out_features, in_features), ctx)? {
-            let bf16 = ctx.quant.as_ref().is_some_and(|c| c.compute_bf16) || (ctx.bf16_compute && matches!(*q, crate::quant::QuantWeight::Int8(_)));
+            // bnb_4bit_compute_dtype applies to 4-bit layers; int8 layers compute as bitsandbytes does.
+            let bf16 = ctx.quant.as_ref().is_some_and(|c| c.compute_bf16) && matches!(*q, crate::quant::QuantWeight::FourBit(_));
             return Ok(Linear::quantized(q, b, bf16));
         }
         if ctx.bf16_compute && ctx.dtype == DType::F32 {
