@@ -9,7 +9,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let dir = args.next().expect("checkpoint dir");
     let reps: usize = args.next().map_or(3, |s| s.parse().unwrap());
-    println!("avx512-bf16 kernel available: {}", ferrovlm::ops::gemm_bf16::available());
+    println!("avx512-bf16 kernel available: {}", ferrovlm::ops::matmul_bf16_packed::available());
     let only = args.next();
     for dtype in [DType::F32, DType::BF16] {
         if only.as_deref().is_some_and(|o| o != if dtype == DType::F32 { "f32" } else { "bf16" }) {

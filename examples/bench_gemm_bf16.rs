@@ -1,10 +1,10 @@
-//! GFLOP/s of the AVX512-BF16 gemm (`ops::gemm_bf16`) vs candle's f32 matmul on the same shapes.
+//! GFLOP/s of the AVX512-BF16 gemm (`ops::matmul_bf16_packed`) vs candle's f32 matmul on the same shapes.
 //!
-//! `CARGO_TARGET_DIR=/work/target-bf16 cargo run --release --example bench_gemm_bf16`
+//! `cargo run --release --example bench_gemm_bf16`
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use ferrovlm::ops::gemm_bf16;
+use ferrovlm::ops::matmul_bf16_packed;
 use half::bf16;
 
 /// Median seconds per call over `iters` calls after one warm-up.
@@ -41,7 +41,7 @@ fn peak_now() -> Option<f64> {
         }
         _mm512_reduce_add_ps(s)
     }
-    if !gemm_bf16::available() {
+    if !matmul_bf16_packed::available() {
         return None;
     }
     use rayon::prelude::*;
@@ -62,7 +62,7 @@ fn main() {
     if let Some(p) = peak_now() {
         println!("register-only vdpbf16ps peak right now (all threads): {p:.1} GFLOP/s");
     }
-    println!("avx512bf16 kernel available: {}; rayon threads: {}", gemm_bf16::available(), rayon::current_num_threads());
+    println!("avx512bf16 kernel available: {}; rayon threads: {}", matmul_bf16_packed::available(), rayon::current_num_threads());
     println!(
         "{:>22} | {:>12} {:>12} {:>12} | {:>10} | {:>8}",
         "n x k x out", "bf16 packed", "bf16+pack", "candle f32", "speedup", "max|d|"
@@ -74,20 +74,20 @@ fn main() {
         let wt = Tensor::randn(0f32, 0.02, (out, k), &dev).unwrap();
         let x: Vec<f32> = xt.flatten_all().unwrap().to_vec1().unwrap();
         let w: Vec<bf16> = wt.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(bf16::from_f32).collect();
-        let packed = gemm_bf16::pack(&w, out, k);
+        let packed = matmul_bf16_packed::pack(&w, out, k);
 
         let wtt = wt.t().unwrap();
         // Rounds interleave the three so a shared, busy machine slows them alike.
         let (mut tp, mut tf, mut tc) = (vec![], vec![], vec![]);
         for _ in 0..3 {
-            tp.push(time(iters, || gemm_bf16::matmul_packed(&x, n, k, &packed)));
-            tf.push(time(iters, || gemm_bf16::matmul_f32_bf16(&x, n, k, &w, out)));
+            tp.push(time(iters, || matmul_bf16_packed::matmul_packed(&x, n, k, &packed)));
+            tf.push(time(iters, || matmul_bf16_packed::matmul_f32_bf16(&x, n, k, &w, out)));
             tc.push(time(iters, || xt.matmul(&wtt).unwrap()));
         }
         let best = |v: &Vec<f64>| v.iter().cloned().fold(f64::INFINITY, f64::min);
         let (t_packed, t_full, t_candle) = (best(&tp), best(&tf), best(&tc));
 
-        let y = gemm_bf16::matmul_packed(&x, n, k, &packed);
+        let y = matmul_bf16_packed::matmul_packed(&x, n, k, &packed);
         let yc: Vec<f32> = xt.matmul(&wtt).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let maxd = y.iter().zip(&yc).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         let g = |t: f64| flop / t / 1e9;

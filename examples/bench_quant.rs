@@ -2,8 +2,8 @@
 //! `cargo run --release --example bench_quant`
 use std::time::Instant;
 
-use ferrovlm::ops::gemv::gemv_bf16;
-use ferrovlm::ops::quant_matmul;
+use ferrovlm::ops::matmul_bf16_skinny::gemv_bf16;
+use ferrovlm::ops::matmul_quant;
 use ferrovlm::quant::{FourBit, FourBitType, QuantWeight};
 
 fn main() {
@@ -16,17 +16,17 @@ fn main() {
             let reps = if n == 1 { 2000 } else if n == 64 { 50 } else { 5 };
             let t = Instant::now();
             for _ in 0..reps {
-                std::hint::black_box(quant_matmul::forward(&x, n, &q, None, false));
+                std::hint::black_box(matmul_quant::forward(&x, n, &q, None, false));
             }
             let tq = t.elapsed().as_secs_f64() / reps as f64;
             let t = Instant::now();
             for _ in 0..reps {
-                std::hint::black_box(quant_matmul::forward(&x, n, &q, None, true));
+                std::hint::black_box(matmul_quant::forward(&x, n, &q, None, true));
             }
             let tq16 = t.elapsed().as_secs_f64() / reps as f64;
             let t = Instant::now();
             for _ in 0..reps {
-                std::hint::black_box(if n <= 16 { gemv_bf16(&x, n, k, &wb, o) } else { ferrovlm::ops::gemv::matmul_bf16_wide(&x, n, k, &wb, o, None) });
+                std::hint::black_box(if n <= 16 { gemv_bf16(&x, n, k, &wb, o) } else { ferrovlm::ops::matmul_bf16_skinny::matmul_bf16_wide(&x, n, k, &wb, o, None) });
             }
             let tb = t.elapsed().as_secs_f64() / reps as f64;
             println!("[{o}x{k}] n={n}: nf4 {:.1} us, nf4 with bf16 compute {:.1} us, bf16 weights {:.1} us", tq * 1e6, tq16 * 1e6, tb * 1e6);

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use ferrovlm::model::{no_interrupt, ForwardInput, VlmModel};
-use ferrovlm::ops::gemm_bf16;
+use ferrovlm::ops::matmul_bf16_packed;
 use ferrovlm::ops::linear::Weight;
 use ferrovlm::ops::Linear;
 use half::bf16;
@@ -35,7 +35,7 @@ fn bf16_linear_matches_f32_and_the_packed_kernel() {
     let lin_nob = Linear::bf16_compute(w.clone(), None).unwrap();
     assert_eq!(lin.weight_tensor().expect("dense").dtype(), DType::BF16);
     assert_eq!(lin.weight_tensor().expect("dense").dims(), &[out, k]);
-    assert_eq!(matches!(lin.weight, Weight::PackedBf16 { .. }), gemm_bf16::available());
+    assert_eq!(matches!(lin.weight, Weight::PackedBf16 { .. }), matmul_bf16_packed::available());
     let wb: Vec<bf16> = w.to_dtype(DType::BF16).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     // The skinny reference for few rows: the existing bf16-storage path.
     let skinny = Linear::with_compute_dtype(w.to_dtype(DType::BF16).unwrap(), None, DType::F32).unwrap();
@@ -50,8 +50,8 @@ fn bf16_linear_matches_f32_and_the_packed_kernel() {
         assert!(d <= 1e-2 * max_abs(&y32), "rows {rows}: bf16 vs f32 diff {d}, scale {}", max_abs(&y32));
         let ynb = vals(&lin_nob.forward(&x).unwrap());
         let xs = vals(&x);
-        if rows > 16 && gemm_bf16::available() {
-            let want = gemm_bf16::matmul_f32_bf16(&xs, rows, k, &wb, out);
+        if rows > 16 && matmul_bf16_packed::available() {
+            let want = matmul_bf16_packed::matmul_f32_bf16(&xs, rows, k, &wb, out);
             assert!(ynb == want, "rows {rows}: packed path differs from matmul_f32_bf16 (max diff {})", max_diff(&ynb, &want));
         } else {
             let want = vals(&skinny.forward(&x).unwrap());
@@ -98,7 +98,7 @@ fn bf16_mode_model_is_close_to_f32() {
     assert!(m16.bf16_compute && m16.reported_dtype() == DType::BF16 && m16.dtype == DType::F32);
     for (name, lin) in m16.linears() {
         assert_eq!(lin.weight_tensor().expect("dense").dtype(), DType::BF16, "{name}");
-        assert_eq!(matches!(lin.weight, Weight::PackedBf16 { .. }), gemm_bf16::available(), "{name}");
+        assert_eq!(matches!(lin.weight, Weight::PackedBf16 { .. }), matmul_bf16_packed::available(), "{name}");
     }
     for (name, lin) in m32.linears() {
         assert!(matches!(lin.weight, Weight::Dense(_)) && lin.weight_tensor().expect("dense").dtype() == DType::F32, "{name}");
@@ -208,7 +208,7 @@ fn bf16_mode_with_adapters_runs_one_arithmetic() {
     assert!(on == off, "fresh adapter on vs off: max diff {}", max_diff(&on, &off));
     lora::detach(&mut m, false).unwrap();
     for (name, lin) in m.linears() {
-        assert_eq!(matches!(lin.weight, Weight::PackedBf16 { .. }), gemm_bf16::available(), "{name}: not packed again");
+        assert_eq!(matches!(lin.weight, Weight::PackedBf16 { .. }), matmul_bf16_packed::available(), "{name}: not packed again");
     }
     assert!(logits(&m) == packed, "after detach the model is the adapter-free one again");
 }

@@ -1,4 +1,4 @@
-//! bitsandbytes quantization (`crate::quant`) and the quantized matmul (`ops::quant_matmul`):
+//! bitsandbytes quantization (`crate::quant`) and the quantized matmul (`ops::matmul_quant`):
 //! bit-for-bit against bitsandbytes 0.50 on CPU (tests/fixtures/bnb/quant.npz, written by
 //! scripts/reference/bnb_quant.py), and the kernels against their reference composition.
 
@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor, Var};
-use ferrovlm::ops::quant_matmul::{self, quant_linear};
+use ferrovlm::ops::matmul_quant::{self, quant_linear};
 use ferrovlm::quant::four_bit::{self, FourBitType};
 use ferrovlm::quant::{Absmax, FourBit, Int8, QuantWeight};
 
@@ -172,14 +172,14 @@ fn kernels_equal_the_dequantize_then_matmul_reference_with_backward() {
         ];
         for q in kinds {
             let q = Arc::new(q);
-            for n in [1, 3, quant_matmul::FEW_ROWS + 1, 70, 300] {
+            for n in [1, 3, matmul_quant::FEW_ROWS + 1, 70, 300] {
                 for bf16 in [false, true] {
                     let xs = weights(n, k, 9 + n as u32).iter().map(|v| v * 10.0).collect::<Vec<_>>();
                     let x = Var::from_vec(xs, (n, k), &Device::Cpu).unwrap();
                     let bias = Tensor::from_vec((0..o).map(|i| i as f32 * 0.01).collect::<Vec<f32>>(), o, &Device::Cpu).unwrap();
                     // forward
                     let y = quant_linear(x.as_tensor(), &q, Some(&bias), bf16).unwrap();
-                    let r = quant_matmul::reference(x.as_tensor(), &q, Some(&bias), bf16).unwrap();
+                    let r = matmul_quant::reference(x.as_tensor(), &q, Some(&bias), bf16).unwrap();
                     close(&f32v(&y), &f32v(&r), 1e-5, 1e-4, &format!("forward {} n={n} bf16={bf16}", q.kind()));
                     // backward to x, against autograd through the reference
                     let g = Tensor::from_vec(weights(n, o, 5), (n, o), &Device::Cpu).unwrap();

@@ -17,8 +17,9 @@ use super::vision::VisionLayer;
 use super::{check, Interrupt};
 use crate::error::Result;
 use crate::ops::attention_bf16::{attention_qkv_bf16, attention_qkv_bf16_portable};
-use crate::ops::gemm_bf16::PackedBf16;
-use crate::ops::gemm_bf16_fused::{gemm_fused, gemm_fused_portable, Bf16Rows, Job, Out};
+use crate::ops::matmul_bf16_packed::PackedBf16;
+use crate::ops::bf16::Bf16Rows;
+use crate::ops::matmul_bf16_fused::{gemm_fused, gemm_fused_portable, Job, Out};
 use crate::ops::linear::Weight;
 use crate::ops::norm::layer_norm_bf16;
 use crate::ops::Linear;
@@ -125,7 +126,7 @@ mod tests {
     use super::*;
     use crate::model::no_interrupt;
     use crate::model::vision::LayerNorm;
-    use crate::ops::{gemm_bf16, Mask};
+    use crate::ops::{matmul_bf16_packed, Mask};
     use candle_core::Device;
     use std::sync::Arc;
 
@@ -147,7 +148,7 @@ mod tests {
 
     #[test]
     fn fused_vision_layers_match_the_unfused_bf16_layers() {
-        if !gemm_bf16::available() {
+        if !matmul_bf16_packed::available() {
             return; // the layers are not packed: the model keeps the unfused path
         }
         let (f, np, d, heads, inter) = (2, 37, 128, 2, 256);

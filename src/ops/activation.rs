@@ -4,7 +4,7 @@
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::linear::f32_arg;
+use super::cpu::f32_arg;
 use super::math::exp_f32;
 
 pub(crate) const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -188,10 +188,42 @@ impl CustomOp2 for SwigluGradUp {
     }
 }
 
+/// log sigmoid(x) = min(x, 0) - log(1 + exp(-|x|)), with the exact derivative sigmoid(-x) (a
+/// composition of relu and abs would take a wrong one-sided derivative at x = 0, where DPO starts).
+struct LogSigmoid;
+
+impl CustomOp1 for LogSigmoid {
+    fn name(&self) -> &'static str {
+        "log-sigmoid"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_arg(s, l, "log-sigmoid")?;
+        let y = x.iter().map(|&x| x.min(0.0) - (-x.abs()).exp().ln_1p()).collect();
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        // d/dx log sigmoid(x) = sigmoid(-x) = 1 / (1 + exp(x))
+        let s = (x.exp()? + 1.0)?.recip()?;
+        Ok(Some((g * s)?))
+    }
+}
+
+/// Reference composition of log sigmoid (tests; non-differentiable at 0 as noted above).
+pub fn log_sigmoid_reference(x: &Tensor) -> Result<Tensor> {
+    let min0 = x.neg()?.relu()?.neg()?;
+    min0 - (x.abs()?.neg()?.exp()? + 1.0)?.log()?
+}
+
+/// log sigmoid(x) elementwise (f32), with the exact derivative.
+pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
+    x.to_dtype(DType::F32)?.contiguous()?.apply_op1(LogSigmoid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use crate::ops::gradcheck::{finite_diff, max_rel_err, to_f64};
+    use candle_core::{Device, Var};
 
     #[test]
     fn gelu_tanh_matches_formula_and_reference() {
@@ -205,5 +237,23 @@ mod tests {
             assert!((g as f64 - want).abs() < 1e-6, "{x}: {g} vs {want}");
             assert!((g - r).abs() < 1e-6);
         }
+    }
+
+    #[test]
+    fn log_sigmoid_value_and_gradient_including_zero() {
+        let xs = [-30.0f32, -2.0, -0.5, 0.0, 0.5, 3.0, 40.0];
+        let x = Var::from_tensor(&Tensor::new(&xs, &Device::Cpu).unwrap()).unwrap();
+        let y = log_sigmoid(x.as_tensor()).unwrap();
+        let r = log_sigmoid_reference(x.as_tensor()).unwrap();
+        for (a, b) in to_f64(&y).unwrap().iter().zip(to_f64(&r).unwrap()) {
+            assert!((a - b).abs() < 1e-6);
+        }
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let got = to_f64(g.get(x.as_tensor()).unwrap()).unwrap();
+        let want: Vec<f64> = xs.iter().map(|&x| 1.0 / (1.0 + (x as f64).exp())).collect();
+        assert!(max_rel_err(&got, &want, 1e-12) < 1e-5, "{got:?} vs {want:?}");
+        assert!((got[3] - 0.5).abs() < 1e-7);
+        let fd = finite_diff(&|t| log_sigmoid(t)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>(), &Tensor::new(&[-0.5f32, 0.0, 0.5], &Device::Cpu).unwrap(), 1e-2).unwrap();
+        assert!(max_rel_err(&fd, &want[2..5], 1e-3) < 1e-2);
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Two versions of the same op: [`attention_reference`] composes candle primitives (readable, with
 //! autograd) and materialises [B, H, L, S] scores; [`attention`] dispatches f32 CPU inputs to the fused
-//! kernel in `attention_cpu.rs`, which works one (batch, head) at a time in parallel and never holds
+//! kernel in `attention_f32.rs`, which works one (batch, head) at a time in parallel and never holds
 //! more than one [L, S] score matrix per thread. Tests check that the two agree.
 
 use std::sync::Arc;
@@ -48,6 +48,16 @@ impl Mask {
     }
 }
 
+/// The rule for a query whose keys are all hidden (a fully masked row: a padding query, or a frame
+/// without valid patches): every key gets the same weight 1 / S, so the output is the mean of the values.
+/// That is what transformers' eager attention gives with its finite additive `f32::MIN` mask (all
+/// scores equal), and what [`attention_reference`] gives through [`Mask::additive`]. The kernels call
+/// this with the row's largest visible score (`-inf` when no key is visible).
+#[inline]
+pub(crate) fn fully_masked_weight(max_visible_score: f32, keys: usize) -> Option<f32> {
+    (max_visible_score == f32::NEG_INFINITY).then(|| 1.0 / keys as f32)
+}
+
 /// Numerically stable softmax over the last dim.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?;
@@ -58,7 +68,7 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 /// q: [B, H, L, hd], k/v: [B, Hkv, S, hd] with H a multiple of Hkv -> [B, H, L, hd].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, scale: f64) -> Result<Tensor> {
     if q.dtype() == DType::F32 && q.device().is_cpu() {
-        super::attention_cpu::fused_attention(q, k, v, mask, scale)
+        super::attention_f32::fused_attention(q, k, v, mask, scale)
     } else {
         attention_reference(q, k, v, mask, scale)
     }

@@ -8,13 +8,15 @@
 //!   scores = scale * q k^T (f32)  ->  e = bf16(exp(scores - max)) with hidden keys at 0
 //!   out = bf16((e v) / sum(e))
 //! (exp to about 3e-6 relative, as the value is rounded to bf16 next). A query whose keys are all hidden
-//! averages all values uniformly, as `attention_cpu::softmax_row` does.
+//! follows `attention::fully_masked_weight`.
 //! [`attention_qkv_bf16_portable`] computes the same on any CPU.
 
 use rayon::prelude::*;
 
-use super::gemm_bf16::{f32_to_bf16_bits, MR};
-use super::gemm_bf16_fused::{available, Bf16Rows};
+use super::attention::fully_masked_weight;
+use super::bf16::{f32_to_bf16_bits, Bf16Rows};
+use super::matmul_bf16_packed::MR;
+use super::matmul_bf16_fused::available;
 use super::math::exp_f32;
 
 /// Query rows per block (a multiple of MR): `[QB, S]` f32 scores stay in L2.
@@ -62,7 +64,7 @@ pub fn attention_qkv_bf16(qkv: &Bf16Rows, frames: usize, heads: usize, hd: usize
         let kb = key_bias(key_valid);
         // K and V of every (frame, head), packed once as weight panels.
         let (klen, vlen) = fast::pack_lens(s, hd);
-        let mut packs = super::gemm_bf16::AlignedU32::zeros(frames * heads * (klen + vlen));
+        let mut packs = super::matmul_bf16_packed::AlignedU32::zeros(frames * heads * (klen + vlen));
         packs.par_chunks_mut(klen + vlen).enumerate().for_each(|(fh, buf)| fast::pack_kv(qkv, s, heads, hd, fh / heads, fh % heads, buf));
         let chunks = s.div_ceil(QCHUNK);
         let op = out.pairs_mut().as_mut_ptr() as usize;
@@ -83,8 +85,10 @@ pub fn attention_qkv_bf16(qkv: &Bf16Rows, frames: usize, heads: usize, hd: usize
 mod fast {
     use std::cell::RefCell;
 
-    use super::super::gemm_bf16::{MR, NR};
-    use super::super::gemm_bf16_fused::{tile, Bf16Rows, Epi};
+    use super::super::matmul_bf16_packed::{MR, NR};
+    use super::super::attention::fully_masked_weight;
+    use super::super::bf16::Bf16Rows;
+    use super::super::matmul_bf16_fused::{tile, Epi};
     use super::super::simd::x86::lanes;
     use super::QB;
     use core::arch::x86_64::*;
@@ -222,12 +226,12 @@ mod fast {
         if 2 * sp2 > s {
             *p.add(s) = 0;
         }
-        if max == f32::NEG_INFINITY {
-            // every key hidden: uniform weights, as attention_cpu::softmax_row
+        if let Some(u) = fully_masked_weight(max, s) {
+            // every key hidden: e = 1 for every key, then the sum's inverse 1 / S
             for j in 0..s {
                 *p.add(j) = 0x3f80; // bf16 1.0
             }
-            return 1.0 / s as f32;
+            return u;
         }
         let (mv, mut sum) = (_mm512_set1_ps(max), _mm512_setzero_ps());
         for j in (0..s).step_by(32) {
@@ -261,9 +265,9 @@ pub fn attention_qkv_bf16_portable(qkv: &Bf16Rows, frames: usize, heads: usize, 
                     *ej = dot * scale + kb.as_ref().map_or(0.0, |b| b[f * s + j]);
                     max = max.max(*ej);
                 }
-                let inv = if max == f32::NEG_INFINITY {
+                let inv = if let Some(u) = fully_masked_weight(max, s) {
                     e.iter_mut().for_each(|v| *v = 1.0);
-                    1.0 / s as f32
+                    u
                 } else {
                     e.iter_mut().for_each(|v| *v = exp_f32(*v - max));
                     let inv = 1.0 / e.iter().sum::<f32>();
@@ -285,7 +289,7 @@ pub fn attention_qkv_bf16_portable(qkv: &Bf16Rows, frames: usize, heads: usize, 
 mod tests {
     use super::*;
 
-    use crate::ops::gemm_bf16::tests::rng_vec;
+    use crate::ops::matmul_bf16_packed::tests::rng_vec;
 
     /// f64 softmax attention on the bf16-rounded q, k, v (probabilities not rounded).
     fn reference(x: &[f32], frames: usize, s: usize, heads: usize, hd: usize, key_valid: Option<&[bool]>, scale: f64) -> Vec<f64> {

@@ -11,13 +11,8 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::linear::{f32_arg, with_f32};
+use super::cpu::{f32_arg, rows_per_task, with_f32};
 use super::math::exp_f32;
-
-/// Rows per parallel task for [N, V] row kernels.
-fn rows_per_task(n: usize, v: usize) -> usize {
-    super::linear::rows_per_task(n, v)
-}
 
 /// (max, logsumexp) of one row, f32, 8 accumulators.
 #[inline]

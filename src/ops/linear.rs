@@ -1,7 +1,7 @@
 //! Linear layer y = x W^T + b over arbitrary leading dims.
 //!
 //! The weight is kept as stored by PyTorch ([out, in]), or quantized ([`Weight::Quant`]: bitsandbytes'
-//! nf4/fp4/int8, multiplied by `ops::quant_matmul` without a dequantized copy; GGUF will be another
+//! nf4/fp4/int8, multiplied by `ops::matmul_quant` without a dequantized copy; GGUF will be another
 //! quantized kind), each with a matmul and a backward to the input.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
@@ -10,7 +10,8 @@ use half::slice::HalfFloatSliceExt;
 
 use std::sync::Arc;
 
-use super::gemm_bf16;
+use super::cpu::{f32_arg, parallelism, rows_per_task, with_f32};
+use super::matmul_bf16_packed;
 use crate::checkpoint::WeightStore;
 use crate::error::CheckpointError;
 
@@ -24,9 +25,9 @@ pub enum Weight {
     Bf16(Tensor),
     /// The bf16 compute mode: [out, in] bf16 (`w`, used by the skinny path for few rows, by the
     /// tracked/backward path and by adapter merging) plus the same weight packed once at load time for
-    /// [`gemm_bf16::matmul_packed`] (x rounded to bf16, f32 accumulation), used for more than
-    /// [`GEMV_MAX_ROWS`] rows. Only built where [`gemm_bf16::available`].
-    PackedBf16 { w: Tensor, packed: Arc<gemm_bf16::PackedBf16> },
+    /// [`matmul_bf16_packed::matmul_packed`] (x rounded to bf16, f32 accumulation), used for more than
+    /// [`GEMV_MAX_ROWS`] rows. Only built where [`matmul_bf16_packed::available`].
+    PackedBf16 { w: Tensor, packed: Arc<matmul_bf16_packed::PackedBf16> },
     /// A frozen quantized weight (bitsandbytes 4-bit or 8-bit). `bf16`: products in bf16 with f32
     /// accumulation and the output rounded to bf16 (`bnb_4bit_compute_dtype=bfloat16`).
     Quant { q: Arc<crate::quant::QuantWeight>, bf16: bool },
@@ -62,16 +63,16 @@ impl Linear {
     }
 
     /// A layer of the bf16 compute mode: the weight rounded to bf16 and, on a CPU with AVX512-BF16,
-    /// packed for [`gemm_bf16::matmul_packed`] ([`Weight::PackedBf16`]); elsewhere a plain
+    /// packed for [`matmul_bf16_packed::matmul_packed`] ([`Weight::PackedBf16`]); elsewhere a plain
     /// [`Weight::Bf16`]. The bias keeps its dtype.
     pub fn bf16_compute(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
         let w = weight.to_dtype(DType::BF16)?.contiguous()?;
-        let weight = if w.device().is_cpu() && gemm_bf16::available() {
+        let weight = if w.device().is_cpu() && matmul_bf16_packed::available() {
             let packed = {
                 let (s, l) = w.storage_and_layout();
                 match (&*s, l.contiguous_offsets()) {
-                    (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => gemm_bf16::pack(&v[a..b], out_features, in_features),
+                    (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => matmul_bf16_packed::pack(&v[a..b], out_features, in_features),
                     _ => candle_core::bail!("bf16_compute: expected a contiguous bf16 CPU weight"),
                 }
             };
@@ -165,7 +166,7 @@ impl Linear {
                     if n <= GEMV_MAX_ROWS {
                         (bf16_matmul(&x2, w, self.out_features, bias)?, true) // decoding: the skinny kernel
                     } else {
-                        let y = with_f32(&x2, |xs| gemm_bf16::matmul_packed(xs, n, self.in_features, packed))?;
+                        let y = with_f32(&x2, |xs| matmul_bf16_packed::matmul_packed(xs, n, self.in_features, packed))?;
                         (Tensor::from_vec(y, (n, self.out_features), x.device())?, false)
                     }
                 }
@@ -184,7 +185,7 @@ impl Linear {
     }
 
     /// x [N, in] through a quantized weight: int8 in inference mode runs LLM.int8's product, every
-    /// other case [`quant_matmul::quant_linear`] (tracked x gets its gradient; the weight never).
+    /// other case [`matmul_quant::quant_linear`] (tracked x gets its gradient; the weight never).
     fn quant_forward(&self, x2: &Tensor, q: &Arc<crate::quant::QuantWeight>, bf16: bool) -> Result<Tensor> {
         let x2 = if x2.dtype() == DType::F32 { x2.clone() } else { x2.to_dtype(DType::F32)? };
         if let crate::quant::QuantWeight::Int8(w) = &**q {
@@ -194,9 +195,9 @@ impl Linear {
                 let y = with_f32(&x2, |xs| w.forward_lt(xs, n, bias.as_deref()))?;
                 return Tensor::from_vec(y, (n, self.out_features), x2.device());
             }
-            return super::quant_matmul::quant_linear(&x2, q, self.bias.as_ref(), false);
+            return super::matmul_quant::quant_linear(&x2, q, self.bias.as_ref(), false);
         }
-        super::quant_matmul::quant_linear(&x2, q, self.bias.as_ref(), bf16)
+        super::matmul_quant::quant_linear(&x2, q, self.bias.as_ref(), bf16)
     }
 
     /// The reference composition (candle matmul + broadcast_add, weight widened to x's dtype):
@@ -259,57 +260,19 @@ fn bf16_matmul(x: &Tensor, w: &Tensor, out: usize, bias: Option<&Tensor>) -> Res
             let w: &[u16] = v[a..b].reinterpret_cast();
             with_f32(x, |xs| {
                 if n <= GEMV_MAX_ROWS {
-                    let mut y = super::gemv::gemv_bf16(xs, n, k, w, out);
+                    let mut y = super::matmul_bf16_skinny::gemv_bf16(xs, n, k, w, out);
                     if let Some(b) = &bias {
                         y.chunks_mut(out.max(1)).for_each(|r| r.iter_mut().zip(b).for_each(|(y, b)| *y += b));
                     }
                     y
                 } else {
-                    super::gemv::matmul_bf16_wide(xs, n, k, w, out, bias.as_deref())
+                    super::matmul_bf16_skinny::matmul_bf16_wide(xs, n, k, w, out, bias.as_deref())
                 }
             })?
         }
         _ => candle_core::bail!("skinny bf16 matmul needs a contiguous bf16 CPU weight"),
     };
     Tensor::from_vec(y, (n, out), x.device())
-}
-
-// ---------------------------------------------------------------------------------------------
-// CPU f32 access helpers shared by the fused ops' backward passes.
-
-/// Runs `f` on t's values as one contiguous f32 CPU slice: no copy when t already is one, else a
-/// converted copy.
-pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    {
-        let (s, l) = t.storage_and_layout();
-        if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*s, l.contiguous_offsets()) {
-            return Ok(f(&v[a..b]));
-        }
-    }
-    let v: Vec<f32> = t.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1()?;
-    Ok(f(&v))
-}
-
-/// The contiguous f32 values of a custom op's CPU argument.
-pub(crate) fn f32_arg<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("{op}: the CPU kernel needs contiguous f32 arguments"),
-    }
-}
-
-/// Rows per parallel task for row-wise kernels over `n` rows of `h` values: a few tasks per thread,
-/// at least ~16k values each.
-pub(crate) fn rows_per_task(n: usize, h: usize) -> usize {
-    let tasks = 4 * rayon::current_num_threads();
-    n.div_ceil(tasks).max(16_384usize.div_ceil(h.max(1))).max(1)
-}
-
-fn parallelism() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        t => gemm::Parallelism::Rayon(t),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -332,7 +295,7 @@ fn w_arg<'a>(s: &'a CpuStorage, l: &Layout) -> Result<WSlice<'a>> {
 /// Rows of a bf16 weight widened at once in the backward (bounds the f32 scratch to ~8 MB).
 const WIDEN_BLOCK_ELEMS: usize = 1 << 21;
 
-/// y [N, out] = x [N, in] W^T (+ b): gemm for f32 weights, the bf16 kernels of `gemv` for bf16 ones.
+/// y [N, out] = x [N, in] W^T (+ b): gemm for f32 weights, the bf16 kernels of `matmul_bf16_skinny` for bf16 ones.
 fn linear_fwd_kernel(x: &[f32], n: usize, k: usize, w: &WSlice, out: usize, bias: Option<&[f32]>) -> Vec<f32> {
     match w {
         WSlice::F32(w) => {
@@ -348,7 +311,7 @@ fn linear_fwd_kernel(x: &[f32], n: usize, k: usize, w: &WSlice, out: usize, bias
             y
         }
         WSlice::Bf16(w) => {
-            let mut y = if n <= GEMV_MAX_ROWS { super::gemv::gemv_bf16(x, n, k, w, out) } else { super::gemv::matmul_bf16_wide(x, n, k, w, out, None) };
+            let mut y = if n <= GEMV_MAX_ROWS { super::matmul_bf16_skinny::gemv_bf16(x, n, k, w, out) } else { super::matmul_bf16_skinny::matmul_bf16_wide(x, n, k, w, out, None) };
             if let Some(b) = bias {
                 y.par_chunks_mut(out.max(1)).for_each(|r| r.iter_mut().zip(b).for_each(|(y, b)| *y += b));
             }

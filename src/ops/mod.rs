@@ -1,28 +1,49 @@
-//! Tensor ops of the model, written as compositions of candle primitives.
+//! Tensor ops of the model.
 //!
-//! Each op here is the *reference* version: plain, readable, autograd-friendly (only candle ops that
-//! have a backward). Fused versions with hand-written backward (training) and faster kernels
-//! (bf16, attention without L x L scores) go next to them and are tested against them.
-//! Never use candle-nn's fused `rms_norm`, `layer_norm`, `softmax_last_dim`, rotary ops or `QMatMul`
-//! on the training path: they have no backward.
+//! Every op has a *reference* version composed of candle primitives (plain, readable, with candle's
+//! autograd) and a fused version with a hand-written backward next to it (a candle `CustomOp` whose
+//! `bwd` calls the backward kernel); inference-only fast paths sit behind a gate and are tested against
+//! the plain path. Never use candle-nn's fused `rms_norm`, `layer_norm`, `softmax_last_dim`, rotary ops
+//! or `QMatMul` on the training path: they have no backward.
+//!
+//! | op | entry point | reference | fused forward + backward | inference fast paths | tests |
+//! |---|---|---|---|---|---|
+//! | RMSNorm | [`norm::rms_norm`] | `rms_norm_reference` | `norm.rs` `RmsNormOp` | | `tests/ops_grad.rs` |
+//! | LayerNorm | [`norm::layer_norm`] | `layer_norm_reference` | `norm.rs` `LayerNormOp` | `layer_norm_bf16` (to [`bf16::Bf16Rows`]) | `tests/ops_grad.rs`, `tests/bf16_mode.rs` |
+//! | RoPE | [`rope::apply_rotary`] | `apply_rotary_reference` | `rope.rs` `RopeOp` | | `tests/ops_grad.rs` |
+//! | GELU-tanh | [`activation::gelu_tanh`] | `gelu_tanh_reference` | `activation.rs` `GeluTanh` | in the epilogue of `matmul_bf16_fused` | `activation.rs`, `tests/ops_grad.rs` |
+//! | SwiGLU | [`activation::swiglu`] | `swiglu_reference` | `activation.rs` `Swiglu` | | `tests/ops_grad.rs` |
+//! | log-sigmoid (DPO) | [`activation::log_sigmoid`] | `log_sigmoid_reference` | `activation.rs` `LogSigmoid` | | `activation.rs` |
+//! | attention | [`attention::attention`] | `attention_reference` | `attention_f32.rs` (f32, no L x L scores) | `attention_bf16.rs` (bf16 vision layers) | `tests/attention_grad.rs`, `attention_bf16.rs` |
+//! | Linear | [`linear::Linear::forward`] | `x.matmul(w.t())` | `linear.rs` `LinearOp` (f32 or bf16 weight) | `matmul_bf16_skinny.rs` (decode), `matmul_bf16_packed.rs` (bf16 mode) | `tests/ops_grad.rs`, `tests/bf16_mode.rs` |
+//! | quantized Linear | [`matmul_quant::quant_linear`] | `matmul_quant::reference` | `matmul_quant.rs` `QuantLinearOp` (backward to x) | few-rows / tile kernels in `matmul_quant.rs` | `tests/quant.rs`, `tests/qlora_grads.rs` |
+//! | bf16 vision layer matmuls | [`matmul_bf16_fused::gemm_fused`] | `gemm_fused_portable` | (inference only) | bias, GELU, residual in the store; q\|k\|v in one call | `matmul_bf16_fused.rs`, `model/vision_fast.rs` |
+//! | cross-entropy at label rows | [`cross_entropy::cross_entropy_rows`] | `cross_entropy_rows_reference` | `cross_entropy.rs` `CrossEntropy` | `token_stats` (entropy, argmax; no grad) | `tests/ops_grad.rs` |
+//!
+//! Shared pieces: [`bf16`] (bf16 conversions and rows), `cpu` (f32 views of tensors, rows per task,
+//! gemm parallelism, `SendPtr`), [`math`] (the exp and sum every kernel uses), [`simd`] (CPU feature
+//! checks and AVX-512 helpers), [`gradcheck`] (finite differences for the tests). The rule for a fully
+//! masked attention row lives in `attention::fully_masked_weight`.
 
 pub mod activation;
 pub mod attention;
 pub mod attention_bf16;
-mod attention_cpu;
+mod attention_f32;
+pub mod bf16;
+pub(crate) mod cpu;
 pub mod cross_entropy;
-pub mod gemm_bf16;
-pub mod gemm_bf16_fused;
 pub mod gradcheck;
-pub mod gemv;
 pub mod linear;
 pub mod math;
+pub mod matmul_bf16_fused;
+pub mod matmul_bf16_packed;
+pub mod matmul_bf16_skinny;
+pub mod matmul_quant;
 pub mod norm;
-pub mod quant_matmul;
 pub mod rope;
 pub mod simd;
 
-pub use activation::{gelu_tanh, silu, swiglu};
+pub use activation::{gelu_tanh, log_sigmoid, silu, swiglu};
 pub use attention::{attention, Mask};
 pub use linear::Linear;
 pub use norm::{layer_norm, rms_norm};

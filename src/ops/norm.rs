@@ -3,9 +3,8 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::gemm_bf16::f32_to_bf16_bits;
-use super::gemm_bf16_fused::Bf16Rows;
-use super::linear::{f32_arg, rows_per_task, with_f32};
+use super::bf16::{f32_to_bf16_bits, Bf16Rows};
+use super::cpu::{f32_arg, rows_per_task, with_f32};
 
 /// Whether the fused CPU kernels apply: f32 CPU x [.., H] and f32 CPU per-feature params [H].
 fn fused_ok(x: &Tensor, params: &[&Tensor]) -> bool {

@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::linear::{f32_arg, with_f32};
+use super::cpu::{f32_arg, with_f32};
 
 /// Precomputed inverse frequencies; cos/sin are built per call from position ids.
 #[derive(Debug, Clone)]

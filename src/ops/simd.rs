@@ -1,4 +1,4 @@
-//! AVX512 versions of the scalar helpers in `math.rs`, `activation.rs` and `gemm_bf16.rs`, written
+//! AVX512 versions of the scalar helpers in `math.rs`, `activation.rs` and `matmul_bf16_packed.rs`, written
 //! with the same operations in the same order (no FMA contraction), so each lane gives bit for bit
 //! what the scalar function gives (tested below). Callers check [`avx512`] first.
 
@@ -52,7 +52,7 @@ pub(crate) mod x86 {
         _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0), e))
     }
 
-    /// 16 lanes of `gemm_bf16::f32_to_bf16_bits` (round to nearest even, NaN -> quiet NaN): the bf16
+    /// 16 lanes of `bf16::f32_to_bf16_bits` (round to nearest even, NaN -> quiet NaN): the bf16
     /// bits in the low half of each 32-bit lane, zero above.
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -137,7 +137,7 @@ mod tests {
             // SAFETY: avx512 checked; 16-element buffers.
             unsafe { x86::store_bf16(o.as_mut_ptr(), x86::lanes(c.len()), _mm512_loadu_ps(buf.as_ptr())) };
             for (x, b) in c.iter().zip(o) {
-                assert_eq!(b, crate::ops::gemm_bf16::f32_to_bf16_bits(*x), "{x:e}");
+                assert_eq!(b, crate::ops::bf16::f32_to_bf16_bits(*x), "{x:e}");
             }
         }
     }

@@ -2,7 +2,7 @@
 //! bitsandbytes: quantizing while loading, reading and writing its serialized form.
 //!
 //! A [`QuantWeight`] never holds a full-size f32 copy of its weight: the matmul kernels in
-//! `ops::quant_matmul` decode it tile by tile ([`QuantWeight::decode_rows`]).
+//! `ops::matmul_quant` decode it tile by tile ([`QuantWeight::decode_rows`]).
 
 pub mod dynamic;
 pub mod four_bit;

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use super::HeadOut;
 
 use crate::error::{input_err, Result};
+use crate::ops::log_sigmoid;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum DpoLoss {
@@ -84,39 +85,6 @@ pub fn sequence_logps(h: &HeadOut, average: bool) -> Result<(Tensor, Vec<usize>)
     }
     let inv: Vec<f32> = counts.iter().map(|&c| 1.0 / c.max(1) as f32).collect();
     Ok(((sums * Tensor::from_vec(inv, h.batch, dev)?)?, counts))
-}
-
-/// log sigmoid(x) = min(x, 0) - log(1 + exp(-|x|)), with the exact derivative sigmoid(-x) (a
-/// composition of relu and abs would take a wrong one-sided derivative at x = 0, where DPO starts).
-struct LogSigmoid;
-
-impl candle_core::CustomOp1 for LogSigmoid {
-    fn name(&self) -> &'static str {
-        "log-sigmoid"
-    }
-    fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let x = match (s, l.contiguous_offsets()) {
-            (candle_core::CpuStorage::F32(v), Some((a, b))) => &v[a..b],
-            _ => candle_core::bail!("log-sigmoid needs contiguous f32"),
-        };
-        let y = x.iter().map(|&x| x.min(0.0) - (-x.abs()).exp().ln_1p()).collect();
-        Ok((candle_core::CpuStorage::F32(y), l.shape().clone()))
-    }
-    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        // d/dx log sigmoid(x) = sigmoid(-x) = 1 / (1 + exp(x))
-        let s = (x.exp()? + 1.0)?.recip()?;
-        Ok(Some((g * s)?))
-    }
-}
-
-/// Reference composition of log sigmoid (tests; non-differentiable at 0 as noted above).
-pub fn log_sigmoid_reference(x: &Tensor) -> Result<Tensor> {
-    let min0 = x.neg()?.relu()?.neg()?;
-    Ok((min0 - (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
-}
-
-pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
-    Ok(x.to_dtype(DType::F32)?.contiguous()?.apply_op1(LogSigmoid)?)
 }
 
 fn to_vec(t: &Tensor) -> Result<Vec<f64>> {
@@ -216,30 +184,5 @@ pub fn objective<'a>(spec: &'a DpoSpec, ref_logps: &'a [f64], stats: &'a mut Dpo
             }
         }
         Ok((loss * spec.loss_scale)?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ops::gradcheck::{finite_diff, max_rel_err, to_f64};
-    use candle_core::Var;
-
-    #[test]
-    fn log_sigmoid_value_and_gradient_including_zero() {
-        let xs = [-30.0f32, -2.0, -0.5, 0.0, 0.5, 3.0, 40.0];
-        let x = Var::from_tensor(&Tensor::new(&xs, &Device::Cpu).unwrap()).unwrap();
-        let y = log_sigmoid(x.as_tensor()).unwrap();
-        let r = log_sigmoid_reference(x.as_tensor()).unwrap();
-        for (a, b) in to_f64(&y).unwrap().iter().zip(to_f64(&r).unwrap()) {
-            assert!((a - b).abs() < 1e-6);
-        }
-        let g = y.sum_all().unwrap().backward().unwrap();
-        let got = to_f64(g.get(x.as_tensor()).unwrap()).unwrap();
-        let want: Vec<f64> = xs.iter().map(|&x| 1.0 / (1.0 + (x as f64).exp())).collect();
-        assert!(max_rel_err(&got, &want, 1e-12) < 1e-5, "{got:?} vs {want:?}");
-        assert!((got[3] - 0.5).abs() < 1e-7);
-        let fd = finite_diff(&|t| log_sigmoid(t).map_err(|e| candle_core::Error::Msg(e.to_string()))?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>(), &Tensor::new(&[-0.5f32, 0.0, 0.5], &Device::Cpu).unwrap(), 1e-2).unwrap();
-        assert!(max_rel_err(&fd, &want[2..5], 1e-3) < 1e-2);
     }
 }

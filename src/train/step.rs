@@ -12,9 +12,9 @@ use candle_core::{DType, Tensor, Var};
 use super::rows::Rows;
 use super::FeatureCache;
 use crate::error::{input_err, Result};
-use crate::loss::shifted_targets;
+use crate::loss::{head_at_rows, shifted_targets, LabelLogits};
 use crate::model::{check, ForwardInput, Interrupt, VlmModel};
-use crate::ops::cross_entropy::{cross_entropy_rows, token_stats};
+use crate::ops::cross_entropy::token_stats;
 use crate::ops::rms_norm;
 
 /// A trainable tensor with its PEFT key (`base_model.model.<module>.lora_A.weight`, ...).
@@ -196,13 +196,10 @@ pub fn run_objective(
     }
     let at: Vec<u32> = targets.iter().map(|t| rows.stacked_row(t.0 as usize / l, t.0 as usize % l)).collect();
     let ys: Vec<u32> = targets.iter().map(|t| t.1).collect();
-    let n = at.len();
-    let at = Tensor::from_vec(at, n, &model.device)?;
-    let logits = model.lm_head.forward(&flat.index_select(&at, 0)?)?.to_dtype(DType::F32)?; // [N, V]
+    let LabelLogits { logits, nll } = head_at_rows(&flat, at, &ys, &model.lm_head)?; // [N, V], [N]
     let (entropy, argmax) = token_stats(&logits.detach())?;
     stats.entropy_sum = entropy.iter().map(|&e| e as f64).sum();
     stats.correct = argmax.iter().zip(&ys).filter(|(a, y)| a == y).count();
-    let nll = cross_entropy_rows(&logits, &ys)?; // [N]
     stats.loss_sum = nll.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let seq: Vec<usize> = targets.iter().map(|t| t.0 as usize / l).collect();
     let loss = objective(&HeadOut { nll: &nll, logits: &logits, seq: &seq, targets: &ys, batch: b })?;

@@ -22,6 +22,8 @@
 use half::bf16;
 use rayon::prelude::*;
 
+use super::bf16::{pack_x, round_to_bf16};
+
 /// Output columns per packed weight panel (the microkernel's tile width).
 pub const NR: usize = 64;
 /// Rows of `x` per microkernel tile.
@@ -45,23 +47,6 @@ pub fn available() -> bool {
     {
         false
     }
-}
-
-/// f32 -> bf16 bits, round to nearest even (NaN stays a quiet NaN), as torch's `.to(bfloat16)`.
-#[inline(always)]
-pub fn f32_to_bf16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    if (b & 0x7fff_ffff) > 0x7f80_0000 {
-        ((b >> 16) | 0x40) as u16
-    } else {
-        (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
-    }
-}
-
-/// f32 rounded to the nearest bf16 value, returned as f32.
-#[inline(always)]
-pub fn round_to_bf16(x: f32) -> f32 {
-    f32::from_bits((f32_to_bf16_bits(x) as u32) << 16)
 }
 
 /// A bf16 weight `[out, k]` packed for [`matmul_packed`] (pack once at load time).
@@ -146,7 +131,7 @@ impl PackedBf16 {
 
 /// Packs a PyTorch-layout bf16 weight `w` (`[out, k]` row-major) for [`matmul_packed`].
 pub fn pack(w: &[bf16], out: usize, k: usize) -> PackedBf16 {
-    assert_eq!(w.len(), out * k, "gemm_bf16::pack: w has {} values, expected out*k = {}", w.len(), out * k);
+    assert_eq!(w.len(), out * k, "matmul_bf16_packed::pack: w has {} values, expected out*k = {}", w.len(), out * k);
     let kp2 = k.div_ceil(2);
     let panels = out.div_ceil(NR);
     let mut data = AlignedU32::zeros(panels * kp2 * NR);
@@ -170,8 +155,8 @@ pub fn pack(w: &[bf16], out: usize, k: usize) -> PackedBf16 {
 /// `y[n, out] = bf16(x)[n, k] @ w[out, k]^T` with f32 accumulation. Packs `w` on every call: models
 /// should [`pack`] once and call [`matmul_packed`].
 pub fn matmul_f32_bf16(x: &[f32], n: usize, k: usize, w: &[bf16], out: usize) -> Vec<f32> {
-    assert_eq!(x.len(), n * k, "gemm_bf16: x has {} values, expected n*k = {}", x.len(), n * k);
-    assert_eq!(w.len(), out * k, "gemm_bf16: w has {} values, expected out*k = {}", w.len(), out * k);
+    assert_eq!(x.len(), n * k, "matmul_bf16_packed: x has {} values, expected n*k = {}", x.len(), n * k);
+    assert_eq!(w.len(), out * k, "matmul_bf16_packed: w has {} values, expected out*k = {}", w.len(), out * k);
     if !available() {
         return matmul_portable(x, n, k, w, out);
     }
@@ -180,8 +165,8 @@ pub fn matmul_f32_bf16(x: &[f32], n: usize, k: usize, w: &[bf16], out: usize) ->
 
 /// `y[n, out] = bf16(x)[n, k] @ W^T` for a packed weight.
 pub fn matmul_packed(x: &[f32], n: usize, k: usize, w: &PackedBf16) -> Vec<f32> {
-    assert_eq!(k, w.k, "gemm_bf16: x has k = {k} but the weight has {} input features", w.k);
-    assert_eq!(x.len(), n * k, "gemm_bf16: x has {} values, expected n*k = {}", x.len(), n * k);
+    assert_eq!(k, w.k, "matmul_bf16_packed: x has k = {k} but the weight has {} input features", w.k);
+    assert_eq!(x.len(), n * k, "matmul_bf16_packed: x has {} values, expected n*k = {}", x.len(), n * k);
     let out = w.out;
     if n == 0 || out == 0 || k == 0 {
         return vec![0.0; n * out];
@@ -201,28 +186,11 @@ pub fn matmul_packed(x: &[f32], n: usize, k: usize, w: &PackedBf16) -> Vec<f32> 
     unreachable!()
 }
 
-/// `x` rounded to bf16, as rows of bf16 pairs `[n, ceil(k/2)]` (low half = even position).
-pub(crate) fn pack_x(x: &[f32], n: usize, k: usize) -> Vec<u32> {
-    let kp2 = k.div_ceil(2);
-    let mut xa = vec![0u32; n * kp2];
-    xa.par_chunks_mut(kp2 * 16).zip(x.par_chunks(k * 16)).for_each(|(dst, src)| {
-        for (d, s) in dst.chunks_mut(kp2).zip(src.chunks(k)) {
-            for (dp, sp) in d.iter_mut().zip(s.chunks_exact(2)) {
-                *dp = f32_to_bf16_bits(sp[0]) as u32 | (f32_to_bf16_bits(sp[1]) as u32) << 16;
-            }
-            if k % 2 == 1 {
-                d[kp2 - 1] = f32_to_bf16_bits(s[k - 1]) as u32;
-            }
-        }
-    });
-    xa
-}
-
 /// The portable path: `x` rounded to bf16 exactly as the fast path does, `w` widened to f32, one f32
 /// gemm (so results agree with the fast path up to f32 summation order). Runs on any CPU.
 pub fn matmul_portable(x: &[f32], n: usize, k: usize, w: &[bf16], out: usize) -> Vec<f32> {
-    assert_eq!(x.len(), n * k, "gemm_bf16: x has {} values, expected n*k = {}", x.len(), n * k);
-    assert_eq!(w.len(), out * k, "gemm_bf16: w has {} values, expected out*k = {}", w.len(), out * k);
+    assert_eq!(x.len(), n * k, "matmul_bf16_packed: x has {} values, expected n*k = {}", x.len(), n * k);
+    assert_eq!(w.len(), out * k, "matmul_bf16_packed: w has {} values, expected out*k = {}", w.len(), out * k);
     let mut y = vec![0.0f32; n * out];
     if n == 0 || out == 0 || k == 0 {
         return y;
@@ -259,14 +227,11 @@ pub fn matmul_portable(x: &[f32], n: usize, k: usize, w: &[bf16], out: usize) ->
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod fast {
+    use super::super::cpu::SendPtr;
     use super::{PackedBf16, KC, MC, MR, NCP, NR, NV};
     use core::arch::x86_64::*;
     use rayon::prelude::*;
 
-    #[derive(Clone, Copy)]
-    struct SendPtr(*mut f32);
-    unsafe impl Send for SendPtr {}
-    unsafe impl Sync for SendPtr {}
 
     /// # Safety
     /// Needs avx512f + avx512bf16; `xa` is `[n, w.kp2]`, `y` is `[n, w.out]`.
@@ -377,6 +342,7 @@ pub(crate) mod fast {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::ops::bf16::f32_to_bf16_bits;
 
     /// Deterministic values in [-1, 1) (an LCG), shared by the bf16 kernels' tests.
     pub(crate) fn rng_vec(len: usize, seed: u64) -> Vec<f32> {

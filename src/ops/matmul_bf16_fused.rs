@@ -1,4 +1,4 @@
-//! The bf16 gemm of `gemm_bf16.rs` with fused epilogues, for inference in the bf16 compute mode.
+//! The bf16 gemm of `matmul_bf16_packed.rs` with fused epilogues, for inference in the bf16 compute mode.
 //!
 //! The input is already bf16 ([`Bf16Rows`]: converted once, e.g. by a layer norm, and multiplied by
 //! several weights), and the final store of each tile (after the last k block) applies, in this order,
@@ -6,7 +6,7 @@
 //! writes f32 or rounds to bf16 (rows for the next gemm). Several weights sharing the input write side
 //! by side into one output ([`Job::col0`]), e.g. q | k | v.
 //!
-//! [`tile`] is the microkernel of `gemm_bf16.rs` with that epilogue; attention (`attention_bf16.rs`)
+//! [`tile`] is the microkernel of `matmul_bf16_packed.rs` with that epilogue; attention (`attention_bf16.rs`)
 //! uses it too. Partial sums of the k blocks before the last go to a per-thread f32 scratch tile.
 //! [`gemm_fused_portable`] computes the same on any CPU (f32 gemm on the bf16 values, scalar epilogue).
 
@@ -15,71 +15,8 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::activation::gelu_tanh_scalar;
-use super::gemm_bf16::{self, f32_to_bf16_bits, PackedBf16, KC, MC, MR, NCP, NR};
-
-/// Rows of bf16 values as bf16 pairs `[n, ceil(k/2)]` u32 (low half = even position, the odd tail's
-/// high half zero): the `a` operand of the kernels. In memory, a row is its bf16 values in order.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Bf16Rows {
-    n: usize,
-    k: usize,
-    data: Vec<u32>,
-}
-
-impl Bf16Rows {
-    /// `n` rows of `k` zeros.
-    pub fn zeros(n: usize, k: usize) -> Self {
-        Bf16Rows { n, k, data: vec![0; n * k.div_ceil(2)] }
-    }
-    /// x `[n, k]` rounded to bf16 (round to nearest even).
-    pub fn from_f32(x: &[f32], n: usize, k: usize) -> Self {
-        assert_eq!(x.len(), n * k, "Bf16Rows: {} values, expected {n} x {k}", x.len());
-        Bf16Rows { n, k, data: gemm_bf16::pack_x(x, n, k) }
-    }
-    pub fn n(&self) -> usize {
-        self.n
-    }
-    pub fn k(&self) -> usize {
-        self.k
-    }
-    /// bf16 pairs per row.
-    pub fn kp2(&self) -> usize {
-        self.k.div_ceil(2)
-    }
-    /// `[n, kp2]` bf16 pairs.
-    pub fn pairs(&self) -> &[u32] {
-        &self.data
-    }
-    /// `[n, 2 * kp2]` bf16 bits (the pairs' halves in order on a little-endian CPU).
-    #[cfg(target_endian = "little")]
-    pub(crate) fn bits(&self) -> &[u16] {
-        // SAFETY: u16 has a smaller alignment than u32 and twice as many fit in the same bytes.
-        unsafe { std::slice::from_raw_parts(self.data.as_ptr() as *const u16, 2 * self.data.len()) }
-    }
-    pub(crate) fn pairs_mut(&mut self) -> &mut [u32] {
-        &mut self.data
-    }
-    /// The values widened to f32 `[n, k]`.
-    pub fn to_f32(&self) -> Vec<f32> {
-        let mut out = Vec::with_capacity(self.n * self.k);
-        for r in 0..self.n {
-            for c in 0..self.k {
-                out.push(f32::from_bits((self.get_bits(r, c) as u32) << 16));
-            }
-        }
-        out
-    }
-    /// The bf16 bits at (r, c).
-    pub fn get_bits(&self, r: usize, c: usize) -> u16 {
-        let pair = self.data[r * self.kp2() + c / 2];
-        (if c % 2 == 0 { pair & 0xffff } else { pair >> 16 }) as u16
-    }
-    fn set_bits(&mut self, r: usize, c: usize, bits: u16) {
-        let i = r * self.kp2() + c / 2;
-        let pair = self.data[i];
-        self.data[i] = if c % 2 == 0 { (pair & 0xffff_0000) | bits as u32 } else { (pair & 0xffff) | (bits as u32) << 16 };
-    }
-}
+use super::bf16::{f32_to_bf16_bits, Bf16Rows};
+use super::matmul_bf16_packed::{self, PackedBf16, KC, MC, MR, NCP, NR};
 
 /// One weight of a [`gemm_fused`] call: `out[:, col0..col0 + w.out] = epilogue(a @ w^T + bias)`.
 #[derive(Clone, Copy)]
@@ -117,7 +54,7 @@ pub(crate) struct Epi {
 
 /// Whether [`gemm_fused`] and the bf16 attention run their AVX512-BF16 kernels on this CPU.
 pub fn available() -> bool {
-    gemm_bf16::available()
+    matmul_bf16_packed::available()
 }
 
 fn check(a: &Bf16Rows, jobs: &[Job], out: &Out) -> usize {
@@ -253,7 +190,7 @@ pub(crate) unsafe fn tile(
 ) {
     use super::simd::x86::{gelu_tanh, lanes, store_bf16};
     use core::arch::x86_64::*;
-    let acc = super::gemm_bf16::fast::dot_tile(kc, a, lda, rows, b);
+    let acc = super::matmul_bf16_packed::fast::dot_tile(kc, a, lda, rows, b);
     for (i, row) in acc.iter().enumerate().take(rows) {
         for (v, &r) in row.iter().enumerate() {
             let c0 = v * 16;
@@ -294,14 +231,14 @@ pub(crate) unsafe fn tile(
     }
 }
 
-/// [`gemm_fused`] on any CPU: the f32 gemm of `gemm_bf16::matmul_portable` on the bf16 values, then
+/// [`gemm_fused`] on any CPU: the f32 gemm of `matmul_bf16_packed::matmul_portable` on the bf16 values, then
 /// the same epilogue, scalar.
 pub fn gemm_fused_portable(a: &Bf16Rows, jobs: &[Job], gelu: bool, mut out: Out) {
     let _ = check(a, jobs, &out);
     let x = a.to_f32(); // [n, k]
     for job in jobs {
         let o = job.w.out_features();
-        let y = gemm_bf16::matmul_portable(&x, a.n, a.k, &job.w.unpack(), o); // [n, o]
+        let y = matmul_bf16_packed::matmul_portable(&x, a.n, a.k, &job.w.unpack(), o); // [n, o]
         for r in 0..a.n {
             for c in 0..o {
                 let mut v = y[r * o + c];
@@ -328,7 +265,7 @@ mod tests {
     use super::*;
     use half::bf16;
 
-    use crate::ops::gemm_bf16::tests::rng_vec;
+    use crate::ops::matmul_bf16_packed::tests::rng_vec;
 
     /// f64 reference: epilogue(x_bf16 @ w^T + b) per job, with the residual `init` (or 0).
     fn reference(x: &[f32], n: usize, k: usize, ws: &[(Vec<bf16>, usize, Vec<f32>, usize)], gelu: bool, ld: usize, init: &[f32]) -> Vec<f64> {
@@ -360,7 +297,7 @@ mod tests {
             col0 += o;
         }
         let ld = col0 + 3;
-        let packed: Vec<PackedBf16> = ws.iter().map(|(w, o, _, _)| gemm_bf16::pack(w, *o, k)).collect();
+        let packed: Vec<PackedBf16> = ws.iter().map(|(w, o, _, _)| matmul_bf16_packed::pack(w, *o, k)).collect();
         let jobs: Vec<Job> = ws.iter().zip(&packed).map(|((_, _, b, c), p)| Job { w: p, bias: Some(b), col0: *c }).collect();
         let a = Bf16Rows::from_f32(&x, n, k);
         let go = |out: Out| if portable { gemm_fused_portable(&a, &jobs, gelu, out) } else { gemm_fused(&a, &jobs, gelu, out) };
@@ -400,7 +337,7 @@ mod tests {
         let (n, k) = (61, 1100);
         let x = rng_vec(n * k, 3);
         let w: Vec<bf16> = rng_vec(150 * k, 4).into_iter().map(bf16::from_f32).collect();
-        let p = gemm_bf16::pack(&w, 150, k);
+        let p = matmul_bf16_packed::pack(&w, 150, k);
         let b = rng_vec(150, 5);
         let jobs = [Job { w: &p, bias: Some(&b), col0: 0 }];
         let a = Bf16Rows::from_f32(&x, n, k);

@@ -5,7 +5,7 @@
 //! (`TILE_ROWS x in` f32, in L2) and multiply it there:
 //! * many rows (prefill, training): each parallel task decodes one tile and runs gemm on it into the
 //!   tile's columns of y; in bf16 compute on a CPU with AVX512-BF16 the tiles are packed for
-//!   `gemm_bf16`'s kernel instead;
+//!   `matmul_bf16_packed`'s kernel instead;
 //! * few rows (decoding): each task decodes one weight row at a time and takes its dot products with
 //!   every x row, so the weight is read once, as packed bytes.
 //! * backward: dx [N, in] = g [N, out] W [out, in], tile by tile, the tiles' products summed into dx.
@@ -22,8 +22,8 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm_bf16::round_to_bf16;
-use super::linear::{f32_arg, with_f32};
+use super::bf16::round_to_bf16;
+use super::cpu::{f32_arg, parallelism, with_f32, SendPtr};
 use crate::quant::QuantWeight;
 
 /// Output rows of W decoded per tile in the many-rows kernels.
@@ -69,19 +69,8 @@ fn decode(w: &QuantWeight, r0: usize, rows: usize, dst: &mut [f32], bf16: bool) 
     }
 }
 
-fn parallelism() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        t => gemm::Parallelism::Rayon(t),
-    }
-}
 
 /// A raw output pointer shared by tasks that write disjoint parts of it.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used for disjoint writes by parallel tasks while the owning Vec outlives them.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -146,7 +135,7 @@ pub fn forward(x: &[f32], n: usize, w: &QuantWeight, bias: Option<&[f32]>, bf16:
                 }
             })
         });
-    } else if bf16 && n >= BF16_PACKED_MIN_ROWS && super::gemm_bf16::available() {
+    } else if bf16 && n >= BF16_PACKED_MIN_ROWS && super::matmul_bf16_packed::available() {
         // bf16 compute on a CPU with AVX512-BF16: each tile of W, decoded and rounded to bf16, is packed
         // for the bf16 dot-product kernel (x rounded to bf16, f32 accumulation), one tile at a time (the
         // kernel runs in parallel itself).
@@ -158,8 +147,8 @@ pub fn forward(x: &[f32], n: usize, w: &QuantWeight, bias: Option<&[f32]>, bf16:
             let ob = rows.min(out - o0);
             tile[..ob * k].par_chunks_mut(k * 8).enumerate().for_each(|(i, d)| decode(w, o0 + i * 8, d.len() / k, d, true));
             tb[..ob * k].par_iter_mut().zip(tile[..ob * k].par_iter()).for_each(|(b, &v)| *b = half::bf16::from_f32(v)); // exact
-            let packed = super::gemm_bf16::pack(&tb[..ob * k], ob, k);
-            let part = super::gemm_bf16::matmul_packed(x, n, k, &packed); // [n, ob]
+            let packed = super::matmul_bf16_packed::pack(&tb[..ob * k], ob, k);
+            let part = super::matmul_bf16_packed::matmul_packed(x, n, k, &packed); // [n, ob]
             y.par_chunks_mut(out).zip(part.par_chunks(ob)).for_each(|(yr, pr)| yr[o0..o0 + ob].iter_mut().zip(pr).for_each(|(y, p)| *y += p));
             o0 += ob;
         }
@@ -328,13 +317,13 @@ fn few_rows_4bit(x: &[f32], n: usize, q: &crate::quant::FourBit, y: &mut [f32]) 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn few_rows_4bit_task_avx2(x: &[f32], n: usize, q: &crate::quant::FourBit, lut: &[[f32; 2]; 256], o0: usize, o1: usize, k: usize, bs: usize, out: usize, yp: SendPtr) {
+unsafe fn few_rows_4bit_task_avx2(x: &[f32], n: usize, q: &crate::quant::FourBit, lut: &[[f32; 2]; 256], o0: usize, o1: usize, k: usize, bs: usize, out: usize, yp: SendPtr<f32>) {
     few_rows_4bit_task(x, n, q, lut, o0, o1, k, bs, out, yp)
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn few_rows_4bit_task(x: &[f32], n: usize, q: &crate::quant::FourBit, lut: &[[f32; 2]; 256], o0: usize, o1: usize, k: usize, bs: usize, out: usize, yp: SendPtr) {
+fn few_rows_4bit_task(x: &[f32], n: usize, q: &crate::quant::FourBit, lut: &[[f32; 2]; 256], o0: usize, o1: usize, k: usize, bs: usize, out: usize, yp: SendPtr<f32>) {
     let mut vals = [0f32; 256]; // one block's table values (bs <= 256 on this path)
     let mut acc = [0f32; FEW_ROWS];
     for o in o0..o1 {

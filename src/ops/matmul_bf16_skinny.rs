@@ -6,13 +6,11 @@
 
 use rayon::prelude::*;
 
+use super::bf16::bf16_to_f32;
+use super::cpu::{transpose, SendPtr};
+
 /// Output columns per parallel task.
 const BLOCK_N: usize = 64;
-
-#[inline(always)]
-fn bf16_to_f32(bits: u16) -> f32 {
-    f32::from_bits((bits as u32) << 16)
-}
 
 /// Dot product with 16 independent accumulators so that it vectorises.
 #[inline(always)]
@@ -122,22 +120,7 @@ pub fn matmul_bf16_wide(x: &[f32], m: usize, k: usize, w: &[u16], n: usize, bias
 }
 
 /// A raw output pointer shared by tasks that write disjoint parts of it.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used for disjoint writes by parallel tasks while the owning Vec outlives them.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
-/// [rows, cols] -> [cols, rows]
-fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; rows * cols];
-    for (i, row) in a.chunks_exact(cols).enumerate() {
-        for (j, v) in row.iter().enumerate() {
-            out[j * rows + i] = *v;
-        }
-    }
-    out
-}
 
 #[cfg(test)]
 mod tests {

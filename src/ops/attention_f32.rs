@@ -10,11 +10,12 @@
 //! One task owns a kv head, so dK/dV of a GQA group accumulate without locks. Arguments that do not
 //! track gradients (`track_op() == false`, e.g. frozen cached K/V) get `None` and their work is skipped.
 
-use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use super::attention::Mask;
+use super::attention::{fully_masked_weight, Mask};
+use super::cpu::{f32_arg, storage_f32, transpose};
 use super::math::{exp_f32, sum_f32};
 
 /// Query rows per block: [QB, S] f32 scores stay in L2 for S up to a few thousand.
@@ -23,14 +24,6 @@ const QUERY_BLOCK: usize = 128;
 struct FusedAttention {
     scale: f32,
     mask: Mask,
-}
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        (CpuStorage::F32(_), None) => bail!("fused attention: {what} must be contiguous"),
-        _ => bail!("fused attention: {what} must be f32"),
-    }
 }
 
 impl CustomOp3 for FusedAttention {
@@ -44,7 +37,7 @@ impl CustomOp3 for FusedAttention {
         if l3.shape().dims() != l2.shape().dims() || hkv == 0 || h % hkv != 0 {
             bail!("fused attention: bad shapes q {:?} k {:?} v {:?}", l1.shape(), l2.shape(), l3.shape());
         }
-        let (q, k, v) = (f32_slice(s1, l1, "q")?, f32_slice(s2, l2, "k")?, f32_slice(s3, l3, "v")?);
+        let (q, k, v) = (f32_arg(s1, l1, "q")?, f32_arg(s2, l2, "k")?, f32_arg(s3, l3, "v")?);
         let groups = h / hkv;
         let mut out = vec![0f32; b * h * l * hd];
         out.par_chunks_mut(l * hd).enumerate().for_each(|(bh, o)| {
@@ -133,23 +126,7 @@ struct Tensors<'a> {
     d_o: &'a [f32],
 }
 
-fn storage_f32<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match s {
-        Storage::Cpu(c) => f32_slice(c, l, what),
-        _ => bail!("fused attention backward: {what} must be on the cpu"),
-    }
-}
 
-/// Row-major [rows, cols] -> [cols, rows].
-fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0f32; rows * cols];
-    for (j, row) in x.chunks_exact(cols).enumerate() {
-        for (d, &val) in row.iter().enumerate() {
-            t[d * rows + j] = val;
-        }
-    }
-    t
-}
 
 impl FusedAttention {
     /// Returns (dq, dk, dv); a gradient that is not needed comes back empty.
@@ -232,8 +209,8 @@ impl FusedAttention {
     }
 }
 
-/// In-place softmax over the allowed entries (others become 0). A row with no allowed entry gets
-/// uniform weights, as an additive f32::MIN mask gives in transformers' eager attention.
+/// In-place softmax over the allowed entries (others become 0); a row with no allowed entry follows
+/// [`fully_masked_weight`].
 fn softmax_row(row: &mut [f32], allowed: impl Fn(usize) -> bool) {
     let mut max = f32::NEG_INFINITY;
     for (j, x) in row.iter_mut().enumerate() {
@@ -243,8 +220,7 @@ fn softmax_row(row: &mut [f32], allowed: impl Fn(usize) -> bool) {
             max = *x;
         }
     }
-    if max == f32::NEG_INFINITY {
-        let u = 1.0 / row.len() as f32;
+    if let Some(u) = fully_masked_weight(max, row.len()) {
         row.iter_mut().for_each(|x| *x = u);
         return;
     }

@@ -1,0 +1,70 @@
+//! CPU helpers shared by the kernels: f32 views of tensors and custom-op arguments, how to split rows
+//! over rayon's threads, the gemm crate's parallelism, and one raw-pointer wrapper for disjoint
+//! parallel writes.
+
+use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
+
+/// Runs `f` on t's values as one contiguous f32 CPU slice: no copy when t already is one, else a
+/// converted copy.
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    {
+        let (s, l) = t.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*s, l.contiguous_offsets()) {
+            return Ok(f(&v[a..b]));
+        }
+    }
+    let v: Vec<f32> = t.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1()?;
+    Ok(f(&v))
+}
+
+/// The contiguous f32 values of a custom op's CPU argument.
+pub(crate) fn f32_arg<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{op}: the CPU kernel needs contiguous f32 arguments"),
+    }
+}
+
+/// The contiguous f32 values of a custom op's argument (CPU only).
+pub(crate) fn storage_f32<'a>(s: &'a Storage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => f32_arg(c, l, op),
+        _ => candle_core::bail!("{op}: the CPU kernel needs CPU tensors"),
+    }
+}
+
+/// Rows per parallel task for row-wise kernels over `n` rows of `h` values: a few tasks per thread,
+/// at least ~16k values each.
+pub(crate) fn rows_per_task(n: usize, h: usize) -> usize {
+    let tasks = 4 * rayon::current_num_threads();
+    n.div_ceil(tasks).max(16_384usize.div_ceil(h.max(1))).max(1)
+}
+
+/// The gemm crate's parallelism over rayon's threads (none on one thread).
+pub(crate) fn parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        t => gemm::Parallelism::Rayon(t),
+    }
+}
+
+/// [rows, cols] -> [cols, rows]
+pub(crate) fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * cols];
+    for (i, row) in a.chunks_exact(cols).enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            out[j * rows + i] = *v;
+        }
+    }
+    out
+}
+
+/// A raw pointer into an output buffer that parallel tasks write to, each task its own disjoint
+/// part. Whoever creates one keeps the buffer alive (and unmoved) until every task has finished.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub *mut T);
+// SAFETY: the pointer is only dereferenced for disjoint writes (see the type's doc), so sharing it
+// between threads cannot create a data race; the buffer outlives the tasks by the creator's contract.
+unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as for Send: tasks never touch the same elements.
+unsafe impl<T> Sync for SendPtr<T> {}
