@@ -2,6 +2,7 @@
 
 pub mod cache;
 pub mod connector;
+pub mod modules;
 pub mod text;
 pub mod vision;
 mod vision_fast;

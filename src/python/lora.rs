@@ -18,6 +18,14 @@ fn linear_names(model: &PyVlmModel) -> Vec<String> {
     model.get().linears().into_iter().map(|(n, _)| n).collect()
 }
 
+/// Every module name of the transformers model (`named_modules()`: parents, Linear layers, norms,
+/// embeddings), for PEFT's name matching.
+#[pyfunction]
+fn module_names(model: &PyVlmModel) -> Vec<String> {
+    let m = model.get();
+    crate::model::modules::module_names(m.vision.layers.len(), m.text.layers.len())
+}
+
 /// Attaches LoRA adapters to `targets` and trainable copies to `modules_to_save`, replacing any adapters.
 #[pyfunction]
 #[pyo3(signature = (model, targets, r, lora_alpha, lora_dropout=0.0, use_dora=false, use_rslora=false, init_lora_weights="true", seed=0, modules_to_save=vec![]))]
@@ -136,6 +144,7 @@ fn load_safetensors<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, 
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(linear_names, m)?)?;
+    m.add_function(wrap_pyfunction!(module_names, m)?)?;
     m.add_function(wrap_pyfunction!(add_adapters, m)?)?;
     m.add_function(wrap_pyfunction!(remove_adapters, m)?)?;
     m.add_function(wrap_pyfunction!(set_adapters_enabled, m)?)?;

@@ -315,8 +315,15 @@ fn lr_multiplier(kind: &str, step: u64, total: u64, warmup: u64) -> PyResult<f64
     guard(|| lr_lambda(kind, step, total, warmup).map_err(Error::from))
 }
 
+/// TRL's names of the DPO losses the core implements (`DPOConfig.loss_type` values).
+#[pyfunction]
+fn dpo_loss_types() -> Vec<&'static str> {
+    DpoLoss::names()
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTrainSession>()?;
+    m.add_function(wrap_pyfunction!(dpo_loss_types, m)?)?;
     m.add_function(wrap_pyfunction!(lr_multiplier, m)?)?;
     m.add_function(wrap_pyfunction!(sequence_logps, m)?)?;
     Ok(())

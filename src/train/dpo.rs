@@ -24,19 +24,30 @@ pub enum DpoLoss {
 }
 
 impl DpoLoss {
+    /// Every supported loss with TRL's name for it (`DPOConfig.loss_type`); the one list (exported to
+    /// Python, where `DPOConfig` checks its `loss_type` against it).
+    pub const ALL: [(&'static str, DpoLoss); 9] = [
+        ("sigmoid", DpoLoss::Sigmoid),
+        ("robust", DpoLoss::Robust),
+        ("hinge", DpoLoss::Hinge),
+        ("ipo", DpoLoss::Ipo),
+        ("sppo_hard", DpoLoss::SppoHard),
+        ("nca_pair", DpoLoss::NcaPair),
+        ("apo_zero", DpoLoss::ApoZero),
+        ("apo_down", DpoLoss::ApoDown),
+        ("sft", DpoLoss::Sft),
+    ];
+
+    /// TRL's names of the supported losses.
+    pub fn names() -> Vec<&'static str> {
+        Self::ALL.iter().map(|(n, _)| *n).collect()
+    }
+
     pub fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "sigmoid" => DpoLoss::Sigmoid,
-            "robust" => DpoLoss::Robust,
-            "hinge" => DpoLoss::Hinge,
-            "ipo" => DpoLoss::Ipo,
-            "sppo_hard" => DpoLoss::SppoHard,
-            "nca_pair" => DpoLoss::NcaPair,
-            "apo_zero" => DpoLoss::ApoZero,
-            "apo_down" => DpoLoss::ApoDown,
-            "sft" => DpoLoss::Sft,
-            other => return input_err(format!("loss_type '{other}' is not supported (sigmoid, robust, hinge, ipo, sppo_hard, nca_pair, apo_zero, apo_down, sft)")),
-        })
+        match Self::ALL.iter().find(|(n, _)| *n == s) {
+            Some((_, l)) => Ok(*l),
+            None => input_err(format!("loss_type '{s}' is not supported ({})", Self::names().join(", "))),
+        }
     }
 }
 

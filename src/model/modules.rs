@@ -1,0 +1,165 @@
+//! transformers' module names of `Idefics3ForConditionalGeneration`, written once.
+//!
+//! Each layer type lists its Linear layers as `"name" => field` in one place (the `linears!` macro
+//! below), which gives both the shared and the mutable views; [`VlmModel::linears`] prefixes them,
+//! and [`module_names`] builds the whole `named_modules()` tree (parents, norms, embeddings) from the
+//! same lists for PEFT's name matching (exported to Python as `_core.module_names`).
+
+use super::text::TextLayer;
+use super::vision::VisionLayer;
+use super::VlmModel;
+use crate::ops::Linear;
+
+pub const VISION: &str = "model.vision_model";
+pub const CONNECTOR_PROJ: &str = "model.connector.modality_projection.proj";
+pub const TEXT: &str = "model.text_model";
+pub const LM_HEAD: &str = "lm_head";
+
+/// `impl $layer { LINEARS, linears(), linears_mut() }` from one `"name" => field` list.
+macro_rules! linears {
+    ($layer:ty, $n:literal, [$($name:literal => $field:ident),* $(,)?]) => {
+        impl $layer {
+            /// Names of the layer's Linear layers (relative to the layer), in module order.
+            pub const LINEARS: [&'static str; $n] = [$($name),*];
+            /// The Linear layers, in the order of [`Self::LINEARS`].
+            pub fn linears(&self) -> [&Linear; $n] {
+                [$(&self.$field),*]
+            }
+            /// [`Self::linears`], mutable.
+            pub fn linears_mut(&mut self) -> [&mut Linear; $n] {
+                [$(&mut self.$field),*]
+            }
+        }
+    };
+}
+
+linears!(VisionLayer, 6, [
+    "self_attn.k_proj" => k_proj,
+    "self_attn.v_proj" => v_proj,
+    "self_attn.q_proj" => q_proj,
+    "self_attn.out_proj" => out_proj,
+    "mlp.fc1" => fc1,
+    "mlp.fc2" => fc2,
+]);
+
+linears!(TextLayer, 7, [
+    "self_attn.q_proj" => q_proj,
+    "self_attn.k_proj" => k_proj,
+    "self_attn.v_proj" => v_proj,
+    "self_attn.o_proj" => o_proj,
+    "mlp.gate_proj" => gate_proj,
+    "mlp.up_proj" => up_proj,
+    "mlp.down_proj" => down_proj,
+]);
+
+fn vision_layer(i: usize) -> String {
+    format!("{VISION}.encoder.layers.{i}")
+}
+
+fn text_layer(i: usize) -> String {
+    format!("{TEXT}.layers.{i}")
+}
+
+impl VlmModel {
+    /// Every Linear layer with its transformers module name (`model.text_model.layers.0.self_attn.q_proj`,
+    /// ..., `lm_head`), in module order. The vision patch embedding is a Conv2d there and is not listed.
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.vision.layers.iter().enumerate() {
+            out.extend(VisionLayer::LINEARS.iter().zip(l.linears()).map(|(n, lin)| (format!("{}.{n}", vision_layer(i)), lin)));
+        }
+        out.push((CONNECTOR_PROJ.to_string(), &self.connector.proj));
+        for (i, l) in self.text.layers.iter().enumerate() {
+            out.extend(TextLayer::LINEARS.iter().zip(l.linears()).map(|(n, lin)| (format!("{}.{n}", text_layer(i)), lin)));
+        }
+        out.push((LM_HEAD.to_string(), &self.lm_head));
+        out
+    }
+
+    /// [`Self::linears`], mutable.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.vision.layers.iter_mut().enumerate() {
+            out.extend(VisionLayer::LINEARS.iter().zip(l.linears_mut()).map(|(n, lin)| (format!("{}.{n}", vision_layer(i)), lin)));
+        }
+        out.push((CONNECTOR_PROJ.to_string(), &mut self.connector.proj));
+        for (i, l) in self.text.layers.iter_mut().enumerate() {
+            out.extend(TextLayer::LINEARS.iter().zip(l.linears_mut()).map(|(n, lin)| (format!("{}.{n}", text_layer(i)), lin)));
+        }
+        out.push((LM_HEAD.to_string(), &mut self.lm_head));
+        out
+    }
+
+    /// Whether an adapter sits on a Linear of the vision tower or the connector (image features then
+    /// depend on the adapter).
+    pub fn vision_side_has_adapters(&self) -> bool {
+        self.linears().iter().any(|(n, l)| l.adapter.is_some() && !n.starts_with("model.text_model.") && n != LM_HEAD)
+    }
+}
+
+/// Every module name of the transformers model (`""`, parents, Linear layers, norms, embeddings), for
+/// PEFT's name matching; a parent comes just before its first child.
+pub fn module_names(vision_layers: usize, text_layers: usize) -> Vec<String> {
+    let mut names = vec![String::new()];
+    let mut seen = std::collections::HashSet::from([String::new()]);
+    let mut add = |n: &str| {
+        let mut end = 0;
+        for part in n.split('.') {
+            end += part.len();
+            let p = &n[..end];
+            if seen.insert(p.to_string()) {
+                names.push(p.to_string());
+            }
+            end += 1; // the dot
+        }
+    };
+    add(&format!("{VISION}.embeddings.patch_embedding"));
+    add(&format!("{VISION}.embeddings.position_embedding"));
+    for i in 0..vision_layers {
+        let p = vision_layer(i);
+        add(&format!("{p}.layer_norm1"));
+        for n in VisionLayer::LINEARS {
+            add(&format!("{p}.{n}"));
+            if n.ends_with("out_proj") {
+                add(&format!("{p}.layer_norm2"));
+            }
+        }
+    }
+    add(&format!("{VISION}.post_layernorm"));
+    add(CONNECTOR_PROJ);
+    add(&format!("{TEXT}.embed_tokens"));
+    for i in 0..text_layers {
+        let p = text_layer(i);
+        for n in TextLayer::LINEARS {
+            add(&format!("{p}.{n}"));
+        }
+        add(&format!("{p}.input_layernorm"));
+        add(&format!("{p}.post_attention_layernorm"));
+    }
+    add(&format!("{TEXT}.norm"));
+    add(&format!("{TEXT}.rotary_emb"));
+    add(LM_HEAD);
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_tree_has_parents_before_children_and_every_linear() {
+        let names = module_names(1, 1);
+        assert_eq!(&names[..4], ["", "model", "model.vision_model", "model.vision_model.embeddings"]);
+        for n in VisionLayer::LINEARS {
+            assert!(names.contains(&format!("model.vision_model.encoder.layers.0.{n}")), "{n}");
+        }
+        for n in TextLayer::LINEARS {
+            assert!(names.contains(&format!("model.text_model.layers.0.{n}")), "{n}");
+        }
+        let pos = |n: &str| names.iter().position(|x| x == n).unwrap();
+        assert!(pos("model.text_model.layers.0") < pos("model.text_model.layers.0.self_attn.q_proj"));
+        assert_eq!(names.last().map(String::as_str), Some("lm_head"));
+        let unique: std::collections::HashSet<_> = names.iter().collect();
+        assert_eq!(unique.len(), names.len());
+    }
+}
