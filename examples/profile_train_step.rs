@@ -6,7 +6,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use ferrovlm::lora::{attach, AdapterPlan, LoraInit, LoraSpec};
 use ferrovlm::model::{no_interrupt, ForwardInput, VlmModel};
-use ferrovlm::train::{run_objective, trainable_params, HeadOut, StepOptions};
+use ferrovlm::train::{run_objective, trainable_params, HeadOut, StepCtx, StepOptions};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -40,11 +40,11 @@ fn main() {
         };
         let t = Instant::now();
         let opts = StepOptions { gradient_checkpointing: checkpointing, dropout_seed: 0, backward: false, paired };
-        run_objective(&m, &params, &input, &mut acc, None, &opts, &no_interrupt, &mut obj).unwrap();
+        run_objective(&StepCtx { model: &m, params: &params, cache: None, interrupt: &no_interrupt }, &input, &opts, &mut acc, &mut obj).unwrap();
         let tf = t.elapsed().as_secs_f64();
         let t = Instant::now();
         let opts = StepOptions { backward: true, ..opts };
-        run_objective(&m, &params, &input, &mut acc, None, &opts, &no_interrupt, &mut obj).unwrap();
+        run_objective(&StepCtx { model: &m, params: &params, cache: None, interrupt: &no_interrupt }, &input, &opts, &mut acc, &mut obj).unwrap();
         let secs = t.elapsed().as_secs_f64();
         // A fingerprint of the gradients: equal digits run to run when the step is deterministic.
         let fp: f64 = acc.iter().flatten().map(|g| g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64).sum();

@@ -14,6 +14,22 @@ pub struct AdamParam {
     pub v: Vec<f32>,
 }
 
+/// AdamW's hyper-parameters (torch's defaults; transformers' `adam_beta1`, `adam_beta2`,
+/// `adam_epsilon`, `weight_decay`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
 pub struct AdamW {
     pub params: Vec<AdamParam>,
     pub beta1: f64,
@@ -25,7 +41,8 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    pub fn new(vars: Vec<(Var, bool)>, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Self {
+    /// `vars`: each trainable tensor with whether weight decay applies to it.
+    pub fn new(vars: Vec<(Var, bool)>, cfg: AdamWConfig) -> Self {
         let params = vars
             .into_iter()
             .map(|(var, decay)| {
@@ -33,6 +50,7 @@ impl AdamW {
                 AdamParam { var, decay, m: vec![0.0; n], v: vec![0.0; n] }
             })
             .collect();
+        let AdamWConfig { beta1, beta2, eps, weight_decay } = cfg;
         AdamW { params, beta1, beta2, eps, weight_decay, step: 0 }
     }
 
@@ -118,7 +136,7 @@ mod tests {
     #[test]
     fn adamw_matches_torch_update_rule() {
         let var = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &Device::Cpu).unwrap()).unwrap();
-        let mut opt = AdamW::new(vec![(var.clone(), true)], 0.9, 0.999, 1e-8, 0.1);
+        let mut opt = AdamW::new(vec![(var.clone(), true)], AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() });
         let g1 = Tensor::new(&[0.5f32, -1.0], &Device::Cpu).unwrap();
         let g2 = Tensor::new(&[0.25f32, 2.0], &Device::Cpu).unwrap();
         opt.step(0.01, &[Some(g1)]).unwrap();

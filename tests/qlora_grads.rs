@@ -11,7 +11,7 @@ use ferrovlm::lora::{attach, AdapterPlan, LoraInit, LoraSpec};
 use ferrovlm::model::{no_interrupt, ForwardInput, VlmModel};
 use ferrovlm::ops::Linear;
 use ferrovlm::quant::{FourBitType, QuantConfig, QuantMethod};
-use ferrovlm::train::{run_objective, trainable_params, HeadOut, StepOptions};
+use ferrovlm::train::{run_objective, trainable_params, HeadOut, StepCtx, StepOptions};
 
 fn base_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bnb/base")
@@ -67,7 +67,7 @@ fn grads(m: &VlmModel, checkpointing: bool) -> (f64, Vec<Vec<f32>>) {
         Ok(loss)
     };
     let opts = StepOptions { gradient_checkpointing: checkpointing, dropout_seed: 3, backward: true, paired: false };
-    run_objective(m, &params, &input, &mut acc, None, &opts, &no_interrupt, &mut obj).unwrap();
+    run_objective(&StepCtx { model: m, params: &params, cache: None, interrupt: &no_interrupt }, &input, &opts, &mut acc, &mut obj).unwrap();
     (value, acc.iter().map(|g| g.as_ref().expect("every adapter tensor gets a gradient").flatten_all().unwrap().to_vec1().unwrap()).collect())
 }
 

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use ferrovlm::lora::{attach, AdapterPlan, LoraInit, LoraSpec};
 use ferrovlm::model::{no_interrupt, ForwardInput, VlmModel};
 use ferrovlm::train::rows::Rows;
-use ferrovlm::train::{run_objective, trainable_params, HeadOut, StepOptions};
+use ferrovlm::train::{run_objective, trainable_params, HeadOut, StepCtx, StepOptions};
 
 const PAD: i64 = 2;
 
@@ -88,7 +88,7 @@ fn run(m: &VlmModel, bt: &Batch, paired: bool, checkpointing: bool) -> (f64, Vec
         Ok(loss)
     };
     let opts = StepOptions { gradient_checkpointing: checkpointing, dropout_seed: 3, backward: true, paired };
-    run_objective(m, &params, &input, &mut acc, None, &opts, &no_interrupt, &mut obj).unwrap();
+    run_objective(&StepCtx { model: m, params: &params, cache: None, interrupt: &no_interrupt }, &input, &opts, &mut acc, &mut obj).unwrap();
     let grads = acc.iter().map(|g| g.as_ref().expect("every adapter tensor gets a gradient").flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect();
     (value, grads)
 }

@@ -1,6 +1,6 @@
-//! Bindings of `crate::train` and `crate::optim`: a training session over a model's adapters.
+//! Bindings of `crate::train` and `crate::optim`: [`TrainSession`] as `_core.TrainSession`.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use candle_core::{Device, Tensor};
 use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
@@ -10,20 +10,16 @@ use pyo3::types::PyDict;
 use super::errors::{detached, guard};
 use super::model::{to_numpy, OwnedInput, PyVlmModel};
 use crate::error::{input_err, Error};
-use crate::model::VlmModel;
-use crate::optim::{clip_grad_norm, lr_lambda, AdamW};
-use crate::train::dpo::{self, DpoLoss, DpoSpec, DpoStats};
-use crate::train::{forward_backward, run_objective, trainable_params, FeatureCache, HeadOut, MicroStats, StepOptions, Trainable};
+use crate::optim::{lr_lambda, AdamWConfig};
+use crate::train::dpo::{DpoLoss, DpoSpec, DpoStats};
+use crate::train::session::{sequence_logps as sequence_logps_of, Moments, OptimizerState};
+use crate::train::{MicroStats, SessionConfig, StepOptions, TrainSession};
 
-/// Gradients accumulated over micro-batches, AdamW over the model's trainable tensors, and the
-/// frozen-vision feature cache.
+/// A [`TrainSession`] (gradients accumulated over micro-batches, AdamW over the model's trainable
+/// tensors, the frozen-vision feature cache) behind a lock; every call releases the GIL while it runs.
 #[pyclass(name = "TrainSession", module = "ferrovlm._core", frozen)]
 pub struct PyTrainSession {
-    model: Arc<VlmModel>,
-    params: Vec<Trainable>,
-    opt: Mutex<AdamW>,
-    grads: Mutex<Vec<Option<Tensor>>>,
-    cache: Option<FeatureCache>,
+    inner: Mutex<TrainSession>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -43,30 +39,15 @@ fn stats_dict<'py>(py: Python<'py>, s: &MicroStats) -> PyResult<Bound<'py, PyDic
     Ok(d)
 }
 
-impl PyTrainSession {
-    #[allow(clippy::too_many_arguments)]
-    fn run<'py>(
-        &self,
-        py: Python<'py>,
-        input_ids: PyReadonlyArrayDyn<'py, i64>,
-        attention_mask: Option<PyReadonlyArrayDyn<'py, i64>>,
-        pixel_values: Option<PyReadonlyArrayDyn<'py, f32>>,
-        pixel_attention_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
-        labels: PyReadonlyArrayDyn<'py, i64>,
-        loss_scale: f64,
-        opts: StepOptions,
-    ) -> PyResult<Bound<'py, PyDict>> {
-        let inputs = guard(|| OwnedInput::copy(&input_ids, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref(), Some(&labels)))?;
-        let stats = detached(py, |interrupt| {
-            let mut acc = if opts.backward { lock(&self.grads).clone() } else { vec![None; self.params.len()] };
-            let s = forward_backward(&self.model, &self.params, &inputs.view(0), loss_scale, &mut acc, self.cache.as_ref(), &opts, interrupt)?;
-            if opts.backward {
-                *lock(&self.grads) = acc;
-            }
-            Ok(s)
-        })?;
-        stats_dict(py, &stats)
-    }
+/// The batch arrays of one call, copied out of numpy (the GIL is released while they are used).
+fn owned<'py>(
+    input_ids: &PyReadonlyArrayDyn<'py, i64>,
+    labels: &PyReadonlyArrayDyn<'py, i64>,
+    attention_mask: Option<&PyReadonlyArrayDyn<'py, i64>>,
+    pixel_values: Option<&PyReadonlyArrayDyn<'py, f32>>,
+    pixel_attention_mask: Option<&PyReadonlyArrayDyn<'py, bool>>,
+) -> PyResult<OwnedInput> {
+    guard(|| OwnedInput::copy(input_ids, attention_mask, pixel_values, pixel_attention_mask, Some(labels)))
 }
 
 #[pymethods]
@@ -76,29 +57,20 @@ impl PyTrainSession {
     #[new]
     #[pyo3(signature = (model, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8, no_decay=vec![], feature_cache_mb=1024))]
     fn new(model: &PyVlmModel, weight_decay: f64, beta1: f64, beta2: f64, eps: f64, no_decay: Vec<String>, feature_cache_mb: usize) -> PyResult<Self> {
-        let model = model.get();
-        let params = trainable_params(&model);
-        guard(|| {
-            if params.is_empty() {
-                return input_err("the model has no trainable tensors: attach adapters first (get_peft_model)".to_string());
-            }
-            Ok(())
-        })?;
-        let vars = params.iter().map(|p| (p.var.clone(), !no_decay.contains(&p.name))).collect();
-        let n = params.len();
-        let cache = (feature_cache_mb > 0).then(|| FeatureCache::new(feature_cache_mb << 20));
-        Ok(PyTrainSession { model, params, opt: Mutex::new(AdamW::new(vars, beta1, beta2, eps, weight_decay)), grads: Mutex::new(vec![None; n]), cache })
+        let cfg = SessionConfig { adam: AdamWConfig { beta1, beta2, eps, weight_decay }, no_decay, feature_cache_bytes: feature_cache_mb << 20 };
+        let session = guard(|| TrainSession::new(model.get(), &cfg))?;
+        Ok(PyTrainSession { inner: Mutex::new(session) })
     }
 
     #[getter]
     fn param_names(&self) -> Vec<String> {
-        self.params.iter().map(|p| p.name.clone()).collect()
+        lock(&self.inner).params().iter().map(|p| p.name.clone()).collect()
     }
 
     /// Distinct images whose features are cached.
     #[getter]
     fn cached_images(&self) -> usize {
-        self.cache.as_ref().map_or(0, |c| c.len())
+        lock(&self.inner).cached_images()
     }
 
     /// Forward + backward of one micro-batch; the gradient of loss_scale x (sum of the label tokens'
@@ -117,8 +89,10 @@ impl PyTrainSession {
         gradient_checkpointing: bool,
         dropout_seed: u64,
     ) -> PyResult<Bound<'py, PyDict>> {
+        let inputs = owned(&input_ids, &labels, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref())?;
         let opts = StepOptions { gradient_checkpointing, dropout_seed, backward: true, paired: false };
-        self.run(py, input_ids, attention_mask, pixel_values, pixel_attention_mask, labels, loss_scale, opts)
+        let stats = detached(py, |interrupt| Ok(lock(&self.inner).forward_backward(&inputs.view(0), &opts, loss_scale, interrupt)?))?;
+        stats_dict(py, &stats)
     }
 
     /// Loss and metrics sums without a backward (adapters' dropout off).
@@ -132,7 +106,9 @@ impl PyTrainSession {
         pixel_values: Option<PyReadonlyArrayDyn<'py, f32>>,
         pixel_attention_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        self.run(py, input_ids, attention_mask, pixel_values, pixel_attention_mask, labels, 1.0, StepOptions::default())
+        let inputs = owned(&input_ids, &labels, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref())?;
+        let stats = detached(py, |interrupt| Ok(lock(&self.inner).evaluate(&inputs.view(0), interrupt)?))?;
+        stats_dict(py, &stats)
     }
 
     /// Per-sequence completion log-probabilities of the session's model (sums, or means with
@@ -149,8 +125,8 @@ impl PyTrainSession {
         pixel_attention_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
         average: bool,
     ) -> PyResult<Vec<f64>> {
-        let inputs = guard(|| OwnedInput::copy(&input_ids, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref(), Some(&labels)))?;
-        detached(py, |interrupt| sequence_logps_of(&self.model, &inputs, average, self.cache.as_ref(), interrupt))
+        let inputs = owned(&input_ids, &labels, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref())?;
+        detached(py, |interrupt| Ok(lock(&self.inner).sequence_logps(&inputs.view(0), average, interrupt)?))
     }
 
     /// One DPO micro-batch: rows 0..P chosen, P..2P rejected, `ref_logps` [2P] the reference's
@@ -175,62 +151,42 @@ impl PyTrainSession {
         dropout_seed: u64,
         backward: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let inputs = guard(|| OwnedInput::copy(&input_ids, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref(), Some(&labels)))?;
+        let inputs = owned(&input_ids, &labels, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref())?;
         let losses = guard(|| losses.iter().map(|(k, w)| Ok((DpoLoss::parse(k)?, *w))).collect::<Result<Vec<_>, Error>>())?;
         let spec = DpoSpec { losses, beta, label_smoothing, loss_scale };
         let opts = StepOptions { gradient_checkpointing, dropout_seed, backward, paired: true };
-        let (ds, ms) = detached(py, |interrupt| {
-            let mut ds = DpoStats::default();
-            let mut acc = if backward { lock(&self.grads).clone() } else { vec![None; self.params.len()] };
-            let ms = {
-                let mut obj = dpo::objective(&spec, &ref_logps, &mut ds);
-                run_objective(&self.model, &self.params, &inputs.view(0), &mut acc, self.cache.as_ref(), &opts, interrupt, &mut obj)?
-            };
-            if backward {
-                *lock(&self.grads) = acc;
-            }
-            Ok((ds, ms))
-        })?;
+        let (ds, ms) = detached(py, |interrupt| Ok(lock(&self.inner).dpo_step(&inputs.view(0), &spec, &ref_logps, &opts, interrupt)?))?;
         dpo_dict(py, &ds, &ms)
     }
 
     /// The accumulated gradients by PEFT key (tensors without a gradient are left out).
     fn grads<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        for (p, g) in self.params.iter().zip(lock(&self.grads).iter()) {
-            if let Some(g) = g {
-                d.set_item(&p.name, to_numpy(py, g)?)?;
-            }
+        for (name, g) in lock(&self.inner).grads() {
+            d.set_item(name, to_numpy(py, g)?)?;
         }
         Ok(d)
     }
 
     fn zero_grad(&self) {
-        lock(&self.grads).iter_mut().for_each(|g| *g = None);
+        lock(&self.inner).zero_grad();
     }
 
     /// Clips the accumulated gradients to `max_grad_norm` (global L2; <= 0 turns clipping off), takes
     /// one AdamW step with `lr` and clears the gradients. Returns the norm before clipping.
     fn optimizer_step(&self, py: Python<'_>, lr: f64, max_grad_norm: f64) -> PyResult<f64> {
-        detached(py, |_| {
-            let mut grads = lock(&self.grads);
-            let norm = clip_grad_norm(&mut grads, max_grad_norm)?;
-            lock(&self.opt).step(lr, &grads)?;
-            grads.iter_mut().for_each(|g| *g = None);
-            Ok(norm)
-        })
+        detached(py, |_| Ok(lock(&self.inner).optimizer_step(lr, max_grad_norm)?))
     }
 
     /// Optimizer state: {"step": n, "exp_avg/<name>": array, "exp_avg_sq/<name>": array}.
     fn optimizer_state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let opt = lock(&self.opt);
+        let state = lock(&self.inner).optimizer_state();
         let d = PyDict::new(py);
-        d.set_item("step", opt.step)?;
-        for (p, a) in self.params.iter().zip(&opt.params) {
-            let shape = p.var.dims().to_vec();
-            for (key, v) in [("exp_avg", &a.m), ("exp_avg_sq", &a.v)] {
-                let t = guard(|| Ok(Tensor::from_vec(v.clone(), shape.clone(), &Device::Cpu)?))?;
-                d.set_item(format!("{key}/{}", p.name), to_numpy(py, &t)?)?;
+        d.set_item("step", state.step)?;
+        for m in state.moments {
+            for (key, v) in [("exp_avg", m.exp_avg), ("exp_avg_sq", m.exp_avg_sq)] {
+                let t = guard(|| Ok(Tensor::from_vec(v, m.shape.clone(), &Device::Cpu)?))?;
+                d.set_item(format!("{key}/{}", m.name), to_numpy(py, &t)?)?;
             }
         }
         Ok(d)
@@ -238,13 +194,15 @@ impl PyTrainSession {
 
     /// Restores what `optimizer_state` returned.
     fn load_optimizer_state(&self, state: &Bound<'_, PyDict>) -> PyResult<()> {
-        let mut opt = lock(&self.opt);
+        let mut session = lock(&self.inner);
         let step: u64 = match state.get_item("step")? {
             Some(s) => s.extract()?,
             None => return guard(|| input_err::<()>("optimizer state lacks 'step'".to_string())),
         };
-        for (p, a) in self.params.iter().zip(opt.params.iter_mut()) {
-            for (key, dst) in [("exp_avg", &mut a.m), ("exp_avg_sq", &mut a.v)] {
+        let mut moments = Vec::new();
+        for p in session.params() {
+            let mut arrays = Vec::with_capacity(2);
+            for key in ["exp_avg", "exp_avg_sq"] {
                 let k = format!("{key}/{}", p.name);
                 let Some(v) = state.get_item(&k)? else {
                     return guard(|| input_err::<()>(format!("optimizer state lacks '{k}'")));
@@ -253,11 +211,13 @@ impl PyTrainSession {
                 if arr.shape() != p.var.dims() {
                     return guard(|| input_err::<()>(format!("optimizer state '{k}' has shape {:?}, expected {:?}", arr.shape(), p.var.dims())));
                 }
-                *dst = arr.as_array().iter().copied().collect();
+                arrays.push(arr.as_array().iter().copied().collect::<Vec<f32>>());
             }
+            let exp_avg_sq = arrays.pop().unwrap_or_default();
+            let exp_avg = arrays.pop().unwrap_or_default();
+            moments.push(Moments { name: p.name.clone(), shape: p.var.dims().to_vec(), exp_avg, exp_avg_sq });
         }
-        opt.step = step;
-        Ok(())
+        guard(|| Ok(session.load_optimizer_state(&OptimizerState { step, moments })?))
     }
 }
 
@@ -277,19 +237,6 @@ fn dpo_dict<'py>(py: Python<'py>, s: &DpoStats, m: &MicroStats) -> PyResult<Boun
     Ok(d)
 }
 
-/// Per-sequence completion log-probabilities (sums, or means with `average`) of `model`, no gradient.
-pub(crate) fn sequence_logps_of(model: &VlmModel, inputs: &OwnedInput, average: bool, cache: Option<&FeatureCache>, interrupt: crate::model::Interrupt) -> Result<Vec<f64>, Error> {
-    let mut out = Vec::new();
-    let mut obj = |h: &HeadOut| -> crate::error::Result<Tensor> {
-        let (lp, _) = dpo::sequence_logps(h, average)?;
-        out = lp.to_dtype(candle_core::DType::F64)?.to_vec1()?;
-        Ok(lp.sum_all()?)
-    };
-    let mut none: Vec<Option<Tensor>> = Vec::new();
-    run_objective(model, &[], &inputs.view(0), &mut none, cache, &StepOptions { paired: true, ..StepOptions::default() }, interrupt, &mut obj)?;
-    Ok(out)
-}
-
 /// Per-sequence completion log-probabilities of any model (e.g. an explicit DPO `ref_model`).
 #[pyfunction]
 #[pyo3(signature = (model, input_ids, labels, attention_mask=None, pixel_values=None, pixel_attention_mask=None, average=false))]
@@ -306,7 +253,7 @@ fn sequence_logps<'py>(
 ) -> PyResult<Vec<f64>> {
     let inputs = guard(|| OwnedInput::copy(&input_ids, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref(), Some(&labels)))?;
     let m = model.get();
-    detached(py, |interrupt| sequence_logps_of(&m, &inputs, average, None, interrupt))
+    detached(py, |interrupt| Ok(sequence_logps_of(&m, &inputs.view(0), average, None, interrupt)?))
 }
 
 /// transformers' learning-rate multiplier at optimizer step `step` (0-based).

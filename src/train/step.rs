@@ -95,35 +95,26 @@ pub struct HeadOut<'a> {
 /// Builds the scalar to differentiate from the head's output (also called without a backward).
 pub type Objective<'a> = &'a mut dyn FnMut(&HeadOut) -> Result<Tensor>;
 
+/// What a micro-batch runs against: the model, its trainable tensors (the gradient slots follow their
+/// order), the frozen-vision feature cache and the interrupt poll.
+#[derive(Clone, Copy)]
+pub struct StepCtx<'a> {
+    pub model: &'a VlmModel,
+    pub params: &'a [Trainable],
+    pub cache: Option<&'a FeatureCache>,
+    pub interrupt: Interrupt<'a>,
+}
+
 /// Forward (and, with `opts.backward`, backward) of one micro-batch. The loss whose gradient is
-/// accumulated into `acc` (aligned with `params`) is `loss_scale` x the sum of the label tokens'
+/// accumulated into `acc` (aligned with `ctx.params`) is `loss_scale` x the sum of the label tokens'
 /// cross-entropies (TRL: 1 / number of label tokens in the whole optimizer step).
-#[allow(clippy::too_many_arguments)]
-pub fn forward_backward(
-    model: &VlmModel,
-    params: &[Trainable],
-    input: &ForwardInput,
-    loss_scale: f64,
-    acc: &mut [Option<Tensor>],
-    cache: Option<&FeatureCache>,
-    opts: &StepOptions,
-    interrupt: Interrupt,
-) -> Result<MicroStats> {
-    run_objective(model, params, input, acc, cache, opts, interrupt, &mut |h: &HeadOut| Ok((h.nll.sum_all()? * loss_scale)?))
+pub fn forward_backward(ctx: &StepCtx, input: &ForwardInput, opts: &StepOptions, loss_scale: f64, acc: &mut [Option<Tensor>]) -> Result<MicroStats> {
+    run_objective(ctx, input, opts, acc, &mut |h: &HeadOut| Ok((h.nll.sum_all()? * loss_scale)?))
 }
 
 /// [`forward_backward`] with any objective over the label rows' cross-entropies (DPO, ...).
-#[allow(clippy::too_many_arguments)]
-pub fn run_objective(
-    model: &VlmModel,
-    params: &[Trainable],
-    input: &ForwardInput,
-    acc: &mut [Option<Tensor>],
-    cache: Option<&FeatureCache>,
-    opts: &StepOptions,
-    interrupt: Interrupt,
-    objective: Objective,
-) -> Result<MicroStats> {
+pub fn run_objective(ctx: &StepCtx, input: &ForwardInput, opts: &StepOptions, acc: &mut [Option<Tensor>], objective: Objective) -> Result<MicroStats> {
+    let StepCtx { model, params, cache, interrupt } = *ctx;
     if acc.len() != params.len() {
         return input_err(format!("{} gradient slots for {} trainable tensors", acc.len(), params.len()));
     }

@@ -1,0 +1,190 @@
+//! A training session over a model's trainable tensors: gradients accumulated over micro-batches,
+//! global-norm clipping, AdamW and zeroing, the optimizer state, and the frozen-vision feature cache.
+//! The trainers' loop (data order, schedules, logging, checkpoints) drives it: per optimizer step,
+//! `forward_backward` (or `dpo_step`) for each micro-batch with `loss_scale` = 1 / (label tokens of
+//! the whole step), then `optimizer_step(lr, max_grad_norm)`, as transformers' Trainer does.
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use super::dpo::{self, DpoSpec, DpoStats};
+use super::step::{forward_backward, run_objective, trainable_params, HeadOut, MicroStats, StepCtx, StepOptions, Trainable};
+use super::FeatureCache;
+use crate::error::{input_err, Result};
+use crate::model::{ForwardInput, Interrupt, VlmModel};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+
+/// How a session is set up.
+#[derive(Debug, Clone, Default)]
+pub struct SessionConfig {
+    pub adam: AdamWConfig,
+    /// Names (PEFT keys) of the tensors without weight decay.
+    pub no_decay: Vec<String>,
+    /// Budget of the frozen-vision feature cache in bytes; 0 turns it off.
+    pub feature_cache_bytes: usize,
+}
+
+/// AdamW's moments of one tensor, flattened (torch's `exp_avg`, `exp_avg_sq`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Moments {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub exp_avg: Vec<f32>,
+    pub exp_avg_sq: Vec<f32>,
+}
+
+/// The optimizer state: completed steps and the moments of every trainable tensor, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerState {
+    pub step: u64,
+    pub moments: Vec<Moments>,
+}
+
+pub struct TrainSession {
+    model: Arc<VlmModel>,
+    params: Vec<Trainable>,
+    opt: AdamW,
+    /// Accumulated gradients, aligned with `params` (None: no gradient yet).
+    grads: Vec<Option<Tensor>>,
+    cache: Option<FeatureCache>,
+}
+
+impl TrainSession {
+    /// A session over every trainable tensor of `model` (its adapters); an error when there is none.
+    pub fn new(model: Arc<VlmModel>, cfg: &SessionConfig) -> Result<Self> {
+        let params = trainable_params(&model);
+        if params.is_empty() {
+            return input_err("the model has no trainable tensors: attach adapters first (get_peft_model)".to_string());
+        }
+        let vars = params.iter().map(|p| (p.var.clone(), !cfg.no_decay.contains(&p.name))).collect();
+        let n = params.len();
+        let cache = (cfg.feature_cache_bytes > 0).then(|| FeatureCache::new(cfg.feature_cache_bytes));
+        Ok(TrainSession { model, params, opt: AdamW::new(vars, cfg.adam), grads: vec![None; n], cache })
+    }
+
+    pub fn model(&self) -> &Arc<VlmModel> {
+        &self.model
+    }
+
+    pub fn params(&self) -> &[Trainable] {
+        &self.params
+    }
+
+    /// Distinct images whose features are cached.
+    pub fn cached_images(&self) -> usize {
+        self.cache.as_ref().map_or(0, |c| c.len())
+    }
+
+    fn ctx<'a>(&'a self, interrupt: Interrupt<'a>) -> StepCtx<'a> {
+        StepCtx { model: &self.model, params: &self.params, cache: self.cache.as_ref(), interrupt }
+    }
+
+    /// Runs `f` with the gradient slots to fill: the accumulated ones when `backward` (kept only when
+    /// `f` succeeds, so an interrupted micro-batch adds nothing), else empty ones.
+    fn with_slots<R>(&mut self, backward: bool, f: impl FnOnce(&StepCtx, &mut [Option<Tensor>]) -> Result<R>, interrupt: Interrupt) -> Result<R> {
+        let mut acc = if backward { self.grads.clone() } else { vec![None; self.params.len()] };
+        let r = f(&self.ctx(interrupt), &mut acc)?;
+        if backward {
+            self.grads = acc;
+        }
+        Ok(r)
+    }
+
+    /// Forward (+ backward with `opts.backward`) of one micro-batch; the gradient of loss_scale x (sum
+    /// of the label tokens' cross-entropies) is added to the accumulated gradients.
+    pub fn forward_backward(&mut self, input: &ForwardInput, opts: &StepOptions, loss_scale: f64, interrupt: Interrupt) -> Result<MicroStats> {
+        self.with_slots(opts.backward, |ctx, acc| forward_backward(ctx, input, opts, loss_scale, acc), interrupt)
+    }
+
+    /// Loss and metric sums without a backward (adapters' dropout off).
+    pub fn evaluate(&mut self, input: &ForwardInput, interrupt: Interrupt) -> Result<MicroStats> {
+        self.forward_backward(input, &StepOptions::default(), 1.0, interrupt)
+    }
+
+    /// One DPO micro-batch (rows 0..P chosen, P..2P rejected; `ref_logps` [2P] the reference's
+    /// sequence log-probabilities): accumulates the gradient of `spec.loss_scale` x loss with
+    /// `opts.backward` and returns the values TRL logs.
+    pub fn dpo_step(&mut self, input: &ForwardInput, spec: &DpoSpec, ref_logps: &[f64], opts: &StepOptions, interrupt: Interrupt) -> Result<(DpoStats, MicroStats)> {
+        let mut ds = DpoStats::default();
+        let ms = self.with_slots(
+            opts.backward,
+            |ctx, acc| {
+                let mut obj = dpo::objective(spec, ref_logps, &mut ds);
+                run_objective(ctx, input, opts, acc, &mut obj)
+            },
+            interrupt,
+        )?;
+        Ok((ds, ms))
+    }
+
+    /// Per-sequence completion log-probabilities of the session's model, no gradient, with the
+    /// frozen-vision cache: DPO's reference pass.
+    pub fn sequence_logps(&self, input: &ForwardInput, average: bool, interrupt: Interrupt) -> Result<Vec<f64>> {
+        sequence_logps(&self.model, input, average, self.cache.as_ref(), interrupt)
+    }
+
+    /// The accumulated gradients by PEFT key (tensors without a gradient are left out).
+    pub fn grads(&self) -> Vec<(&str, &Tensor)> {
+        self.params.iter().zip(&self.grads).filter_map(|(p, g)| g.as_ref().map(|g| (p.name.as_str(), g))).collect()
+    }
+
+    pub fn zero_grad(&mut self) {
+        self.grads.iter_mut().for_each(|g| *g = None);
+    }
+
+    /// Clips the accumulated gradients to `max_grad_norm` (global L2; <= 0 turns clipping off), takes
+    /// one AdamW step with `lr` and clears the gradients. Returns the norm before clipping.
+    pub fn optimizer_step(&mut self, lr: f64, max_grad_norm: f64) -> Result<f64> {
+        let norm = clip_grad_norm(&mut self.grads, max_grad_norm)?;
+        self.opt.step(lr, &self.grads)?;
+        self.zero_grad();
+        Ok(norm)
+    }
+
+    pub fn optimizer_state(&self) -> OptimizerState {
+        let moments = self
+            .params
+            .iter()
+            .zip(&self.opt.params)
+            .map(|(p, a)| Moments { name: p.name.clone(), shape: p.var.dims().to_vec(), exp_avg: a.m.clone(), exp_avg_sq: a.v.clone() })
+            .collect();
+        OptimizerState { step: self.opt.step, moments }
+    }
+
+    /// Restores what [`Self::optimizer_state`] returned (matched by name; every tensor must be there
+    /// with its shape). Nothing changes when the state does not fit.
+    pub fn load_optimizer_state(&mut self, state: &OptimizerState) -> Result<()> {
+        let mut found = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            let Some(m) = state.moments.iter().find(|m| m.name == p.name) else {
+                return input_err(format!("optimizer state lacks '{}'", p.name));
+            };
+            let n = p.var.elem_count();
+            if m.shape != p.var.dims() || m.exp_avg.len() != n || m.exp_avg_sq.len() != n {
+                return input_err(format!("optimizer state '{}' has shape {:?}, expected {:?}", p.name, m.shape, p.var.dims()));
+            }
+            found.push(m);
+        }
+        for (a, m) in self.opt.params.iter_mut().zip(found) {
+            a.m.clone_from(&m.exp_avg);
+            a.v.clone_from(&m.exp_avg_sq);
+        }
+        self.opt.step = state.step;
+        Ok(())
+    }
+}
+
+/// Per-sequence completion log-probabilities (sums, or means with `average`) of any model (e.g. an
+/// explicit DPO `ref_model`), no gradient.
+pub fn sequence_logps(model: &VlmModel, input: &ForwardInput, average: bool, cache: Option<&FeatureCache>, interrupt: Interrupt) -> Result<Vec<f64>> {
+    let mut out = Vec::new();
+    let mut obj = |h: &HeadOut| -> Result<Tensor> {
+        let (lp, _) = dpo::sequence_logps(h, average)?;
+        out = lp.to_dtype(candle_core::DType::F64)?.to_vec1()?;
+        Ok(lp.sum_all()?)
+    };
+    let ctx = StepCtx { model, params: &[], cache, interrupt };
+    run_objective(&ctx, input, &StepOptions { paired: true, ..StepOptions::default() }, &mut [], &mut obj)?;
+    Ok(out)
+}
