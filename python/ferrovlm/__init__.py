@@ -32,7 +32,9 @@ from .streamers import TextIteratorStreamer, TextStreamer
 from .peft_config import LoraConfig, TaskType
 from .quantization_config import BitsAndBytesConfig
 from .peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-from .sft_config import DPOConfig, SFTConfig, TrainingArguments
+from .training_args import TrainingArguments
+from .sft_config import SFTConfig
+from .dpo_config import DPOConfig
 from .data_collator import DataCollatorForVisionLanguageModeling
 from .trainer import TrainerState, TrainOutput, TrainingError
 from .sft_trainer import SFTTrainer

@@ -17,7 +17,7 @@ from . import _core
 from .dpo_collator import DataCollatorForVisionPreference
 from .generation import set_seed
 from .peft import PeftModel, get_peft_model
-from .sft_config import DPOConfig
+from .dpo_config import DPOConfig
 from .trainer import BaseTrainer, TrainingError, _batch_arrays
 
 
