@@ -121,6 +121,46 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> List[int
 # ------------------------------------------------------------------------------------------------
 
 
+class _TrainPlan(NamedTuple):
+    """The sizes of a run: rows, micro-batch size, accumulation steps, micro-batches and optimizer steps per
+    epoch, optimizer steps in all, epochs."""
+
+    n: int
+    bs: int
+    accum: int
+    micro_per_epoch: int
+    steps_per_epoch: int
+    max_steps: int
+    epochs: int
+
+
+@dataclass
+class _TrainingRun:
+    """What one ``train()`` call carries from step to step besides ``TrainerState``."""
+
+    plan: _TrainPlan
+    session: Any  # the core's TrainSession
+    logging_steps: int
+    save_steps: int
+    eval_steps: int
+    save_strategy: str
+    eval_strategy: str
+    start_step: int
+    t0: float
+    bar: Any
+    tr_loss: float = 0.0
+    loss_since_log: float = 0.0
+    steps_since_log: int = 0
+    samples_seen: int = 0
+    grad_norm: Optional[float] = None
+
+
+def _strategy(args: Any, name: str) -> str:
+    """``args.save_strategy`` / ``args.eval_strategy`` as a string ("no" when args has none)."""
+    value = getattr(args, name, "no")
+    return str(getattr(value, "value", value))
+
+
 def _progress(total: int, initial: int, disable: bool) -> Any:
     try:
         from tqdm.auto import tqdm
@@ -219,7 +259,7 @@ class BaseTrainer:
         except TypeError:
             raise TypeError("train_dataset must have a length (a list or a datasets.Dataset); iterable datasets are not supported") from None
 
-    def _plan(self) -> Dict[str, int]:
+    def _plan(self) -> _TrainPlan:
         a = self.args
         n = self._dataset_len(self.train_dataset)
         if n == 0:
@@ -233,7 +273,8 @@ class BaseTrainer:
         else:
             max_steps = math.ceil(a.num_train_epochs * steps_per_epoch)
             epochs = math.ceil(a.num_train_epochs)
-        return dict(n=n, bs=bs, accum=accum, micro_per_epoch=micro_per_epoch, steps_per_epoch=steps_per_epoch, max_steps=max_steps, epochs=epochs)
+        return _TrainPlan(n=n, bs=bs, accum=accum, micro_per_epoch=micro_per_epoch, steps_per_epoch=steps_per_epoch,
+                          max_steps=max_steps, epochs=epochs)
 
     def _lr(self, step: int, max_steps: int) -> float:
         a = self.args
@@ -336,101 +377,158 @@ class BaseTrainer:
 
     # -- the loop ---------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: "Optional[bool | str]" = None, **kwargs: Any) -> TrainOutput:
+        run = self._setup_training(resume_from_checkpoint)
+        try:
+            for epoch in range(run.plan.epochs):
+                if self.state.global_step >= run.plan.max_steps:
+                    break
+                self._train_epoch(run, epoch)
+        finally:
+            if run.bar is not None:
+                run.bar.close()
+        return self._finish_training(run)
+
+    def _setup_training(self, resume_from_checkpoint: "Optional[bool | str | os.PathLike[str]]") -> _TrainingRun:
+        """The plan, the core session, the state (fresh or from a checkpoint), the resolved intervals and the
+        progress bar; puts the model in training mode."""
         a = self.args
         plan = self._plan()
-        session = self.session
+        session = self.session  # created before a checkpoint is loaded into it
         if resume_from_checkpoint:
-            ckpt = Path(resume_from_checkpoint) if isinstance(resume_from_checkpoint, (str, os.PathLike)) else None
-            if ckpt is None:
-                cps = sorted_checkpoints(a.output_dir)
-                if not cps:
-                    raise ValueError(f"No valid checkpoint found in output directory ({a.output_dir})")
-                ckpt = cps[-1]
-            if not (ckpt / TRAINER_STATE_NAME).is_file():
-                raise ValueError(f"{ckpt} is not a complete checkpoint (no {TRAINER_STATE_NAME})")
-            self._load_checkpoint(ckpt)
+            self._load_checkpoint(self._resume_checkpoint(resume_from_checkpoint))
         else:
             self.state = TrainerState()
         st = self.state
-        st.max_steps, st.num_train_epochs = plan["max_steps"], plan["epochs"]
-        st.train_batch_size = plan["bs"]
-        steps = a.resolved_steps(plan["max_steps"]) if hasattr(a, "resolved_steps") else {}
+        st.max_steps, st.num_train_epochs = plan.max_steps, plan.epochs
+        st.train_batch_size = plan.bs
+        steps = a.resolved_steps(plan.max_steps) if hasattr(a, "resolved_steps") else {}
         logging_steps = int(steps.get("logging_steps") or a.logging_steps or 1)
         save_steps = int(steps.get("save_steps") or getattr(a, "save_steps", 0) or 0)
         eval_steps = int(steps.get("eval_steps") or logging_steps)
-        save_strategy = str(getattr(getattr(a, "save_strategy", "no"), "value", getattr(a, "save_strategy", "no")))
-        eval_strategy = str(getattr(getattr(a, "eval_strategy", "no"), "value", getattr(a, "eval_strategy", "no")))
         st.logging_steps, st.save_steps, st.eval_steps = logging_steps, save_steps, eval_steps
         start_step = st.global_step
         t0 = time.time()
-        bar = _progress(plan["max_steps"], start_step, disable=bool(getattr(a, "disable_tqdm", False)))
-        tr_loss, loss_since_log, steps_since_log, samples_seen = 0.0, 0.0, 0, 0
-        grad_norm = None
+        bar = _progress(plan.max_steps, start_step, disable=bool(getattr(a, "disable_tqdm", False)))
         self.model.train()
-        try:
-            for epoch in range(plan["epochs"]):
-                if st.global_step >= plan["max_steps"]:
-                    break
-                order = epoch_order(plan["n"], int(a.seed), epoch, shuffle=True)
-                micro = [order[i : i + plan["bs"]] for i in range(0, plan["n"], plan["bs"])]
-                groups = [micro[i : i + plan["accum"]] for i in range(0, len(micro), plan["accum"])]
-                for gi, group in enumerate(groups):
-                    step_index = epoch * plan["steps_per_epoch"] + gi
-                    if step_index < st.global_step:
-                        continue  # resumed: this step is already done
-                    if st.global_step >= plan["max_steps"]:
-                        break
-                    lr = self._lr(st.global_step, plan["max_steps"])
-                    batches = [self._collate_rows(self.train_dataset, idx, "train_dataset") for idx in group]
-                    n_items = sum(self._count_items(b) for b in batches)
-                    step_loss = 0.0
-                    for mi, batch in enumerate(batches):
-                        seed = (int(a.seed) * 1_000_003 + st.global_step) * 64 + mi
-                        step_loss += self._micro_step(batch, n_items, seed)
-                        samples_seen += len(group[mi])
-                    if not math.isfinite(step_loss):
-                        last = sorted_checkpoints(a.output_dir)
-                        where = f"; the last good checkpoint is {last[-1]}" if last else ""
-                        raise TrainingError(f"step {st.global_step + 1}: the loss is not finite ({step_loss}){where}")
-                    grad_norm = session.optimizer_step(lr, float(a.max_grad_norm or 0.0))
-                    st.global_step += 1
-                    st.epoch = epoch + (min((gi + 1) * plan["accum"], len(micro))) / len(micro)
-                    tr_loss += step_loss
-                    loss_since_log += step_loss
-                    steps_since_log += 1
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{step_loss:.4f}", samples_per_s=f"{samples_seen / max(time.time() - t0, 1e-9):.2f}")
-                    if st.global_step % logging_steps == 0 or (st.global_step == 1 and getattr(a, "logging_first_step", False)):
-                        logs = {"loss": loss_since_log / steps_since_log, "grad_norm": float(grad_norm), "learning_rate": lr}
-                        logs.update(self._flush_metrics("train"))
-                        self.log(logs)
-                        loss_since_log, steps_since_log = 0.0, 0
-                    if eval_strategy == "steps" and self.eval_dataset is not None and st.global_step % eval_steps == 0:
-                        self.evaluate()
-                    if save_strategy == "steps" and save_steps and st.global_step % save_steps == 0:
-                        self._save_checkpoint()
-                if eval_strategy == "epoch" and self.eval_dataset is not None:
-                    self.evaluate()
-                if save_strategy == "epoch":
-                    self._save_checkpoint()
-        finally:
-            if bar is not None:
-                bar.close()
-        runtime = time.time() - t0
-        done = st.global_step - start_step
-        train_loss = tr_loss / done if done else 0.0
-        n_samples = plan["max_steps"] * plan["bs"] * plan["accum"] if a.max_steps and a.max_steps > 0 else plan["n"] * plan["epochs"]
+        return _TrainingRun(
+            plan=plan, session=session, logging_steps=logging_steps, save_steps=save_steps, eval_steps=eval_steps,
+            save_strategy=_strategy(a, "save_strategy"), eval_strategy=_strategy(a, "eval_strategy"),
+            start_step=start_step, t0=t0, bar=bar,
+        )
+
+    def _resume_checkpoint(self, resume_from_checkpoint: "bool | str | os.PathLike[str]") -> Path:
+        """The checkpoint to resume from: the path given, or (``True``) the last complete one in output_dir."""
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            ckpt = Path(resume_from_checkpoint)
+        else:
+            cps = sorted_checkpoints(self.args.output_dir)
+            if not cps:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+            ckpt = cps[-1]
+        if not (ckpt / TRAINER_STATE_NAME).is_file():
+            raise ValueError(f"{ckpt} is not a complete checkpoint (no {TRAINER_STATE_NAME})")
+        return ckpt
+
+    def _train_epoch(self, run: _TrainingRun, epoch: int) -> None:
+        """The optimizer steps of one epoch (those a resumed run has not done yet), then the end-of-epoch
+        evaluation and checkpoint."""
+        plan, st = run.plan, self.state
+        order = epoch_order(plan.n, int(self.args.seed), epoch, shuffle=True)
+        micro = [order[i : i + plan.bs] for i in range(0, plan.n, plan.bs)]
+        groups = [micro[i : i + plan.accum] for i in range(0, len(micro), plan.accum)]
+        for gi, group in enumerate(groups):
+            step_index = epoch * plan.steps_per_epoch + gi
+            if step_index < st.global_step:
+                continue  # resumed: this step is already done
+            if st.global_step >= plan.max_steps:
+                break
+            lr = self._lr(st.global_step, plan.max_steps)
+            step_loss = self._training_step(run, group)
+            self._optimizer_step(run, lr)
+            st.epoch = epoch + (min((gi + 1) * plan.accum, len(micro))) / len(micro)
+            self._track_loss(run, step_loss)
+            self._maybe_log(run, lr)
+            self._maybe_evaluate(run, "steps")
+            self._maybe_save(run, "steps")
+        self._maybe_evaluate(run, "epoch")
+        self._maybe_save(run, "epoch")
+
+    def _training_step(self, run: _TrainingRun, group: Sequence[Sequence[int]]) -> float:
+        """Forward and backward over the micro-batches of one optimizer step (gradients accumulate in the core);
+        returns the step's loss, which must be finite."""
+        a, st = self.args, self.state
+        batches = [self._collate_rows(self.train_dataset, idx, "train_dataset") for idx in group]
+        n_items = sum(self._count_items(b) for b in batches)
+        step_loss = 0.0
+        for mi, batch in enumerate(batches):
+            seed = (int(a.seed) * 1_000_003 + st.global_step) * 64 + mi
+            step_loss += self._micro_step(batch, n_items, seed)
+            run.samples_seen += len(group[mi])
+        if not math.isfinite(step_loss):
+            last = sorted_checkpoints(a.output_dir)
+            where = f"; the last good checkpoint is {last[-1]}" if last else ""
+            raise TrainingError(f"step {st.global_step + 1}: the loss is not finite ({step_loss}){where}")
+        return step_loss
+
+    def _optimizer_step(self, run: _TrainingRun, lr: float) -> None:
+        """Clips the accumulated gradients, applies AdamW at ``lr`` and counts the step."""
+        run.grad_norm = run.session.optimizer_step(lr, float(self.args.max_grad_norm or 0.0))
+        self.state.global_step += 1
+
+    def _track_loss(self, run: _TrainingRun, step_loss: float) -> None:
+        run.tr_loss += step_loss
+        run.loss_since_log += step_loss
+        run.steps_since_log += 1
+        if run.bar is not None:
+            run.bar.update(1)
+            samples_per_s = run.samples_seen / max(time.time() - run.t0, 1e-9)
+            run.bar.set_postfix(loss=f"{step_loss:.4f}", samples_per_s=f"{samples_per_s:.2f}")
+
+    def _maybe_log(self, run: _TrainingRun, lr: float) -> None:
+        """Every ``logging_steps`` steps (and after the first one with ``logging_first_step``): the mean loss since
+        the last log, the gradient norm, the learning rate and the metrics recorded meanwhile."""
+        step = self.state.global_step
+        if step % run.logging_steps == 0 or (step == 1 and getattr(self.args, "logging_first_step", False)):
+            logs = {"loss": run.loss_since_log / run.steps_since_log, "grad_norm": float(run.grad_norm),
+                    "learning_rate": lr}
+            logs.update(self._flush_metrics("train"))
+            self.log(logs)
+            run.loss_since_log, run.steps_since_log = 0.0, 0
+
+    def _maybe_evaluate(self, run: _TrainingRun, when: str) -> None:
+        """Evaluates if there is an eval_dataset and the eval strategy is ``when`` ("steps": on every
+        ``eval_steps``-th step; "epoch": at the end of an epoch)."""
+        if run.eval_strategy != when or self.eval_dataset is None:
+            return
+        if when == "epoch" or self.state.global_step % run.eval_steps == 0:
+            self.evaluate()
+
+    def _maybe_save(self, run: _TrainingRun, when: str) -> None:
+        """Writes a checkpoint if the save strategy is ``when`` ("steps": on every ``save_steps``-th step;
+        "epoch": at the end of an epoch)."""
+        if run.save_strategy != when:
+            return
+        if when == "epoch" or (run.save_steps and self.state.global_step % run.save_steps == 0):
+            self._save_checkpoint()
+
+    def _finish_training(self, run: _TrainingRun) -> TrainOutput:
+        """The run's summary metrics, logged like transformers' Trainer does at the end of ``train()``."""
+        a, plan, st = self.args, run.plan, self.state
+        runtime = time.time() - run.t0
+        done = st.global_step - run.start_step
+        train_loss = run.tr_loss / done if done else 0.0
+        if a.max_steps and a.max_steps > 0:
+            n_samples = plan.max_steps * plan.bs * plan.accum
+        else:
+            n_samples = plan.n * plan.epochs
         metrics = {
             "train_runtime": round(runtime, 4),
             "train_samples_per_second": round(n_samples / runtime, 3) if runtime > 0 else 0.0,
-            "train_steps_per_second": round(plan["max_steps"] / runtime, 3) if runtime > 0 else 0.0,
+            "train_steps_per_second": round(plan.max_steps / runtime, 3) if runtime > 0 else 0.0,
             "total_flos": float(st.total_flos),
             "train_loss": train_loss,
         }
         self.log(dict(metrics))
-        if save_strategy != "no" and st.global_step % max(save_steps, 1) != 0 and save_strategy == "steps":
-            pass
         return TrainOutput(st.global_step, train_loss, {**metrics, "epoch": st.epoch})
 
     def _count_items(self, batch: Dict[str, Any]) -> int:
