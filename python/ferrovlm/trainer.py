@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Se
 import numpy as np
 
 from . import _core
+from ._mt19937 import torch_randperm
 from ._tensors import to_numpy
 from .errors import FerroVLMError
 
@@ -72,47 +73,8 @@ class TrainerState:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-# ------------------------------------------------------------------------------------------------
-# torch's data order without torch: RandomSampler draws torch.randperm(n) from a CPU generator that
-# accelerate seeds with `seed + epoch`; the generator is MT19937 and randperm a Fisher-Yates shuffle.
-# ------------------------------------------------------------------------------------------------
-
-
-class _MT19937:
-    def __init__(self, seed: int) -> None:
-        mt = [0] * 624
-        mt[0] = seed & 0xFFFFFFFF
-        for i in range(1, 624):
-            mt[i] = (1812433253 * (mt[i - 1] ^ (mt[i - 1] >> 30)) + i) & 0xFFFFFFFF
-        self.mt, self.i = mt, 624
-
-    def next_u32(self) -> int:
-        if self.i >= 624:
-            mt = self.mt
-            for k in range(624):
-                y = (mt[k] & 0x80000000) | (mt[(k + 1) % 624] & 0x7FFFFFFF)
-                mt[k] = mt[(k + 397) % 624] ^ (y >> 1) ^ (0x9908B0DF if y & 1 else 0)
-            self.i = 0
-        y = self.mt[self.i]
-        self.i += 1
-        y ^= y >> 11
-        y ^= (y << 7) & 0x9D2C5680
-        y ^= (y << 15) & 0xEFC60000
-        y ^= y >> 18
-        return y & 0xFFFFFFFF
-
-
-def torch_randperm(n: int, seed: int) -> List[int]:
-    """``torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()``."""
-    gen = _MT19937(seed)
-    r = list(range(n))
-    for i in range(n - 1):
-        z = gen.next_u32() % (n - i)
-        r[i], r[z + i] = r[z + i], r[i]
-    return r
-
-
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> List[int]:
+    """The row order of one epoch: torch's RandomSampler as transformers seeds it (``seed + epoch``)."""
     return torch_randperm(n, seed + epoch) if shuffle else list(range(n))
 
 
