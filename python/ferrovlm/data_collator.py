@@ -43,7 +43,6 @@ expansion; each ``<image>`` placeholder's mask value is then copied onto its exp
 
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 

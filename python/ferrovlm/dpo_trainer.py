@@ -18,7 +18,7 @@ from .dpo_collator import DataCollatorForVisionPreference
 from .generation import set_seed
 from .peft import PeftModel, get_peft_model
 from .dpo_config import DPOConfig
-from .trainer import BaseTrainer, TrainingError, _batch_arrays
+from .trainer import BaseTrainer, _batch_arrays
 
 
 def _labels_from_completion(batch: Any) -> Any:
@@ -185,9 +185,6 @@ class DPOTrainer(BaseTrainer):
         rec("rewards/margins", (cr - rr).mean())
         rec("logps/chosen", np.mean(s["chosen_logps"]))
         rec("logps/rejected", np.mean(s["rejected_logps"]))
-
-    def _micro_group(self, batches: List[Dict[str, Any]]) -> int:
-        return len(batches)
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Dict[str, float]:
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset

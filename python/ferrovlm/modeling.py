@@ -18,7 +18,6 @@ import numpy as np
 from . import _core
 from ._tensors import is_torch_tensor, like_inputs, to_numpy
 from .configuration import CONFIG_CLASSES, PretrainedConfig
-from .errors import ConfigError
 from .generation import GenerationConfig, resolve
 from .hub import resolve_pretrained
 

@@ -13,7 +13,7 @@ from .batch import BatchFeature
 from .errors import ProcessorError
 from .hub import resolve_pretrained_kwargs
 from .image_processing import Idefics3ImageProcessor, is_image, load_image
-from .tokenization import PreTrainedTokenizerFast, _model_type, _templates_value, padding_strategy, render_conversations
+from .tokenization import PreTrainedTokenizerFast, _model_type, _templates_value, render_conversations
 
 
 def _read_json(path: Path) -> Dict[str, Any]:

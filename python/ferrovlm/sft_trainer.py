@@ -6,13 +6,11 @@ import time
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import numpy as np
-
 from .data_collator import DataCollatorForVisionLanguageModeling
 from .generation import set_seed
 from .peft import PeftModel, get_peft_model
 from .sft_config import SFTConfig
-from .trainer import BaseTrainer, TrainingError, _batch_arrays, num_label_tokens
+from .trainer import BaseTrainer, TrainingError, _batch_arrays
 
 
 def _model_name(model: Any) -> str:
@@ -70,7 +68,6 @@ class SFTTrainer(BaseTrainer):
                 model = get_peft_model(model, peft_config)
         super().__init__(model, args, train_dataset, eval_dataset, callbacks)
         self.processing_class = processing_class
-        self._user_collator = data_collator is not None
         if data_collator is None:
             completion_only = args.completion_only_loss
             if completion_only is None:
@@ -127,7 +124,6 @@ class SFTTrainer(BaseTrainer):
         with self._eval_mode():
             for start in range(0, len(ds), bs):
                 idx = list(range(start, min(start + bs, len(ds))))
-                rows = idx
                 batch = self._collate_rows(ds, idx, "eval_dataset")
                 stats = self.session.evaluate(
                     batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
@@ -135,8 +131,8 @@ class SFTTrainer(BaseTrainer):
                 )
                 n = stats["num_label_tokens"]
                 loss = stats["loss_sum"] / n if n else float("nan")
-                total += loss * len(rows)
-                weight += len(rows)
+                total += loss * len(idx)
+                weight += len(idx)
                 n_batches += 1
                 self._account(stats, "eval")
         runtime = time.time() - t0

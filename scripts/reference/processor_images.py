@@ -36,7 +36,6 @@ torchvision one.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import sys
