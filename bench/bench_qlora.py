@@ -14,7 +14,7 @@ ferrovlm vs transformers + bitsandbytes (+ PEFT + TRL), CPU, in the same run, ev
 Dev only. Both stacks must be importable, from one interpreter or from two:
 
     python bench/bench_qlora.py [--steps 4] [--new 32] [--out bench/out/qlora.json]
-    .venv/bin/python bench/bench_qlora.py --ref-python /work/refenv/bin/python   # transformers side elsewhere
+    .venv/bin/python bench/bench_qlora.py --ref-python REF_PYTHON   # transformers side in another environment
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Dev check: an adapter saved from a QLoRA model in ferrovlm loads with PEFT on a bitsandbytes-quantized base and
 on the full-precision base, and gives ferrovlm's logits there.
 
-    .venv/bin/python scripts/check_qlora_adapter.py --ref-python /work/refenv/bin/python
+    .venv/bin/python scripts/check_qlora_adapter.py --ref-python REF_PYTHON  # a Python with torch, transformers, peft, bitsandbytes
 
 Phase 1 (this interpreter, ferrovlm): tests/fixtures/bnb/base loaded in NF4 with double quantization, LoRA r=4 on
 every Linear but lm_head with random values, saved with save_pretrained; logits with and without quantization.

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate tiny reference checkpoints + expected outputs for ferrovlm's tests.
 
-Dev-only tool. Needs torch + transformers (run with e.g. /work/refenv/bin/python):
+Dev-only tool. Needs torch + transformers:
 
     python scripts/make_reference.py
 

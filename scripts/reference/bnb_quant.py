@@ -1,6 +1,6 @@
 """bitsandbytes reference values for ferrovlm's quantization (dev only).
 
-    /work/refenv/bin/python scripts/reference/bnb_quant.py
+    python scripts/reference/bnb_quant.py  # in an environment with torch, transformers, bitsandbytes
 
 Writes tests/fixtures/bnb/:
   quant.npz           per case (weights with odd sizes): bitsandbytes' 4-bit codes, absmax, nested

@@ -1,6 +1,6 @@
 """Reference TRL DPOTrainer trajectories (LoRA on the tiny SmolVLM, CPU, fp32) for ferrovlm's DPO trainer (dev only).
 
-    /work/refenv/bin/python scripts/reference/dpo_trajectory.py
+    python scripts/reference/dpo_trajectory.py  # in an environment with torch, transformers, peft, trl, datasets
 
 Builds the `tiny_smolvlm` test checkpoint (see lora_grads.build_tiny_smolvlm) in a temp dir, makes a non-trivial
 LoRA adapter (r=4, alpha=8, text q/k/v/o/gate/up/down, B != 0), saves it, reloads it with

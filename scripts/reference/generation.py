@@ -1,6 +1,6 @@
 """Reference token ids from transformers' generate on the tiny fixture checkpoints (dev only).
 
-    /work/refenv/bin/python scripts/reference/generation.py
+    python scripts/reference/generation.py  # in an environment with torch, transformers
 
 Writes tests/fixtures/generation/expected.npz (+ cases.json describing each case). Inputs come from
 tests/fixtures/idefics3_gqa/inputs*.npz (written by scripts/make_reference.py), so run that first.

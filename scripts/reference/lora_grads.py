@@ -1,6 +1,6 @@
 """Reference LoRA / DoRA / modules_to_save gradients from PEFT on the tiny SmolVLM (dev only).
 
-    /work/refenv/bin/python scripts/reference/lora_grads.py
+    python scripts/reference/lora_grads.py  # in an environment with torch, transformers, peft, Pillow
 
 Builds the same hub folder as the `tiny_smolvlm` pytest fixture (tests/conftest.py: SmolVLM tokenizer +
 tests/fixtures/processor/config + `write_checkpoint(dst, TINY_SMOLVLM, seed=3)` + generation_config.json) in a

@@ -1,7 +1,7 @@
 """Reference outputs of transformers' Idefics3Processor (PIL image processor) for whole processor calls:
 chat template -> prompt expansion -> tokenizer + image processor (dev only).
 
-    /work/refenv/bin/python scripts/reference/processor.py
+    python scripts/reference/processor.py  # in an environment with transformers, Pillow
 
 Builds tests/fixtures/processor/checkpoint/ (the SmolVLM tokenizer + chat template from
 tests/fixtures/tokenizer/smolvlm, small image sizes so that arrays stay small) and writes the

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reference fixtures for ferrovlm's Rust image processor (tests/image_processor.rs).
 
-Dev-only tool; needs Pillow, numpy and transformers (e.g. /work/refenv/bin/python):
+Dev-only tool; needs Pillow, numpy and transformers:
 
     python scripts/reference/processor_images.py [FIXTURES_DIR]
 

@@ -1,6 +1,6 @@
 """Reference QLoRA trajectories (TRL SFTTrainer, LoRA on a bitsandbytes-quantized tiny SmolVLM, CPU) (dev only).
 
-    /work/refenv/bin/python scripts/reference/qlora_trajectory.py
+    python scripts/reference/qlora_trajectory.py  # with torch, transformers, peft, trl, datasets, bitsandbytes
 
 Builds the `tiny_smolvlm` test checkpoint (see lora_grads.build_tiny_smolvlm) in a temp dir and, per case, loads it
 with `from_pretrained(..., quantization_config=BitsAndBytesConfig(...), dtype=float32, attn_implementation="eager")`,

@@ -1,8 +1,9 @@
 """Reference outputs of TRL 1.16's ``DataCollatorForVisionLanguageModeling`` and of PEFT 0.21's LoRA target
 resolution / ``adapter_config.json`` (dev only).
 
-    /work/refenv/bin/python scripts/reference/sft_collate.py
-    /work/refenv/bin/python scripts/reference/sft_collate.py --print-field-table   # literal for sft_config.py
+    python scripts/reference/sft_collate.py  # in an environment with torch, transformers, peft, trl, Pillow
+    python scripts/reference/sft_collate.py --print-field-table  # the defaults training_args.py, sft_config.py
+                                                                  # and dpo_config.py declare
 
 Writes tests/fixtures/sft_collate/:
   images/*.png            deterministic RGB images used by the rows

