@@ -57,8 +57,8 @@ def run_side(side: str, ckpt: str, steps: int) -> dict:
         args = DPOConfig(**cfg, disable_tqdm=True)
     else:
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
         from peft import LoraConfig
+        from transformers import AutoModelForImageTextToText, AutoProcessor
         from trl import DPOConfig, DPOTrainer
 
         torch.manual_seed(0)

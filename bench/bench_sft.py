@@ -67,8 +67,8 @@ def run_side(side: str, ckpt: str, steps: int) -> dict:
         args = SFTConfig(**cfg, disable_tqdm=True)
     else:
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
         from peft import LoraConfig
+        from transformers import AutoModelForImageTextToText, AutoProcessor
         from trl import SFTConfig, SFTTrainer
 
         torch.manual_seed(0)

@@ -43,8 +43,8 @@ def ours(out: Path) -> None:
 
 
 def reference(out: Path) -> None:
-    import torch
     import bitsandbytes as bnb
+    import torch
     from peft import PeftModel
     from transformers import BitsAndBytesConfig, Idefics3ForConditionalGeneration
 

@@ -17,9 +17,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from tiny_checkpoint import TINY_SMOLVLM, write_checkpoint  # noqa: E402
-
 from ferrovlm import AutoModelForVision2Seq, AutoProcessor, TextStreamer  # noqa: E402
+from tiny_checkpoint import TINY_SMOLVLM, write_checkpoint  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures"
 

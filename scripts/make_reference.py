@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 import transformers
 from transformers import (
     GenerationConfig,

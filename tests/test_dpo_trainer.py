@@ -7,10 +7,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_dpo_trajectory import load_rows, make_trainer
-
 import ferrovlm
-from ferrovlm import AutoModelForImageTextToText, AutoProcessor, DPOConfig, DPOTrainer, LoraConfig, PeftModel, SFTConfig, SFTTrainer, _core
+from ferrovlm import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    DPOConfig,
+    DPOTrainer,
+    LoraConfig,
+    PeftModel,
+    SFTConfig,
+    SFTTrainer,
+    _core,
+)
+from test_dpo_trajectory import load_rows, make_trainer
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 

@@ -13,8 +13,6 @@ import pytest
 from PIL import Image
 
 from conftest import FIXTURES
-
-from test_sft_trainer import _colour_rows, colour_accuracy
 from ferrovlm import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -27,6 +25,7 @@ from ferrovlm import (
     get_peft_model,
     prepare_model_for_kbit_training,
 )
+from test_sft_trainer import _colour_rows, colour_accuracy
 
 QLORA = FIXTURES / "qlora"
 # "nf4" and "int8" (TRL as is: it casts a quantized model's adapter to bfloat16 in SFTTrainer.__init__) stay in

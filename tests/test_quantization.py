@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import ferrovlm
-from ferrovlm import AutoModelForVision2Seq, BitsAndBytesConfig, CheckpointError, LoraConfig, get_peft_model
 from conftest import FIXTURES
+from ferrovlm import AutoModelForVision2Seq, BitsAndBytesConfig, CheckpointError, LoraConfig, get_peft_model
 
 BNB = FIXTURES / "bnb"
 BASE = BNB / "base"

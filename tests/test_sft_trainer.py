@@ -11,10 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES
-from test_sft_trajectory import KEYS, load_rows, make_trainer
-
 import ferrovlm
+from conftest import FIXTURES
 from ferrovlm import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -27,6 +25,7 @@ from ferrovlm import (
     get_peft_model,
 )
 from ferrovlm.trainer import sorted_checkpoints
+from test_sft_trajectory import KEYS, load_rows, make_trainer
 
 SFT = FIXTURES / "sft"
 
@@ -303,9 +302,8 @@ def test_cookbook_rows_with_images_in_images_and_in_the_messages(tiny_smolvlm, t
 
 
 def test_cookbook_prompt_completion_rows_and_mismatched_images(tiny_smolvlm):
-    from test_sft_trajectory import load_rows as load_sft_rows
-
     from ferrovlm import DataCollatorForVisionLanguageModeling
+    from test_sft_trajectory import load_rows as load_sft_rows
 
     processor = AutoProcessor.from_pretrained(tiny_smolvlm)
     rows = _cookbook_rows(load_sft_rows("messages"))

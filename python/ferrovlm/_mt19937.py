@@ -8,8 +8,6 @@ order as the transformers / TRL run it is compared against."""
 
 from __future__ import annotations
 
-from typing import List
-
 _N = 624
 _M = 397
 
@@ -40,7 +38,7 @@ class MT19937:
         return y & 0xFFFFFFFF
 
 
-def torch_randperm(n: int, seed: int) -> List[int]:
+def torch_randperm(n: int, seed: int) -> list[int]:
     """``torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()``."""
     gen = MT19937(seed)
     r = list(range(n))

@@ -5,7 +5,7 @@ fields that change nothing in ferrovlm, derived values)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 from .training_args import TrainingArguments, _warn_once, accepts_legacy_kwargs
 
@@ -27,7 +27,7 @@ class DPOConfig(TrainingArguments):
     gradient_checkpointing: Optional[bool] = True
     logging_steps: float = 10
     # TRL's own
-    model_init_kwargs: Optional[Union[Dict[str, Any], str]] = None
+    model_init_kwargs: Optional[Union[dict[str, Any], str]] = None
     trust_remote_code: bool = False
     router_aux_loss_coef: Optional[float] = None
     disable_dropout: bool = True
@@ -38,8 +38,8 @@ class DPOConfig(TrainingArguments):
     pad_to_multiple_of: Union[int, str, None] = "auto"
     precompute_ref_log_probs: bool = False
     precompute_ref_batch_size: Optional[int] = None
-    loss_type: Union[str, List[str]] = field(default_factory=lambda: ["sigmoid"])
-    loss_weights: Optional[List[float]] = None
+    loss_type: Union[str, list[str]] = field(default_factory=lambda: ["sigmoid"])
+    loss_weights: Optional[list[float]] = None
     ld_alpha: Optional[float] = None
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
@@ -53,12 +53,12 @@ class DPOConfig(TrainingArguments):
     ref_model_sync_steps: int = 512
     pad_token: Optional[str] = None
 
-    _LEGACY_OWN: ClassVar[Dict[str, str]] = {
+    _LEGACY_OWN: ClassVar[dict[str, str]] = {
         "rpo_alpha": "`rpo_alpha` was removed from TRL; it is mapped to loss_type=['sigmoid', 'sft'] "
                      "with loss_weights=[1.0, rpo_alpha].",
     }
 
-    def _apply_legacy(self, legacy: Dict[str, Any]) -> None:
+    def _apply_legacy(self, legacy: dict[str, Any]) -> None:
         if "rpo_alpha" in legacy:
             a = legacy.pop("rpo_alpha")
             object.__setattr__(self, "rpo_alpha", a)

@@ -9,15 +9,16 @@ rejected sequences and by the reference pass."""
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from . import _core
 from .dpo_collator import DataCollatorForVisionPreference
+from .dpo_config import DPOConfig
 from .generation import set_seed
 from .peft import PeftModel, get_peft_model
-from .dpo_config import DPOConfig
 from .trainer import BaseTrainer, _batch_arrays
 
 
@@ -39,7 +40,7 @@ class DPOTrainer(BaseTrainer):
         model: Any,
         ref_model: Any = None,
         args: Optional[DPOConfig] = None,
-        data_collator: Optional[Callable[[List[Dict[str, Any]]], Any]] = None,
+        data_collator: Optional[Callable[[list[dict[str, Any]]], Any]] = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
@@ -85,7 +86,7 @@ class DPOTrainer(BaseTrainer):
             processing_class, max_length=args.max_length, pad_to_multiple_of=args.pad_to_multiple_of
         )
         self._ref_state = _core.adapter_state(model._core) if self._ref_mode == "snapshot" else None
-        self._precomputed: Optional[Dict[int, tuple]] = None
+        self._precomputed: Optional[dict[int, tuple]] = None
         loss_type = args.loss_type if isinstance(args.loss_type, (list, tuple)) else [args.loss_type]
         weights = args.loss_weights if args.loss_weights is not None else [1.0] * len(loss_type)
         if len(weights) != len(loss_type):
@@ -93,7 +94,7 @@ class DPOTrainer(BaseTrainer):
         self._losses = [(str(t), float(w)) for t, w in zip(loss_type, weights)]
 
     # -- data ---------------------------------------------------------------------------------------
-    def _collate(self, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    def _collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         for k in ("prompt", "chosen", "rejected"):
             for i, r in enumerate(rows):
                 if k not in r or r[k] is None:
@@ -103,13 +104,13 @@ class DPOTrainer(BaseTrainer):
                 warnings.warn(f"a row has identical chosen and rejected completions: it contributes no preference signal (batch row {i})", UserWarning, stacklevel=3)
         return _batch_arrays(_labels_from_completion(self.data_collator(rows)))
 
-    def _collate_rows(self, ds: Any, idx: Sequence[int], what: str) -> Dict[str, Any]:
+    def _collate_rows(self, ds: Any, idx: Sequence[int], what: str) -> dict[str, Any]:
         batch = super()._collate_rows(ds, idx, what)
         batch["_rows"] = [int(i) for i in idx]
         return batch
 
     # -- reference ----------------------------------------------------------------------------------
-    def _reference(self, batch: Dict[str, Any]) -> List[float]:
+    def _reference(self, batch: dict[str, Any]) -> list[float]:
         if self._precomputed is not None and all(i in self._precomputed for i in batch.get("_rows", [])) and batch.get("_rows"):
             rows = batch["_rows"]
             return [self._precomputed[i][0] for i in rows] + [self._precomputed[i][1] for i in rows]
@@ -132,7 +133,7 @@ class DPOTrainer(BaseTrainer):
             _core.load_adapter_state(core, current)
 
     def _precompute(self) -> None:
-        out: Dict[int, tuple] = {}
+        out: dict[int, tuple] = {}
         bs = int(self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size)
         n = len(self.train_dataset)
         for start in range(0, n, bs):
@@ -151,10 +152,10 @@ class DPOTrainer(BaseTrainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # -- one micro-batch ----------------------------------------------------------------------------
-    def _count_items(self, batch: Dict[str, Any]) -> int:
+    def _count_items(self, batch: dict[str, Any]) -> int:
         return 1
 
-    def _micro_step(self, batch: Dict[str, Any], n_items: int, seed: int, backward: bool = True, mode: str = "train") -> float:
+    def _micro_step(self, batch: dict[str, Any], n_items: int, seed: int, backward: bool = True, mode: str = "train") -> float:
         ref = self._reference(batch)
         accum = max(n_items, 1)  # one item per micro-batch: the loss is a mean over pairs, divided by the accumulation steps
         a = self.args
@@ -166,7 +167,7 @@ class DPOTrainer(BaseTrainer):
         self._account_dpo(s, mode)
         return s["loss"] / accum
 
-    def _account_dpo(self, s: Dict[str, Any], mode: str) -> None:
+    def _account_dpo(self, s: dict[str, Any], mode: str) -> None:
         rec = lambda k, v: self._record(mode, k, v)
         n = s["num_label_tokens"]
         if n:
@@ -186,7 +187,7 @@ class DPOTrainer(BaseTrainer):
         rec("logps/chosen", np.mean(s["chosen_logps"]))
         rec("logps/rejected", np.mean(s["rejected_logps"]))
 
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Dict[str, float]:
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
         if ds is None:
             raise ValueError("Trainer: evaluation requires an eval_dataset.")

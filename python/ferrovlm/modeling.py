@@ -11,7 +11,7 @@ import copy
 import json
 import os
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -31,7 +31,7 @@ _ATTN_IMPLEMENTATIONS = {"eager", "sdpa", "flash_attention_2", "flash_attention_
 _IGNORED_FORWARD_KWARGS = {"use_cache", "output_attentions", "output_hidden_states", "return_dict", "cache_position"}
 
 
-def _dtype_name(dtype: Any, config: Dict[str, Any]) -> str:
+def _dtype_name(dtype: Any, config: dict[str, Any]) -> str:
     """Maps ``dtype=`` / ``torch_dtype=`` (torch dtype, string, "auto" or None) to a core dtype name.
 
     None and "auto" take the checkpoint's own dtype, as transformers 5 does."""
@@ -106,7 +106,7 @@ class Idefics3ForConditionalGeneration:
     config_class = CONFIG_CLASSES["idefics3"]
     main_input_name = "input_ids"
 
-    def __init__(self, core: "_core.VlmModel", config: PretrainedConfig, generation_config: Optional[GenerationConfig] = None) -> None:
+    def __init__(self, core: _core.VlmModel, config: PretrainedConfig, generation_config: Optional[GenerationConfig] = None) -> None:
         self._core = core
         self.config = config
         self.generation_config = generation_config or GenerationConfig.from_model_config(config)
@@ -116,7 +116,7 @@ class Idefics3ForConditionalGeneration:
     @classmethod
     def from_pretrained(
         cls,
-        pretrained_model_name_or_path: "str | os.PathLike[str]",
+        pretrained_model_name_or_path: str | os.PathLike[str],
         *,
         dtype: Any = None,
         torch_dtype: Any = None,
@@ -124,15 +124,15 @@ class Idefics3ForConditionalGeneration:
         attn_implementation: Optional[str] = None,
         _attn_implementation: Optional[str] = None,
         revision: Optional[str] = None,
-        cache_dir: "Optional[str | os.PathLike[str]]" = None,
+        cache_dir: Optional[str | os.PathLike[str]] = None,
         local_files_only: bool = False,
-        token: "Optional[str | bool]" = None,
+        token: Optional[str | bool] = None,
         low_cpu_mem_usage: Optional[bool] = None,
         trust_remote_code: bool = False,
         quantization_config: Any = None,
         load_in_4bit: bool = False,
         load_in_8bit: bool = False,
-    ) -> "Idefics3ForConditionalGeneration":
+    ) -> Idefics3ForConditionalGeneration:
         if dtype is not None and torch_dtype is not None:
             raise ValueError("pass only one of dtype= and torch_dtype=")
         attn = attn_implementation or _attn_implementation
@@ -198,7 +198,7 @@ class Idefics3ForConditionalGeneration:
         except ImportError:
             return name
 
-    def to(self, *args: Any, **kwargs: Any) -> "Idefics3ForConditionalGeneration":
+    def to(self, *args: Any, **kwargs: Any) -> Idefics3ForConditionalGeneration:
         if self.is_quantized and (kwargs.get("dtype") is not None or any(_is_dtype(a) for a in args)):
             raise ValueError(
                 "`.to` is not supported for `4-bit` or `8-bit` bitsandbytes models. Please use the model as it is, since the"
@@ -209,10 +209,10 @@ class Idefics3ForConditionalGeneration:
                 warnings.warn(f"device {a!r} is not supported yet; ferrovlm runs on the CPU", stacklevel=2)
         return self
 
-    def eval(self) -> "Idefics3ForConditionalGeneration":
+    def eval(self) -> Idefics3ForConditionalGeneration:
         return self.train(False)
 
-    def train(self, mode: bool = True) -> "Idefics3ForConditionalGeneration":
+    def train(self, mode: bool = True) -> Idefics3ForConditionalGeneration:
         self.training = mode
         _core.set_training(self._core, bool(mode))
         return self
@@ -250,7 +250,7 @@ class Idefics3ForConditionalGeneration:
             mem += 2 * (head_dim // 2) * 4  # the rotary embedding's inv_freq and original_inv_freq (float32)
         return int(mem)
 
-    def save_pretrained(self, save_directory: "str | os.PathLike[str]", safe_serialization: bool = True, **kwargs: Any) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike[str], safe_serialization: bool = True, **kwargs: Any) -> None:
         """``config.json``, ``generation_config.json`` and ``model.safetensors`` (transformers' keys; a
         quantized model in bitsandbytes' serialized form, which transformers + bitsandbytes load)."""
         os.makedirs(save_directory, exist_ok=True)

@@ -30,9 +30,10 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Iterable, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set
+from typing import Any, Optional
 
 PEFT_VERSION = "0.21.2"  # the PEFT release whose files we write (adapter_config.json "peft_version")
 CONFIG_NAME = "adapter_config.json"
@@ -60,7 +61,7 @@ class PeftType(str, Enum):
 
 
 # PEFT 0.21.2 LoraConfig fields, in dataclass order, with their defaults (sub-configs as dicts / None).
-_LORA_FIELDS: Dict[str, Any] = {
+_LORA_FIELDS: dict[str, Any] = {
     "task_type": None,
     "peft_type": None,
     "auto_mapping": None,
@@ -197,7 +198,7 @@ class LoraConfig:
         key = _pattern_key(self.alpha_pattern, module_name)
         return self.alpha_pattern.get(key, self.lora_alpha)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """The adapter_config.json content: every field but runtime_config, enums as strings, sets as sorted lists
         (PEFT writes ``list(set)``, an arbitrary order)."""
         out = {}
@@ -212,7 +213,7 @@ class LoraConfig:
 
     to_json = to_json_string
 
-    def save_pretrained(self, save_directory: "str | os.PathLike[str]", auto_mapping_dict: Optional[dict] = None, **kwargs: Any) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike[str], auto_mapping_dict: Optional[dict] = None, **kwargs: Any) -> None:
         d = Path(save_directory)
         if d.is_file():
             raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")
@@ -224,7 +225,7 @@ class LoraConfig:
 
     def adapter_config(self, base_model_name_or_path: Optional[str] = None,
                        base_model_class: str = "Idefics3ForConditionalGeneration",
-                       parent_library: str = "transformers.models.idefics3.modeling_idefics3") -> Dict[str, Any]:
+                       parent_library: str = "transformers.models.idefics3.modeling_idefics3") -> dict[str, Any]:
         """What ``PeftModel.save_pretrained`` writes for this config: inference_mode true, the base model name
         filled in when unset, auto_mapping when task_type is None."""
         out = self.to_dict()
@@ -236,7 +237,7 @@ class LoraConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "LoraConfig":
+    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
         """From an adapter_config.json dict. Keys a newer PEFT added are dropped with a warning (like PEFT);
         a ``runtime_config`` key is dropped."""
         data = dict(data)
@@ -256,12 +257,12 @@ class LoraConfig:
         return cls(**data)
 
     @classmethod
-    def from_json_file(cls, path: "str | os.PathLike[str]") -> Dict[str, Any]:
+    def from_json_file(cls, path: str | os.PathLike[str]) -> dict[str, Any]:
         return json.loads(Path(path).read_text())
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: "str | os.PathLike[str]", subfolder: Optional[str] = None,
-                        **kwargs: Any) -> "LoraConfig":
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], subfolder: Optional[str] = None,
+                        **kwargs: Any) -> LoraConfig:
         path = Path(pretrained_model_name_or_path)
         if subfolder:
             path = path / subfolder
@@ -287,7 +288,7 @@ class LoraConfig:
         items = ", ".join(f"{k}={getattr(self, k)!r}" for k in _LORA_FIELDS)
         return f"LoraConfig({items})"
 
-    def __copy__(self) -> "LoraConfig":
+    def __copy__(self) -> LoraConfig:
         new = LoraConfig.__new__(LoraConfig)
         new.__dict__.update(self.__dict__)
         return new
@@ -309,7 +310,7 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def _pattern_key(patterns: Dict[str, Any], module_name: str) -> str:
+def _pattern_key(patterns: dict[str, Any], module_name: str) -> str:
     """PEFT's ``get_pattern_key``: the first pattern that matches the end of the name (after a dot)."""
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module_name):
@@ -372,7 +373,7 @@ def module_matches(cfg: LoraConfig, key: str, target_modules: Any = None) -> boo
 
 def resolve_target_modules(cfg: LoraConfig, linear_names: Sequence[str],
                            output_layer_names: Iterable[str] = ("lm_head",),
-                           all_module_names: Optional[Sequence[str]] = None) -> List[str]:
+                           all_module_names: Optional[Sequence[str]] = None) -> list[str]:
     """The names (in ``linear_names`` order) of the Linear modules PEFT 0.21 wraps with LoRA for ``cfg``.
 
     ``linear_names``: the model's ``nn.Linear`` module names (SmolVLM: ``model.vision_model.encoder.layers.N.
@@ -400,7 +401,7 @@ def resolve_target_modules(cfg: LoraConfig, linear_names: Sequence[str],
     return chosen
 
 
-def minimal_target_modules(targets: Iterable[str], other_module_names: Iterable[str]) -> Set[str]:
+def minimal_target_modules(targets: Iterable[str], other_module_names: Iterable[str]) -> set[str]:
     """The shortest name suffixes (whole dot-separated parts) that cover every target and name no other module
     (PEFT's ``_find_minimal_target_modules``)."""
     targets = set(targets)
@@ -410,12 +411,12 @@ def minimal_target_modules(targets: Iterable[str], other_module_names: Iterable[
     if not targets.isdisjoint(others):
         raise ValueError("target_modules and other_module_names overlap")
 
-    def suffixes(name: str) -> List[str]:
+    def suffixes(name: str) -> list[str]:
         parts = name.split(".")
         return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]  # shortest first
 
     taken = {s for o in others for s in suffixes(o)}
-    required: Set[str] = set()
+    required: set[str] = set()
     for name, sufs in sorted(((t, suffixes(t)) for t in targets), key=lambda x: x[1]):
         for s in sufs:
             if s in required or s in taken:
@@ -439,7 +440,7 @@ def saved_target_modules(cfg: LoraConfig, targeted: Sequence[str], all_module_na
     return t
 
 
-def resolve_modules_to_save(cfg: LoraConfig, module_names: Sequence[str]) -> List[str]:
+def resolve_modules_to_save(cfg: LoraConfig, module_names: Sequence[str]) -> list[str]:
     """Modules PEFT wraps as trainable copies: those whose name ends with a ``modules_to_save`` entry (plain
     ``str.endswith``)."""
     if not cfg.modules_to_save:

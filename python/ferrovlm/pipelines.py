@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 from .modeling import AutoModelForImageTextToText, Idefics3ForConditionalGeneration
 from .processing import AutoProcessor
@@ -23,7 +23,7 @@ class ImageTextToTextPipeline:
 
     def __call__(self, images: Any = None, text: Any = None, max_new_tokens: Optional[int] = None,
                  return_full_text: Optional[bool] = None, continue_final_message: Optional[bool] = None,
-                 generate_kwargs: Optional[Dict[str, Any]] = None, skip_special_tokens: bool = True,
+                 generate_kwargs: Optional[dict[str, Any]] = None, skip_special_tokens: bool = True,
                  **kwargs: Any) -> Any:
         if images is not None and text is None and (_is_chat(images) or isinstance(images, dict)):
             images, text = None, images  # pipe(messages)
@@ -37,7 +37,7 @@ class ImageTextToTextPipeline:
         return results if batch else results[0]
 
     def _one(self, images: Any, text: Any, return_full_text: Optional[bool], continue_final: Optional[bool],
-             gen: Dict[str, Any], skip_special_tokens: bool) -> List[Dict[str, Any]]:
+             gen: dict[str, Any], skip_special_tokens: bool) -> list[dict[str, Any]]:
         full = True if return_full_text is None else return_full_text
         if _is_chat(text):
             messages = list(text)

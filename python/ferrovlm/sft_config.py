@@ -8,7 +8,7 @@ names of the old module) are still importable from ``ferrovlm.sft_config``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 from .dpo_config import DPO_LOSS_TYPES, DPOConfig
 from .training_args import (
@@ -37,12 +37,12 @@ class SFTConfig(TrainingArguments):
     gradient_checkpointing: Optional[bool] = True
     logging_steps: float = 10
     # TRL's own
-    model_init_kwargs: Optional[Union[Dict[str, Any], str]] = None
+    model_init_kwargs: Optional[Union[dict[str, Any], str]] = None
     trust_remote_code: bool = False
     router_aux_loss_coef: Optional[float] = None
     chat_template_path: Optional[str] = None
     dataset_text_field: str = "text"
-    dataset_kwargs: Optional[Union[Dict[str, Any], str]] = None
+    dataset_kwargs: Optional[Union[dict[str, Any], str]] = None
     dataset_num_proc: Optional[int] = None
     eos_token: Optional[str] = None
     max_length: Optional[int] = 1024
@@ -59,11 +59,11 @@ class SFTConfig(TrainingArguments):
     activation_offloading: bool = False
     pad_token: Optional[str] = None
 
-    _LEGACY_OWN: ClassVar[Dict[str, str]] = {
+    _LEGACY_OWN: ClassVar[dict[str, str]] = {
         "max_seq_length": "`max_seq_length` was renamed `max_length` (TRL 0.20).",
     }
 
-    def _apply_legacy(self, legacy: Dict[str, Any]) -> None:
+    def _apply_legacy(self, legacy: dict[str, Any]) -> None:
         if "max_seq_length" in legacy:
             v = legacy.pop("max_seq_length")
             _warn_once(("SFTConfig", "legacy", "max_seq_length"), f"SFTConfig: {self._LEGACY_OWN['max_seq_length']}",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
 
 from .data_collator import DataCollatorForVisionLanguageModeling
 from .generation import set_seed
@@ -29,7 +30,7 @@ class SFTTrainer(BaseTrainer):
         self,
         model: Any,
         args: Optional[SFTConfig] = None,
-        data_collator: Optional[Callable[[List[Dict[str, Any]]], Any]] = None,
+        data_collator: Optional[Callable[[list[dict[str, Any]]], Any]] = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
@@ -84,10 +85,10 @@ class SFTTrainer(BaseTrainer):
         self.data_collator = data_collator
 
     # -- one micro-batch ----------------------------------------------------------------------------
-    def _collate(self, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    def _collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return _batch_arrays(self.data_collator(rows))
 
-    def _micro_step(self, batch: Dict[str, Any], n_items: int, seed: int) -> float:
+    def _micro_step(self, batch: dict[str, Any], n_items: int, seed: int) -> float:
         if n_items == 0:
             raise TrainingError(
                 f"step {self.state.global_step + 1}: no row of this step has a label token after masking "
@@ -102,7 +103,7 @@ class SFTTrainer(BaseTrainer):
         self._account(stats, "train")
         return stats["loss_sum"] / n_items
 
-    def _account(self, stats: Dict[str, Any], mode: str) -> None:
+    def _account(self, stats: dict[str, Any], mode: str) -> None:
         n = stats["num_label_tokens"]
         if n:
             self._record(mode, "entropy", stats["entropy_sum"] / n)
@@ -113,7 +114,7 @@ class SFTTrainer(BaseTrainer):
             self._metrics[mode]["num_tokens"] = [float(self.state.total_train_tokens)]
 
     # -- evaluation ---------------------------------------------------------------------------------
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Dict[str, float]:
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
         if ds is None:
             raise ValueError("Trainer: evaluation requires an eval_dataset.")

@@ -11,9 +11,10 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -37,7 +38,7 @@ class TrainingError(FerroVLMError):
 class TrainOutput(NamedTuple):
     global_step: int
     training_loss: float
-    metrics: Dict[str, float]
+    metrics: dict[str, float]
 
 
 @dataclass
@@ -54,7 +55,7 @@ class TrainerState:
     num_train_epochs: int = 0
     num_input_tokens_seen: int = 0
     total_flos: float = 0.0
-    log_history: List[Dict[str, float]] = field(default_factory=list)
+    log_history: list[dict[str, float]] = field(default_factory=list)
     best_metric: Optional[float] = None
     best_model_checkpoint: Optional[str] = None
     is_local_process_zero: bool = True
@@ -62,17 +63,17 @@ class TrainerState:
     # ferrovlm: TRL's running token count, needed to resume `num_tokens` exactly.
     total_train_tokens: int = 0
 
-    def save_to_json(self, path: "str | os.PathLike[str]") -> None:
+    def save_to_json(self, path: str | os.PathLike[str]) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load_from_json(cls, path: "str | os.PathLike[str]") -> "TrainerState":
+    def load_from_json(cls, path: str | os.PathLike[str]) -> TrainerState:
         data = json.loads(Path(path).read_text())
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> List[int]:
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
     """The row order of one epoch: torch's RandomSampler as transformers seeds it (``seed + epoch``)."""
     return torch_randperm(n, seed + epoch) if shuffle else list(range(n))
 
@@ -130,10 +131,10 @@ def _progress(total: int, initial: int, disable: bool) -> Any:
     return tqdm(total=total, initial=initial, disable=disable, desc="train", dynamic_ncols=True)
 
 
-def _batch_arrays(batch: Any) -> Dict[str, Any]:
+def _batch_arrays(batch: Any) -> dict[str, Any]:
     """A collator's output (BatchFeature / dict of numpy or torch) as the core's numpy inputs."""
     get = batch.get if hasattr(batch, "get") else batch.__getitem__
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     out["input_ids"] = to_numpy(get("input_ids"), np.int64, "input_ids")
     labels = get("labels")
     if labels is None:
@@ -153,7 +154,7 @@ def num_label_tokens(labels: np.ndarray) -> int:
     return int((labels[:, 1:] != -100).sum())
 
 
-def no_decay_names(names: Sequence[str]) -> List[str]:
+def no_decay_names(names: Sequence[str]) -> list[str]:
     """transformers' decay groups: biases and norm weights get no weight decay."""
     pat = re.compile(r"(bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.))")
     return [n for n in names if pat.search(n.lower())]
@@ -187,7 +188,7 @@ class BaseTrainer:
         self.state = TrainerState()
         self.callbacks = list(callbacks or [])
         self._session: Optional[Any] = None
-        self._metrics: Dict[str, Dict[str, List[float]]] = {"train": {}, "eval": {}}
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
@@ -243,10 +244,10 @@ class BaseTrainer:
         kind = str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type))
         return float(a.learning_rate) * _core.lr_multiplier(kind, step, max_steps, int(warmup))
 
-    def _rows(self, ds: Any, idx: Sequence[int]) -> List[Dict[str, Any]]:
+    def _rows(self, ds: Any, idx: Sequence[int]) -> list[dict[str, Any]]:
         return [ds[int(i)] for i in idx]
 
-    def _collate_rows(self, ds: Any, idx: Sequence[int], what: str) -> Dict[str, Any]:
+    def _collate_rows(self, ds: Any, idx: Sequence[int], what: str) -> dict[str, Any]:
         """Collates rows `idx` of `ds`; a collation error names the rows."""
         try:
             return self._collate(self._rows(ds, idx))
@@ -257,7 +258,7 @@ class BaseTrainer:
     def _record(self, mode: str, key: str, value: float) -> None:
         self._metrics[mode].setdefault(key, []).append(float(value))
 
-    def _flush_metrics(self, mode: str) -> Dict[str, float]:
+    def _flush_metrics(self, mode: str) -> dict[str, float]:
         out = {}
         for k, vals in self._metrics[mode].items():
             if vals:
@@ -265,7 +266,7 @@ class BaseTrainer:
         self._metrics[mode] = {}
         return out
 
-    def log(self, logs: Dict[str, float]) -> None:
+    def log(self, logs: dict[str, float]) -> None:
         if self.state.epoch is not None:
             logs["epoch"] = self.state.epoch
         logs["step"] = self.state.global_step
@@ -337,7 +338,7 @@ class BaseTrainer:
         huggingface_hub.upload_folder(repo_id=repo, folder_path=str(self.args.output_dir), commit_message=kwargs.get("commit_message", "End of training"))
 
     # -- the loop ---------------------------------------------------------------------------------
-    def train(self, resume_from_checkpoint: "Optional[bool | str]" = None, **kwargs: Any) -> TrainOutput:
+    def train(self, resume_from_checkpoint: Optional[bool | str] = None, **kwargs: Any) -> TrainOutput:
         run = self._setup_training(resume_from_checkpoint)
         try:
             for epoch in range(run.plan.epochs):
@@ -349,7 +350,7 @@ class BaseTrainer:
                 run.bar.close()
         return self._finish_training(run)
 
-    def _setup_training(self, resume_from_checkpoint: "Optional[bool | str | os.PathLike[str]]") -> _TrainingRun:
+    def _setup_training(self, resume_from_checkpoint: Optional[bool | str | os.PathLike[str]]) -> _TrainingRun:
         """The plan, the core session, the state (fresh or from a checkpoint), the resolved intervals and the
         progress bar; puts the model in training mode."""
         a = self.args
@@ -377,7 +378,7 @@ class BaseTrainer:
             start_step=start_step, t0=t0, bar=bar,
         )
 
-    def _resume_checkpoint(self, resume_from_checkpoint: "bool | str | os.PathLike[str]") -> Path:
+    def _resume_checkpoint(self, resume_from_checkpoint: bool | str | os.PathLike[str]) -> Path:
         """The checkpoint to resume from: the path given, or (``True``) the last complete one in output_dir."""
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             ckpt = Path(resume_from_checkpoint)
@@ -492,11 +493,11 @@ class BaseTrainer:
         self.log(dict(metrics))
         return TrainOutput(st.global_step, train_loss, {**metrics, "epoch": st.epoch})
 
-    def _count_items(self, batch: Dict[str, Any]) -> int:
+    def _count_items(self, batch: dict[str, Any]) -> int:
         return num_label_tokens(batch["labels"])
 
 
-def sorted_checkpoints(output_dir: "str | os.PathLike[str]") -> List[Path]:
+def sorted_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
     """Complete checkpoints (those with a trainer_state.json), oldest step first."""
     d = Path(output_dir)
     if not d.is_dir():

@@ -28,7 +28,7 @@ import os
 import warnings
 from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
-from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Type, TypeVar, Union
+from typing import Any, ClassVar, Optional, TypeVar, Union
 
 
 class IntervalStrategy(str, Enum):
@@ -113,7 +113,7 @@ def _enum(cls: type, value: Any, name: str) -> Any:
                          f"{[m.value for m in cls]}") from None
 
 
-_Config = TypeVar("_Config", bound="Type[TrainingArguments]")
+_Config = TypeVar("_Config", bound="type[TrainingArguments]")
 
 
 def accepts_legacy_kwargs(cls: _Config) -> _Config:
@@ -166,7 +166,7 @@ class TrainingArguments:
     max_steps: int = -1
     learning_rate: float = 5e-05
     lr_scheduler_type: str = "linear"
-    lr_scheduler_kwargs: Optional[Union[Dict[str, Any], str]] = None
+    lr_scheduler_kwargs: Optional[Union[dict[str, Any], str]] = None
     warmup_steps: float = 0
     optim: str = "adamw_torch_fused"
     optim_args: Optional[str] = None
@@ -174,7 +174,7 @@ class TrainingArguments:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-08
-    optim_target_modules: Union[None, str, List[str]] = None
+    optim_target_modules: Union[None, str, list[str]] = None
     gradient_accumulation_steps: int = 1
     average_tokens_across_devices: bool = True
     max_grad_norm: float = 1.0
@@ -185,14 +185,14 @@ class TrainingArguments:
     fp16_full_eval: bool = False
     tf32: Optional[bool] = None
     activation_checkpointing: Optional[bool] = None
-    activation_checkpointing_kwargs: Optional[Union[Dict[str, Any], str]] = None
+    activation_checkpointing_kwargs: Optional[Union[dict[str, Any], str]] = None
     gradient_checkpointing: Optional[bool] = None
-    gradient_checkpointing_kwargs: Optional[Union[Dict[str, Any], str]] = None
+    gradient_checkpointing_kwargs: Optional[Union[dict[str, Any], str]] = None
     torch_compile: bool = False
     torch_compile_backend: Optional[str] = None
     torch_compile_mode: Optional[str] = None
     use_liger_kernel: bool = False
-    liger_kernel_config: Optional[Dict[str, Any]] = None
+    liger_kernel_config: Optional[dict[str, Any]] = None
     use_cache: bool = False
     neftune_noise_alpha: Optional[float] = None
     torch_empty_cache_steps: Optional[int] = None
@@ -206,7 +206,7 @@ class TrainingArguments:
     log_level: str = "passive"
     log_level_replica: str = "warning"
     disable_tqdm: Optional[bool] = None
-    report_to: Union[None, str, List[str]] = "none"
+    report_to: Union[None, str, list[str]] = "none"
     run_name: Optional[str] = None
     project: str = "huggingface"
     trackio_space_id: Optional[str] = None
@@ -221,7 +221,7 @@ class TrainingArguments:
     eval_do_concat_batches: bool = True
     eval_use_gather_object: bool = False
     eval_accumulation_steps: Optional[int] = None
-    include_for_metrics: List[str] = field(default_factory=list)
+    include_for_metrics: list[str] = field(default_factory=list)
     batch_eval_metrics: bool = False
     save_only_model: bool = False
     save_strategy: Union[SaveStrategy, str] = "steps"
@@ -245,7 +245,7 @@ class TrainingArguments:
     seed: int = 42
     data_seed: Optional[int] = None
     use_cpu: bool = False
-    accelerator_config: Optional[Union[Dict[str, Any], str]] = None
+    accelerator_config: Optional[Union[dict[str, Any], str]] = None
     parallelism_config: Optional[Any] = None
     dataloader_drop_last: bool = False
     dataloader_num_workers: int = 0
@@ -255,7 +255,7 @@ class TrainingArguments:
     dataloader_multiprocessing_context: Optional[str] = None
     dataloader_in_order: bool = True
     remove_unused_columns: bool = True
-    label_names: Optional[List[str]] = None
+    label_names: Optional[list[str]] = None
     train_sampling_strategy: str = "random"
     length_column_name: str = "length"
     ddp_find_unused_parameters: Optional[bool] = None
@@ -264,10 +264,10 @@ class TrainingArguments:
     ddp_static_graph: Optional[bool] = None
     ddp_backend: Optional[str] = None
     ddp_timeout: int = 1800
-    fsdp: Union[None, str, List[Any]] = None
-    fsdp_config: Optional[Union[Dict[str, Any], str]] = None
-    deepspeed: Optional[Union[Dict[str, Any], str]] = None
-    debug: Union[str, List[Any]] = ""
+    fsdp: Union[None, str, list[Any]] = None
+    fsdp_config: Optional[Union[dict[str, Any], str]] = None
+    deepspeed: Optional[Union[dict[str, Any], str]] = None
+    debug: Union[str, list[Any]] = ""
     skip_memory_metrics: bool = True
     do_train: bool = False
     do_eval: bool = False
@@ -276,23 +276,23 @@ class TrainingArguments:
     local_rank: int = -1
 
     # Legacy spellings of this class only (name -> the FutureWarning's message), on top of _LEGACY.
-    _LEGACY_OWN: ClassVar[Dict[str, str]] = {}
+    _LEGACY_OWN: ClassVar[dict[str, str]] = {}
     # The names given to the constructor, legacy ones included (set per instance by __init__).
-    _explicit: ClassVar[FrozenSet[str]] = frozenset()
+    _explicit: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
-    def _defaults(cls) -> Dict[str, Any]:
+    def _defaults(cls) -> dict[str, Any]:
         """The constructor's fields and their defaults, in dataclass order (a field a subclass overrides keeps its
         place, new fields come after)."""
         return {f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
                 for f in fields(cls) if f.init}
 
     @classmethod
-    def field_names(cls) -> List[str]:
+    def field_names(cls) -> list[str]:
         return list(cls._defaults())
 
     # -- resolution -------------------------------------------------------------------------------------------
-    def _apply_legacy(self, legacy: Dict[str, Any]) -> None:
+    def _apply_legacy(self, legacy: dict[str, Any]) -> None:
         for k, v in legacy.items():
             msg = _LEGACY.get(k) or self._LEGACY_OWN[k]
             _warn_once((type(self).__name__, "legacy", k), f"{type(self).__name__}: {msg}", FutureWarning)
@@ -420,7 +420,7 @@ class TrainingArguments:
         w = self.warmup_steps
         return int(w) if w >= 1 else math.ceil(num_training_steps * w)
 
-    def resolved_steps(self, max_steps: int) -> Dict[str, Optional[int]]:
+    def resolved_steps(self, max_steps: int) -> dict[str, Optional[int]]:
         """``logging_steps`` / ``eval_steps`` / ``save_steps`` as the Trainer uses them: a value < 1 is a fraction
         of ``max_steps``, rounded up (``TrainerState.compute_steps``)."""
         out = {}
@@ -430,7 +430,7 @@ class TrainingArguments:
         return out
 
     # -- dict / repr ----------------------------------------------------------------------------------------------
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         d = {}
         for k in self._defaults():
             v = getattr(self, k)
@@ -442,7 +442,7 @@ class TrainingArguments:
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
-    def to_sanitized_dict(self) -> Dict[str, Any]:
+    def to_sanitized_dict(self) -> dict[str, Any]:
         return {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in self.to_dict().items()}
 
     def __eq__(self, other: Any) -> bool:

@@ -29,11 +29,10 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 import bitsandbytes as bnb
 import bitsandbytes.functional as F
+import numpy as np
+import torch
 from transformers import BitsAndBytesConfig, Idefics3ForConditionalGeneration
 
 ROOT = Path(__file__).resolve().parents[2]

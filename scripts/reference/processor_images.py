@@ -42,9 +42,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
-
 import transformers
+from PIL import Image, ImageOps
 from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import load_image
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil

@@ -154,8 +154,9 @@ def collate_all(processor, images) -> None:
 def peft_reference() -> None:
     import torch
     from peft import LoraConfig, get_peft_model
-    from tiny_checkpoint import TINY_SMOLVLM
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    from tiny_checkpoint import TINY_SMOLVLM
 
     def fresh():
         torch.manual_seed(0)
