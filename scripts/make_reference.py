@@ -317,8 +317,12 @@ def run_reference(model, inputs: dict) -> dict:
     real_index = torch.nonzero(real).flatten().to(torch.int64)
 
     assert torch.equal(feats.last_hidden_state, captured["vision_hidden"])
-    assert torch.equal(torch.cat(feats.pooler_output, 0), captured["connector"].reshape(-1, captured["connector"].shape[-1]))
-    assert torch.equal(captured["vision_pixel_values"], t["pixel_values"].view(B * F, *t["pixel_values"].shape[2:])[real_index])
+    assert torch.equal(
+        torch.cat(feats.pooler_output, 0), captured["connector"].reshape(-1, captured["connector"].shape[-1])
+    )
+    assert torch.equal(
+        captured["vision_pixel_values"], t["pixel_values"].view(B * F, *t["pixel_values"].shape[2:])[real_index]
+    )
     assert torch.allclose(out.logits[:, -2:], out2.logits, atol=1e-6, rtol=0)
 
     # independent loss re-computation (causal shift, mean over non -100)

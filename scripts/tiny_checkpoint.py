@@ -125,7 +125,11 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "
     header, blobs, off = {}, [], 0
     for name, arr in tensors.items():
         data = _bf16_bytes(arr) if dtype == "bfloat16" else arr.astype("<f4").tobytes()
-        header[name] = {"dtype": "BF16" if dtype == "bfloat16" else "F32", "shape": list(arr.shape), "data_offsets": [off, off + len(data)]}
+        header[name] = {
+            "dtype": "BF16" if dtype == "bfloat16" else "F32",
+            "shape": list(arr.shape),
+            "data_offsets": [off, off + len(data)],
+        }
         blobs.append(data)
         off += len(data)
     header["__metadata__"] = {"format": "pt"}

@@ -65,7 +65,9 @@ def is_conversational(example: dict[str, Any]) -> bool:
     return False
 
 
-def prepare_multimodal_messages(messages: list[dict[str, Any]], images: Optional[Sequence[Any]] = None) -> list[dict[str, Any]]:
+def prepare_multimodal_messages(
+    messages: list[dict[str, Any]], images: Optional[Sequence[Any]] = None
+) -> list[dict[str, Any]]:
     """String contents become ``[{"type": "text", ...}]``; the first user message with string content gets one
     ``{"type": "image"}`` placeholder per image in front; unfilled placeholders get the images in order."""
     images = list(images or [])
@@ -96,14 +98,21 @@ def prepare_multimodal_messages(messages: list[dict[str, Any]], images: Optional
                 {**m, "content": [({**p, "image": next(it)} if p.get("type") == "image" else p) for p in m["content"]]}
                 for m in out]
     if slots != len(images):
-        raise ValueError(f"Number of images provided ({len(images)}) does not match number of image placeholders ({slots}).")
+        raise ValueError(
+            f"Number of images provided ({len(images)}) does not match number of image placeholders ({slots})."
+        )
     if images:
         it = iter(images)
         for i, m in enumerate(out):
             if not m.get("content") or m["role"] == "tool":
                 continue
-            out[i] = {**m, "content": [({**p, "image": next(it)} if p.get("type") == "image" and "image" not in p else p)
-                                       for p in m["content"]]}
+            out[i] = {
+                **m,
+                "content": [
+                    ({**p, "image": next(it)} if p.get("type") == "image" and "image" not in p else p)
+                    for p in m["content"]
+                ],
+            }
     return out
 
 
@@ -180,7 +189,9 @@ class DataCollatorForVisionLanguageModeling:
         rt = return_tensors or self.return_tensors
         first = examples[0]
         if self.assistant_only_loss and "messages" not in first:
-            raise ValueError("The `assistant_only_loss` argument is only supported for conversational language modeling datasets.")
+            raise ValueError(
+                "The `assistant_only_loss` argument is only supported for conversational language modeling datasets."
+            )
         if "messages" in first or self.dataset_text_field in first:
             if self.completion_only_loss:
                 raise ValueError("The `completion_only_loss` argument is not supported for language modeling datasets.")
@@ -471,7 +482,9 @@ def is_vision_dataset(sample: dict[str, Any]) -> bool:
 
 def signature_columns(is_vision: bool) -> list[str]:
     """Columns ``remove_unused_columns=True`` keeps (TRL's ``_set_signature_columns_if_needed``)."""
-    return ["messages", "prompt", "completion", "image", "images"] if is_vision else ["input_ids", "labels", "seq_lengths"]
+    return (
+        ["messages", "prompt", "completion", "image", "images"] if is_vision else ["input_ids", "labels", "seq_lengths"]
+    )
 
 
 def skip_prepare_dataset(args: Any, sample: dict[str, Any]) -> bool:

@@ -139,8 +139,12 @@ class DataCollatorForVisionPreference:
             if extra:
                 n = input_ids.shape[0]
                 data["input_ids"] = np.concatenate([input_ids, np.full((n, extra), pad_id, input_ids.dtype)], axis=1)
-                data["attention_mask"] = np.concatenate([attention_mask, np.zeros((n, extra), attention_mask.dtype)], axis=1)
-                data["completion_mask"] = np.concatenate([completion_mask, np.zeros((n, extra), completion_mask.dtype)], axis=1)
+                data["attention_mask"] = np.concatenate(
+                    [attention_mask, np.zeros((n, extra), attention_mask.dtype)], axis=1
+                )
+                data["completion_mask"] = np.concatenate(
+                    [completion_mask, np.zeros((n, extra), completion_mask.dtype)], axis=1
+                )
         out = BatchFeature(data)
         if rt == "pt":
             out.convert_to_tensors("pt")

@@ -64,19 +64,27 @@ class DPOTrainer(BaseTrainer):
         # attached also makes a fresh LoRA's initial weights (and so the whole run) reproducible.
         set_seed(int(args.seed))
         if compute_metrics is not None or optimizers not in ((None, None), None):
-            raise NotImplementedError("compute_metrics and custom optimizers are not supported by ferrovlm's DPOTrainer")
+            raise NotImplementedError(
+                "compute_metrics and custom optimizers are not supported by ferrovlm's DPOTrainer"
+            )
         processing_class = processing_class if processing_class is not None else tokenizer
         if processing_class is None:
             processing_class = AutoProcessor.from_pretrained(getattr(model.config, "_name_or_path", None))
         if isinstance(model, PeftModel):
             if peft_config is not None:
-                warnings.warn("the model already has a LoRA adapter; peft_config is not applied a second time", UserWarning, stacklevel=2)
+                warnings.warn(
+                    "the model already has a LoRA adapter; peft_config is not applied a second time",
+                    UserWarning,
+                    stacklevel=2,
+                )
             self._ref_mode = "snapshot"
         elif peft_config is not None:
             model = get_peft_model(model, peft_config)
             self._ref_mode = "disabled"
         else:
-            raise NotImplementedError("DPOTrainer trains LoRA adapters: pass peft_config= or a model from get_peft_model()")
+            raise NotImplementedError(
+                "DPOTrainer trains LoRA adapters: pass peft_config= or a model from get_peft_model()"
+            )
         if ref_model is not None:
             self._ref_mode = "model"
         self.ref_model = ref_model
@@ -101,7 +109,11 @@ class DPOTrainer(BaseTrainer):
                     raise KeyError(f"row {i} of the batch has no '{k}'")
         for i, r in enumerate(rows):
             if r["chosen"] == r["rejected"]:
-                warnings.warn(f"a row has identical chosen and rejected completions: it contributes no preference signal (batch row {i})", UserWarning, stacklevel=3)
+                warnings.warn(
+                    f"a row has identical chosen and rejected completions: it contributes no preference signal (batch row {i})",
+                    UserWarning,
+                    stacklevel=3,
+                )
         return _batch_arrays(_labels_from_completion(self.data_collator(rows)))
 
     def _collate_rows(self, ds: Any, idx: Sequence[int], what: str) -> dict[str, Any]:
@@ -111,7 +123,11 @@ class DPOTrainer(BaseTrainer):
 
     # -- reference ----------------------------------------------------------------------------------
     def _reference(self, batch: dict[str, Any]) -> list[float]:
-        if self._precomputed is not None and all(i in self._precomputed for i in batch.get("_rows", [])) and batch.get("_rows"):
+        if (
+            self._precomputed is not None
+            and all(i in self._precomputed for i in batch.get("_rows", []))
+            and batch.get("_rows")
+        ):
             rows = batch["_rows"]
             return [self._precomputed[i][0] for i in rows] + [self._precomputed[i][1] for i in rows]
         kw = dict(attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
@@ -155,14 +171,28 @@ class DPOTrainer(BaseTrainer):
     def _count_items(self, batch: dict[str, Any]) -> int:
         return 1
 
-    def _micro_step(self, batch: dict[str, Any], n_items: int, seed: int, backward: bool = True, mode: str = "train") -> float:
+    def _micro_step(
+        self, batch: dict[str, Any], n_items: int, seed: int, backward: bool = True, mode: str = "train"
+    ) -> float:
         ref = self._reference(batch)
-        accum = max(n_items, 1)  # one item per micro-batch: the loss is a mean over pairs, divided by the accumulation steps
+        accum = max(
+            n_items, 1
+        )  # one item per micro-batch: the loss is a mean over pairs, divided by the accumulation steps
         a = self.args
         s = self.session.dpo_step(
-            batch["input_ids"], batch["labels"], ref, self._losses, beta=float(a.beta), label_smoothing=float(a.label_smoothing),
-            attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"], pixel_attention_mask=batch["pixel_attention_mask"],
-            loss_scale=1.0 / accum, gradient_checkpointing=bool(a.gradient_checkpointing), dropout_seed=seed, backward=backward,
+            batch["input_ids"],
+            batch["labels"],
+            ref,
+            self._losses,
+            beta=float(a.beta),
+            label_smoothing=float(a.label_smoothing),
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            pixel_attention_mask=batch["pixel_attention_mask"],
+            loss_scale=1.0 / accum,
+            gradient_checkpointing=bool(a.gradient_checkpointing),
+            dropout_seed=seed,
+            backward=backward,
         )
         self._account_dpo(s, mode)
         return s["loss"] / accum
@@ -187,7 +217,9 @@ class DPOTrainer(BaseTrainer):
         rec("logps/chosen", np.mean(s["chosen_logps"]))
         rec("logps/rejected", np.mean(s["rejected_logps"]))
 
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
         if ds is None:
             raise ValueError("Trainer: evaluation requires an eval_dataset.")

@@ -149,7 +149,9 @@ class Idefics3ImageProcessor:
         d.update({k: v for k, v in overrides.items() if v is not None})
         return json.dumps(d, default=_jsonable)
 
-    def __call__(self, images: Any, return_tensors: Optional[str] = None, return_row_col_info: bool = False, **kwargs: Any) -> BatchFeature:
+    def __call__(
+        self, images: Any, return_tensors: Optional[str] = None, return_row_col_info: bool = False, **kwargs: Any
+    ) -> BatchFeature:
         nested = nest_images(images)
         pv, mask, rows, cols = self.process(nested, **kwargs)
         data: dict[str, Any] = {"pixel_values": pv}
@@ -163,7 +165,10 @@ class Idefics3ImageProcessor:
 
     def process(self, nested: list[list[Any]], **overrides: Any):
         """(pixel_values, pixel_attention_mask or None, rows, cols) for images grouped per sample."""
-        tuples = [[to_pil_tuple(img, f"sample {s}, image {i}") for i, img in enumerate(sample)] for s, sample in enumerate(nested)]
+        tuples = [
+            [to_pil_tuple(img, f"sample {s}, image {i}") for i, img in enumerate(sample)]
+            for s, sample in enumerate(nested)
+        ]
         return _core.process_images(tuples, self._config_json(overrides))
 
     def __repr__(self) -> str:

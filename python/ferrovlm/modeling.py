@@ -76,7 +76,9 @@ def _quantization_config(quantization_config: Any, load_in_4bit: bool, load_in_8
         return quantization_config
     if type(quantization_config).__name__ == "BitsAndBytesConfig" and hasattr(quantization_config, "to_dict"):
         return BitsAndBytesConfig.from_dict(quantization_config.to_dict())  # transformers' own class
-    raise ValueError(f"unsupported quantization_config {type(quantization_config).__name__}; use ferrovlm.BitsAndBytesConfig")
+    raise ValueError(
+        f"unsupported quantization_config {type(quantization_config).__name__}; use ferrovlm.BitsAndBytesConfig"
+    )
 
 
 def _check_device_map(device_map: Any) -> None:
@@ -106,7 +108,9 @@ class Idefics3ForConditionalGeneration:
     config_class = CONFIG_CLASSES["idefics3"]
     main_input_name = "input_ids"
 
-    def __init__(self, core: _core.VlmModel, config: PretrainedConfig, generation_config: Optional[GenerationConfig] = None) -> None:
+    def __init__(
+        self, core: _core.VlmModel, config: PretrainedConfig, generation_config: Optional[GenerationConfig] = None
+    ) -> None:
         self._core = core
         self.config = config
         self.generation_config = generation_config or GenerationConfig.from_model_config(config)
@@ -139,7 +143,10 @@ class Idefics3ForConditionalGeneration:
         if attn is not None and attn not in _ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation={attn!r} is not one of {sorted(_ATTN_IMPLEMENTATIONS)}")
         if attn in ("flash_attention_2", "flash_attention_3"):
-            warnings.warn(f"attn_implementation={attn!r} needs a GPU; ferrovlm runs its own fused attention on the CPU", stacklevel=2)
+            warnings.warn(
+                f"attn_implementation={attn!r} needs a GPU; ferrovlm runs its own fused attention on the CPU",
+                stacklevel=2,
+            )
         quant = _quantization_config(quantization_config, load_in_4bit, load_in_8bit)
         _check_device_map(device_map)
         path = resolve_pretrained(
@@ -250,7 +257,9 @@ class Idefics3ForConditionalGeneration:
             mem += 2 * (head_dim // 2) * 4  # the rotary embedding's inv_freq and original_inv_freq (float32)
         return int(mem)
 
-    def save_pretrained(self, save_directory: str | os.PathLike[str], safe_serialization: bool = True, **kwargs: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike[str], safe_serialization: bool = True, **kwargs: Any
+    ) -> None:
         """``config.json``, ``generation_config.json`` and ``model.safetensors`` (transformers' keys; a
         quantized model in bitsandbytes' serialized form, which transformers + bitsandbytes load)."""
         os.makedirs(save_directory, exist_ok=True)
@@ -279,7 +288,9 @@ class Idefics3ForConditionalGeneration:
             raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
         PeftModel(self, adapter_config, adapter_name)
 
-    def load_adapter(self, peft_model_id: Any, adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any) -> None:
+    def load_adapter(
+        self, peft_model_id: Any, adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any
+    ) -> None:
         """Loads a PEFT adapter directory (or hub id) onto this model."""
         from .peft import PeftModel
 

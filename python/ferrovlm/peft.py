@@ -81,7 +81,9 @@ def _linear_under(names: list[str], linear: list[str], core_linear: set) -> list
             continue
         under = [n for n in linear if n.startswith(m + ".")]
         if not under:
-            raise NotImplementedError(f"modules_to_save: module '{m}' has no Linear layer; ferrovlm trains copies of Linear layers only")
+            raise NotImplementedError(
+                f"modules_to_save: module '{m}' has no Linear layer; ferrovlm trains copies of Linear layers only"
+            )
         out.extend(under)
     return out
 
@@ -169,14 +171,18 @@ class PeftModel:
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     def named_trainable_parameters(self) -> dict[str, Any]:
         """Adapter tensors by PEFT's saved key (float32 numpy arrays, copies)."""
         return dict(_core.adapter_state(self.base_model.model._core))
 
     # -- files ----------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike[str], safe_serialization: bool = True, **kwargs: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike[str], safe_serialization: bool = True, **kwargs: Any
+    ) -> None:
         d = Path(save_directory)
         if d.is_file():
             raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
@@ -204,7 +210,9 @@ class PeftModel:
             raise
         return cls(model, cfg, adapter_name, _attach_now=False, is_trainable=is_trainable)
 
-    def load_adapter(self, model_id: str | os.PathLike[str], adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any) -> None:
+    def load_adapter(
+        self, model_id: str | os.PathLike[str], adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any
+    ) -> None:
         PeftModel.from_pretrained(self.base_model.model, model_id, adapter_name, is_trainable=is_trainable, **kwargs)
         fresh = self.base_model.model._peft_model
         self.__dict__["peft_config"] = fresh.peft_config
@@ -263,7 +271,9 @@ def get_peft_model(model: Any, peft_config: LoraConfig, adapter_name: str = "def
     return PeftModel(model, copy.copy(peft_config), adapter_name)
 
 
-def prepare_model_for_kbit_training(model: Any, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: Optional[dict[str, Any]] = None) -> Any:
+def prepare_model_for_kbit_training(
+    model: Any, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: Optional[dict[str, Any]] = None
+) -> Any:
     """PEFT's ``prepare_model_for_kbit_training``: the base is frozen (it always is here), the layers that
     are not quantized compute in float32 (bf16 weights widened exactly, as PEFT's upcast of fp16/bf16
     parameters), and gradient checkpointing is switched on when asked. Returns the model."""
@@ -272,7 +282,9 @@ def prepare_model_for_kbit_training(model: Any, use_gradient_checkpointing: bool
         _core.upcast_dense_layers(base._core)
     if use_gradient_checkpointing:
         base.enable_input_require_grads()
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": True})
+        base.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": True}
+        )
     return model
 
 

@@ -154,7 +154,9 @@ class LoraConfig:
         if self.use_dora and self.megatron_config:
             raise ValueError("DoRA does not support megatron_core, please set `use_dora=False`.")
         iw = self.init_lora_weights
-        if not isinstance(iw, bool) and not (isinstance(iw, str) and (iw in _INIT_STRINGS or iw.startswith("pissa_niter_"))):
+        if not isinstance(iw, bool) and not (
+            isinstance(iw, str) and (iw in _INIT_STRINGS or iw.startswith("pissa_niter_"))
+        ):
             raise ValueError(f"init_lora_weights must be True, False or one of {list(_INIT_STRINGS)}, got {iw!r}")
         if iw == "loftq":
             if not self.loftq_config:
@@ -213,7 +215,9 @@ class LoraConfig:
 
     to_json = to_json_string
 
-    def save_pretrained(self, save_directory: str | os.PathLike[str], auto_mapping_dict: Optional[dict] = None, **kwargs: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike[str], auto_mapping_dict: Optional[dict] = None, **kwargs: Any
+    ) -> None:
         d = Path(save_directory)
         if d.is_file():
             raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")

@@ -89,7 +89,11 @@ class Idefics3Processor:
                 counts = [t.count(self.image_token) for t in texts]
                 given = [len(s) for s in nested]
                 if counts != given:
-                    bad = next(i for i, (a, b) in enumerate(zip(counts, given)) if a != b) if len(counts) == len(given) else min(len(counts), len(given))
+                    bad = (
+                        next(i for i, (a, b) in enumerate(zip(counts, given)) if a != b)
+                        if len(counts) == len(given)
+                        else min(len(counts), len(given))
+                    )
                     raise ProcessorError(
                         f"sample {bad}: the number of {self.image_token} tokens in each prompt must equal the number of "
                         f"images; found {counts} {self.image_token} tokens and {given} images per sample"
@@ -127,7 +131,9 @@ class Idefics3Processor:
             else:
                 images = [flat]
         elif not isinstance(images, (list, tuple)):
-            raise TypeError(f"images must be an image, a list of images or a list of lists, not {type(images).__name__}")
+            raise TypeError(
+                f"images must be an image, a list of images or a list of lists, not {type(images).__name__}"
+            )
         return [[load_image(x) if isinstance(x, (str, os.PathLike)) else x for x in sample] for sample in images]
 
     # -- tokenizer passthroughs ---------------------------------------------------------------
@@ -145,8 +151,17 @@ class Idefics3Processor:
         """Renders the processor's chat template; with ``tokenize=True`` also runs the processor on the
         text and on the images found in the messages (``{"type": "image", "image" | "url" | "path": ...}``)."""
         processor_kwargs = {k: kwargs.pop(k) for k in ("truncation", "max_length", "padding_side") if k in kwargs}
-        texts, batched = render_conversations(self, conversation, chat_template, tools, documents, add_generation_prompt,
-                                              continue_final_message, normalize_image_urls=True, kwargs=kwargs)
+        texts, batched = render_conversations(
+            self,
+            conversation,
+            chat_template,
+            tools,
+            documents,
+            add_generation_prompt,
+            continue_final_message,
+            normalize_image_urls=True,
+            kwargs=kwargs,
+        )
         if not tokenize:
             return texts if batched else texts[0]
         convs = conversation if batched else [conversation]

@@ -60,8 +60,16 @@ class BitsAndBytesConfig:
         self.llm_int8_has_fp16_weight = llm_int8_has_fp16_weight
         self.bnb_4bit_quant_type = bnb_4bit_quant_type
         self.bnb_4bit_use_double_quant = bnb_4bit_use_double_quant
-        self.bnb_4bit_compute_dtype = "float32" if bnb_4bit_compute_dtype is None else _dtype_str(bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype", _COMPUTE)
-        self.bnb_4bit_quant_storage = "uint8" if bnb_4bit_quant_storage is None else _dtype_str(bnb_4bit_quant_storage, "bnb_4bit_quant_storage", _STORAGE)
+        self.bnb_4bit_compute_dtype = (
+            "float32"
+            if bnb_4bit_compute_dtype is None
+            else _dtype_str(bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype", _COMPUTE)
+        )
+        self.bnb_4bit_quant_storage = (
+            "uint8"
+            if bnb_4bit_quant_storage is None
+            else _dtype_str(bnb_4bit_quant_storage, "bnb_4bit_quant_storage", _STORAGE)
+        )
         self.post_init()
 
     @property
@@ -89,7 +97,13 @@ class BitsAndBytesConfig:
 
     def post_init(self) -> None:
         """transformers' checks, plus the quant type (bitsandbytes would reject it later)."""
-        for name in ("load_in_4bit", "load_in_8bit", "llm_int8_enable_fp32_cpu_offload", "llm_int8_has_fp16_weight", "bnb_4bit_use_double_quant"):
+        for name in (
+            "load_in_4bit",
+            "load_in_8bit",
+            "llm_int8_enable_fp32_cpu_offload",
+            "llm_int8_has_fp16_weight",
+            "bnb_4bit_use_double_quant",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a boolean")
         if not isinstance(self.llm_int8_threshold, float):

@@ -55,16 +55,24 @@ class SFTTrainer(BaseTrainer):
         # attached also makes a fresh LoRA's initial weights (and so the whole run) reproducible.
         set_seed(int(args.seed))
         if compute_loss_func is not None or formatting_func is not None or compute_metrics is not None:
-            raise NotImplementedError("compute_loss_func, compute_metrics and formatting_func are not supported by ferrovlm's SFTTrainer")
+            raise NotImplementedError(
+                "compute_loss_func, compute_metrics and formatting_func are not supported by ferrovlm's SFTTrainer"
+            )
         if optimizers not in ((None, None), None) or optimizer_cls_and_kwargs is not None:
-            raise NotImplementedError("custom optimizers are not supported: ferrovlm trains with AdamW (args.optim is accepted)")
+            raise NotImplementedError(
+                "custom optimizers are not supported: ferrovlm trains with AdamW (args.optim is accepted)"
+            )
         if processing_class is None:
             processing_class = tokenizer
         if processing_class is None:
             processing_class = AutoProcessor.from_pretrained(getattr(model.config, "_name_or_path", None))
         if peft_config is not None:
             if isinstance(model, PeftModel):
-                warnings.warn("the model already has a LoRA adapter (get_peft_model); peft_config is not applied a second time", UserWarning, stacklevel=2)
+                warnings.warn(
+                    "the model already has a LoRA adapter (get_peft_model); peft_config is not applied a second time",
+                    UserWarning,
+                    stacklevel=2,
+                )
             else:
                 model = get_peft_model(model, peft_config)
         super().__init__(model, args, train_dataset, eval_dataset, callbacks)
@@ -95,9 +103,15 @@ class SFTTrainer(BaseTrainer):
                 "(every label is -100): check max_length truncation and the completion/assistant masks"
             )
         stats = self.session.forward_backward(
-            batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-            pixel_attention_mask=batch["pixel_attention_mask"], loss_scale=1.0 / n_items,
-            gradient_checkpointing=bool(self.args.gradient_checkpointing or getattr(self.model, "is_gradient_checkpointing", False)),
+            batch["input_ids"],
+            batch["labels"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            pixel_attention_mask=batch["pixel_attention_mask"],
+            loss_scale=1.0 / n_items,
+            gradient_checkpointing=bool(
+                self.args.gradient_checkpointing or getattr(self.model, "is_gradient_checkpointing", False)
+            ),
             dropout_seed=seed,
         )
         self._account(stats, "train")
@@ -114,7 +128,9 @@ class SFTTrainer(BaseTrainer):
             self._metrics[mode]["num_tokens"] = [float(self.state.total_train_tokens)]
 
     # -- evaluation ---------------------------------------------------------------------------------
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
         if ds is None:
             raise ValueError("Trainer: evaluation requires an eval_dataset.")
@@ -127,7 +143,10 @@ class SFTTrainer(BaseTrainer):
                 idx = list(range(start, min(start + bs, len(ds))))
                 batch = self._collate_rows(ds, idx, "eval_dataset")
                 stats = self.session.evaluate(
-                    batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+                    batch["input_ids"],
+                    batch["labels"],
+                    attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"],
                     pixel_attention_mask=batch["pixel_attention_mask"],
                 )
                 n = stats["num_label_tokens"]

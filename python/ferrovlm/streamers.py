@@ -76,7 +76,9 @@ class TextIteratorStreamer(TextStreamer):
             print(chunk, end="")
     """
 
-    def __init__(self, tokenizer: Any, skip_prompt: bool = False, timeout: Optional[float] = None, **decode_kwargs: Any) -> None:
+    def __init__(
+        self, tokenizer: Any, skip_prompt: bool = False, timeout: Optional[float] = None, **decode_kwargs: Any
+    ) -> None:
         super().__init__(tokenizer, skip_prompt, **decode_kwargs)
         self.text_queue: Queue[Any] = Queue()
         self.stop_signal = None

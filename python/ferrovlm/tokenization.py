@@ -55,7 +55,9 @@ class PreTrainedTokenizerFast:
         self.init_kwargs: dict[str, Any] = {}
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], **kwargs: Any) -> PreTrainedTokenizerFast:
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike[str], **kwargs: Any
+    ) -> PreTrainedTokenizerFast:
         path = resolve_pretrained_kwargs(pretrained_model_name_or_path, kwargs, marker="tokenizer.json")
         core = _core.Tokenizer.from_dir(path, _model_type(path))
         templates = _core.load_chat_templates(path, "tokenizer")
@@ -181,13 +183,29 @@ class PreTrainedTokenizerFast:
     def tokenize(self, text: str, **kwargs: Any) -> list[str]:
         return list(self._core.tokenize(text))
 
-    def decode(self, token_ids: Any, skip_special_tokens: bool = False, clean_up_tokenization_spaces: Optional[bool] = None, **kwargs: Any) -> str:
+    def decode(
+        self,
+        token_ids: Any,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> str:
         return self._core.decode(_ids_list(token_ids), skip_special_tokens, clean_up_tokenization_spaces)
 
-    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False, clean_up_tokenization_spaces: Optional[bool] = None, **kwargs: Any) -> list[str]:
+    def batch_decode(
+        self,
+        sequences: Any,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> list[str]:
         if is_torch_tensor(sequences):
             sequences = sequences.detach().cpu().numpy()
-        return list(self._core.batch_decode([_ids_list(s) for s in sequences], skip_special_tokens, clean_up_tokenization_spaces))
+        return list(
+            self._core.batch_decode(
+                [_ids_list(s) for s in sequences], skip_special_tokens, clean_up_tokenization_spaces
+            )
+        )
 
     def convert_tokens_to_ids(self, tokens: Union[str, list[str]]) -> Any:
         if isinstance(tokens, str):
@@ -197,7 +215,11 @@ class PreTrainedTokenizerFast:
     def convert_ids_to_tokens(self, ids: Any, skip_special_tokens: bool = False) -> Any:
         if isinstance(ids, (int, np.integer)):
             return self._core.convert_ids_to_tokens([int(ids)], False)[0]
-        return [t for t in self._core.convert_ids_to_tokens(_ids_list(ids), skip_special_tokens) if not (skip_special_tokens and t is None)]
+        return [
+            t
+            for t in self._core.convert_ids_to_tokens(_ids_list(ids), skip_special_tokens)
+            if not (skip_special_tokens and t is None)
+        ]
 
     # -- chat templates --------------------------------------------------------------------------
     def apply_chat_template(
@@ -216,8 +238,17 @@ class PreTrainedTokenizerFast:
         return_dict: bool = True,
         **kwargs: Any,
     ) -> Any:
-        texts, batched = render_conversations(self, conversation, chat_template, tools, documents, add_generation_prompt,
-                                              continue_final_message, normalize_image_urls=False, kwargs=kwargs)
+        texts, batched = render_conversations(
+            self,
+            conversation,
+            chat_template,
+            tools,
+            documents,
+            add_generation_prompt,
+            continue_final_message,
+            normalize_image_urls=False,
+            kwargs=kwargs,
+        )
         if not tokenize:
             return texts if batched else texts[0]
         enc = self(texts if batched else texts[0], add_special_tokens=False, padding=padding, truncation=truncation,
@@ -254,7 +285,11 @@ def pick_template(owner: Any, chat_template: Optional[str], with_tools: bool) ->
 def _jsonable(value: Any) -> Any:
     """Messages as JSON: content items that carry images/objects keep only their JSON fields."""
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items() if _is_json_leaf(v) and v is not None or isinstance(v, (dict, list, tuple))}
+        return {
+            k: _jsonable(v)
+            for k, v in value.items()
+            if _is_json_leaf(v) and v is not None or isinstance(v, (dict, list, tuple))
+        }
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
@@ -303,5 +338,7 @@ def render_conversations(owner: Any, conversation: Any, chat_template: Optional[
 
 class AutoTokenizer:
     @staticmethod
-    def from_pretrained(pretrained_model_name_or_path: str | os.PathLike[str], **kwargs: Any) -> PreTrainedTokenizerFast:
+    def from_pretrained(
+        pretrained_model_name_or_path: str | os.PathLike[str], **kwargs: Any
+    ) -> PreTrainedTokenizerFast:
         return PreTrainedTokenizerFast.from_pretrained(pretrained_model_name_or_path, **kwargs)

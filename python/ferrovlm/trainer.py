@@ -138,7 +138,9 @@ def _batch_arrays(batch: Any) -> dict[str, Any]:
     out["input_ids"] = to_numpy(get("input_ids"), np.int64, "input_ids")
     labels = get("labels")
     if labels is None:
-        raise TrainingError("the batch has no 'labels': the data collator must return labels (input_ids with -100 where no loss is taken)")
+        raise TrainingError(
+            "the batch has no 'labels': the data collator must return labels (input_ids with -100 where no loss is taken)"
+        )
     out["labels"] = to_numpy(labels, np.int64, "labels")
     am = get("attention_mask")
     out["attention_mask"] = to_numpy(am, np.int64, "attention_mask") if am is not None else None
@@ -207,10 +209,17 @@ class BaseTrainer:
             core = self.model._core
             names = [n for n, _ in _core.trainable_shapes(core)]
             if not names:
-                raise TrainingError("the model has no trainable parameters: pass peft_config= or a model from get_peft_model()")
+                raise TrainingError(
+                    "the model has no trainable parameters: pass peft_config= or a model from get_peft_model()"
+                )
             a = self.args
             self._session = _core.TrainSession(
-                core, float(a.weight_decay), float(a.adam_beta1), float(a.adam_beta2), float(a.adam_epsilon), no_decay_names(names)
+                core,
+                float(a.weight_decay),
+                float(a.adam_beta1),
+                float(a.adam_beta2),
+                float(a.adam_epsilon),
+                no_decay_names(names),
             )
         return self._session
 
@@ -219,7 +228,9 @@ class BaseTrainer:
         try:
             return len(ds)
         except TypeError:
-            raise TypeError("train_dataset must have a length (a list or a datasets.Dataset); iterable datasets are not supported") from None
+            raise TypeError(
+                "train_dataset must have a length (a list or a datasets.Dataset); iterable datasets are not supported"
+            ) from None
 
     def _plan(self) -> _TrainPlan:
         a = self.args
@@ -240,7 +251,9 @@ class BaseTrainer:
 
     def _lr(self, step: int, max_steps: int) -> float:
         a = self.args
-        warmup = a.get_warmup_steps(max_steps) if hasattr(a, "get_warmup_steps") else int(getattr(a, "warmup_steps", 0) or 0)
+        warmup = (
+            a.get_warmup_steps(max_steps) if hasattr(a, "get_warmup_steps") else int(getattr(a, "warmup_steps", 0) or 0)
+        )
         kind = str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type))
         return float(a.learning_rate) * _core.lr_multiplier(kind, step, max_steps, int(warmup))
 
@@ -284,11 +297,19 @@ class BaseTrainer:
         self._save_adapter(tmp)
         opt = self.session.optimizer_state()
         step = int(opt.pop("step"))
-        _core.save_safetensors(tmp / OPTIMIZER_NAME, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in opt.items()})
-        (tmp / SCHEDULER_NAME).write_text(json.dumps({"optimizer_step": step, "lr_scheduler_type": str(self.args.lr_scheduler_type)}))
-        (tmp / RNG_STATE_NAME).write_text(json.dumps({"seed": int(self.args.seed), "global_step": self.state.global_step}))
+        _core.save_safetensors(
+            tmp / OPTIMIZER_NAME, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in opt.items()}
+        )
+        (tmp / SCHEDULER_NAME).write_text(
+            json.dumps({"optimizer_step": step, "lr_scheduler_type": str(self.args.lr_scheduler_type)})
+        )
+        (tmp / RNG_STATE_NAME).write_text(
+            json.dumps({"seed": int(self.args.seed), "global_step": self.state.global_step})
+        )
         self.state.save_to_json(tmp / TRAINER_STATE_NAME)
-        (tmp / TRAINING_ARGS_NAME).write_text(self.args.to_json_string() if hasattr(self.args, "to_json_string") else "{}")
+        (tmp / TRAINING_ARGS_NAME).write_text(
+            self.args.to_json_string() if hasattr(self.args, "to_json_string") else "{}"
+        )
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # the checkpoint appears complete or not at all
@@ -322,7 +343,9 @@ class BaseTrainer:
         d = Path(output_dir or self.args.output_dir)
         d.mkdir(parents=True, exist_ok=True)
         self._save_adapter(d)
-        (d / TRAINING_ARGS_NAME).write_text(self.args.to_json_string() if hasattr(self.args, "to_json_string") else "{}")
+        (d / TRAINING_ARGS_NAME).write_text(
+            self.args.to_json_string() if hasattr(self.args, "to_json_string") else "{}"
+        )
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
         from .hub import is_offline
@@ -335,7 +358,11 @@ class BaseTrainer:
             raise FerroVLMError("push_to_hub needs huggingface_hub (pip install 'ferrovlm[hub]')") from None
         self.save_model()
         repo = getattr(self.args, "hub_model_id", None) or Path(self.args.output_dir).name
-        huggingface_hub.upload_folder(repo_id=repo, folder_path=str(self.args.output_dir), commit_message=kwargs.get("commit_message", "End of training"))
+        huggingface_hub.upload_folder(
+            repo_id=repo,
+            folder_path=str(self.args.output_dir),
+            commit_message=kwargs.get("commit_message", "End of training"),
+        )
 
     # -- the loop ---------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: Optional[bool | str] = None, **kwargs: Any) -> TrainOutput:

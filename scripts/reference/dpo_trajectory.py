@@ -294,10 +294,18 @@ def run_case(name: str, spec: dict, ckpt: Path, adapter: Path) -> dict:
     name_of = {id(p): n for n, p in trainer.model.named_parameters()}
     groups = []
     for g in inner_opt.param_groups:
-        groups.append({k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
-                      | {"n_params": len(g["params"]),
-                         "n_ref_params": sum(".ref." in name_of[id(p)] for p in g["params"]),
-                         "param_names": sorted(name_of[id(p)] for p in g["params"])[:4]})
+        groups.append(
+            {
+                k: v
+                for k, v in g.items()
+                if k != "params" and isinstance(v, (int, float, bool, str, tuple, list, type(None)))
+            }
+            | {
+                "n_params": len(g["params"]),
+                "n_ref_params": sum(".ref." in name_of[id(p)] for p in g["params"]),
+                "param_names": sorted(name_of[id(p)] for p in g["params"])[:4],
+            }
+        )
     beta = kwargs["beta"]
     steps = {
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,

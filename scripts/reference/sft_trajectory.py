@@ -269,8 +269,14 @@ def run_case(name: str, spec: dict, ckpt: Path, adapter: Path, answers: list[str
     name_of = {id(p): n for n, p in trainer.model.named_parameters()}
     groups = []
     for g in inner_opt.param_groups:
-        groups.append({k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
-                      | {"n_params": len(g["params"]), "param_names": sorted(name_of[id(p)] for p in g["params"])[:4]})
+        groups.append(
+            {
+                k: v
+                for k, v in g.items()
+                if k != "params" and isinstance(v, (int, float, bool, str, tuple, list, type(None)))
+            }
+            | {"n_params": len(g["params"]), "param_names": sorted(name_of[id(p)] for p in g["params"])[:4]}
+        )
     steps = {
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "trl": trl.__version__, "datasets": datasets.__version__},

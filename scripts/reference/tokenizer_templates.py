@@ -485,12 +485,14 @@ def build_expected(root: Path) -> dict:
     exp["templates"] = {"smolvlm": SMOLVLM_TEMPLATE, **CUSTOM_TEMPLATES}
     exp["template_sources"] = load_sources(root)
     exp["meta"] = {
-        "transformers": transformers.__version__, "tokenizers": tokenizers.__version__, "jinja2": jinja2.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "jinja2": jinja2.__version__,
         "tokenizer_class_loaded": type(tok).__name__,
         "raw_tokenizer_json_vs_transformers_mismatches": mismatch_raw,
         "note": "transformers 5.x rebuilds GPT2Tokenizer from vocab/merges with a plain ByteLevel pre-tokenizer "
-                "(no Digits step); raw_tokenizer_json_vs_transformers_mismatches counts texts where that differs "
-                "from tokenizer.json's own pipeline.",
+        "(no Digits step); raw_tokenizer_json_vs_transformers_mismatches counts texts where that differs "
+        "from tokenizer.json's own pipeline.",
         "provenance": {
             "tokenizer_json_bytes": (smol / "tokenizer.json").stat().st_size,
             "hub_smolvlm_256m_tokenizer_json_bytes": 3548256,
