@@ -23,7 +23,8 @@ sys.path.insert(0, str(HERE))
 from bench_forward import peak_rss_mb, rss_mb, run_both_sides  # noqa: E402
 from bench_sft import add_processor  # noqa: E402
 
-TARGETS = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"  # the text model only (a list would also match the vision q/k/v_proj)
+# the text model only (a list would also match the vision q/k/v_proj)
+TARGETS = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def make_rows(n: int = 8):
@@ -135,10 +136,9 @@ def main() -> None:
     print(
         f"{'pairs/s':16}{f['pairs_per_s']:12.3f}{t['pairs_per_s']:12.3f}{results['ratios']['speedup']:9.2f}x (speedup)"
     )
-    print(
-        f"{'peak RSS MB':16}{f['peak_rss_mb']:12.1f}{t['peak_rss_mb']:12.1f}{results['ratios']['peak_rss_ratio']:9.2f}x (ours/theirs)"
-    )
-    print(f"losses ferrovlm {['%.4f' % x for x in f['losses']]}\nlosses TRL      {['%.4f' % x for x in t['losses']]}")
+    ratio = results["ratios"]["peak_rss_ratio"]
+    print(f"{'peak RSS MB':16}{f['peak_rss_mb']:12.1f}{t['peak_rss_mb']:12.1f}{ratio:9.2f}x (ours/theirs)")
+    print(f"losses ferrovlm {[f'{x:.4f}' for x in f['losses']]}\nlosses TRL      {[f'{x:.4f}' for x in t['losses']]}")
 
 
 if __name__ == "__main__":

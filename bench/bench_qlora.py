@@ -229,7 +229,8 @@ def table(res: dict) -> str:
     ]
     for _, side, mode in [j for j in JOBS if j[0] == "load"]:
         out.append(
-            f"| {side} | {mode} | {fmt(get('load', side, mode, 'load_s'), '.2f')} | {fmt(get('load', side, mode, 'rss_added_mb'))} | "
+            f"| {side} | {mode} | {fmt(get('load', side, mode, 'load_s'), '.2f')} | "
+            f"{fmt(get('load', side, mode, 'rss_added_mb'))} | "
             f"{fmt(get('load', side, mode, 'peak_rss_mb'))} | {fmt(get('load', side, mode, 'footprint_mb'))} |"
         )
     out += ["", "**SFT with LoRA r=8** (batch 4, 512x512 images, gradient checkpointing)", "",
@@ -239,9 +240,11 @@ def table(res: dict) -> str:
         base = {"nf4": "NF4 (QLoRA)", "fp32": "fp32"}[mode]
         if side == "transformers":
             base += f", TRL adapter {'/'.join(get('sft', side, mode, 'adapter_dtype') or ['?'])}"
+        loss_text = " ".join(f"{x:.3f}" for x in losses) if losses else "-"
         out.append(
-            f"| {side} | {base} | {fmt(get('sft', side, mode, 'samples_per_s'), '.3f')} | {fmt(get('sft', side, mode, 's_per_step'), '.2f')} | "
-            f"{fmt(get('sft', side, mode, 'peak_rss_mb'))} | {' '.join('%.3f' % x for x in losses) if losses else '-'} |"
+            f"| {side} | {base} | {fmt(get('sft', side, mode, 'samples_per_s'), '.3f')} | "
+            f"{fmt(get('sft', side, mode, 's_per_step'), '.2f')} | "
+            f"{fmt(get('sft', side, mode, 'peak_rss_mb'))} | {loss_text} |"
         )
     out += ["", "**Decode** (greedy, one 512x512 image + short question)", "",
             "| stack | weights | decode tokens/s | time to first token s | peak RSS MB |", "|---|---|---:|---:|---:|"]

@@ -23,7 +23,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from bench_forward import peak_rss_mb, rss_mb, run_both_sides  # noqa: E402
 
-TARGETS = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"  # the text model only (a list would also match the vision q/k/v_proj)
+# the text model only (a list would also match the vision q/k/v_proj)
+TARGETS = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def add_processor(ckpt: Path) -> None:
@@ -144,13 +145,11 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"{'':16}{'ferrovlm':>12}{'TRL+PEFT':>12}{'ratio':>10}")
-    print(
-        f"{'samples/s':16}{f['samples_per_s']:12.3f}{t['samples_per_s']:12.3f}{results['ratios']['speedup']:9.2f}x (speedup)"
-    )
-    print(
-        f"{'peak RSS MB':16}{f['peak_rss_mb']:12.1f}{t['peak_rss_mb']:12.1f}{results['ratios']['peak_rss_ratio']:9.2f}x (ours/theirs)"
-    )
-    print(f"losses ferrovlm {['%.4f' % x for x in f['losses']]}\nlosses TRL      {['%.4f' % x for x in t['losses']]}")
+    speedup = results["ratios"]["speedup"]
+    print(f"{'samples/s':16}{f['samples_per_s']:12.3f}{t['samples_per_s']:12.3f}{speedup:9.2f}x (speedup)")
+    ratio = results["ratios"]["peak_rss_ratio"]
+    print(f"{'peak RSS MB':16}{f['peak_rss_mb']:12.1f}{t['peak_rss_mb']:12.1f}{ratio:9.2f}x (ours/theirs)")
+    print(f"losses ferrovlm {[f'{x:.4f}' for x in f['losses']]}\nlosses TRL      {[f'{x:.4f}' for x in t['losses']]}")
 
 
 if __name__ == "__main__":

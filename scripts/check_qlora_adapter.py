@@ -1,7 +1,7 @@
 """Dev check: an adapter saved from a QLoRA model in ferrovlm loads with PEFT on a bitsandbytes-quantized base and
 on the full-precision base, and gives ferrovlm's logits there.
 
-    .venv/bin/python scripts/check_qlora_adapter.py --ref-python REF_PYTHON  # a Python with torch, transformers, peft, bitsandbytes
+    .venv/bin/python scripts/check_qlora_adapter.py --ref-python REF_PYTHON
 
 Phase 1 (this interpreter, ferrovlm): tests/fixtures/bnb/base loaded in NF4 with double quantization, LoRA r=4 on
 every Linear but lm_head with random values, saved with save_pretrained; logits with and without quantization.
@@ -89,7 +89,7 @@ def main() -> None:
         r = subprocess.run(
             [a.ref_python, __file__, "--phase", "reference", "--out", str(out)], capture_output=True, text=True
         )
-        line = [l for l in r.stdout.splitlines() if l.startswith("{")]
+        line = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
         print(
             "PEFT on transformers + bitsandbytes NF4 base / fp32 base vs ferrovlm:",
             line[-1] if line else r.stderr[-2000:],

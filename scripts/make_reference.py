@@ -562,7 +562,7 @@ Cases:
 - `idefics3_gqa/inputs_patchmask.npz`: B=2, F=2, partially valid frames (48x33, full, 17x64, 64x20 px).
 - `smolvlm_tied/inputs.npz`: B=2, F=1, one image per row, no padding.
 - `smolvlm_tied/inputs_patchmask.npz`: same tokens, frames valid 40x21 and 48x9 px.
-"""
+"""  # noqa: E501 - Markdown written to tests/fixtures/README.md: one table row per line
 
 
 OTHER_SETS = """
@@ -577,7 +577,7 @@ OTHER_SETS = """
 | `generation/` | `generation.py` | `generate()` token ids on `idefics3_gqa`: greedy, left-padded batches, EOS stops, beam search, repetition penalty |
 | `bnb/` | `bnb_quant.py` | bitsandbytes 0.50 on CPU: 4-bit / int8 codes, scales, dequantized weights and layer outputs (`quant.npz`); a tiny base checkpoint quantized and saved by transformers (nf4 + double quant, fp4, int8) with its logits and facts; torch's f32 means |
 | `qlora/` | `qlora_trajectory.py` | TRL + PEFT + bitsandbytes QLoRA SFT trajectories (nf4 / int8 base; see its README) |
-"""
+"""  # noqa: E501 - Markdown table rows, one per line
 
 
 def main() -> None:

@@ -167,7 +167,10 @@ def test_unknown_content_type_and_raising_template(processor):
     with pytest.raises(ProcessorError):
         processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "hologram"}]}],
-            chat_template="{% for m in messages %}{% for c in m['content'] %}{% if c['type'] not in ['text', 'image'] %}{{ raise_exception('unknown content type ' + c['type']) }}{% endif %}{% endfor %}{% endfor %}",
+            chat_template=(
+                "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] not in ['text', 'image'] %}"
+                "{{ raise_exception('unknown content type ' + c['type']) }}{% endif %}{% endfor %}{% endfor %}"
+            ),
         )
     with pytest.raises(ProcessorError, match="nope"):
         processor.apply_chat_template(

@@ -136,14 +136,15 @@ def test_save_pretrained_writes_peft_files_that_load_back(tiny_smolvlm, tmp_path
 
 def test_merge_and_unload_and_disable_adapter(tiny_smolvlm):
     _, batch = _batch(tiny_smolvlm)
-    fwd = lambda m: (
-        m(
+
+    def fwd(m):
+        return m(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             pixel_values=batch["pixel_values"],
             pixel_attention_mask=batch["pixel_attention_mask"],
         ).logits
-    )
+
     base_logits = fwd(AutoModelForImageTextToText.from_pretrained(tiny_smolvlm))
     model = PeftModel.from_pretrained(
         AutoModelForImageTextToText.from_pretrained(tiny_smolvlm), FIXTURES / "lora" / "dora" / "adapter"

@@ -3,8 +3,9 @@
 transformers' Trainer shuffles the training set with a ``RandomSampler``, which draws
 ``torch.randperm(n, generator=g)`` from a CPU ``torch.Generator`` that accelerate seeds with ``seed + epoch``.
 That generator is a 32-bit Mersenne Twister (MT19937, seeded with the standard ``init_genrand``), and
-``randperm`` on the CPU is a Fisher-Yates shuffle that swaps position ``i`` with ``i + next_u32() % (n - i)``. ``torch_randperm`` reproduces that sequence exactly, so a ferrovlm run sees its rows in the same
-order as the transformers / TRL run it is compared against."""
+``randperm`` on the CPU is a Fisher-Yates shuffle that swaps position ``i`` with ``i + next_u32() % (n - i)``.
+``torch_randperm`` reproduces that sequence exactly, so a ferrovlm run sees its rows in the same order as the
+transformers / TRL run it is compared against."""
 
 from __future__ import annotations
 

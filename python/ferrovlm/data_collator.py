@@ -29,8 +29,8 @@ TRL rules reproduced (trl/trainer/sft_trainer.py, transformers 5.24):
 
 Differences from TRL (deliberate): transformers 5.24's Idefics3 processor raises ``TypeError`` as soon as
 truncation shortens a row of a batch with images; ferrovlm truncates (on the tokenizer's truncation side) and
-raises ``ValueError`` only when the cut removes image tokens of a row. ``pad_to_multiple_of`` also works for prompt-completion
-rows (TRL raises NotImplementedError there).
+raises ``ValueError`` only when the cut removes image tokens of a row. ``pad_to_multiple_of`` also works for
+prompt-completion rows (TRL raises NotImplementedError there).
 
 Assistant-only loss: TRL swaps in its training copy of the SmolVLM template (``{% generation %}`` around
 everything after ``Assistant:`` up to and including ``<end_of_utterance>\\n``) and masks the tokens that overlap

@@ -110,7 +110,8 @@ class DPOTrainer(BaseTrainer):
         for i, r in enumerate(rows):
             if r["chosen"] == r["rejected"]:
                 warnings.warn(
-                    f"a row has identical chosen and rejected completions: it contributes no preference signal (batch row {i})",
+                    "a row has identical chosen and rejected completions: it contributes no preference signal "
+                    f"(batch row {i})",
                     UserWarning,
                     stacklevel=3,
                 )
@@ -198,7 +199,9 @@ class DPOTrainer(BaseTrainer):
         return s["loss"] / accum
 
     def _account_dpo(self, s: dict[str, Any], mode: str) -> None:
-        rec = lambda k, v: self._record(mode, k, v)
+        def rec(k: str, v: float) -> None:
+            self._record(mode, k, v)
+
         n = s["num_label_tokens"]
         if n:
             rec("entropy", s["entropy_sum"] / n)
@@ -232,7 +235,7 @@ class DPOTrainer(BaseTrainer):
                 batch = self._collate_rows(ds, idx, "eval_dataset")
                 batch.pop("_rows")
                 losses.append((self._micro_step(batch, 1, 0, backward=False, mode="eval"), len(idx)))
-        metrics = {f"{metric_key_prefix}_loss": sum(l * n for l, n in losses) / sum(n for _, n in losses)}
+        metrics = {f"{metric_key_prefix}_loss": sum(loss * n for loss, n in losses) / sum(n for _, n in losses)}
         metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._flush_metrics("eval").items()})
         self.log(dict(metrics))
         return metrics

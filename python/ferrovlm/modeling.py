@@ -56,10 +56,12 @@ def _quantization_config(quantization_config: Any, load_in_4bit: bool, load_in_8
     if load_in_4bit or load_in_8bit:
         if quantization_config is not None:
             raise ValueError(
-                "You can't pass `load_in_4bit`or `load_in_8bit` as a kwarg when passing `quantization_config` argument at the same time."
+                "You can't pass `load_in_4bit`or `load_in_8bit` as a kwarg when passing `quantization_config` argument "
+                "at the same time."
             )
         warnings.warn(
-            "The `load_in_4bit` and `load_in_8bit` arguments are deprecated and will be removed in the future versions. "
+            "The `load_in_4bit` and `load_in_8bit` arguments are deprecated and will be removed in the future "
+            "versions. "
             "Please, pass a `BitsAndBytesConfig` object in `quantization_config` argument instead.",
             FutureWarning,
             stacklevel=3,
@@ -161,14 +163,16 @@ class Idefics3ForConditionalGeneration:
         expected = cls.config_class.model_type
         if not issubclass(cls, _AutoBase) and model_type != expected:
             warnings.warn(
-                f"loading a '{model_type}' checkpoint into {cls.__name__} (made for '{expected}'); the math is the same",
+                f"loading a '{model_type}' checkpoint into {cls.__name__} (made for '{expected}'); the math is the "
+                "same",
                 stacklevel=2,
             )
         stored_quant = resolved.get("quantization_config")
         if stored_quant is not None and quant is not None:
             warnings.warn(
-                "You passed `quantization_config` or equivalent parameters to `from_pretrained` but the model you're loading "
-                "already has a `quantization_config` attribute. The `quantization_config` from the model will be used.",
+                "You passed `quantization_config` or equivalent parameters to `from_pretrained` but the model you're "
+                "loading already has a `quantization_config` attribute. The `quantization_config` from the model "
+                "will be used.",
                 stacklevel=2,
             )
             quant = None
@@ -208,8 +212,8 @@ class Idefics3ForConditionalGeneration:
     def to(self, *args: Any, **kwargs: Any) -> Idefics3ForConditionalGeneration:
         if self.is_quantized and (kwargs.get("dtype") is not None or any(_is_dtype(a) for a in args)):
             raise ValueError(
-                "`.to` is not supported for `4-bit` or `8-bit` bitsandbytes models. Please use the model as it is, since the"
-                " model has already been set to the correct devices and casted to the correct `dtype`."
+                "`.to` is not supported for `4-bit` or `8-bit` bitsandbytes models. Please use the model as it is, "
+                "since the model has already been set to the correct devices and casted to the correct `dtype`."
             )
         for a in list(args) + list(kwargs.values()):
             if str(a).split(":")[0] not in ("cpu",) and not str(a).startswith("torch."):
@@ -313,7 +317,10 @@ class Idefics3ForConditionalGeneration:
         """Accepted for PEFT/TRL compatibility: gradients reach adapters below frozen layers anyway."""
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(model_type={self.config.model_type!r}, dtype={self._core.dtype}, params={self.num_parameters():,})"
+        return (
+            f"{type(self).__name__}(model_type={self.config.model_type!r}, dtype={self._core.dtype}, "
+            f"params={self.num_parameters():,})"
+        )
 
     # -- forward -------------------------------------------------------------------------------
     def forward(

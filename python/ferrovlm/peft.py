@@ -159,7 +159,8 @@ class PeftModel:
         return self.base_model.model.generate(*args, **kwargs)
 
     def __repr__(self) -> str:
-        return f"PeftModelForCausalLM(base_model={self.base_model.model!r}, adapter=LoRA(r={self.peft_config['default'].r}))"
+        r = self.peft_config["default"].r
+        return f"PeftModelForCausalLM(base_model={self.base_model.model!r}, adapter=LoRA(r={r}))"
 
     # -- parameters -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple:

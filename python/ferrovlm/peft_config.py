@@ -163,7 +163,8 @@ class LoraConfig:
                 raise ValueError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
         elif self.loftq_config:
             self.loftq_config = {}
-            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.")
+            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.",
+                          stacklevel=1)
         if self.lora_bias:
             if iw not in (True, False):
                 raise ValueError("The argument lora_bias=True is only supported with init_lora_weights=True or False, "
@@ -171,7 +172,7 @@ class LoraConfig:
             if self.use_dora:
                 raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         if self.alora_invocation_tokens is not None and self.task_type != TaskType.CAUSAL_LM:
-            warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.")
+            warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", stacklevel=1)
 
     # -- PEFT's interface ------------------------------------------------------------------------------------------
     @property
@@ -249,13 +250,13 @@ class LoraConfig:
             raise ValueError(f"not a LoRA adapter config: peft_type={data.get('peft_type')!r}")
         if "runtime_config" in data:
             warnings.warn("The configuration file contains a `runtime_config` key. This is ignored. Runtime "
-                          "configurations are only valid at runtime.")
+                          "configurations are only valid at runtime.", stacklevel=1)
             del data["runtime_config"]
         unknown = sorted(k for k in data if k not in _LORA_FIELDS)
         if unknown:
             warnings.warn(f"Unexpected keyword arguments {unknown} for class LoraConfig, these are ignored. This "
                           "probably means that you're loading a configuration file that was saved using a higher "
-                          "version of PEFT.")
+                          "version of PEFT.", stacklevel=1)
             for k in unknown:
                 del data[k]
         return cls(**data)

@@ -95,8 +95,8 @@ class Idefics3Processor:
                         else min(len(counts), len(given))
                     )
                     raise ProcessorError(
-                        f"sample {bad}: the number of {self.image_token} tokens in each prompt must equal the number of "
-                        f"images; found {counts} {self.image_token} tokens and {given} images per sample"
+                        f"sample {bad}: the number of {self.image_token} tokens in each prompt must equal the "
+                        f"number of images; found {counts} {self.image_token} tokens and {given} images per sample"
                     )
             pv, mask, rows, cols = self.image_processor.process(nested, **images_kwargs)
             data["pixel_values"] = pv

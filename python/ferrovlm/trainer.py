@@ -139,7 +139,8 @@ def _batch_arrays(batch: Any) -> dict[str, Any]:
     labels = get("labels")
     if labels is None:
         raise TrainingError(
-            "the batch has no 'labels': the data collator must return labels (input_ids with -100 where no loss is taken)"
+            "the batch has no 'labels': the data collator must return labels (input_ids with -100 where no loss is "
+            "taken)"
         )
     out["labels"] = to_numpy(labels, np.int64, "labels")
     am = get("attention_mask")

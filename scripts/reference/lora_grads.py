@@ -149,7 +149,7 @@ def fill_adapter_(peft_model, seed: int, b_std: float = 0.1) -> None:
                         w = m.get_base_layer().weight
                         mag.copy_(torch.linalg.norm(w, dim=1) * (1.0 + 0.1 * torch.randn(mag.shape, generator=gen)))
             elif isinstance(m, ModulesToSaveWrapper):
-                for an, copy in m.modules_to_save.items():
+                for copy in m.modules_to_save.values():
                     for _, p in sorted(copy.named_parameters()):
                         p.add_(0.05 * torch.randn(p.shape, generator=gen))
 
