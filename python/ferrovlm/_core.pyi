@@ -1,9 +1,19 @@
 """Type stubs of the native module ``ferrovlm._core`` (hand-written; keep in sync with src/python/)."""
 
-from typing import Any, Callable
+from typing import Any, Callable, final
 
 import numpy as np
 import numpy.typing as npt
+
+__all__ = [
+    "__version__", "FerroVLMError", "ConfigError", "CheckpointError", "ModelNotCachedError", "InputError",
+    "ProcessorError", "InternalError", "resolve_model_dir", "hub_cache_dir", "load_config_json", "VlmModel",
+    "quantized_linear_names", "generate_ids", "Tokenizer", "ChatTemplate", "load_chat_templates", "process_images",
+    "decode_image_bytes", "expand_image_tokens", "linear_names", "add_adapters", "remove_adapters",
+    "set_adapters_enabled", "upcast_dense_layers", "set_training", "adapters_enabled", "trainable_shapes",
+    "adapter_state", "load_adapter_state", "save_safetensors", "load_safetensors", "TrainSession", "lr_multiplier",
+    "sequence_logps",
+]
 
 __version__: str
 
@@ -21,6 +31,7 @@ def resolve_model_dir(
 def hub_cache_dir() -> str: ...
 def load_config_json(dir: str) -> str: ...
 
+@final
 class VlmModel:
     @staticmethod
     def load(dir: str, dtype: str = "float32", quantization_config: str | None = None) -> VlmModel: ...
@@ -58,6 +69,7 @@ def generate_ids(
     on_token: Callable[[list[int]], bool | None] | None = None,
 ) -> npt.NDArray[np.int64]: ...
 
+@final
 class Tokenizer:
     @staticmethod
     def from_dir(dir: str, model_type: str | None = None) -> Tokenizer: ...
@@ -105,8 +117,9 @@ class Tokenizer:
     @property
     def clean_up_tokenization_spaces(self) -> bool: ...
 
+@final
 class ChatTemplate:
-    def __init__(self, source: str) -> None: ...
+    def __new__(cls, source: str) -> ChatTemplate: ...
     @property
     def source(self) -> str: ...
     def render(
@@ -122,10 +135,10 @@ class ChatTemplate:
 
 def load_chat_templates(dir: str, kind: str) -> list[tuple[str, str]] | None: ...
 
-PilTuple = tuple[str, int, int, bytes, bytes | None, str | None, Any]
+_PilTuple = tuple[str, int, int, bytes, bytes | None, str | None, Any]
 
 def process_images(
-    images: list[list[PilTuple]], config_json: str
+    images: list[list[_PilTuple]], config_json: str
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_] | None, list[list[int]], list[list[int]]]: ...
 def decode_image_bytes(data: bytes, max_pixels: int | None = None) -> tuple[str, int, int, bytes]: ...
 def expand_image_tokens(
@@ -167,9 +180,10 @@ def load_safetensors(path: str) -> dict[str, npt.NDArray[np.float32]]: ...
 
 # -- training (crate::train, crate::optim) --------------------------------------------------------
 
+@final
 class TrainSession:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         model: VlmModel,
         weight_decay: float = 0.0,
         beta1: float = 0.9,
@@ -177,7 +191,7 @@ class TrainSession:
         eps: float = 1e-8,
         no_decay: list[str] = ...,
         feature_cache_mb: int = 1024,
-    ) -> None: ...
+    ) -> TrainSession: ...
     @property
     def param_names(self) -> list[str]: ...
     @property
