@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,8 @@ sys.path.insert(0, str(HERE))
 from bench_forward import peak_rss_mb, rss_mb, run_both_sides  # noqa: E402
 from bench_sft import add_processor  # noqa: E402
 
-TARGETS = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"  # the text model only (a list would also match the vision q/k/v_proj)
+# the text model only (a list would also match the vision q/k/v_proj)
+TARGETS = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def make_rows(n: int = 8):
@@ -35,12 +35,29 @@ def make_rows(n: int = 8):
     rows = []
     for i in range(n):
         img = Image.fromarray(rng.integers(0, 256, size=(512, 512, 3), dtype=np.uint8))
-        rows.append({
-            "images": [img],
-            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Question {i}: what is in this picture?"}]}],
-            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": f"Answer {i}: random coloured noise, nothing else."}]}],
-            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": f"Answer {i}: a cat on a sofa."}]}],
-        })
+        rows.append(
+            {
+                "images": [img],
+                "prompt": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image"},
+                            {"type": "text", "text": f"Question {i}: what is in this picture?"},
+                        ],
+                    }
+                ],
+                "chosen": [
+                    {
+                        "role": "assistant",
+                        "content": [{"type": "text", "text": f"Answer {i}: random coloured noise, nothing else."}],
+                    }
+                ],
+                "rejected": [
+                    {"role": "assistant", "content": [{"type": "text", "text": f"Answer {i}: a cat on a sofa."}]}
+                ],
+            }
+        )
     return rows
 
 
@@ -48,9 +65,20 @@ def run_side(side: str, ckpt: str, steps: int) -> dict:
     add_processor(Path(ckpt))
     rows = make_rows()
     base = rss_mb()
-    cfg = dict(output_dir=str(Path(ckpt) / f"out-{side}"), per_device_train_batch_size=4, max_steps=steps, learning_rate=1e-4,
-               lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no", bf16=False, seed=0,
-               gradient_checkpointing=True, max_length=1024)  # TRL's defaults
+    cfg = dict(
+        output_dir=str(Path(ckpt) / f"out-{side}"),
+        per_device_train_batch_size=4,
+        max_steps=steps,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,
+        seed=0,
+        gradient_checkpointing=True,
+        max_length=1024,
+    )  # TRL's defaults
     if side == "ferrovlm":
         from ferrovlm import AutoModelForImageTextToText, AutoProcessor, DPOConfig, DPOTrainer, LoraConfig
 
@@ -58,8 +86,8 @@ def run_side(side: str, ckpt: str, steps: int) -> dict:
         args = DPOConfig(**cfg, disable_tqdm=True)
     else:
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
         from peft import LoraConfig
+        from transformers import AutoModelForImageTextToText, AutoProcessor
         from trl import DPOConfig, DPOTrainer
 
         torch.manual_seed(0)
@@ -70,12 +98,20 @@ def run_side(side: str, ckpt: str, steps: int) -> dict:
         rows = Dataset.from_list(rows)  # TRL refuses plain lists
     processor = AutoProcessor.from_pretrained(ckpt)
     peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=model, args=args, train_dataset=rows, processing_class=processor, peft_config=peft_config)
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=rows, processing_class=processor, peft_config=peft_config
+    )
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return {"train_s": train_s, "pairs_per_s": steps * 4 / train_s, "peak_rss_mb": peak_rss_mb(), "rss_base_mb": base, "losses": losses}
+    return {
+        "train_s": train_s,
+        "pairs_per_s": steps * 4 / train_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_base_mb": base,
+        "losses": losses,
+    }
 
 
 def main() -> None:
@@ -90,13 +126,19 @@ def main() -> None:
         return
     results = run_both_sides(__file__, ["--steps", str(args.steps)])
     f, t = results["ferrovlm"], results["transformers"]
-    results["ratios"] = {"speedup": f["pairs_per_s"] / t["pairs_per_s"], "peak_rss_ratio": f["peak_rss_mb"] / t["peak_rss_mb"]}
+    results["ratios"] = {
+        "speedup": f["pairs_per_s"] / t["pairs_per_s"],
+        "peak_rss_ratio": f["peak_rss_mb"] / t["peak_rss_mb"],
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"{'':16}{'ferrovlm':>12}{'TRL+PEFT':>12}{'ratio':>10}")
-    print(f"{'pairs/s':16}{f['pairs_per_s']:12.3f}{t['pairs_per_s']:12.3f}{results['ratios']['speedup']:9.2f}x (speedup)")
-    print(f"{'peak RSS MB':16}{f['peak_rss_mb']:12.1f}{t['peak_rss_mb']:12.1f}{results['ratios']['peak_rss_ratio']:9.2f}x (ours/theirs)")
-    print(f"losses ferrovlm {['%.4f' % x for x in f['losses']]}\nlosses TRL      {['%.4f' % x for x in t['losses']]}")
+    print(
+        f"{'pairs/s':16}{f['pairs_per_s']:12.3f}{t['pairs_per_s']:12.3f}{results['ratios']['speedup']:9.2f}x (speedup)"
+    )
+    ratio = results["ratios"]["peak_rss_ratio"]
+    print(f"{'peak RSS MB':16}{f['peak_rss_mb']:12.1f}{t['peak_rss_mb']:12.1f}{ratio:9.2f}x (ours/theirs)")
+    print(f"losses ferrovlm {[f'{x:.4f}' for x in f['losses']]}\nlosses TRL      {[f'{x:.4f}' for x in t['losses']]}")
 
 
 if __name__ == "__main__":

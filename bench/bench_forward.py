@@ -64,7 +64,9 @@ def run_side(side: str, ckpt: str, repeats: int) -> dict:
         model = AutoModelForVision2Seq.from_pretrained(ckpt, torch_dtype="float32")
 
         def fwd():
-            return model(input_ids=input_ids, attention_mask=attn, pixel_values=pixels, pixel_attention_mask=pmask).logits
+            return model(
+                input_ids=input_ids, attention_mask=attn, pixel_values=pixels, pixel_attention_mask=pmask
+            ).logits
 
     else:
         import torch

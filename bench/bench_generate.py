@@ -53,22 +53,35 @@ def run_side(side: str, ckpt: str, new: int, dtype: str = "float32", hf_dtype: s
 
         torch.set_grad_enabled(False)
         model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=getattr(torch, hf_dtype)).eval()
-        inputs = {k: torch.from_numpy(v) for k, v in dict(input_ids=ids, attention_mask=am, pixel_values=px, pixel_attention_mask=pm).items()}
+        inputs = {
+            k: torch.from_numpy(v)
+            for k, v in dict(input_ids=ids, attention_mask=am, pixel_values=px, pixel_attention_mask=pm).items()
+        }
     t0 = time.perf_counter()
     out = model.generate(**inputs, streamer=Clock(), **kw)
     t_end = time.perf_counter()
     # times[0]: prompt handed to the streamer; times[1]: first new token
     ttft = times[1] - t0
     decode_tps = (len(times) - 2) / (times[-1] - times[1])
-    return {"ttft_s": ttft, "decode_tokens_per_s": decode_tps, "total_s": t_end - t0, "new_tokens": int(out.shape[1] - ids.shape[1]),
-            "peak_rss_mb": peak_rss_mb(), "tokens": [int(t) for t in (out[0, ids.shape[1]:ids.shape[1] + 16].tolist())]}
+    return {
+        "ttft_s": ttft,
+        "decode_tokens_per_s": decode_tps,
+        "total_s": t_end - t0,
+        "new_tokens": int(out.shape[1] - ids.shape[1]),
+        "peak_rss_mb": peak_rss_mb(),
+        "tokens": [int(t) for t in (out[0, ids.shape[1] : ids.shape[1] + 16].tolist())],
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--out", default=str(HERE / "out" / "generate.json"))
-    ap.add_argument("--dtype", default="float32", help="ferrovlm's dtype (bfloat16: bf16 weights, AVX512-BF16 matmuls, f32 activations); transformers runs fp32")
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        help="ferrovlm's dtype (bfloat16: bf16 weights, AVX512-BF16 matmuls, f32 activations); transformers runs fp32",
+    )
     ap.add_argument("--hf-dtype", default="float32", help="transformers' dtype (the issue's comparison is float32)")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)

@@ -14,7 +14,7 @@ ferrovlm vs transformers + bitsandbytes (+ PEFT + TRL), CPU, in the same run, ev
 Dev only. Both stacks must be importable, from one interpreter or from two:
 
     python bench/bench_qlora.py [--steps 4] [--new 32] [--out bench/out/qlora.json]
-    .venv/bin/python bench/bench_qlora.py --ref-python /work/refenv/bin/python   # transformers side elsewhere
+    .venv/bin/python bench/bench_qlora.py --ref-python REF_PYTHON   # transformers side in another environment
 """
 
 from __future__ import annotations
@@ -35,16 +35,32 @@ from bench_forward import make_inputs, peak_rss_mb, rss_mb  # noqa: E402
 from bench_sft import TARGETS, add_processor, make_rows  # noqa: E402
 
 MODES = {  # BitsAndBytesConfig kwargs / dtype per load mode
-    "nf4": dict(quant=dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype="float32"), dtype="float32"),
+    "nf4": dict(
+        quant=dict(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype="float32",
+        ),
+        dtype="float32",
+    ),
     "int8": dict(quant=dict(load_in_8bit=True), dtype="float32"),
     "bf16": dict(quant=None, dtype="bfloat16"),
     "fp32": dict(quant=None, dtype="float32"),
 }
 JOBS = [  # (task, side, mode)
-    ("load", "ferrovlm", "nf4"), ("load", "ferrovlm", "int8"), ("load", "ferrovlm", "bf16"), ("load", "ferrovlm", "fp32"),
-    ("load", "transformers", "nf4"), ("load", "transformers", "fp32"),
-    ("sft", "ferrovlm", "nf4"), ("sft", "transformers", "nf4"), ("sft", "ferrovlm", "fp32"),
-    ("decode", "ferrovlm", "nf4"), ("decode", "ferrovlm", "bf16"), ("decode", "transformers", "nf4"),
+    ("load", "ferrovlm", "nf4"),
+    ("load", "ferrovlm", "int8"),
+    ("load", "ferrovlm", "bf16"),
+    ("load", "ferrovlm", "fp32"),
+    ("load", "transformers", "nf4"),
+    ("load", "transformers", "fp32"),
+    ("sft", "ferrovlm", "nf4"),
+    ("sft", "transformers", "nf4"),
+    ("sft", "ferrovlm", "fp32"),
+    ("decode", "ferrovlm", "nf4"),
+    ("decode", "ferrovlm", "bf16"),
+    ("decode", "transformers", "nf4"),
 ]
 
 
@@ -91,9 +107,21 @@ def run_sft(side: str, ckpt: str, mode: str, steps: int) -> dict:
     import_side(side)
     rows = make_rows()
     base_rss = rss_mb()
-    cfg = dict(output_dir=str(Path(ckpt) / f"out-{side}-{mode}"), per_device_train_batch_size=4, max_steps=steps, learning_rate=1e-4,
-               lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no", bf16=False, seed=0,
-               gradient_checkpointing=True, max_length=None, disable_tqdm=True)
+    cfg = dict(
+        output_dir=str(Path(ckpt) / f"out-{side}-{mode}"),
+        per_device_train_batch_size=4,
+        max_steps=steps,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,
+        seed=0,
+        gradient_checkpointing=True,
+        max_length=None,
+        disable_tqdm=True,
+    )
     model = load(side, ckpt, mode)
     if side == "ferrovlm":
         from ferrovlm import AutoProcessor, LoraConfig, SFTConfig, SFTTrainer, prepare_model_for_kbit_training
@@ -113,16 +141,27 @@ def run_sft(side: str, ckpt: str, mode: str, steps: int) -> dict:
         model = prepare_model_for_kbit_training(model)
     processor = AutoProcessor.from_pretrained(ckpt)
     peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=processor, peft_config=peft_config)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=rows, processing_class=processor, peft_config=peft_config
+    )
     adapter_dtype = None
     if side == "transformers":
-        adapter_dtype = sorted({str(p.dtype).replace("torch.", "") for p in trainer.model.parameters() if p.requires_grad})
+        adapter_dtype = sorted(
+            {str(p.dtype).replace("torch.", "") for p in trainer.model.parameters() if p.requires_grad}
+        )
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return {"train_s": train_s, "samples_per_s": steps * 4 / train_s, "s_per_step": train_s / steps, "peak_rss_mb": peak_rss_mb(),
-            "rss_base_mb": base_rss, "losses": losses, "adapter_dtype": adapter_dtype}
+    return {
+        "train_s": train_s,
+        "samples_per_s": steps * 4 / train_s,
+        "s_per_step": train_s / steps,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_base_mb": base_rss,
+        "losses": losses,
+        "adapter_dtype": adapter_dtype,
+    }
 
 
 def run_decode(side: str, ckpt: str, mode: str, new: int) -> dict:
@@ -158,7 +197,11 @@ def run_decode(side: str, ckpt: str, mode: str, new: int) -> dict:
     t0 = time.perf_counter()
     model.generate(**inputs, streamer=Clock(), **kw)
     # times[0]: the prompt handed to the streamer; times[1]: the first new token
-    return {"ttft_s": times[1] - t0, "decode_tokens_per_s": (len(times) - 2) / (times[-1] - times[1]), "peak_rss_mb": peak_rss_mb()}
+    return {
+        "ttft_s": times[1] - t0,
+        "decode_tokens_per_s": (len(times) - 2) / (times[-1] - times[1]),
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def run_job(task: str, side: str, ckpt: str, mode: str, steps: int, new: int) -> dict:
@@ -178,11 +221,18 @@ def table(res: dict) -> str:
         r = res.get(f"{task}/{side}/{mode}")
         return None if r is None or "error" in r else r.get(key)
 
-    out = ["**Load** (peak RSS = the process's high-water mark; added = RSS after load minus after importing the stack)", "",
-           "| stack | mode | load s | RSS added MB | peak RSS MB | get_memory_footprint MB |", "|---|---|---:|---:|---:|---:|"]
+    out = [
+        "**Load** (peak RSS = the process's high-water mark; added = RSS after load minus after importing the stack)",
+        "",
+        "| stack | mode | load s | RSS added MB | peak RSS MB | get_memory_footprint MB |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for _, side, mode in [j for j in JOBS if j[0] == "load"]:
-        out.append(f"| {side} | {mode} | {fmt(get('load', side, mode, 'load_s'), '.2f')} | {fmt(get('load', side, mode, 'rss_added_mb'))} | "
-                   f"{fmt(get('load', side, mode, 'peak_rss_mb'))} | {fmt(get('load', side, mode, 'footprint_mb'))} |")
+        out.append(
+            f"| {side} | {mode} | {fmt(get('load', side, mode, 'load_s'), '.2f')} | "
+            f"{fmt(get('load', side, mode, 'rss_added_mb'))} | "
+            f"{fmt(get('load', side, mode, 'peak_rss_mb'))} | {fmt(get('load', side, mode, 'footprint_mb'))} |"
+        )
     out += ["", "**SFT with LoRA r=8** (batch 4, 512x512 images, gradient checkpointing)", "",
             "| stack | base | samples/s | s/step | peak RSS MB | losses |", "|---|---|---:|---:|---:|---|"]
     for _, side, mode in [j for j in JOBS if j[0] == "sft"]:
@@ -190,13 +240,19 @@ def table(res: dict) -> str:
         base = {"nf4": "NF4 (QLoRA)", "fp32": "fp32"}[mode]
         if side == "transformers":
             base += f", TRL adapter {'/'.join(get('sft', side, mode, 'adapter_dtype') or ['?'])}"
-        out.append(f"| {side} | {base} | {fmt(get('sft', side, mode, 'samples_per_s'), '.3f')} | {fmt(get('sft', side, mode, 's_per_step'), '.2f')} | "
-                   f"{fmt(get('sft', side, mode, 'peak_rss_mb'))} | {' '.join('%.3f' % x for x in losses) if losses else '-'} |")
+        loss_text = " ".join(f"{x:.3f}" for x in losses) if losses else "-"
+        out.append(
+            f"| {side} | {base} | {fmt(get('sft', side, mode, 'samples_per_s'), '.3f')} | "
+            f"{fmt(get('sft', side, mode, 's_per_step'), '.2f')} | "
+            f"{fmt(get('sft', side, mode, 'peak_rss_mb'))} | {loss_text} |"
+        )
     out += ["", "**Decode** (greedy, one 512x512 image + short question)", "",
             "| stack | weights | decode tokens/s | time to first token s | peak RSS MB |", "|---|---|---:|---:|---:|"]
     for _, side, mode in [j for j in JOBS if j[0] == "decode"]:
-        out.append(f"| {side} | {mode} | {fmt(get('decode', side, mode, 'decode_tokens_per_s'), '.2f')} | "
-                   f"{fmt(get('decode', side, mode, 'ttft_s'), '.2f')} | {fmt(get('decode', side, mode, 'peak_rss_mb'))} |")
+        out.append(
+            f"| {side} | {mode} | {fmt(get('decode', side, mode, 'decode_tokens_per_s'), '.2f')} | "
+            f"{fmt(get('decode', side, mode, 'ttft_s'), '.2f')} | {fmt(get('decode', side, mode, 'peak_rss_mb'))} |"
+        )
     errors = [f"- {k}: {v['error']}" for k, v in res.items() if isinstance(v, dict) and "error" in v]
     return "\n".join(out + (["", "errors:"] + errors if errors else []))
 
@@ -207,7 +263,9 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32, help="new tokens per decode")
     ap.add_argument("--out", default=str(HERE / "out" / "qlora.json"))
     ap.add_argument("--ferrovlm-python", default=sys.executable, help="interpreter with ferrovlm installed")
-    ap.add_argument("--ref-python", default=sys.executable, help="interpreter with torch, transformers, bitsandbytes, peft, trl")
+    ap.add_argument(
+        "--ref-python", default=sys.executable, help="interpreter with torch, transformers, bitsandbytes, peft, trl"
+    )
     ap.add_argument("--only", default="", help="comma-separated tasks to run (load,sft,decode); default all")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)

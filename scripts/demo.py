@@ -17,9 +17,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from tiny_checkpoint import TINY_SMOLVLM, write_checkpoint  # noqa: E402
-
 from ferrovlm import AutoModelForVision2Seq, AutoProcessor, TextStreamer  # noqa: E402
+from tiny_checkpoint import TINY_SMOLVLM, write_checkpoint  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures"
 
@@ -45,10 +44,14 @@ def main() -> None:
         model = AutoModelForVision2Seq.from_pretrained(ckpt, torch_dtype="float32")
         processor = AutoProcessor.from_pretrained(ckpt)
         print(f"loaded {model} and its processor in {time.perf_counter() - t0:.2f}s")
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the red square?"}]}]
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the red square?"}]}
+        ]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = processor(text=prompt, images=[make_image()], return_tensors="np")
-        print(f"prompt: {prompt!r} -> {inputs['input_ids'].shape[1]} tokens, pixel_values {inputs['pixel_values'].shape}")
+        print(
+            f"prompt: {prompt!r} -> {inputs['input_ids'].shape[1]} tokens, pixel_values {inputs['pixel_values'].shape}"
+        )
 
         t0 = time.perf_counter()
         logits = model(**inputs).logits[0, -1].astype(np.float64)
@@ -58,7 +61,11 @@ def main() -> None:
         for t in np.argsort(-probs)[:5]:
             print(f"  {t:6d} {processor.tokenizer.convert_ids_to_tokens(int(t))!r:24} p={probs[t]:.4f}")
         print("greedy answer (streamed): ", end="")
-        model.generate(**inputs, max_new_tokens=12, streamer=TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True))
+        model.generate(
+            **inputs,
+            max_new_tokens=12,
+            streamer=TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True),
+        )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate tiny reference checkpoints + expected outputs for ferrovlm's tests.
 
-Dev-only tool. Needs torch + transformers (run with e.g. /work/refenv/bin/python):
+Dev-only tool. Needs torch + transformers:
 
     python scripts/make_reference.py
 
@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-
 import transformers
 from transformers import (
     GenerationConfig,
@@ -319,8 +317,12 @@ def run_reference(model, inputs: dict) -> dict:
     real_index = torch.nonzero(real).flatten().to(torch.int64)
 
     assert torch.equal(feats.last_hidden_state, captured["vision_hidden"])
-    assert torch.equal(torch.cat(feats.pooler_output, 0), captured["connector"].reshape(-1, captured["connector"].shape[-1]))
-    assert torch.equal(captured["vision_pixel_values"], t["pixel_values"].view(B * F, *t["pixel_values"].shape[2:])[real_index])
+    assert torch.equal(
+        torch.cat(feats.pooler_output, 0), captured["connector"].reshape(-1, captured["connector"].shape[-1])
+    )
+    assert torch.equal(
+        captured["vision_pixel_values"], t["pixel_values"].view(B * F, *t["pixel_values"].shape[2:])[real_index]
+    )
     assert torch.allclose(out.logits[:, -2:], out2.logits, atol=1e-6, rtol=0)
 
     # independent loss re-computation (causal shift, mean over non -100)
@@ -560,7 +562,7 @@ Cases:
 - `idefics3_gqa/inputs_patchmask.npz`: B=2, F=2, partially valid frames (48x33, full, 17x64, 64x20 px).
 - `smolvlm_tied/inputs.npz`: B=2, F=1, one image per row, no padding.
 - `smolvlm_tied/inputs_patchmask.npz`: same tokens, frames valid 40x21 and 48x9 px.
-"""
+"""  # noqa: E501 - Markdown written to tests/fixtures/README.md: one table row per line
 
 
 OTHER_SETS = """
@@ -575,7 +577,7 @@ OTHER_SETS = """
 | `generation/` | `generation.py` | `generate()` token ids on `idefics3_gqa`: greedy, left-padded batches, EOS stops, beam search, repetition penalty |
 | `bnb/` | `bnb_quant.py` | bitsandbytes 0.50 on CPU: 4-bit / int8 codes, scales, dequantized weights and layer outputs (`quant.npz`); a tiny base checkpoint quantized and saved by transformers (nf4 + double quant, fp4, int8) with its logits and facts; torch's f32 means |
 | `qlora/` | `qlora_trajectory.py` | TRL + PEFT + bitsandbytes QLoRA SFT trajectories (nf4 / int8 base; see its README) |
-"""
+"""  # noqa: E501 - Markdown table rows, one per line
 
 
 def main() -> None:

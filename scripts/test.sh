@@ -6,5 +6,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet '.[test]'
+.venv/bin/python -m ruff check python tests scripts bench
+.venv/bin/python -m mypy.stubtest ferrovlm._core  # python/ferrovlm/_core.pyi against the built native module
 cargo test --quiet
 .venv/bin/python -m pytest -q tests

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict
 
 import numpy as np
 
@@ -67,7 +66,7 @@ TINY_SMOLVLM = {
 }
 
 
-def tensor_shapes(cfg: dict) -> Dict[str, tuple]:
+def tensor_shapes(cfg: dict) -> dict[str, tuple]:
     """Every tensor name of the hub layout with its shape."""
     v, t = cfg["vision_config"], cfg["text_config"]
     d, p, c = v["hidden_size"], v["patch_size"], v.get("num_channels", 3)
@@ -121,12 +120,16 @@ def _bf16_bytes(x: np.ndarray) -> bytes:
     return rounded.astype(np.uint16).tobytes()
 
 
-def write_safetensors(path: Path, tensors: Dict[str, np.ndarray], dtype: str = "float32") -> None:
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "float32") -> None:
     """Minimal safetensors writer (8-byte header length, JSON header, raw little-endian data)."""
     header, blobs, off = {}, [], 0
     for name, arr in tensors.items():
         data = _bf16_bytes(arr) if dtype == "bfloat16" else arr.astype("<f4").tobytes()
-        header[name] = {"dtype": "BF16" if dtype == "bfloat16" else "F32", "shape": list(arr.shape), "data_offsets": [off, off + len(data)]}
+        header[name] = {
+            "dtype": "BF16" if dtype == "bfloat16" else "F32",
+            "shape": list(arr.shape),
+            "data_offsets": [off, off + len(data)],
+        }
         blobs.append(data)
         off += len(data)
     header["__metadata__"] = {"format": "pt"}
@@ -139,7 +142,7 @@ def write_safetensors(path: Path, tensors: Dict[str, np.ndarray], dtype: str = "
             f.write(b)
 
 
-def write_checkpoint(folder: "str | Path", cfg: dict, seed: int = 0, dtype: str = "float32") -> Path:
+def write_checkpoint(folder: str | Path, cfg: dict, seed: int = 0, dtype: str = "float32") -> Path:
     """Random weights (norms near 1, linears ~ N(0, 1/fan_in)) for ``cfg``, saved in ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,9 @@ def tiny_smolvlm(tmp_path_factory) -> Path:
     for f in (FIXTURES / "processor" / "config").iterdir():
         shutil.copy(f, dst / f.name)
     write_checkpoint(dst, TINY_SMOLVLM, seed=3)
-    (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": 49279, "pad_token_id": 2, "bos_token_id": 1}))
+    (dst / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": 49279, "pad_token_id": 2, "bos_token_id": 1})
+    )
     return dst
 
 

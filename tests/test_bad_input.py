@@ -57,7 +57,9 @@ def test_truncated_safetensors(checkpoint_copy):
         AutoModelForVision2Seq.from_pretrained(d)
 
 
-@pytest.mark.parametrize("payload", [b"", b"\x01\x02", struct.pack("<Q", 10**12) + b"{}", struct.pack("<Q", 5) + b"nojso"])
+@pytest.mark.parametrize(
+    "payload", [b"", b"\x01\x02", struct.pack("<Q", 10**12) + b"{}", struct.pack("<Q", 5) + b"nojso"]
+)
 def test_corrupt_safetensors_header(checkpoint_copy, payload):
     d = checkpoint_copy()
     (d / "model.safetensors").write_bytes(payload)
@@ -72,7 +74,9 @@ def _rewrite_safetensors(path, edit):
     header = json.loads(raw[8 : 8 + n])
     body = raw[8 + n :]
     meta = header.pop("__metadata__", None)
-    tensors = {k: (v["dtype"], v["shape"], body[v["data_offsets"][0] : v["data_offsets"][1]]) for k, v in header.items()}
+    tensors = {
+        k: (v["dtype"], v["shape"], body[v["data_offsets"][0] : v["data_offsets"][1]]) for k, v in header.items()
+    }
     edit(tensors)
     out, blobs, off = {}, [], 0
     for k, (dt, shape, data) in tensors.items():

@@ -85,7 +85,9 @@ def test_lora_from_pretrained_and_save(tmp_path):
     cfg = LoraConfig.from_pretrained(PEFT / "regex")
     assert cfg.r == 2 and cfg.target_modules == r".*text_model.*\.(q_proj|v_proj)" and cfg.inference_mode is True
     cfg.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text()) == json.loads((PEFT / "regex" / "adapter_config.json").read_text())
+    assert json.loads((tmp_path / "adapter_config.json").read_text()) == json.loads(
+        (PEFT / "regex" / "adapter_config.json").read_text()
+    )
     with pytest.raises(ValueError):
         resolve_target_modules(LoraConfig(target_modules=["nothing_like_this"]), MODULES["linear"])
 
@@ -97,7 +99,9 @@ def test_sft_defaults():
     assert c.learning_rate == 2e-5 and c.logging_steps == 10 and c.max_length == 1024
     assert c.gradient_checkpointing is True and c.bf16 is True and c.completion_only_loss is None
     assert c.assistant_only_loss is False and c.dataset_text_field == "text" and c.pad_to_multiple_of is None
-    assert c.report_to == [] and c.save_strategy == "steps" and c.eval_strategy == "no" and c.optim == "adamw_torch_fused"
+    assert (
+        c.report_to == [] and c.save_strategy == "steps" and c.eval_strategy == "no" and c.optim == "adamw_torch_fused"
+    )
     assert c.per_device_train_batch_size == 8 and c.num_train_epochs == 3.0 and c.seed == 42 and c.max_grad_norm == 1.0
     assert SFTConfig().output_dir == "trainer_output"
     assert SFTConfig("pos").output_dir == "pos"

@@ -7,10 +7,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_dpo_trajectory import load_rows, make_trainer
-
 import ferrovlm
-from ferrovlm import AutoModelForImageTextToText, AutoProcessor, DPOConfig, DPOTrainer, LoraConfig, PeftModel, SFTConfig, SFTTrainer, _core
+from ferrovlm import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    DPOConfig,
+    DPOTrainer,
+    LoraConfig,
+    PeftModel,
+    SFTConfig,
+    SFTTrainer,
+    _core,
+)
+from test_dpo_trajectory import load_rows, make_trainer
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
@@ -22,10 +31,14 @@ def _pairs(rng, n):
         name = names[i % 4]
         wrong = names[(i + 1 + rng.integers(0, 3)) % 4]
         rgb = np.clip(np.array(COLOURS[name]) + rng.integers(-25, 26, size=3), 0, 255).astype(np.uint8)
-        rows.append({"images": [Image.fromarray(np.tile(rgb, (32, 32, 1)))],
-                     "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour?"}]}],
-                     "chosen": [{"role": "assistant", "content": [{"type": "text", "text": name}]}],
-                     "rejected": [{"role": "assistant", "content": [{"type": "text", "text": wrong}]}]})
+        rows.append(
+            {
+                "images": [Image.fromarray(np.tile(rgb, (32, 32, 1)))],
+                "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour?"}]}],
+                "chosen": [{"role": "assistant", "content": [{"type": "text", "text": name}]}],
+                "rejected": [{"role": "assistant", "content": [{"type": "text", "text": wrong}]}],
+            }
+        )
     return rows
 
 
@@ -35,8 +48,18 @@ def test_learns_generated_preferences(tiny_smolvlm, tmp_path):
     processor = AutoProcessor.from_pretrained(tiny_smolvlm)
     processor.image_processor.do_image_splitting = False
     model = AutoModelForImageTextToText.from_pretrained(tiny_smolvlm)
-    args = DPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=10, learning_rate=1e-2,
-                     lr_scheduler_type="constant", logging_steps=4, report_to="none", save_strategy="no", bf16=False, beta=0.5)
+    args = DPOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_train_epochs=10,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=4,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,
+        beta=0.5,
+    )
     trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=processor,
                          peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     trainer.train()
@@ -48,18 +71,43 @@ def test_hybrid_sft_then_dpo_with_the_sft_adapter_as_reference(tiny_smolvlm, tmp
     processor = AutoProcessor.from_pretrained(tiny_smolvlm)
     pairs = load_rows("sigmoid")
     sft_rows = [{"images": r["images"], "prompt": r["prompt"], "completion": r["chosen"]} for r in pairs]
-    sft = SFTTrainer(model=AutoModelForImageTextToText.from_pretrained(tiny_smolvlm),
-                     args=SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
-                                    report_to="none", save_strategy="no", bf16=False),
-                     train_dataset=sft_rows, processing_class=processor,
-                     peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    sft = SFTTrainer(
+        model=AutoModelForImageTextToText.from_pretrained(tiny_smolvlm),
+        args=SFTConfig(
+            output_dir=str(tmp_path / "sft"),
+            max_steps=2,
+            per_device_train_batch_size=4,
+            learning_rate=1e-3,
+            report_to="none",
+            save_strategy="no",
+            bf16=False,
+        ),
+        train_dataset=sft_rows,
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
     sft.train()
     sft.save_model(tmp_path / "sft-adapter")
-    model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_smolvlm), tmp_path / "sft-adapter", is_trainable=True)
-    dpo = DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=2, per_device_train_batch_size=4,
-                                                 learning_rate=1e-3, report_to="none", save_strategy="no", bf16=False, logging_steps=1,
-                                                 loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0]),
-                     train_dataset=pairs, processing_class=processor)
+    model = PeftModel.from_pretrained(
+        AutoModelForImageTextToText.from_pretrained(tiny_smolvlm), tmp_path / "sft-adapter", is_trainable=True
+    )
+    dpo = DPOTrainer(
+        model=model,
+        args=DPOConfig(
+            output_dir=str(tmp_path / "dpo"),
+            max_steps=2,
+            per_device_train_batch_size=4,
+            learning_rate=1e-3,
+            report_to="none",
+            save_strategy="no",
+            bf16=False,
+            logging_steps=1,
+            loss_type=["sigmoid", "sft"],
+            loss_weights=[1.0, 1.0],
+        ),
+        train_dataset=pairs,
+        processing_class=processor,
+    )
     dpo.train()
     first = dpo.state.log_history[0]
     # The reference is the SFT adapter as it was: at the first step policy == reference.
@@ -97,10 +145,25 @@ def test_a_fresh_adapter_run_is_reproducible_from_args_seed(tiny_smolvlm, tmp_pa
 
     def losses(seed):
         ferrovlm.set_seed(next(earlier_seeds))  # whatever the caller seeded before, args.seed decides
-        args = DPOConfig(output_dir=str(tmp_path / f"out{seed}"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                         lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no", bf16=False, seed=seed)
-        trainer = DPOTrainer(model=AutoModelForImageTextToText.from_pretrained(tiny_smolvlm), args=args, train_dataset=rows,
-                             processing_class=processor, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        args = DPOConfig(
+            output_dir=str(tmp_path / f"out{seed}"),
+            max_steps=3,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            bf16=False,
+            seed=seed,
+        )
+        trainer = DPOTrainer(
+            model=AutoModelForImageTextToText.from_pretrained(tiny_smolvlm),
+            args=args,
+            train_dataset=rows,
+            processing_class=processor,
+            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        )
         trainer.train()
         return [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
@@ -118,13 +181,20 @@ def test_bf16_compute_first_step_is_exactly_log2_with_a_fresh_vision_lora(tiny_s
     model = AutoModelForImageTextToText.from_pretrained(tiny_smolvlm, dtype="bfloat16")
     args = DPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-3,
                      logging_steps=1, report_to="none", save_strategy="no", bf16=True)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=rows, processing_class=AutoProcessor.from_pretrained(tiny_smolvlm),
-                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        processing_class=AutoProcessor.from_pretrained(tiny_smolvlm),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=targets),
+    )
     assert any(".vision_model." in k for k in trainer.model.named_trainable_parameters())
     trainer.train()
     first = trainer.state.log_history[0]
     assert abs(first["loss"] - np.log(2)) < 1e-6, first
-    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0 and first["rewards/margins"] == 0.0, first
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0 and first["rewards/margins"] == 0.0, (
+        first
+    )
 
 
 def test_vision_lora_reference_does_not_reuse_features_of_other_passes(tiny_smolvlm, tmp_path):
@@ -146,7 +216,11 @@ def test_vision_lora_reference_does_not_reuse_features_of_other_passes(tiny_smol
 
     a, b = trainer(), trainer()
     batch = a._collate_rows(a.train_dataset, [0, 1, 2, 3], "train_dataset")
-    kw = dict(attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"], pixel_attention_mask=batch["pixel_attention_mask"])
+    kw = dict(
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        pixel_attention_mask=batch["pixel_attention_mask"],
+    )
     policy = a.session.sequence_logps(batch["input_ids"], batch["labels"], **kw)  # adapter on
     reference = a._reference(batch)  # adapter off
     assert reference == b._reference(batch)
@@ -154,10 +228,18 @@ def test_vision_lora_reference_does_not_reuse_features_of_other_passes(tiny_smol
     assert policy != reference
 
 
-@pytest.mark.parametrize("quant", [
-    dict(load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="bfloat16"),
-    dict(load_in_8bit=True),
-])
+@pytest.mark.parametrize(
+    "quant",
+    [
+        dict(
+            load_in_4bit=True,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype="bfloat16",
+        ),
+        dict(load_in_8bit=True),
+    ],
+)
 def test_qlora_dpo_notebook_first_step_is_exactly_log2(tiny_smolvlm, tmp_path, quant):
     """The DPO notebook's QLoRA load (4-bit NF4, bf16 compute, or 8-bit), DPOConfig and DPOTrainer(model,
     ref_model=None, ...): a fresh adapter's first step logs ln 2 and zero rewards, as TRL, because the policy and
@@ -167,8 +249,16 @@ def test_qlora_dpo_notebook_first_step_is_exactly_log2(tiny_smolvlm, tmp_path, q
                                                         quantization_config=ferrovlm.BitsAndBytesConfig(**quant))
     args = DPOConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
                      logging_steps=1, report_to="none", save_strategy="no", bf16=True, gradient_checkpointing=True)
-    trainer = DPOTrainer(model, ref_model=None, args=args, train_dataset=rows, processing_class=AutoProcessor.from_pretrained(tiny_smolvlm),
-                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True, init_lora_weights="gaussian"))
+    trainer = DPOTrainer(
+        model,
+        ref_model=None,
+        args=args,
+        train_dataset=rows,
+        processing_class=AutoProcessor.from_pretrained(tiny_smolvlm),
+        peft_config=LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", use_dora=True, init_lora_weights="gaussian"
+        ),
+    )
     trainer.train()
     first, second = [e for e in trainer.state.log_history if "loss" in e][:2]
     assert abs(first["loss"] - np.log(2)) < 1e-6, first

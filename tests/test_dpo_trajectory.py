@@ -9,14 +9,29 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES
-
 import ferrovlm
+from conftest import FIXTURES
 from ferrovlm import AutoProcessor, DPOConfig, DPOTrainer, PeftModel, _core
 
 DPO = FIXTURES / "dpo"
-KEYS = ("loss", "grad_norm", "learning_rate", "entropy", "num_tokens", "logits/chosen", "logits/rejected", "mean_token_accuracy",
-        "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "epoch", "step")
+KEYS = (
+    "loss",
+    "grad_norm",
+    "learning_rate",
+    "entropy",
+    "num_tokens",
+    "logits/chosen",
+    "logits/rejected",
+    "mean_token_accuracy",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "epoch",
+    "step",
+)
 
 
 def load_rows(case: str):
@@ -31,8 +46,12 @@ def make_trainer(tiny_smolvlm, case, tmp_path, **overrides):
     args.update(overrides)
     base = ferrovlm.AutoModelForImageTextToText.from_pretrained(tiny_smolvlm)
     model = PeftModel.from_pretrained(base, DPO / case / "adapter", is_trainable=True)
-    return DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / "out"), **args), train_dataset=load_rows(case),
-                      processing_class=AutoProcessor.from_pretrained(tiny_smolvlm))
+    return DPOTrainer(
+        model=model,
+        args=DPOConfig(output_dir=str(tmp_path / "out"), **args),
+        train_dataset=load_rows(case),
+        processing_class=AutoProcessor.from_pretrained(tiny_smolvlm),
+    )
 
 
 @pytest.mark.parametrize("case", ["sigmoid", "ipo", "hinge", "sigmoid_sft"])

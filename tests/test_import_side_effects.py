@@ -33,5 +33,8 @@ def test_set_seed_does_not_import_torch(tmp_path):
     snippet = "import sys, ferrovlm; ferrovlm.set_seed(3); print('torch' in sys.modules)"
     assert run(snippet=snippet, extra_path=tmp_path) == "False"
     # ... while a program that imported torch gets it seeded.
-    snippet = "import sys, torch; seen = []; torch.manual_seed = seen.append; import ferrovlm; ferrovlm.set_seed(3); print(seen)"
+    snippet = (
+        "import sys, torch; seen = []; torch.manual_seed = seen.append; import ferrovlm; ferrovlm.set_seed(3); "
+        "print(seen)"
+    )
     assert run(snippet=snippet, extra_path=tmp_path) == "[3]"

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
-from tiny_checkpoint import write_checkpoint  # noqa: E402
-
 from ferrovlm import AutoModelForVision2Seq  # noqa: E402
+from tiny_checkpoint import write_checkpoint  # noqa: E402
 
 # Big enough that one forward takes a good fraction of a second on 2 cores.
 SLOW = {

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import ferrovlm
-from conftest import FIXTURES, IDEFICS3, SMOLVLM, load_case
+from conftest import IDEFICS3, SMOLVLM, load_case
 from ferrovlm import (
     AutoModelForImageTextToText,
     AutoModelForVision2Seq,

@@ -8,9 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from conftest import FIXTURES
-
 import ferrovlm
+from conftest import FIXTURES
 from ferrovlm import _core
 from ferrovlm.peft import PeftModel
 

@@ -24,11 +24,15 @@ def image():
 
 
 def messages():
-    return [{"role": "user", "content": [{"type": "image", "image": image()}, {"type": "text", "text": "What is this?"}]}]
+    return [
+        {"role": "user", "content": [{"type": "image", "image": image()}, {"type": "text", "text": "What is this?"}]}
+    ]
 
 
 def new_text(model, processor, **gen):
-    inputs = processor.apply_chat_template(messages(), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np")
+    inputs = processor.apply_chat_template(
+        messages(), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np"
+    )
     out = model.generate(**inputs, **gen)
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0], inputs, out
 
@@ -48,7 +52,11 @@ def test_pipeline_returns_generated_text(parts, tiny_smolvlm):
 def test_text_streamer_prints_the_decoded_answer(parts, capsys):
     model, processor = parts
     want, inputs, _ = new_text(model, processor, max_new_tokens=8)
-    model.generate(**inputs, max_new_tokens=8, streamer=TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True))
+    model.generate(
+        **inputs,
+        max_new_tokens=8,
+        streamer=TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True),
+    )
     printed = capsys.readouterr().out
     assert printed.rstrip("\n") == want
 

@@ -47,9 +47,18 @@ def user(*content):
 def test_chat_template_strings(processor):
     T = lambda s: {"type": "text", "text": s}  # noqa: E731
     img = {"type": "image"}
-    assert processor.apply_chat_template(user(img, T("Can you describe this image?")), add_generation_prompt=True) == META["prompts"]["describe"]
-    assert processor.apply_chat_template(user(T("Compare"), img, T("and"), img), add_generation_prompt=True) == META["prompts"]["compare"]
-    assert processor.apply_chat_template(user(T("Tell me a joke.")), add_generation_prompt=True) == META["prompts"]["text_only"]
+    assert (
+        processor.apply_chat_template(user(img, T("Can you describe this image?")), add_generation_prompt=True)
+        == META["prompts"]["describe"]
+    )
+    assert (
+        processor.apply_chat_template(user(T("Compare"), img, T("and"), img), add_generation_prompt=True)
+        == META["prompts"]["compare"]
+    )
+    assert (
+        processor.apply_chat_template(user(T("Tell me a joke.")), add_generation_prompt=True)
+        == META["prompts"]["text_only"]
+    )
 
 
 @pytest.mark.parametrize("name", sorted(META["calls"]))
@@ -57,7 +66,11 @@ def test_processor_call_matches_transformers(processor, name):
     call = dict(META["calls"][name])
     images = call.pop("images")
     if images is not None:
-        images = [[load(n) for n in s] for s in images] if images and isinstance(images[0], list) else [load(n) for n in images]
+        images = (
+            [[load(n) for n in s] for s in images]
+            if images and isinstance(images[0], list)
+            else [load(n) for n in images]
+        )
     out = processor(images=images, **call, return_tensors="np")
     keys = sorted(k[len(name) + 1:] for k in EXPECTED if k.startswith(name + "."))
     assert sorted(out.keys()) == keys
@@ -152,14 +165,26 @@ def test_zero_sized_and_oversized_images(processor, monkeypatch):
 
 def test_unknown_content_type_and_raising_template(processor):
     with pytest.raises(ProcessorError):
-        processor.apply_chat_template([{"role": "user", "content": [{"type": "hologram"}]}], chat_template="{% for m in messages %}{% for c in m['content'] %}{% if c['type'] not in ['text', 'image'] %}{{ raise_exception('unknown content type ' + c['type']) }}{% endif %}{% endfor %}{% endfor %}")
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "hologram"}]}],
+            chat_template=(
+                "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] not in ['text', 'image'] %}"
+                "{{ raise_exception('unknown content type ' + c['type']) }}{% endif %}{% endfor %}{% endfor %}"
+            ),
+        )
     with pytest.raises(ProcessorError, match="nope"):
-        processor.apply_chat_template(user({"type": "text", "text": "x"}), chat_template="{{ raise_exception('nope') }}")
+        processor.apply_chat_template(
+            user({"type": "text", "text": "x"}), chat_template="{{ raise_exception('nope') }}"
+        )
 
 
 def test_apply_chat_template_tokenize_runs_the_processor(processor):
-    conv = user({"type": "image", "image": load("rgb_100x70.png")}, {"type": "text", "text": "Can you describe this image?"})
-    out = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np")
+    conv = user(
+        {"type": "image", "image": load("rgb_100x70.png")}, {"type": "text", "text": "Can you describe this image?"}
+    )
+    out = processor.apply_chat_template(
+        conv, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np"
+    )
     np.testing.assert_array_equal(out["input_ids"], EXPECTED["single.input_ids"])
     assert np.abs(out["pixel_values"] - EXPECTED["single.pixel_values"]).max() == 0.0
 

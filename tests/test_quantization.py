@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 
 import numpy as np
 import pytest
 
 import ferrovlm
-from ferrovlm import AutoModelForVision2Seq, BitsAndBytesConfig, CheckpointError, LoraConfig, get_peft_model
 from conftest import FIXTURES
+from ferrovlm import AutoModelForVision2Seq, BitsAndBytesConfig, CheckpointError, LoraConfig, get_peft_model
 
 BNB = FIXTURES / "bnb"
 BASE = BNB / "base"
@@ -88,7 +87,11 @@ def test_a_checkpoint_saved_by_transformers_and_bitsandbytes_loads_without_requa
     feed, valid = _inputs()
     want = np.load(BNB / case / "expected.npz")["logits"]
     model = AutoModelForVision2Seq.from_pretrained(BNB / case / "checkpoint")
-    assert model.is_quantized and model.is_loaded_in_4bit == (case != "int8") and model.is_loaded_in_8bit == (case == "int8")
+    assert (
+        model.is_quantized
+        and model.is_loaded_in_4bit == (case != "int8")
+        and model.is_loaded_in_8bit == (case == "int8")
+    )
     got = model(**feed).logits
     # 4-bit: the same dequantized weights, so only the f32 summation order differs (1e-5).
     # int8: LLM.int8's int32 products are exact; rescaling and the outlier columns are f32 (1e-4).
@@ -118,7 +121,9 @@ def test_quantized_modules_are_those_transformers_quantizes():
         m = AutoModelForVision2Seq.from_pretrained(BASE, quantization_config=BitsAndBytesConfig(**CASES[case]))
         assert ferrovlm._core.quantized_linear_names(m._core) == _facts(case)["quantized_modules"]
     skip = BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["vision_model", "o_proj"])
-    names = ferrovlm._core.quantized_linear_names(AutoModelForVision2Seq.from_pretrained(BASE, quantization_config=skip)._core)
+    names = ferrovlm._core.quantized_linear_names(
+        AutoModelForVision2Seq.from_pretrained(BASE, quantization_config=skip)._core
+    )
     assert names and not any("vision_model" in n or n.endswith("o_proj") for n in names)
 
 
@@ -136,15 +141,23 @@ def test_legacy_load_in_4bit_keyword_and_dict_config():
     m = AutoModelForVision2Seq.from_pretrained(BASE, quantization_config={"load_in_8bit": True})
     assert m.is_loaded_in_8bit
     with pytest.raises(ValueError, match="at the same time"):
-        AutoModelForVision2Seq.from_pretrained(BASE, load_in_4bit=True, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+        AutoModelForVision2Seq.from_pretrained(
+            BASE, load_in_4bit=True, quantization_config=BitsAndBytesConfig(load_in_4bit=True)
+        )
 
 
 def test_tutorial_load_cells_run():
     """The tutorials' 4-bit load (device_map, bf16 dtype, flash attention asked for) then .to(device)."""
-    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="bfloat16")
+    cfg = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="bfloat16"
+    )
     with pytest.warns(UserWarning, match="flash_attention_2"):
         model = ferrovlm.Idefics3ForConditionalGeneration.from_pretrained(
-            BASE, device_map="auto", torch_dtype="bfloat16", quantization_config=cfg, _attn_implementation="flash_attention_2"
+            BASE,
+            device_map="auto",
+            torch_dtype="bfloat16",
+            quantization_config=cfg,
+            _attn_implementation="flash_attention_2",
         )
     assert model.to("cpu") is model
     with pytest.raises(ValueError, match="not supported for `4-bit`"):
@@ -170,7 +183,9 @@ def test_save_pretrained_writes_bitsandbytes_form_that_loads_back(case, tmp_path
         assert ours[k].dtype == v.dtype and ours[k].shape == v.shape, k
         if k.endswith("quant_state.bitsandbytes__nf4") or k.endswith("quant_state.bitsandbytes__fp4"):
             a, b = json.loads(bytes(ours[k])), json.loads(bytes(v))
-            assert a.keys() == b.keys() and {x: a[x] for x in a if x != "nested_offset"} == {x: b[x] for x in b if x != "nested_offset"}
+            assert a.keys() == b.keys() and {x: a[x] for x in a if x != "nested_offset"} == {
+                x: b[x] for x in b if x != "nested_offset"
+            }
     if case == "fp4":  # no double quantization: every byte equals transformers' file
         for k, v in theirs.items():
             np.testing.assert_array_equal(ours[k], v, err_msg=k)
@@ -211,15 +226,29 @@ def test_prequantized_checkpoint_with_a_wrong_shape_names_the_tensor(tmp_path):
 def test_full_fine_tuning_of_a_quantized_model_is_refused(tmp_path):
     m = AutoModelForVision2Seq.from_pretrained(BASE, quantization_config=BitsAndBytesConfig(**CASES["nf4_dq"]))
     with pytest.raises(ValueError, match="purely quantized models"):
-        ferrovlm.SFTTrainer(model=m, args=ferrovlm.SFTConfig(output_dir=str(tmp_path), report_to="none"), train_dataset=[{"messages": []}], processing_class=object())
+        ferrovlm.SFTTrainer(
+            model=m,
+            args=ferrovlm.SFTConfig(output_dir=str(tmp_path), report_to="none"),
+            train_dataset=[{"messages": []}],
+            processing_class=object(),
+        )
 
 
 def test_prepare_model_for_kbit_training_then_dora_as_the_cookbook(tmp_path):
-    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="bfloat16")
+    cfg = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="bfloat16"
+    )
     m = AutoModelForVision2Seq.from_pretrained(BASE, torch_dtype="bfloat16", quantization_config=cfg)
     m = ferrovlm.prepare_model_for_kbit_training(m, use_gradient_checkpointing=True)
     assert m.is_gradient_checkpointing
-    peft_config = LoraConfig(r=8, lora_alpha=8, lora_dropout=0.1, target_modules=["down_proj", "o_proj", "k_proj", "q_proj", "gate_proj", "up_proj", "v_proj"], use_dora=True, init_lora_weights="gaussian")
+    peft_config = LoraConfig(
+        r=8,
+        lora_alpha=8,
+        lora_dropout=0.1,
+        target_modules=["down_proj", "o_proj", "k_proj", "q_proj", "gate_proj", "up_proj", "v_proj"],
+        use_dora=True,
+        init_lora_weights="gaussian",
+    )
     pm = get_peft_model(m, peft_config)
     shapes = dict(ferrovlm._core.trainable_shapes(pm._core))
     assert any(k.endswith("lora_magnitude_vector") for k in shapes)

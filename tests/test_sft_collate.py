@@ -59,7 +59,9 @@ def test_matches_trl(case, processor, images):
         if k != "pixel_attention_mask":  # transformers' PIL path gives int64 0/1, ferrovlm's processor bool
             assert g.dtype == v.dtype, (k, g.dtype, v.dtype)
     # the user's rows are left as they were (TRL mutates them; we don't)
-    assert [[getattr(i, "size", None) for i in r["images"]] for r in rows] == [[images[n].size for n in r["images"]] for r in before]
+    assert [[getattr(i, "size", None) for i in r["images"]] for r in rows] == [
+        [images[n].size for n in r["images"]] for r in before
+    ]
 
 
 def test_assistant_only_labels_are_assistant_text(processor, images):
@@ -104,7 +106,9 @@ def test_error_paths(processor, images):
     with pytest.raises(KeyError):
         DataCollatorForVisionLanguageModeling(processor)([{"images": [], "foo": 1}])
     with pytest.raises(ValueError, match="does not match"):
-        prepare_multimodal_messages([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}], [])
+        prepare_multimodal_messages(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}], []
+        )
 
 
 def test_flush_left():

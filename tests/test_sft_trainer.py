@@ -11,10 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES
-from test_sft_trajectory import KEYS, load_rows, make_trainer
-
 import ferrovlm
+from conftest import FIXTURES
 from ferrovlm import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -27,6 +25,7 @@ from ferrovlm import (
     get_peft_model,
 )
 from ferrovlm.trainer import sorted_checkpoints
+from test_sft_trajectory import KEYS, load_rows, make_trainer
 
 SFT = FIXTURES / "sft"
 
@@ -70,9 +69,14 @@ def test_gradient_checkpointing_gives_identical_gradients(tiny_smolvlm, dropout)
     grads = []
     for ckpt in (False, True):
         model = AutoModelForImageTextToText.from_pretrained(tiny_smolvlm)
-        cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights="gaussian", target_modules="all-linear")
+        cfg = LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights="gaussian", target_modules="all-linear"
+        )
         peft = get_peft_model(model, cfg)
-        state = {k: (np.random.default_rng(1).standard_normal(v.shape) * 0.1).astype(np.float32) for k, v in _core.adapter_state(peft._core).items()}
+        state = {
+            k: (np.random.default_rng(1).standard_normal(v.shape) * 0.1).astype(np.float32)
+            for k, v in _core.adapter_state(peft._core).items()
+        }
         _core.load_adapter_state(peft._core, state)
         trainer, batch = _batch(tiny_smolvlm)
         session = _core.TrainSession(peft._core)
@@ -117,7 +121,10 @@ def test_save_pretrained_writes_peft_files_that_load_back(tiny_smolvlm, tmp_path
     src = FIXTURES / "lora" / "dora" / "adapter"
     model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_smolvlm), src, is_trainable=True)
     model.save_pretrained(tmp_path / "a")
-    ours, peft = _core.load_safetensors(tmp_path / "a" / "adapter_model.safetensors"), _core.load_safetensors(src / "adapter_model.safetensors")
+    ours, peft = (
+        _core.load_safetensors(tmp_path / "a" / "adapter_model.safetensors"),
+        _core.load_safetensors(src / "adapter_model.safetensors"),
+    )
     assert sorted(ours) == sorted(peft)
     for k in peft:
         np.testing.assert_array_equal(ours[k], peft[k])
@@ -129,10 +136,19 @@ def test_save_pretrained_writes_peft_files_that_load_back(tiny_smolvlm, tmp_path
 
 def test_merge_and_unload_and_disable_adapter(tiny_smolvlm):
     _, batch = _batch(tiny_smolvlm)
-    fwd = lambda m: m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-                      pixel_attention_mask=batch["pixel_attention_mask"]).logits
+
+    def fwd(m):
+        return m(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            pixel_attention_mask=batch["pixel_attention_mask"],
+        ).logits
+
     base_logits = fwd(AutoModelForImageTextToText.from_pretrained(tiny_smolvlm))
-    model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_smolvlm), FIXTURES / "lora" / "dora" / "adapter")
+    model = PeftModel.from_pretrained(
+        AutoModelForImageTextToText.from_pretrained(tiny_smolvlm), FIXTURES / "lora" / "dora" / "adapter"
+    )
     adapted = fwd(model)
     assert np.abs(adapted - base_logits).max() > 1e-3
     with model.disable_adapter():
@@ -142,7 +158,9 @@ def test_merge_and_unload_and_disable_adapter(tiny_smolvlm):
 
 
 def _cookbook_collate(processor, return_tensors):
-    image_token_id = processor.tokenizer.additional_special_tokens_ids[processor.tokenizer.additional_special_tokens.index("<image>")]
+    image_token_id = processor.tokenizer.additional_special_tokens_ids[
+        processor.tokenizer.additional_special_tokens.index("<image>")
+    ]
 
     def collate_fn(examples):
         texts = [processor.apply_chat_template(example["messages"], tokenize=False) for example in examples]
@@ -163,18 +181,40 @@ def test_cookbook_sft_code_path(tiny_smolvlm, tmp_path, return_tensors):
     get_peft_model / peft_config wrap, train() and save_model(), with only the imports changed."""
     if return_tensors == "pt":
         pytest.importorskip("torch")
-    model = AutoModelForImageTextToText.from_pretrained(tiny_smolvlm, torch_dtype="float32", _attn_implementation="eager")
+    model = AutoModelForImageTextToText.from_pretrained(
+        tiny_smolvlm, torch_dtype="float32", _attn_implementation="eager"
+    )
     processor = AutoProcessor.from_pretrained(tiny_smolvlm)
-    peft_config = LoraConfig(r=8, lora_alpha=8, lora_dropout=0.1, target_modules=["down_proj", "o_proj", "k_proj", "q_proj", "gate_proj", "up_proj", "v_proj"],
-                             use_dora=True, init_lora_weights="gaussian")
+    peft_config = LoraConfig(
+        r=8,
+        lora_alpha=8,
+        lora_dropout=0.1,
+        target_modules=["down_proj", "o_proj", "k_proj", "q_proj", "gate_proj", "up_proj", "v_proj"],
+        use_dora=True,
+        init_lora_weights="gaussian",
+    )
     peft_model = get_peft_model(model, peft_config)
     peft_model.print_trainable_parameters()
     training_args = SFTConfig(
-        output_dir=str(tmp_path / "smolvlm-sft"), num_train_epochs=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        warmup_steps=1, learning_rate=1e-4, weight_decay=0.01, logging_steps=1, save_strategy="steps", save_steps=1,
-        save_total_limit=1, optim="adamw_torch_fused", bf16=True, push_to_hub=False, report_to="none",
-        gradient_checkpointing_kwargs={"use_reentrant": False}, dataset_kwargs={"skip_prepare_dataset": True},
-        remove_unused_columns=False, max_length=1024,
+        output_dir=str(tmp_path / "smolvlm-sft"),
+        num_train_epochs=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        warmup_steps=1,
+        learning_rate=1e-4,
+        weight_decay=0.01,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        save_total_limit=1,
+        optim="adamw_torch_fused",
+        bf16=True,
+        push_to_hub=False,
+        report_to="none",
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        max_length=1024,
     )
     trainer = SFTTrainer(model=peft_model, args=training_args, train_dataset=load_rows("messages"),
                          data_collator=_cookbook_collate(processor, return_tensors), peft_config=peft_config,
@@ -199,8 +239,14 @@ def _colour_rows(rng, n):
         name = names[i % len(names)]
         rgb = np.clip(np.array(COLOURS[name]) + rng.integers(-25, 26, size=3), 0, 255)
         img = Image.fromarray(np.tile(rgb.astype(np.uint8), (32, 32, 1)))
-        rows.append({"images": [img], "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour?"}]}],
-                     "completion": [{"role": "assistant", "content": [{"type": "text", "text": name}]}], "answer": name})
+        rows.append(
+            {
+                "images": [img],
+                "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour?"}]}],
+                "completion": [{"role": "assistant", "content": [{"type": "text", "text": name}]}],
+                "answer": name,
+            }
+        )
     return rows
 
 
@@ -211,7 +257,11 @@ def colour_accuracy(model, processor, held_out):
         text = processor.apply_chat_template(r["prompt"], add_generation_prompt=True)
         inputs = processor(text=text, images=r["images"], return_tensors="np")
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-        right += processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip().startswith(r["answer"])
+        right += (
+            processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            .strip()
+            .startswith(r["answer"])
+        )
     return right / len(held_out)
 
 
@@ -221,10 +271,25 @@ def test_learns_a_generated_colour_task(tiny_smolvlm, tmp_path):
     processor = AutoProcessor.from_pretrained(tiny_smolvlm)
     processor.image_processor.do_image_splitting = False
     model = AutoModelForImageTextToText.from_pretrained(tiny_smolvlm)
-    args = SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=12, learning_rate=1e-2,
-                     lr_scheduler_type="constant", logging_steps=4, report_to="none", save_strategy="no", bf16=False, seed=0)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=[{k: v for k, v in r.items() if k != "answer"} for r in train],
-                         processing_class=processor, peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_train_epochs=12,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=4,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,
+        seed=0,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=[{k: v for k, v in r.items() if k != "answer"} for r in train],
+        processing_class=processor,
+        peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+    )
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses[-1] < 0.5 * losses[0], losses
@@ -257,15 +322,30 @@ def _cookbook_rows(rows, same_objects=True):
         imgs = iter(r["images"] if same_objects else [im.copy() for im in r["images"]])
         msgs = [{"role": "system", "content": [{"type": "text", "text": "You are a vision assistant."}]}]
         for m in r["messages"]:
-            msgs.append({**m, "content": [({"type": "image", "image": next(imgs)} if p["type"] == "image" else p) for p in m["content"]]})
+            msgs.append(
+                {
+                    **m,
+                    "content": [
+                        ({"type": "image", "image": next(imgs)} if p["type"] == "image" else p) for p in m["content"]
+                    ],
+                }
+            )
         out.append({"images": r["images"], "messages": msgs})
     return out
 
 
 def _placeholder_rows(rows):
     """The same rows with the images only in "images" (TRL 1.16's form)."""
-    return [{"images": r["images"], "messages": [{**m, "content": [({"type": "image"} if p["type"] == "image" else p) for p in m["content"]]}
-                                                 for m in r["messages"]]} for r in rows]
+    return [
+        {
+            "images": r["images"],
+            "messages": [
+                {**m, "content": [({"type": "image"} if p["type"] == "image" else p) for p in m["content"]]}
+                for m in r["messages"]
+            ],
+        }
+        for r in rows
+    ]
 
 
 def _trainer_on(tiny_smolvlm, rows, tmp_path):
@@ -299,13 +379,15 @@ def test_cookbook_rows_with_images_in_images_and_in_the_messages(tiny_smolvlm, t
     assert len(got) == len(want) == 2
     assert got == want
     # the rows themselves are left as they were
-    assert cookbook[0]["messages"][1]["content"][0]["type"] == "image" and "image" in cookbook[0]["messages"][1]["content"][0]
+    assert (
+        cookbook[0]["messages"][1]["content"][0]["type"] == "image"
+        and "image" in cookbook[0]["messages"][1]["content"][0]
+    )
 
 
 def test_cookbook_prompt_completion_rows_and_mismatched_images(tiny_smolvlm):
-    from test_sft_trajectory import load_rows as load_sft_rows
-
     from ferrovlm import DataCollatorForVisionLanguageModeling
+    from test_sft_trajectory import load_rows as load_sft_rows
 
     processor = AutoProcessor.from_pretrained(tiny_smolvlm)
     rows = _cookbook_rows(load_sft_rows("messages"))

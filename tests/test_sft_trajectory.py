@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES
-
 import ferrovlm
+from conftest import FIXTURES
 from ferrovlm import AutoProcessor, PeftModel, SFTConfig, SFTTrainer, _core
 
 SFT = FIXTURES / "sft"

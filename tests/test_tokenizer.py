@@ -24,14 +24,20 @@ def test_encode(tok, case):
     assert tok.encode(case["text"], add_special_tokens=case["add_special_tokens"]) == case["ids"]
 
 
-@pytest.mark.parametrize("case", EXPECTED["decode"], ids=lambda c: f"{len(c['ids'])}-{c['skip_special_tokens']}-{c['clean_up_tokenization_spaces']}")
+@pytest.mark.parametrize(
+    "case",
+    EXPECTED["decode"],
+    ids=lambda c: f"{len(c['ids'])}-{c['skip_special_tokens']}-{c['clean_up_tokenization_spaces']}",
+)
 def test_decode(tok, case):
     got = tok.decode(np.array(case["ids"]), skip_special_tokens=case["skip_special_tokens"],
                      clean_up_tokenization_spaces=case["clean_up_tokenization_spaces"])
     assert got == case["text"]
 
 
-@pytest.mark.parametrize("case", EXPECTED["batch"], ids=lambda c: f"{c['padding']}-{c['padding_side']}-{c['truncation']}")
+@pytest.mark.parametrize(
+    "case", EXPECTED["batch"], ids=lambda c: f"{c['padding']}-{c['padding_side']}-{c['truncation']}"
+)
 def test_padded_batches(tok, case):
     out = tok(case["texts"], padding={"longest": True, "do_not_pad": False}.get(case["padding"], case["padding"]),
               padding_side=case["padding_side"], max_length=case["max_length"], truncation=case["truncation"],
@@ -51,7 +57,11 @@ def test_special_tokens(tok):
     assert tok.additional_special_tokens_ids == [tok.convert_tokens_to_ids(t) for t in tok.additional_special_tokens]
 
 
-SMOLVLM_RENDERS = [c for c in EXPECTED["template_render"] if c["template"] == "smolvlm" and c["source"] == "tokenizer" and c["error"] is None]
+SMOLVLM_RENDERS = [
+    c
+    for c in EXPECTED["template_render"]
+    if c["template"] == "smolvlm" and c["source"] == "tokenizer" and c["error"] is None
+]
 
 
 @pytest.mark.parametrize("case", SMOLVLM_RENDERS, ids=lambda c: c["case"])
@@ -63,7 +73,9 @@ def test_chat_template_renders(tok, case):
 def test_tokenize_true_returns_encoding(tok):
     msgs = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
     enc = tok.apply_chat_template(msgs, add_generation_prompt=True)
-    assert enc["input_ids"] == tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+    assert enc["input_ids"] == tok.encode(
+        tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+    )
 
 
 def test_bad_inputs(tok, tmp_path):

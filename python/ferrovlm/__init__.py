@@ -12,7 +12,12 @@ import os as _os
 _os.environ.setdefault("CANDLE_NUM_THREADS", "1")
 
 from ._core import __version__  # noqa: E402
+from .batch import BatchEncoding, BatchFeature
 from .configuration import Idefics3Config, PretrainedConfig, SmolVLMConfig
+from .data_collator import DataCollatorForVisionLanguageModeling
+from .dpo_collator import DataCollatorForVisionPreference
+from .dpo_config import DPOConfig
+from .dpo_trainer import DPOTrainer
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -22,22 +27,8 @@ from .errors import (
     ModelNotCachedError,
     ProcessorError,
 )
-from .batch import BatchEncoding, BatchFeature
 from .generation import GenerationConfig, set_seed
 from .image_processing import Idefics3ImageProcessor, load_image
-from .pipelines import ImageTextToTextPipeline, pipeline
-from .processing import AutoProcessor, Idefics3Processor, SmolVLMProcessor
-from .tokenization import AutoTokenizer, PreTrainedTokenizerFast
-from .streamers import TextIteratorStreamer, TextStreamer
-from .peft_config import LoraConfig, TaskType
-from .quantization_config import BitsAndBytesConfig
-from .peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-from .sft_config import DPOConfig, SFTConfig, TrainingArguments
-from .data_collator import DataCollatorForVisionLanguageModeling
-from .trainer import TrainerState, TrainOutput, TrainingError
-from .sft_trainer import SFTTrainer
-from .dpo_trainer import DPOTrainer
-from .dpo_collator import DataCollatorForVisionPreference
 from .modeling import (
     AutoModelForImageTextToText,
     AutoModelForVision2Seq,
@@ -45,6 +36,17 @@ from .modeling import (
     ModelOutput,
     SmolVLMForConditionalGeneration,
 )
+from .peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from .peft_config import LoraConfig, TaskType
+from .pipelines import ImageTextToTextPipeline, pipeline
+from .processing import AutoProcessor, Idefics3Processor, SmolVLMProcessor
+from .quantization_config import BitsAndBytesConfig
+from .sft_config import SFTConfig
+from .sft_trainer import SFTTrainer
+from .streamers import TextIteratorStreamer, TextStreamer
+from .tokenization import AutoTokenizer, PreTrainedTokenizerFast
+from .trainer import TrainerState, TrainingError, TrainOutput
+from .training_args import TrainingArguments
 
 __all__ = [
     "BitsAndBytesConfig",

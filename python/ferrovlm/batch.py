@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -33,7 +33,7 @@ class BatchFeature(dict):
     """A dict of model inputs with attribute access (``batch.input_ids``), ``.to(device)`` and
     ``.convert_to_tensors``, like transformers' ``BatchFeature`` / ``BatchEncoding``."""
 
-    def __init__(self, data: Optional[Dict[str, Any]] = None, tensor_type: Optional[str] = None) -> None:
+    def __init__(self, data: Optional[dict[str, Any]] = None, tensor_type: Optional[str] = None) -> None:
         super().__init__(data or {})
         self.convert_to_tensors(tensor_type)
 
@@ -43,12 +43,12 @@ class BatchFeature(dict):
         except KeyError:
             raise AttributeError(key) from None
 
-    def convert_to_tensors(self, tensor_type: Optional[str] = None) -> "BatchFeature":
+    def convert_to_tensors(self, tensor_type: Optional[str] = None) -> BatchFeature:
         for k in list(self.keys()):
             self[k] = convert(self[k], k, tensor_type)
         return self
 
-    def to(self, *args: Any, **kwargs: Any) -> "BatchFeature":
+    def to(self, *args: Any, **kwargs: Any) -> BatchFeature:
         """Moves torch tensors (dtype casts apply to floating tensors only, like transformers); numpy
         arrays stay as they are, since everything runs on the CPU."""
         out = {}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any, Dict, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 _SUB_CONFIGS = ("text_config", "vision_config")
 
@@ -22,11 +23,11 @@ class PretrainedConfig:
             setattr(self, key, value)
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "PretrainedConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PretrainedConfig:
         return cls(**copy.deepcopy(data))
 
-    def to_dict(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = {}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for key, value in self.__dict__.items():
             out[key] = value.to_dict() if isinstance(value, PretrainedConfig) else copy.deepcopy(value)
         return out
@@ -34,7 +35,7 @@ class PretrainedConfig:
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
-    def get_text_config(self, decoder: bool = False) -> "PretrainedConfig":
+    def get_text_config(self, decoder: bool = False) -> PretrainedConfig:
         return getattr(self, "text_config", self)
 
     def __contains__(self, key: str) -> bool:

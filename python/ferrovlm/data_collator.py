@@ -29,8 +29,8 @@ TRL rules reproduced (trl/trainer/sft_trainer.py, transformers 5.24):
 
 Differences from TRL (deliberate): transformers 5.24's Idefics3 processor raises ``TypeError`` as soon as
 truncation shortens a row of a batch with images; ferrovlm truncates (on the tokenizer's truncation side) and
-raises ``ValueError`` only when the cut removes image tokens of a row. ``pad_to_multiple_of`` also works for prompt-completion
-rows (TRL raises NotImplementedError there).
+raises ``ValueError`` only when the cut removes image tokens of a row. ``pad_to_multiple_of`` also works for
+prompt-completion rows (TRL raises NotImplementedError there).
 
 Assistant-only loss: TRL swaps in its training copy of the SmolVLM template (``{% generation %}`` around
 everything after ``Assistant:`` up to and including ``<end_of_utterance>\\n``) and masks the tokens that overlap
@@ -43,9 +43,9 @@ expansion; each ``<image>`` placeholder's mask value is then copied onto its exp
 
 from __future__ import annotations
 
-import copy
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -56,7 +56,7 @@ _SUPPORTED_KEYS = ("prompt", "chosen", "rejected", "completion", "messages")
 
 # ---- TRL data helpers (own implementations of trl.data_utils behaviour) --------------------------------------
 
-def is_conversational(example: Dict[str, Any]) -> bool:
+def is_conversational(example: dict[str, Any]) -> bool:
     """True when a supported key holds a list of ``{"role": ...}`` dicts."""
     for key in _SUPPORTED_KEYS:
         if key in example:
@@ -65,11 +65,13 @@ def is_conversational(example: Dict[str, Any]) -> bool:
     return False
 
 
-def prepare_multimodal_messages(messages: List[Dict[str, Any]], images: Optional[Sequence[Any]] = None) -> List[Dict[str, Any]]:
+def prepare_multimodal_messages(
+    messages: list[dict[str, Any]], images: Optional[Sequence[Any]] = None
+) -> list[dict[str, Any]]:
     """String contents become ``[{"type": "text", ...}]``; the first user message with string content gets one
     ``{"type": "image"}`` placeholder per image in front; unfilled placeholders get the images in order."""
     images = list(images or [])
-    out: List[Dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     images_included = False
     for m in messages:
         role = m.get("role")
@@ -96,18 +98,25 @@ def prepare_multimodal_messages(messages: List[Dict[str, Any]], images: Optional
                 {**m, "content": [({**p, "image": next(it)} if p.get("type") == "image" else p) for p in m["content"]]}
                 for m in out]
     if slots != len(images):
-        raise ValueError(f"Number of images provided ({len(images)}) does not match number of image placeholders ({slots}).")
+        raise ValueError(
+            f"Number of images provided ({len(images)}) does not match number of image placeholders ({slots})."
+        )
     if images:
         it = iter(images)
         for i, m in enumerate(out):
             if not m.get("content") or m["role"] == "tool":
                 continue
-            out[i] = {**m, "content": [({**p, "image": next(it)} if p.get("type") == "image" and "image" not in p else p)
-                                       for p in m["content"]]}
+            out[i] = {
+                **m,
+                "content": [
+                    ({**p, "image": next(it)} if p.get("type") == "image" and "image" not in p else p)
+                    for p in m["content"]
+                ],
+            }
     return out
 
 
-def _images_given_twice(messages: List[Dict[str, Any]], images: Sequence[Any]) -> bool:
+def _images_given_twice(messages: list[dict[str, Any]], images: Sequence[Any]) -> bool:
     """True when the content's image parts (filled or not) are as many as ``images`` and each filled one holds
     the image at its position in ``images`` (the same object, or equal pixels: a ``datasets`` row decodes the two
     copies separately): rows that give their images both in ``"images"`` and in the messages, which TRL <= 0.22
@@ -136,13 +145,13 @@ def _same_image(a: Any, b: Any) -> bool:
     return a_arr.dtype != object and a_arr.shape == b_arr.shape and bool(np.array_equal(a_arr, b_arr))
 
 
-def _images_of(messages: List[Dict[str, Any]]) -> List[Any]:
+def _images_of(messages: list[dict[str, Any]]) -> list[Any]:
     from .processing import _images_in
 
     return _images_in(messages)
 
 
-def flush_left(mask: np.ndarray, *arrays: np.ndarray) -> Tuple[np.ndarray, ...]:
+def flush_left(mask: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     """Rolls each row so its first non-zero mask entry is at column 0, then drops the trailing columns whose mask
     is zero in every row (TRL's ``flush_left``)."""
     n, m = mask.shape
@@ -174,13 +183,15 @@ class DataCollatorForVisionLanguageModeling:
         self.return_tensors = return_tensors
 
     # -- entry ---------------------------------------------------------------------------------------------------
-    def __call__(self, examples: Sequence[Dict[str, Any]], return_tensors: Optional[str] = None) -> BatchFeature:
+    def __call__(self, examples: Sequence[dict[str, Any]], return_tensors: Optional[str] = None) -> BatchFeature:
         if not examples:
             raise ValueError("cannot collate an empty batch")
         rt = return_tensors or self.return_tensors
         first = examples[0]
         if self.assistant_only_loss and "messages" not in first:
-            raise ValueError("The `assistant_only_loss` argument is only supported for conversational language modeling datasets.")
+            raise ValueError(
+                "The `assistant_only_loss` argument is only supported for conversational language modeling datasets."
+            )
         if "messages" in first or self.dataset_text_field in first:
             if self.completion_only_loss:
                 raise ValueError("The `completion_only_loss` argument is not supported for language modeling datasets.")
@@ -208,7 +219,7 @@ class DataCollatorForVisionLanguageModeling:
         return int(pid)
 
     @staticmethod
-    def _row_images(examples: Sequence[Dict[str, Any]]) -> List[List[Any]]:
+    def _row_images(examples: Sequence[dict[str, Any]]) -> list[list[Any]]:
         out = []
         for ex in examples:
             if "images" in ex:
@@ -224,11 +235,11 @@ class DataCollatorForVisionLanguageModeling:
         t = self.chat_template
         return _GEN_TAG.sub("", t) if isinstance(t, str) else t
 
-    def _render(self, messages: List[Dict[str, Any]], **kw: Any) -> str:
+    def _render(self, messages: list[dict[str, Any]], **kw: Any) -> str:
         return self.processor.apply_chat_template(messages, chat_template=kw.pop("chat_template", None),
                                                   tokenize=False, **kw)
 
-    def _pad_multiple(self, data: Dict[str, Any], pad_side: str = "right") -> None:
+    def _pad_multiple(self, data: dict[str, Any], pad_side: str = "right") -> None:
         m = self.pad_to_multiple_of
         if not m:
             return
@@ -244,7 +255,7 @@ class DataCollatorForVisionLanguageModeling:
         if "labels" in data:
             data["labels"] = pad(data["labels"], -100)
 
-    def _check_image_tokens(self, data: Dict[str, Any]) -> None:
+    def _check_image_tokens(self, data: dict[str, Any]) -> None:
         """After truncation: every real image tile must still have all its image tokens."""
         if self.max_length is None or "pixel_values" not in data:
             return
@@ -263,7 +274,7 @@ class DataCollatorForVisionLanguageModeling:
                                  f"{t * seq} image tokens kept); raise max_length or lower the image resolution")
 
     # -- language modeling ---------------------------------------------------------------------------------------
-    def _collate_language_modeling(self, examples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    def _collate_language_modeling(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         row_images = self._row_images(examples)
         kwargs = dict(padding=True, padding_side="right", truncation=self.max_length is not None,
                       max_length=self.max_length, add_special_tokens=False, return_tensors="np")
@@ -322,12 +333,12 @@ class DataCollatorForVisionLanguageModeling:
             new_extra[i, : len(a)] = e
         return new_ids, new_attn, new_extra
 
-    def assistant_token_mask(self, messages: List[Dict[str, Any]], text: str, input_ids: np.ndarray) -> np.ndarray:
+    def assistant_token_mask(self, messages: list[dict[str, Any]], text: str, input_ids: np.ndarray) -> np.ndarray:
         """1 on the tokens of ``input_ids`` (the processed, possibly truncated, unpadded row for the rendering
         ``text`` of ``messages``) that overlap an assistant turn's span (after ``Assistant:`` through the end of
         the turn, ``<end_of_utterance>\\n`` included)."""
         template = self._template()
-        spans: List[Tuple[int, int]] = []
+        spans: list[tuple[int, int]] = []
         for k, m in enumerate(messages):
             if m.get("role") != "assistant":
                 continue
@@ -357,7 +368,7 @@ class DataCollatorForVisionLanguageModeling:
             tmask[a:b] = 1
         return self._expand_mask(full, tmask, np.asarray(input_ids))
 
-    def _expand_mask(self, unexpanded: List[int], tmask: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def _expand_mask(self, unexpanded: list[int], tmask: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Copies each ``<image>`` placeholder's mask value onto its expansion in ``ids``."""
         tok = self._tokenizer
         img = tok.convert_tokens_to_ids(getattr(self.processor, "image_token", "<image>"))
@@ -388,7 +399,7 @@ class DataCollatorForVisionLanguageModeling:
         return out
 
     # -- prompt-completion ---------------------------------------------------------------------------------------
-    def _collate_prompt_completion(self, examples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    def _collate_prompt_completion(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         row_images = self._row_images(examples)
         prompts, completions, images = [], [], []
         for ex, imgs in zip(examples, row_images):
@@ -427,8 +438,8 @@ class DataCollatorForVisionLanguageModeling:
         self._pad_multiple(data)
         return data
 
-    def _render_prompt_completion(self, prompt: List[Dict[str, Any]], completion: List[Dict[str, Any]],
-                                  template_kwargs: Dict[str, Any]) -> Tuple[str, str]:
+    def _render_prompt_completion(self, prompt: list[dict[str, Any]], completion: list[dict[str, Any]],
+                                  template_kwargs: dict[str, Any]) -> tuple[str, str]:
         gen, cont = generation_flags(prompt)
         p = self._render(prompt, add_generation_prompt=gen, continue_final_message=cont, **template_kwargs)
         full = self._render(prompt + completion, **template_kwargs)
@@ -436,7 +447,7 @@ class DataCollatorForVisionLanguageModeling:
         return head, full[len(head):]
 
 
-def generation_flags(prompt: List[Dict[str, Any]]) -> Tuple[bool, bool]:
+def generation_flags(prompt: list[dict[str, Any]]) -> tuple[bool, bool]:
     """(add_generation_prompt, continue_final_message) for rendering a prompt the way TRL does."""
     last = prompt[-1]["role"]
     if last in ("user", "tool"):
@@ -464,17 +475,19 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def is_vision_dataset(sample: Dict[str, Any]) -> bool:
+def is_vision_dataset(sample: dict[str, Any]) -> bool:
     """TRL's test on the first row: an ``image`` or ``images`` key."""
     return "image" in sample or "images" in sample
 
 
-def signature_columns(is_vision: bool) -> List[str]:
+def signature_columns(is_vision: bool) -> list[str]:
     """Columns ``remove_unused_columns=True`` keeps (TRL's ``_set_signature_columns_if_needed``)."""
-    return ["messages", "prompt", "completion", "image", "images"] if is_vision else ["input_ids", "labels", "seq_lengths"]
+    return (
+        ["messages", "prompt", "completion", "image", "images"] if is_vision else ["input_ids", "labels", "seq_lengths"]
+    )
 
 
-def skip_prepare_dataset(args: Any, sample: Dict[str, Any]) -> bool:
+def skip_prepare_dataset(args: Any, sample: dict[str, Any]) -> bool:
     """TRL skips dataset preparation (ChatML conversion, EOS appending, tokenization) when
     ``dataset_kwargs={"skip_prepare_dataset": True}`` or when the data is a vision dataset: such rows go to the
     collator as they are (the user's ``data_collator`` when given, else ``DataCollatorForVisionLanguageModeling``)."""

@@ -28,12 +28,19 @@ forward with "Image features and image tokens do not match").
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 
 from .batch import BatchFeature
-from .data_collator import common_prefix_str, flush_left, generation_flags, is_conversational, prepare_multimodal_messages
+from .data_collator import (
+    common_prefix_str,
+    flush_left,
+    generation_flags,
+    is_conversational,
+    prepare_multimodal_messages,
+)
 
 
 class DataCollatorForVisionPreference:
@@ -56,10 +63,10 @@ class DataCollatorForVisionPreference:
         # TRL: `pad_token_id or eos_token_id` (a pad id of 0 also falls back to the EOS id)
         return int(tok.pad_token_id or tok.eos_token_id)
 
-    def _render(self, messages: List[Dict[str, Any]], **kw: Any) -> str:
+    def _render(self, messages: list[dict[str, Any]], **kw: Any) -> str:
         return self.processor.apply_chat_template(messages, tokenize=False, **kw)
 
-    def render_example(self, ex: Dict[str, Any], images: Sequence[Any]) -> Tuple[str, str, str]:
+    def render_example(self, ex: dict[str, Any], images: Sequence[Any]) -> tuple[str, str, str]:
         """-> (prompt, chosen, rejected) texts as TRL's ``apply_chat_template`` gives them for a preference row."""
         if not is_conversational(ex):
             return ex["prompt"], ex["chosen"], ex["rejected"]
@@ -74,11 +81,11 @@ class DataCollatorForVisionPreference:
         p = common_prefix_str(p, pc, pr)
         return p, pc[len(p):], pr[len(p):]
 
-    def __call__(self, examples: Sequence[Dict[str, Any]], return_tensors: Optional[str] = None) -> BatchFeature:
+    def __call__(self, examples: Sequence[dict[str, Any]], return_tensors: Optional[str] = None) -> BatchFeature:
         if not examples:
             raise ValueError("cannot collate an empty batch")
         rt = return_tensors or self.return_tensors
-        row_images: List[List[Any]] = []
+        row_images: list[list[Any]] = []
         for ex in examples:
             if "images" in ex:
                 row_images.append([] if ex["images"] is None else list(ex["images"]))
@@ -92,7 +99,7 @@ class DataCollatorForVisionPreference:
             prompts.append(p)
             chosens.append(c)
             rejecteds.append(r)
-        images: Optional[List[List[Any]]] = row_images * 2
+        images: Optional[list[list[Any]]] = row_images * 2
         if all(len(x) == 0 for x in images):
             images = None
 
@@ -132,14 +139,18 @@ class DataCollatorForVisionPreference:
             if extra:
                 n = input_ids.shape[0]
                 data["input_ids"] = np.concatenate([input_ids, np.full((n, extra), pad_id, input_ids.dtype)], axis=1)
-                data["attention_mask"] = np.concatenate([attention_mask, np.zeros((n, extra), attention_mask.dtype)], axis=1)
-                data["completion_mask"] = np.concatenate([completion_mask, np.zeros((n, extra), completion_mask.dtype)], axis=1)
+                data["attention_mask"] = np.concatenate(
+                    [attention_mask, np.zeros((n, extra), attention_mask.dtype)], axis=1
+                )
+                data["completion_mask"] = np.concatenate(
+                    [completion_mask, np.zeros((n, extra), completion_mask.dtype)], axis=1
+                )
         out = BatchFeature(data)
         if rt == "pt":
             out.convert_to_tensors("pt")
         return out
 
-    def _check_image_tokens(self, data: Dict[str, Any], prompt_ids: np.ndarray) -> None:
+    def _check_image_tokens(self, data: dict[str, Any], prompt_ids: np.ndarray) -> None:
         if self.max_length is None or "pixel_values" not in data:
             return
         img_id = getattr(self.processor, "image_token_id", None)

@@ -9,16 +9,17 @@ rejected sequences and by the reference pass."""
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from . import _core
 from .dpo_collator import DataCollatorForVisionPreference
+from .dpo_config import DPOConfig
 from .generation import set_seed
 from .peft import PeftModel, get_peft_model
-from .sft_config import DPOConfig
-from .trainer import BaseTrainer, TrainingError, _batch_arrays
+from .trainer import BaseTrainer, _batch_arrays
 
 
 def _labels_from_completion(batch: Any) -> Any:
@@ -39,7 +40,7 @@ class DPOTrainer(BaseTrainer):
         model: Any,
         ref_model: Any = None,
         args: Optional[DPOConfig] = None,
-        data_collator: Optional[Callable[[List[Dict[str, Any]]], Any]] = None,
+        data_collator: Optional[Callable[[list[dict[str, Any]]], Any]] = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
@@ -63,19 +64,27 @@ class DPOTrainer(BaseTrainer):
         # attached also makes a fresh LoRA's initial weights (and so the whole run) reproducible.
         set_seed(int(args.seed))
         if compute_metrics is not None or optimizers not in ((None, None), None):
-            raise NotImplementedError("compute_metrics and custom optimizers are not supported by ferrovlm's DPOTrainer")
+            raise NotImplementedError(
+                "compute_metrics and custom optimizers are not supported by ferrovlm's DPOTrainer"
+            )
         processing_class = processing_class if processing_class is not None else tokenizer
         if processing_class is None:
             processing_class = AutoProcessor.from_pretrained(getattr(model.config, "_name_or_path", None))
         if isinstance(model, PeftModel):
             if peft_config is not None:
-                warnings.warn("the model already has a LoRA adapter; peft_config is not applied a second time", UserWarning, stacklevel=2)
+                warnings.warn(
+                    "the model already has a LoRA adapter; peft_config is not applied a second time",
+                    UserWarning,
+                    stacklevel=2,
+                )
             self._ref_mode = "snapshot"
         elif peft_config is not None:
             model = get_peft_model(model, peft_config)
             self._ref_mode = "disabled"
         else:
-            raise NotImplementedError("DPOTrainer trains LoRA adapters: pass peft_config= or a model from get_peft_model()")
+            raise NotImplementedError(
+                "DPOTrainer trains LoRA adapters: pass peft_config= or a model from get_peft_model()"
+            )
         if ref_model is not None:
             self._ref_mode = "model"
         self.ref_model = ref_model
@@ -85,7 +94,7 @@ class DPOTrainer(BaseTrainer):
             processing_class, max_length=args.max_length, pad_to_multiple_of=args.pad_to_multiple_of
         )
         self._ref_state = _core.adapter_state(model._core) if self._ref_mode == "snapshot" else None
-        self._precomputed: Optional[Dict[int, tuple]] = None
+        self._precomputed: Optional[dict[int, tuple]] = None
         loss_type = args.loss_type if isinstance(args.loss_type, (list, tuple)) else [args.loss_type]
         weights = args.loss_weights if args.loss_weights is not None else [1.0] * len(loss_type)
         if len(weights) != len(loss_type):
@@ -93,24 +102,33 @@ class DPOTrainer(BaseTrainer):
         self._losses = [(str(t), float(w)) for t, w in zip(loss_type, weights)]
 
     # -- data ---------------------------------------------------------------------------------------
-    def _collate(self, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    def _collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         for k in ("prompt", "chosen", "rejected"):
             for i, r in enumerate(rows):
                 if k not in r or r[k] is None:
                     raise KeyError(f"row {i} of the batch has no '{k}'")
         for i, r in enumerate(rows):
             if r["chosen"] == r["rejected"]:
-                warnings.warn(f"a row has identical chosen and rejected completions: it contributes no preference signal (batch row {i})", UserWarning, stacklevel=3)
+                warnings.warn(
+                    "a row has identical chosen and rejected completions: it contributes no preference signal "
+                    f"(batch row {i})",
+                    UserWarning,
+                    stacklevel=3,
+                )
         return _batch_arrays(_labels_from_completion(self.data_collator(rows)))
 
-    def _collate_rows(self, ds: Any, idx: Sequence[int], what: str) -> Dict[str, Any]:
+    def _collate_rows(self, ds: Any, idx: Sequence[int], what: str) -> dict[str, Any]:
         batch = super()._collate_rows(ds, idx, what)
         batch["_rows"] = [int(i) for i in idx]
         return batch
 
     # -- reference ----------------------------------------------------------------------------------
-    def _reference(self, batch: Dict[str, Any]) -> List[float]:
-        if self._precomputed is not None and all(i in self._precomputed for i in batch.get("_rows", [])) and batch.get("_rows"):
+    def _reference(self, batch: dict[str, Any]) -> list[float]:
+        if (
+            self._precomputed is not None
+            and all(i in self._precomputed for i in batch.get("_rows", []))
+            and batch.get("_rows")
+        ):
             rows = batch["_rows"]
             return [self._precomputed[i][0] for i in rows] + [self._precomputed[i][1] for i in rows]
         kw = dict(attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
@@ -132,7 +150,7 @@ class DPOTrainer(BaseTrainer):
             _core.load_adapter_state(core, current)
 
     def _precompute(self) -> None:
-        out: Dict[int, tuple] = {}
+        out: dict[int, tuple] = {}
         bs = int(self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size)
         n = len(self.train_dataset)
         for start in range(0, n, bs):
@@ -151,23 +169,39 @@ class DPOTrainer(BaseTrainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # -- one micro-batch ----------------------------------------------------------------------------
-    def _count_items(self, batch: Dict[str, Any]) -> int:
+    def _count_items(self, batch: dict[str, Any]) -> int:
         return 1
 
-    def _micro_step(self, batch: Dict[str, Any], n_items: int, seed: int, backward: bool = True, mode: str = "train") -> float:
+    def _micro_step(
+        self, batch: dict[str, Any], n_items: int, seed: int, backward: bool = True, mode: str = "train"
+    ) -> float:
         ref = self._reference(batch)
-        accum = max(n_items, 1)  # one item per micro-batch: the loss is a mean over pairs, divided by the accumulation steps
+        accum = max(
+            n_items, 1
+        )  # one item per micro-batch: the loss is a mean over pairs, divided by the accumulation steps
         a = self.args
         s = self.session.dpo_step(
-            batch["input_ids"], batch["labels"], ref, self._losses, beta=float(a.beta), label_smoothing=float(a.label_smoothing),
-            attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"], pixel_attention_mask=batch["pixel_attention_mask"],
-            loss_scale=1.0 / accum, gradient_checkpointing=bool(a.gradient_checkpointing), dropout_seed=seed, backward=backward,
+            batch["input_ids"],
+            batch["labels"],
+            ref,
+            self._losses,
+            beta=float(a.beta),
+            label_smoothing=float(a.label_smoothing),
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            pixel_attention_mask=batch["pixel_attention_mask"],
+            loss_scale=1.0 / accum,
+            gradient_checkpointing=bool(a.gradient_checkpointing),
+            dropout_seed=seed,
+            backward=backward,
         )
         self._account_dpo(s, mode)
         return s["loss"] / accum
 
-    def _account_dpo(self, s: Dict[str, Any], mode: str) -> None:
-        rec = lambda k, v: self._record(mode, k, v)
+    def _account_dpo(self, s: dict[str, Any], mode: str) -> None:
+        def rec(k: str, v: float) -> None:
+            self._record(mode, k, v)
+
         n = s["num_label_tokens"]
         if n:
             rec("entropy", s["entropy_sum"] / n)
@@ -186,10 +220,9 @@ class DPOTrainer(BaseTrainer):
         rec("logps/chosen", np.mean(s["chosen_logps"]))
         rec("logps/rejected", np.mean(s["rejected_logps"]))
 
-    def _micro_group(self, batches: List[Dict[str, Any]]) -> int:
-        return len(batches)
-
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Dict[str, float]:
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
         if ds is None:
             raise ValueError("Trainer: evaluation requires an eval_dataset.")
@@ -202,7 +235,7 @@ class DPOTrainer(BaseTrainer):
                 batch = self._collate_rows(ds, idx, "eval_dataset")
                 batch.pop("_rows")
                 losses.append((self._micro_step(batch, 1, 0, backward=False, mode="eval"), len(idx)))
-        metrics = {f"{metric_key_prefix}_loss": sum(l * n for l, n in losses) / sum(n for _, n in losses)}
+        metrics = {f"{metric_key_prefix}_loss": sum(loss * n for loss, n in losses) / sum(n for _, n in losses)}
         metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._flush_metrics("eval").items()})
         self.log(dict(metrics))
         return metrics

@@ -13,11 +13,11 @@ import random
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 import numpy as np
 
-_DEFAULTS: Dict[str, Any] = {
+_DEFAULTS: dict[str, Any] = {
     "max_length": 20,
     "max_new_tokens": None,
     "min_new_tokens": None,
@@ -39,7 +39,7 @@ _DEFAULTS: Dict[str, Any] = {
 _IGNORED = {"use_cache", "output_scores", "return_dict_in_generate", "output_attentions", "output_hidden_states",
             "transformers_version", "_from_model_config", "cache_implementation", "return_legacy_cache"}
 
-_SEED: List[Optional[int]] = [None]
+_SEED: list[Optional[int]] = [None]
 
 
 def set_seed(seed: int) -> None:
@@ -72,7 +72,7 @@ class GenerationConfig:
             setattr(self, k, v)
 
     @classmethod
-    def from_pretrained(cls, path: "str | os.PathLike[str]", model_config: Any = None) -> "GenerationConfig":
+    def from_pretrained(cls, path: str | os.PathLike[str], model_config: Any = None) -> GenerationConfig:
         """Reads ``generation_config.json``; without one, special tokens come from the model config."""
         f = Path(path) / "generation_config.json"
         if f.is_file():
@@ -86,7 +86,7 @@ class GenerationConfig:
         return cls.from_model_config(model_config)
 
     @classmethod
-    def from_model_config(cls, model_config: Any) -> "GenerationConfig":
+    def from_model_config(cls, model_config: Any) -> GenerationConfig:
         """Defaults plus the special token ids of the model config's text part."""
         cfg = cls()
         text = getattr(model_config, "text_config", None)
@@ -96,7 +96,7 @@ class GenerationConfig:
                 setattr(cfg, key, value)
         return cfg
 
-    def update(self, **kwargs: Any) -> Dict[str, Any]:
+    def update(self, **kwargs: Any) -> dict[str, Any]:
         """Sets the known keys; returns the unknown ones (like transformers)."""
         unused = {}
         for k, v in kwargs.items():
@@ -106,14 +106,14 @@ class GenerationConfig:
                 unused[k] = v
         return unused
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
     def __repr__(self) -> str:
         return f"GenerationConfig {json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)}"
 
 
-def _ids(value: Any) -> List[int]:
+def _ids(value: Any) -> list[int]:
     if value is None:
         return []
     if isinstance(value, (list, tuple)):
@@ -124,7 +124,7 @@ def _ids(value: Any) -> List[int]:
     return [int(value)]
 
 
-def resolve(config: GenerationConfig, prompt_len: int, max_positions: int) -> Dict[str, Any]:
+def resolve(config: GenerationConfig, prompt_len: int, max_positions: int) -> dict[str, Any]:
     """The settings the Rust loop needs, validated like transformers' GenerationConfig.validate."""
     if config.max_new_tokens is not None:
         if int(config.max_new_tokens) <= 0:

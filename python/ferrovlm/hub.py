@@ -24,12 +24,12 @@ def is_offline() -> bool:
 
 
 def resolve_pretrained(
-    id_or_path: "str | os.PathLike[str]",
+    id_or_path: str | os.PathLike[str],
     *,
     revision: Optional[str] = None,
-    cache_dir: "Optional[str | os.PathLike[str]]" = None,
+    cache_dir: Optional[str | os.PathLike[str]] = None,
     local_files_only: bool = False,
-    token: "Optional[str | bool]" = None,
+    token: Optional[str | bool] = None,
     marker: str = "config.json",
 ) -> str:
     """Returns the directory holding ``id_or_path``; ``marker`` is a file it must contain
@@ -60,7 +60,7 @@ def resolve_pretrained(
             raise ModelNotCachedError(f"{err}; downloading it failed: {download_err}") from download_err
 
 
-def resolve_pretrained_kwargs(id_or_path: "str | os.PathLike[str]", kwargs: dict, marker: str = "config.json") -> str:
+def resolve_pretrained_kwargs(id_or_path: str | os.PathLike[str], kwargs: dict, marker: str = "config.json") -> str:
     """``resolve_pretrained`` taking (and removing) the hub keyword arguments of a ``from_pretrained``
     call: ``revision``, ``cache_dir``, ``local_files_only``, ``token``, ``trust_remote_code``."""
     kwargs.pop("trust_remote_code", None)

@@ -7,7 +7,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from .errors import ProcessorError
 # Pillow's Image.MAX_IMAGE_PIXELS error threshold (it raises above twice its warning limit).
 MAX_IMAGE_PIXELS: Optional[int] = 2 * 89_478_485
 
-_DEFAULTS: Dict[str, Any] = {
+_DEFAULTS: dict[str, Any] = {
     "do_convert_rgb": True,
     "do_resize": True,
     "size": {"longest_edge": 4 * 364},
@@ -136,23 +136,25 @@ class Idefics3ImageProcessor:
             setattr(self, k, v)
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "Idefics3ImageProcessor":
+    def from_dict(cls, data: dict[str, Any]) -> Idefics3ImageProcessor:
         return cls(**{k: v for k, v in data.items() if k not in ("image_processor_type", "processor_class")})
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
         d["image_processor_type"] = type(self).__name__
         return d
 
-    def _config_json(self, overrides: Dict[str, Any]) -> str:
+    def _config_json(self, overrides: dict[str, Any]) -> str:
         d = self.to_dict()
         d.update({k: v for k, v in overrides.items() if v is not None})
         return json.dumps(d, default=_jsonable)
 
-    def __call__(self, images: Any, return_tensors: Optional[str] = None, return_row_col_info: bool = False, **kwargs: Any) -> BatchFeature:
+    def __call__(
+        self, images: Any, return_tensors: Optional[str] = None, return_row_col_info: bool = False, **kwargs: Any
+    ) -> BatchFeature:
         nested = nest_images(images)
         pv, mask, rows, cols = self.process(nested, **kwargs)
-        data: Dict[str, Any] = {"pixel_values": pv}
+        data: dict[str, Any] = {"pixel_values": pv}
         if mask is not None:
             data["pixel_attention_mask"] = mask
         if return_row_col_info:
@@ -161,9 +163,12 @@ class Idefics3ImageProcessor:
 
     preprocess = __call__
 
-    def process(self, nested: List[List[Any]], **overrides: Any):
+    def process(self, nested: list[list[Any]], **overrides: Any):
         """(pixel_values, pixel_attention_mask or None, rows, cols) for images grouped per sample."""
-        tuples = [[to_pil_tuple(img, f"sample {s}, image {i}") for i, img in enumerate(sample)] for s, sample in enumerate(nested)]
+        tuples = [
+            [to_pil_tuple(img, f"sample {s}, image {i}") for i, img in enumerate(sample)]
+            for s, sample in enumerate(nested)
+        ]
         return _core.process_images(tuples, self._config_json(overrides))
 
     def __repr__(self) -> str:
@@ -178,7 +183,7 @@ def _jsonable(v: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {v!r}")
 
 
-def nest_images(images: Any) -> List[List[Any]]:
+def nest_images(images: Any) -> list[list[Any]]:
     """A single image, a flat list (one sample with those images) or per-sample lists -> per-sample
     lists (transformers' ``make_nested_list_of_images``)."""
     if images is None:

@@ -11,14 +11,13 @@ import copy
 import json
 import os
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from . import _core
 from ._tensors import is_torch_tensor, like_inputs, to_numpy
 from .configuration import CONFIG_CLASSES, PretrainedConfig
-from .errors import ConfigError
 from .generation import GenerationConfig, resolve
 from .hub import resolve_pretrained
 
@@ -32,7 +31,7 @@ _ATTN_IMPLEMENTATIONS = {"eager", "sdpa", "flash_attention_2", "flash_attention_
 _IGNORED_FORWARD_KWARGS = {"use_cache", "output_attentions", "output_hidden_states", "return_dict", "cache_position"}
 
 
-def _dtype_name(dtype: Any, config: Dict[str, Any]) -> str:
+def _dtype_name(dtype: Any, config: dict[str, Any]) -> str:
     """Maps ``dtype=`` / ``torch_dtype=`` (torch dtype, string, "auto" or None) to a core dtype name.
 
     None and "auto" take the checkpoint's own dtype, as transformers 5 does."""
@@ -57,10 +56,12 @@ def _quantization_config(quantization_config: Any, load_in_4bit: bool, load_in_8
     if load_in_4bit or load_in_8bit:
         if quantization_config is not None:
             raise ValueError(
-                "You can't pass `load_in_4bit`or `load_in_8bit` as a kwarg when passing `quantization_config` argument at the same time."
+                "You can't pass `load_in_4bit`or `load_in_8bit` as a kwarg when passing `quantization_config` argument "
+                "at the same time."
             )
         warnings.warn(
-            "The `load_in_4bit` and `load_in_8bit` arguments are deprecated and will be removed in the future versions. "
+            "The `load_in_4bit` and `load_in_8bit` arguments are deprecated and will be removed in the future "
+            "versions. "
             "Please, pass a `BitsAndBytesConfig` object in `quantization_config` argument instead.",
             FutureWarning,
             stacklevel=3,
@@ -77,7 +78,9 @@ def _quantization_config(quantization_config: Any, load_in_4bit: bool, load_in_8
         return quantization_config
     if type(quantization_config).__name__ == "BitsAndBytesConfig" and hasattr(quantization_config, "to_dict"):
         return BitsAndBytesConfig.from_dict(quantization_config.to_dict())  # transformers' own class
-    raise ValueError(f"unsupported quantization_config {type(quantization_config).__name__}; use ferrovlm.BitsAndBytesConfig")
+    raise ValueError(
+        f"unsupported quantization_config {type(quantization_config).__name__}; use ferrovlm.BitsAndBytesConfig"
+    )
 
 
 def _check_device_map(device_map: Any) -> None:
@@ -107,7 +110,9 @@ class Idefics3ForConditionalGeneration:
     config_class = CONFIG_CLASSES["idefics3"]
     main_input_name = "input_ids"
 
-    def __init__(self, core: "_core.VlmModel", config: PretrainedConfig, generation_config: Optional[GenerationConfig] = None) -> None:
+    def __init__(
+        self, core: _core.VlmModel, config: PretrainedConfig, generation_config: Optional[GenerationConfig] = None
+    ) -> None:
         self._core = core
         self.config = config
         self.generation_config = generation_config or GenerationConfig.from_model_config(config)
@@ -117,7 +122,7 @@ class Idefics3ForConditionalGeneration:
     @classmethod
     def from_pretrained(
         cls,
-        pretrained_model_name_or_path: "str | os.PathLike[str]",
+        pretrained_model_name_or_path: str | os.PathLike[str],
         *,
         dtype: Any = None,
         torch_dtype: Any = None,
@@ -125,22 +130,25 @@ class Idefics3ForConditionalGeneration:
         attn_implementation: Optional[str] = None,
         _attn_implementation: Optional[str] = None,
         revision: Optional[str] = None,
-        cache_dir: "Optional[str | os.PathLike[str]]" = None,
+        cache_dir: Optional[str | os.PathLike[str]] = None,
         local_files_only: bool = False,
-        token: "Optional[str | bool]" = None,
+        token: Optional[str | bool] = None,
         low_cpu_mem_usage: Optional[bool] = None,
         trust_remote_code: bool = False,
         quantization_config: Any = None,
         load_in_4bit: bool = False,
         load_in_8bit: bool = False,
-    ) -> "Idefics3ForConditionalGeneration":
+    ) -> Idefics3ForConditionalGeneration:
         if dtype is not None and torch_dtype is not None:
             raise ValueError("pass only one of dtype= and torch_dtype=")
         attn = attn_implementation or _attn_implementation
         if attn is not None and attn not in _ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation={attn!r} is not one of {sorted(_ATTN_IMPLEMENTATIONS)}")
         if attn in ("flash_attention_2", "flash_attention_3"):
-            warnings.warn(f"attn_implementation={attn!r} needs a GPU; ferrovlm runs its own fused attention on the CPU", stacklevel=2)
+            warnings.warn(
+                f"attn_implementation={attn!r} needs a GPU; ferrovlm runs its own fused attention on the CPU",
+                stacklevel=2,
+            )
         quant = _quantization_config(quantization_config, load_in_4bit, load_in_8bit)
         _check_device_map(device_map)
         path = resolve_pretrained(
@@ -155,14 +163,16 @@ class Idefics3ForConditionalGeneration:
         expected = cls.config_class.model_type
         if not issubclass(cls, _AutoBase) and model_type != expected:
             warnings.warn(
-                f"loading a '{model_type}' checkpoint into {cls.__name__} (made for '{expected}'); the math is the same",
+                f"loading a '{model_type}' checkpoint into {cls.__name__} (made for '{expected}'); the math is the "
+                "same",
                 stacklevel=2,
             )
         stored_quant = resolved.get("quantization_config")
         if stored_quant is not None and quant is not None:
             warnings.warn(
-                "You passed `quantization_config` or equivalent parameters to `from_pretrained` but the model you're loading "
-                "already has a `quantization_config` attribute. The `quantization_config` from the model will be used.",
+                "You passed `quantization_config` or equivalent parameters to `from_pretrained` but the model you're "
+                "loading already has a `quantization_config` attribute. The `quantization_config` from the model "
+                "will be used.",
                 stacklevel=2,
             )
             quant = None
@@ -199,21 +209,21 @@ class Idefics3ForConditionalGeneration:
         except ImportError:
             return name
 
-    def to(self, *args: Any, **kwargs: Any) -> "Idefics3ForConditionalGeneration":
+    def to(self, *args: Any, **kwargs: Any) -> Idefics3ForConditionalGeneration:
         if self.is_quantized and (kwargs.get("dtype") is not None or any(_is_dtype(a) for a in args)):
             raise ValueError(
-                "`.to` is not supported for `4-bit` or `8-bit` bitsandbytes models. Please use the model as it is, since the"
-                " model has already been set to the correct devices and casted to the correct `dtype`."
+                "`.to` is not supported for `4-bit` or `8-bit` bitsandbytes models. Please use the model as it is, "
+                "since the model has already been set to the correct devices and casted to the correct `dtype`."
             )
         for a in list(args) + list(kwargs.values()):
             if str(a).split(":")[0] not in ("cpu",) and not str(a).startswith("torch."):
                 warnings.warn(f"device {a!r} is not supported yet; ferrovlm runs on the CPU", stacklevel=2)
         return self
 
-    def eval(self) -> "Idefics3ForConditionalGeneration":
+    def eval(self) -> Idefics3ForConditionalGeneration:
         return self.train(False)
 
-    def train(self, mode: bool = True) -> "Idefics3ForConditionalGeneration":
+    def train(self, mode: bool = True) -> Idefics3ForConditionalGeneration:
         self.training = mode
         _core.set_training(self._core, bool(mode))
         return self
@@ -251,7 +261,9 @@ class Idefics3ForConditionalGeneration:
             mem += 2 * (head_dim // 2) * 4  # the rotary embedding's inv_freq and original_inv_freq (float32)
         return int(mem)
 
-    def save_pretrained(self, save_directory: "str | os.PathLike[str]", safe_serialization: bool = True, **kwargs: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike[str], safe_serialization: bool = True, **kwargs: Any
+    ) -> None:
         """``config.json``, ``generation_config.json`` and ``model.safetensors`` (transformers' keys; a
         quantized model in bitsandbytes' serialized form, which transformers + bitsandbytes load)."""
         os.makedirs(save_directory, exist_ok=True)
@@ -280,7 +292,9 @@ class Idefics3ForConditionalGeneration:
             raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
         PeftModel(self, adapter_config, adapter_name)
 
-    def load_adapter(self, peft_model_id: Any, adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any) -> None:
+    def load_adapter(
+        self, peft_model_id: Any, adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any
+    ) -> None:
         """Loads a PEFT adapter directory (or hub id) onto this model."""
         from .peft import PeftModel
 
@@ -303,7 +317,10 @@ class Idefics3ForConditionalGeneration:
         """Accepted for PEFT/TRL compatibility: gradients reach adapters below frozen layers anyway."""
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(model_type={self.config.model_type!r}, dtype={self._core.dtype}, params={self.num_parameters():,})"
+        return (
+            f"{type(self).__name__}(model_type={self.config.model_type!r}, dtype={self._core.dtype}, "
+            f"params={self.num_parameters():,})"
+        )
 
     # -- forward -------------------------------------------------------------------------------
     def forward(

@@ -9,8 +9,9 @@ import contextlib
 import copy
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Optional
 
 from . import _core
 from .generation import _next_seed
@@ -27,12 +28,12 @@ from .peft_config import (
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def module_names(core: "_core.VlmModel") -> List[str]:
+def module_names(core: _core.VlmModel) -> list[str]:
     """Every module name of the transformers model (parents, Linear layers, norms, embeddings), for PEFT's
     name matching."""
     cfg = json.loads(core.config_json)
     linear = _core.linear_names(core)
-    names: List[str] = [""]
+    names: list[str] = [""]
     seen = set(names)
 
     def add(n: str) -> None:
@@ -72,7 +73,7 @@ def module_names(core: "_core.VlmModel") -> List[str]:
     return names
 
 
-def _linear_under(names: List[str], linear: List[str], core_linear: set) -> List[str]:
+def _linear_under(names: list[str], linear: list[str], core_linear: set) -> list[str]:
     out = []
     for m in names:
         if m in core_linear:
@@ -80,7 +81,9 @@ def _linear_under(names: List[str], linear: List[str], core_linear: set) -> List
             continue
         under = [n for n in linear if n.startswith(m + ".")]
         if not under:
-            raise NotImplementedError(f"modules_to_save: module '{m}' has no Linear layer; ferrovlm trains copies of Linear layers only")
+            raise NotImplementedError(
+                f"modules_to_save: module '{m}' has no Linear layer; ferrovlm trains copies of Linear layers only"
+            )
         out.extend(under)
     return out
 
@@ -156,7 +159,8 @@ class PeftModel:
         return self.base_model.model.generate(*args, **kwargs)
 
     def __repr__(self) -> str:
-        return f"PeftModelForCausalLM(base_model={self.base_model.model!r}, adapter=LoRA(r={self.peft_config['default'].r}))"
+        r = self.peft_config["default"].r
+        return f"PeftModelForCausalLM(base_model={self.base_model.model!r}, adapter=LoRA(r={r}))"
 
     # -- parameters -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple:
@@ -168,14 +172,18 @@ class PeftModel:
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
-    def named_trainable_parameters(self) -> Dict[str, Any]:
+    def named_trainable_parameters(self) -> dict[str, Any]:
         """Adapter tensors by PEFT's saved key (float32 numpy arrays, copies)."""
         return dict(_core.adapter_state(self.base_model.model._core))
 
     # -- files ----------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: "str | os.PathLike[str]", safe_serialization: bool = True, **kwargs: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike[str], safe_serialization: bool = True, **kwargs: Any
+    ) -> None:
         d = Path(save_directory)
         if d.is_file():
             raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
@@ -188,8 +196,8 @@ class PeftModel:
         os.replace(tmp, d / CONFIG_NAME)
 
     @classmethod
-    def from_pretrained(cls, model: Any, model_id: "str | os.PathLike[str]", adapter_name: str = "default",
-                        is_trainable: bool = False, config: Optional[LoraConfig] = None, **kwargs: Any) -> "PeftModel":
+    def from_pretrained(cls, model: Any, model_id: str | os.PathLike[str], adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[LoraConfig] = None, **kwargs: Any) -> PeftModel:
         hub_kw = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
         path = Path(resolve_pretrained(model_id, marker=CONFIG_NAME, **hub_kw))
         cfg = config if config is not None else LoraConfig.from_pretrained(path)
@@ -203,7 +211,9 @@ class PeftModel:
             raise
         return cls(model, cfg, adapter_name, _attach_now=False, is_trainable=is_trainable)
 
-    def load_adapter(self, model_id: "str | os.PathLike[str]", adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any) -> None:
+    def load_adapter(
+        self, model_id: str | os.PathLike[str], adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any
+    ) -> None:
         PeftModel.from_pretrained(self.base_model.model, model_id, adapter_name, is_trainable=is_trainable, **kwargs)
         fresh = self.base_model.model._peft_model
         self.__dict__["peft_config"] = fresh.peft_config
@@ -236,11 +246,11 @@ class PeftModel:
     def get_base_model(self) -> Any:
         return self.base_model.model
 
-    def train(self, mode: bool = True) -> "PeftModel":
+    def train(self, mode: bool = True) -> PeftModel:
         self.base_model.model.train(mode)
         return self
 
-    def eval(self) -> "PeftModel":
+    def eval(self) -> PeftModel:
         self.base_model.model.eval()
         return self
 
@@ -262,7 +272,9 @@ def get_peft_model(model: Any, peft_config: LoraConfig, adapter_name: str = "def
     return PeftModel(model, copy.copy(peft_config), adapter_name)
 
 
-def prepare_model_for_kbit_training(model: Any, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: Optional[Dict[str, Any]] = None) -> Any:
+def prepare_model_for_kbit_training(
+    model: Any, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: Optional[dict[str, Any]] = None
+) -> Any:
     """PEFT's ``prepare_model_for_kbit_training``: the base is frozen (it always is here), the layers that
     are not quantized compute in float32 (bf16 weights widened exactly, as PEFT's upcast of fp16/bf16
     parameters), and gradient checkpointing is switched on when asked. Returns the model."""
@@ -271,7 +283,9 @@ def prepare_model_for_kbit_training(model: Any, use_gradient_checkpointing: bool
         _core.upcast_dense_layers(base._core)
     if use_gradient_checkpointing:
         base.enable_input_require_grads()
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": True})
+        base.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": True}
+        )
     return model
 
 

@@ -30,9 +30,10 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Iterable, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set
+from typing import Any, Optional
 
 PEFT_VERSION = "0.21.2"  # the PEFT release whose files we write (adapter_config.json "peft_version")
 CONFIG_NAME = "adapter_config.json"
@@ -60,7 +61,7 @@ class PeftType(str, Enum):
 
 
 # PEFT 0.21.2 LoraConfig fields, in dataclass order, with their defaults (sub-configs as dicts / None).
-_LORA_FIELDS: Dict[str, Any] = {
+_LORA_FIELDS: dict[str, Any] = {
     "task_type": None,
     "peft_type": None,
     "auto_mapping": None,
@@ -153,14 +154,17 @@ class LoraConfig:
         if self.use_dora and self.megatron_config:
             raise ValueError("DoRA does not support megatron_core, please set `use_dora=False`.")
         iw = self.init_lora_weights
-        if not isinstance(iw, bool) and not (isinstance(iw, str) and (iw in _INIT_STRINGS or iw.startswith("pissa_niter_"))):
+        if not isinstance(iw, bool) and not (
+            isinstance(iw, str) and (iw in _INIT_STRINGS or iw.startswith("pissa_niter_"))
+        ):
             raise ValueError(f"init_lora_weights must be True, False or one of {list(_INIT_STRINGS)}, got {iw!r}")
         if iw == "loftq":
             if not self.loftq_config:
                 raise ValueError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
         elif self.loftq_config:
             self.loftq_config = {}
-            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.")
+            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.",
+                          stacklevel=1)
         if self.lora_bias:
             if iw not in (True, False):
                 raise ValueError("The argument lora_bias=True is only supported with init_lora_weights=True or False, "
@@ -168,7 +172,7 @@ class LoraConfig:
             if self.use_dora:
                 raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         if self.alora_invocation_tokens is not None and self.task_type != TaskType.CAUSAL_LM:
-            warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.")
+            warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", stacklevel=1)
 
     # -- PEFT's interface ------------------------------------------------------------------------------------------
     @property
@@ -197,7 +201,7 @@ class LoraConfig:
         key = _pattern_key(self.alpha_pattern, module_name)
         return self.alpha_pattern.get(key, self.lora_alpha)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """The adapter_config.json content: every field but runtime_config, enums as strings, sets as sorted lists
         (PEFT writes ``list(set)``, an arbitrary order)."""
         out = {}
@@ -212,7 +216,9 @@ class LoraConfig:
 
     to_json = to_json_string
 
-    def save_pretrained(self, save_directory: "str | os.PathLike[str]", auto_mapping_dict: Optional[dict] = None, **kwargs: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike[str], auto_mapping_dict: Optional[dict] = None, **kwargs: Any
+    ) -> None:
         d = Path(save_directory)
         if d.is_file():
             raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")
@@ -224,7 +230,7 @@ class LoraConfig:
 
     def adapter_config(self, base_model_name_or_path: Optional[str] = None,
                        base_model_class: str = "Idefics3ForConditionalGeneration",
-                       parent_library: str = "transformers.models.idefics3.modeling_idefics3") -> Dict[str, Any]:
+                       parent_library: str = "transformers.models.idefics3.modeling_idefics3") -> dict[str, Any]:
         """What ``PeftModel.save_pretrained`` writes for this config: inference_mode true, the base model name
         filled in when unset, auto_mapping when task_type is None."""
         out = self.to_dict()
@@ -236,7 +242,7 @@ class LoraConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "LoraConfig":
+    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
         """From an adapter_config.json dict. Keys a newer PEFT added are dropped with a warning (like PEFT);
         a ``runtime_config`` key is dropped."""
         data = dict(data)
@@ -244,24 +250,24 @@ class LoraConfig:
             raise ValueError(f"not a LoRA adapter config: peft_type={data.get('peft_type')!r}")
         if "runtime_config" in data:
             warnings.warn("The configuration file contains a `runtime_config` key. This is ignored. Runtime "
-                          "configurations are only valid at runtime.")
+                          "configurations are only valid at runtime.", stacklevel=1)
             del data["runtime_config"]
         unknown = sorted(k for k in data if k not in _LORA_FIELDS)
         if unknown:
             warnings.warn(f"Unexpected keyword arguments {unknown} for class LoraConfig, these are ignored. This "
                           "probably means that you're loading a configuration file that was saved using a higher "
-                          "version of PEFT.")
+                          "version of PEFT.", stacklevel=1)
             for k in unknown:
                 del data[k]
         return cls(**data)
 
     @classmethod
-    def from_json_file(cls, path: "str | os.PathLike[str]") -> Dict[str, Any]:
+    def from_json_file(cls, path: str | os.PathLike[str]) -> dict[str, Any]:
         return json.loads(Path(path).read_text())
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: "str | os.PathLike[str]", subfolder: Optional[str] = None,
-                        **kwargs: Any) -> "LoraConfig":
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], subfolder: Optional[str] = None,
+                        **kwargs: Any) -> LoraConfig:
         path = Path(pretrained_model_name_or_path)
         if subfolder:
             path = path / subfolder
@@ -287,7 +293,7 @@ class LoraConfig:
         items = ", ".join(f"{k}={getattr(self, k)!r}" for k in _LORA_FIELDS)
         return f"LoraConfig({items})"
 
-    def __copy__(self) -> "LoraConfig":
+    def __copy__(self) -> LoraConfig:
         new = LoraConfig.__new__(LoraConfig)
         new.__dict__.update(self.__dict__)
         return new
@@ -309,7 +315,7 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def _pattern_key(patterns: Dict[str, Any], module_name: str) -> str:
+def _pattern_key(patterns: dict[str, Any], module_name: str) -> str:
     """PEFT's ``get_pattern_key``: the first pattern that matches the end of the name (after a dot)."""
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module_name):
@@ -372,7 +378,7 @@ def module_matches(cfg: LoraConfig, key: str, target_modules: Any = None) -> boo
 
 def resolve_target_modules(cfg: LoraConfig, linear_names: Sequence[str],
                            output_layer_names: Iterable[str] = ("lm_head",),
-                           all_module_names: Optional[Sequence[str]] = None) -> List[str]:
+                           all_module_names: Optional[Sequence[str]] = None) -> list[str]:
     """The names (in ``linear_names`` order) of the Linear modules PEFT 0.21 wraps with LoRA for ``cfg``.
 
     ``linear_names``: the model's ``nn.Linear`` module names (SmolVLM: ``model.vision_model.encoder.layers.N.
@@ -400,7 +406,7 @@ def resolve_target_modules(cfg: LoraConfig, linear_names: Sequence[str],
     return chosen
 
 
-def minimal_target_modules(targets: Iterable[str], other_module_names: Iterable[str]) -> Set[str]:
+def minimal_target_modules(targets: Iterable[str], other_module_names: Iterable[str]) -> set[str]:
     """The shortest name suffixes (whole dot-separated parts) that cover every target and name no other module
     (PEFT's ``_find_minimal_target_modules``)."""
     targets = set(targets)
@@ -410,12 +416,12 @@ def minimal_target_modules(targets: Iterable[str], other_module_names: Iterable[
     if not targets.isdisjoint(others):
         raise ValueError("target_modules and other_module_names overlap")
 
-    def suffixes(name: str) -> List[str]:
+    def suffixes(name: str) -> list[str]:
         parts = name.split(".")
         return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]  # shortest first
 
     taken = {s for o in others for s in suffixes(o)}
-    required: Set[str] = set()
+    required: set[str] = set()
     for name, sufs in sorted(((t, suffixes(t)) for t in targets), key=lambda x: x[1]):
         for s in sufs:
             if s in required or s in taken:
@@ -439,7 +445,7 @@ def saved_target_modules(cfg: LoraConfig, targeted: Sequence[str], all_module_na
     return t
 
 
-def resolve_modules_to_save(cfg: LoraConfig, module_names: Sequence[str]) -> List[str]:
+def resolve_modules_to_save(cfg: LoraConfig, module_names: Sequence[str]) -> list[str]:
     """Modules PEFT wraps as trainable copies: those whose name ends with a ``modules_to_save`` entry (plain
     ``str.endswith``)."""
     if not cfg.modules_to_save:

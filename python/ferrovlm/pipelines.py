@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 from .modeling import AutoModelForImageTextToText, Idefics3ForConditionalGeneration
 from .processing import AutoProcessor
@@ -23,7 +23,7 @@ class ImageTextToTextPipeline:
 
     def __call__(self, images: Any = None, text: Any = None, max_new_tokens: Optional[int] = None,
                  return_full_text: Optional[bool] = None, continue_final_message: Optional[bool] = None,
-                 generate_kwargs: Optional[Dict[str, Any]] = None, skip_special_tokens: bool = True,
+                 generate_kwargs: Optional[dict[str, Any]] = None, skip_special_tokens: bool = True,
                  **kwargs: Any) -> Any:
         if images is not None and text is None and (_is_chat(images) or isinstance(images, dict)):
             images, text = None, images  # pipe(messages)
@@ -31,13 +31,20 @@ class ImageTextToTextPipeline:
         if max_new_tokens is not None:
             gen["max_new_tokens"] = max_new_tokens
         gen.update(kwargs)
-        batch = isinstance(text, (list, tuple)) and len(text) > 0 and (_is_chat(text[0]) or isinstance(text[0], str)) and not _is_chat(text)
+        batch = (
+            isinstance(text, (list, tuple))
+            and len(text) > 0
+            and (_is_chat(text[0]) or isinstance(text[0], str))
+            and not _is_chat(text)
+        )
         items = list(text) if batch else [text]
-        results = [self._one(images, t, return_full_text, continue_final_message, gen, skip_special_tokens) for t in items]
+        results = [
+            self._one(images, t, return_full_text, continue_final_message, gen, skip_special_tokens) for t in items
+        ]
         return results if batch else results[0]
 
     def _one(self, images: Any, text: Any, return_full_text: Optional[bool], continue_final: Optional[bool],
-             gen: Dict[str, Any], skip_special_tokens: bool) -> List[Dict[str, Any]]:
+             gen: dict[str, Any], skip_special_tokens: bool) -> list[dict[str, Any]]:
         full = True if return_full_text is None else return_full_text
         if _is_chat(text):
             messages = list(text)
@@ -73,13 +80,17 @@ class ImageTextToTextPipeline:
         return [{"input_text": messages if messages is not None else text, "generated_text": generated}]
 
 
-def pipeline(task: str, model: Any = None, processor: Any = None, tokenizer: Any = None, **kwargs: Any) -> ImageTextToTextPipeline:
+def pipeline(
+    task: str, model: Any = None, processor: Any = None, tokenizer: Any = None, **kwargs: Any
+) -> ImageTextToTextPipeline:
     """Only ``"image-text-to-text"`` is provided. ``model`` is a loaded model or a dir / hub id."""
     if task != "image-text-to-text":
         raise ValueError(f"unsupported task {task!r}; ferrovlm provides 'image-text-to-text'")
     if model is None:
         raise ValueError("pipeline() needs model=")
-    model_kwargs = {k: kwargs.pop(k) for k in ("torch_dtype", "dtype", "device_map", "revision", "cache_dir") if k in kwargs}
+    model_kwargs = {
+        k: kwargs.pop(k) for k in ("torch_dtype", "dtype", "device_map", "revision", "cache_dir") if k in kwargs
+    }
     kwargs.pop("device", None)
     if kwargs:
         raise TypeError(f"unexpected arguments: {sorted(kwargs)}")

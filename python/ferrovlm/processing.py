@@ -6,17 +6,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 from . import _core
 from .batch import BatchFeature
 from .errors import ProcessorError
 from .hub import resolve_pretrained_kwargs
 from .image_processing import Idefics3ImageProcessor, is_image, load_image
-from .tokenization import PreTrainedTokenizerFast, _model_type, _templates_value, padding_strategy, render_conversations
+from .tokenization import PreTrainedTokenizerFast, _model_type, _templates_value, render_conversations
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
     except ValueError as err:
@@ -41,7 +41,7 @@ class Idefics3Processor:
         self.fake_image_token_id = tokenizer.convert_tokens_to_ids(self.fake_image_token)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: "str | os.PathLike[str]", **kwargs: Any) -> "Idefics3Processor":
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], **kwargs: Any) -> Idefics3Processor:
         path = resolve_pretrained_kwargs(pretrained_model_name_or_path, kwargs, marker="tokenizer.json")
         d = Path(path)
         proc_cfg = _read_json(d / "processor_config.json")
@@ -82,17 +82,21 @@ class Idefics3Processor:
         if texts is not None and not all(isinstance(t, str) for t in texts):
             raise TypeError("text must be a string or a list of strings")
         nested = self._layout(images, texts)
-        data: Dict[str, Any] = {}
+        data: dict[str, Any] = {}
         seq_len = image_seq_len if image_seq_len is not None else self.image_seq_len
         if nested is not None:
             if texts is not None:
                 counts = [t.count(self.image_token) for t in texts]
                 given = [len(s) for s in nested]
                 if counts != given:
-                    bad = next(i for i, (a, b) in enumerate(zip(counts, given)) if a != b) if len(counts) == len(given) else min(len(counts), len(given))
+                    bad = (
+                        next(i for i, (a, b) in enumerate(zip(counts, given)) if a != b)
+                        if len(counts) == len(given)
+                        else min(len(counts), len(given))
+                    )
                     raise ProcessorError(
-                        f"sample {bad}: the number of {self.image_token} tokens in each prompt must equal the number of "
-                        f"images; found {counts} {self.image_token} tokens and {given} images per sample"
+                        f"sample {bad}: the number of {self.image_token} tokens in each prompt must equal the "
+                        f"number of images; found {counts} {self.image_token} tokens and {given} images per sample"
                     )
             pv, mask, rows, cols = self.image_processor.process(nested, **images_kwargs)
             data["pixel_values"] = pv
@@ -107,7 +111,7 @@ class Idefics3Processor:
             data = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **data}
         return BatchFeature(data, tensor_type=return_tensors)
 
-    def _layout(self, images: Any, texts: Optional[List[str]]) -> Optional[List[List[Any]]]:
+    def _layout(self, images: Any, texts: Optional[list[str]]) -> Optional[list[list[Any]]]:
         """Images grouped per sample, as transformers' ``prepare_inputs_layout`` groups them."""
         if images is None:
             return None
@@ -127,11 +131,13 @@ class Idefics3Processor:
             else:
                 images = [flat]
         elif not isinstance(images, (list, tuple)):
-            raise TypeError(f"images must be an image, a list of images or a list of lists, not {type(images).__name__}")
+            raise TypeError(
+                f"images must be an image, a list of images or a list of lists, not {type(images).__name__}"
+            )
         return [[load_image(x) if isinstance(x, (str, os.PathLike)) else x for x in sample] for sample in images]
 
     # -- tokenizer passthroughs ---------------------------------------------------------------
-    def batch_decode(self, *args: Any, **kwargs: Any) -> List[str]:
+    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
         return self.tokenizer.batch_decode(*args, **kwargs)
 
     def decode(self, *args: Any, **kwargs: Any) -> str:
@@ -145,8 +151,17 @@ class Idefics3Processor:
         """Renders the processor's chat template; with ``tokenize=True`` also runs the processor on the
         text and on the images found in the messages (``{"type": "image", "image" | "url" | "path": ...}``)."""
         processor_kwargs = {k: kwargs.pop(k) for k in ("truncation", "max_length", "padding_side") if k in kwargs}
-        texts, batched = render_conversations(self, conversation, chat_template, tools, documents, add_generation_prompt,
-                                              continue_final_message, normalize_image_urls=True, kwargs=kwargs)
+        texts, batched = render_conversations(
+            self,
+            conversation,
+            chat_template,
+            tools,
+            documents,
+            add_generation_prompt,
+            continue_final_message,
+            normalize_image_urls=True,
+            kwargs=kwargs,
+        )
         if not tokenize:
             return texts if batched else texts[0]
         convs = conversation if batched else [conversation]
@@ -163,7 +178,7 @@ def _looks_like_text(x: Any) -> bool:
     return isinstance(x, str) or (isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, str) for t in x))
 
 
-def _images_in(conversation: Any) -> List[Any]:
+def _images_in(conversation: Any) -> list[Any]:
     found = []
     for m in conversation:
         content = m.get("content") if isinstance(m, dict) else None
@@ -185,7 +200,7 @@ class SmolVLMProcessor(Idefics3Processor):
 
 class AutoProcessor:
     @staticmethod
-    def from_pretrained(pretrained_model_name_or_path: "str | os.PathLike[str]", **kwargs: Any) -> Idefics3Processor:
+    def from_pretrained(pretrained_model_name_or_path: str | os.PathLike[str], **kwargs: Any) -> Idefics3Processor:
         path = resolve_pretrained_kwargs(pretrained_model_name_or_path, kwargs, marker="tokenizer.json")
         cls_name = _read_json(Path(path) / "processor_config.json").get("processor_class", "")
         cls = SmolVLMProcessor if "SmolVLM" in cls_name or _model_type(path) == "smolvlm" else Idefics3Processor

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 _STORAGE = ("float16", "float32", "int8", "uint8", "float64", "bfloat16")
 _COMPUTE = ("float32", "bfloat16", "float16")
@@ -41,7 +41,7 @@ class BitsAndBytesConfig:
         load_in_8bit: bool = False,
         load_in_4bit: bool = False,
         llm_int8_threshold: float = 6.0,
-        llm_int8_skip_modules: Optional[List[str]] = None,
+        llm_int8_skip_modules: Optional[list[str]] = None,
         llm_int8_enable_fp32_cpu_offload: bool = False,
         llm_int8_has_fp16_weight: bool = False,
         bnb_4bit_compute_dtype: Any = None,
@@ -60,8 +60,16 @@ class BitsAndBytesConfig:
         self.llm_int8_has_fp16_weight = llm_int8_has_fp16_weight
         self.bnb_4bit_quant_type = bnb_4bit_quant_type
         self.bnb_4bit_use_double_quant = bnb_4bit_use_double_quant
-        self.bnb_4bit_compute_dtype = "float32" if bnb_4bit_compute_dtype is None else _dtype_str(bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype", _COMPUTE)
-        self.bnb_4bit_quant_storage = "uint8" if bnb_4bit_quant_storage is None else _dtype_str(bnb_4bit_quant_storage, "bnb_4bit_quant_storage", _STORAGE)
+        self.bnb_4bit_compute_dtype = (
+            "float32"
+            if bnb_4bit_compute_dtype is None
+            else _dtype_str(bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype", _COMPUTE)
+        )
+        self.bnb_4bit_quant_storage = (
+            "uint8"
+            if bnb_4bit_quant_storage is None
+            else _dtype_str(bnb_4bit_quant_storage, "bnb_4bit_quant_storage", _STORAGE)
+        )
         self.post_init()
 
     @property
@@ -89,7 +97,13 @@ class BitsAndBytesConfig:
 
     def post_init(self) -> None:
         """transformers' checks, plus the quant type (bitsandbytes would reject it later)."""
-        for name in ("load_in_4bit", "load_in_8bit", "llm_int8_enable_fp32_cpu_offload", "llm_int8_has_fp16_weight", "bnb_4bit_use_double_quant"):
+        for name in (
+            "load_in_4bit",
+            "load_in_8bit",
+            "llm_int8_enable_fp32_cpu_offload",
+            "llm_int8_has_fp16_weight",
+            "bnb_4bit_use_double_quant",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a boolean")
         if not isinstance(self.llm_int8_threshold, float):
@@ -113,7 +127,7 @@ class BitsAndBytesConfig:
             return self.bnb_4bit_quant_type
         return None
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """transformers' dict form (what ``config.json`` holds under ``quantization_config``)."""
         out = copy.deepcopy(self.__dict__)
         out["quant_method"] = self.quant_method
@@ -121,7 +135,7 @@ class BitsAndBytesConfig:
         out["load_in_8bit"] = self.load_in_8bit
         return out
 
-    def to_diff_dict(self) -> Dict[str, Any]:
+    def to_diff_dict(self) -> dict[str, Any]:
         default = BitsAndBytesConfig().to_dict()
         return {k: v for k, v in self.to_dict().items() if v != default.get(k)}
 
@@ -129,7 +143,7 @@ class BitsAndBytesConfig:
         return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, config_dict: Dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
         d = {k.lstrip("_"): v for k, v in config_dict.items() if k != "quant_method"}
         known = set(cls.__init__.__code__.co_varnames[1 : cls.__init__.__code__.co_argcount])
         config = cls(**{k: v for k, v in d.items() if k in known})

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence
-
-import numpy as np
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
 
 from .data_collator import DataCollatorForVisionLanguageModeling
 from .generation import set_seed
 from .peft import PeftModel, get_peft_model
 from .sft_config import SFTConfig
-from .trainer import BaseTrainer, TrainingError, _batch_arrays, num_label_tokens
+from .trainer import BaseTrainer, TrainingError, _batch_arrays
 
 
 def _model_name(model: Any) -> str:
@@ -31,7 +30,7 @@ class SFTTrainer(BaseTrainer):
         self,
         model: Any,
         args: Optional[SFTConfig] = None,
-        data_collator: Optional[Callable[[List[Dict[str, Any]]], Any]] = None,
+        data_collator: Optional[Callable[[list[dict[str, Any]]], Any]] = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
@@ -56,21 +55,28 @@ class SFTTrainer(BaseTrainer):
         # attached also makes a fresh LoRA's initial weights (and so the whole run) reproducible.
         set_seed(int(args.seed))
         if compute_loss_func is not None or formatting_func is not None or compute_metrics is not None:
-            raise NotImplementedError("compute_loss_func, compute_metrics and formatting_func are not supported by ferrovlm's SFTTrainer")
+            raise NotImplementedError(
+                "compute_loss_func, compute_metrics and formatting_func are not supported by ferrovlm's SFTTrainer"
+            )
         if optimizers not in ((None, None), None) or optimizer_cls_and_kwargs is not None:
-            raise NotImplementedError("custom optimizers are not supported: ferrovlm trains with AdamW (args.optim is accepted)")
+            raise NotImplementedError(
+                "custom optimizers are not supported: ferrovlm trains with AdamW (args.optim is accepted)"
+            )
         if processing_class is None:
             processing_class = tokenizer
         if processing_class is None:
             processing_class = AutoProcessor.from_pretrained(getattr(model.config, "_name_or_path", None))
         if peft_config is not None:
             if isinstance(model, PeftModel):
-                warnings.warn("the model already has a LoRA adapter (get_peft_model); peft_config is not applied a second time", UserWarning, stacklevel=2)
+                warnings.warn(
+                    "the model already has a LoRA adapter (get_peft_model); peft_config is not applied a second time",
+                    UserWarning,
+                    stacklevel=2,
+                )
             else:
                 model = get_peft_model(model, peft_config)
         super().__init__(model, args, train_dataset, eval_dataset, callbacks)
         self.processing_class = processing_class
-        self._user_collator = data_collator is not None
         if data_collator is None:
             completion_only = args.completion_only_loss
             if completion_only is None:
@@ -87,25 +93,31 @@ class SFTTrainer(BaseTrainer):
         self.data_collator = data_collator
 
     # -- one micro-batch ----------------------------------------------------------------------------
-    def _collate(self, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    def _collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return _batch_arrays(self.data_collator(rows))
 
-    def _micro_step(self, batch: Dict[str, Any], n_items: int, seed: int) -> float:
+    def _micro_step(self, batch: dict[str, Any], n_items: int, seed: int) -> float:
         if n_items == 0:
             raise TrainingError(
                 f"step {self.state.global_step + 1}: no row of this step has a label token after masking "
                 "(every label is -100): check max_length truncation and the completion/assistant masks"
             )
         stats = self.session.forward_backward(
-            batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-            pixel_attention_mask=batch["pixel_attention_mask"], loss_scale=1.0 / n_items,
-            gradient_checkpointing=bool(self.args.gradient_checkpointing or getattr(self.model, "is_gradient_checkpointing", False)),
+            batch["input_ids"],
+            batch["labels"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            pixel_attention_mask=batch["pixel_attention_mask"],
+            loss_scale=1.0 / n_items,
+            gradient_checkpointing=bool(
+                self.args.gradient_checkpointing or getattr(self.model, "is_gradient_checkpointing", False)
+            ),
             dropout_seed=seed,
         )
         self._account(stats, "train")
         return stats["loss_sum"] / n_items
 
-    def _account(self, stats: Dict[str, Any], mode: str) -> None:
+    def _account(self, stats: dict[str, Any], mode: str) -> None:
         n = stats["num_label_tokens"]
         if n:
             self._record(mode, "entropy", stats["entropy_sum"] / n)
@@ -116,7 +128,9 @@ class SFTTrainer(BaseTrainer):
             self._metrics[mode]["num_tokens"] = [float(self.state.total_train_tokens)]
 
     # -- evaluation ---------------------------------------------------------------------------------
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Dict[str, float]:
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
         if ds is None:
             raise ValueError("Trainer: evaluation requires an eval_dataset.")
@@ -127,16 +141,18 @@ class SFTTrainer(BaseTrainer):
         with self._eval_mode():
             for start in range(0, len(ds), bs):
                 idx = list(range(start, min(start + bs, len(ds))))
-                rows = idx
                 batch = self._collate_rows(ds, idx, "eval_dataset")
                 stats = self.session.evaluate(
-                    batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+                    batch["input_ids"],
+                    batch["labels"],
+                    attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"],
                     pixel_attention_mask=batch["pixel_attention_mask"],
                 )
                 n = stats["num_label_tokens"]
                 loss = stats["loss_sum"] / n if n else float("nan")
-                total += loss * len(rows)
-                weight += len(rows)
+                total += loss * len(idx)
+                weight += len(idx)
                 n_batches += 1
                 self._account(stats, "eval")
         runtime = time.time() - t0

@@ -5,7 +5,7 @@ while generation runs (the GIL is released during decoding, so both make progres
 from __future__ import annotations
 
 from queue import Queue
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -25,7 +25,7 @@ class TextStreamer:
         self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor works too
         self.skip_prompt = skip_prompt
         self.decode_kwargs = decode_kwargs
-        self.token_cache: List[int] = []
+        self.token_cache: list[int] = []
         self.print_len = 0
         self.next_tokens_are_prompt = True
 
@@ -76,9 +76,11 @@ class TextIteratorStreamer(TextStreamer):
             print(chunk, end="")
     """
 
-    def __init__(self, tokenizer: Any, skip_prompt: bool = False, timeout: Optional[float] = None, **decode_kwargs: Any) -> None:
+    def __init__(
+        self, tokenizer: Any, skip_prompt: bool = False, timeout: Optional[float] = None, **decode_kwargs: Any
+    ) -> None:
         super().__init__(tokenizer, skip_prompt, **decode_kwargs)
-        self.text_queue: "Queue[Any]" = Queue()
+        self.text_queue: Queue[Any] = Queue()
         self.stop_signal = None
         self.timeout = timeout
 
@@ -87,7 +89,7 @@ class TextIteratorStreamer(TextStreamer):
         if stream_end:
             self.text_queue.put(self.stop_signal, timeout=self.timeout)
 
-    def __iter__(self) -> "TextIteratorStreamer":
+    def __iter__(self) -> TextIteratorStreamer:
         return self
 
     def __next__(self) -> str:

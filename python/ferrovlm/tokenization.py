@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -27,7 +27,7 @@ def padding_strategy(padding: Any) -> str:
     raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
 
 
-def _ids_list(ids: Any) -> List[int]:
+def _ids_list(ids: Any) -> list[int]:
     if is_torch_tensor(ids):
         ids = ids.detach().cpu().numpy()
     if isinstance(ids, np.ndarray):
@@ -48,14 +48,16 @@ def _model_type(directory: str) -> Optional[str]:
 class PreTrainedTokenizerFast:
     """A Hugging Face tokenizer read from ``tokenizer.json`` + ``tokenizer_config.json``."""
 
-    def __init__(self, core: "_core.Tokenizer", name_or_path: str = "", chat_template: Optional[Any] = None) -> None:
+    def __init__(self, core: _core.Tokenizer, name_or_path: str = "", chat_template: Optional[Any] = None) -> None:
         self._core = core
         self.name_or_path = name_or_path
         self.chat_template = chat_template
-        self.init_kwargs: Dict[str, Any] = {}
+        self.init_kwargs: dict[str, Any] = {}
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: "str | os.PathLike[str]", **kwargs: Any) -> "PreTrainedTokenizerFast":
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike[str], **kwargs: Any
+    ) -> PreTrainedTokenizerFast:
         path = resolve_pretrained_kwargs(pretrained_model_name_or_path, kwargs, marker="tokenizer.json")
         core = _core.Tokenizer.from_dir(path, _model_type(path))
         templates = _core.load_chat_templates(path, "tokenizer")
@@ -69,8 +71,8 @@ class PreTrainedTokenizerFast:
         return dict(self._core.special_tokens_map).get(name)
 
     @property
-    def special_tokens_map(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = dict(self._core.special_tokens_map)
+    def special_tokens_map(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self._core.special_tokens_map)
         extra = self._core.extra_special_tokens
         if extra:
             out["additional_special_tokens"] = list(extra)
@@ -89,11 +91,11 @@ class PreTrainedTokenizerFast:
         return None if token is None else self._core.convert_tokens_to_ids(token)
 
     @property
-    def extra_special_tokens(self) -> List[str]:
+    def extra_special_tokens(self) -> list[str]:
         return list(self._core.extra_special_tokens)
 
     @property
-    def extra_special_tokens_ids(self) -> List[int]:
+    def extra_special_tokens_ids(self) -> list[int]:
         return [self._core.convert_tokens_to_ids(t) for t in self._core.extra_special_tokens]
 
     # transformers 4.x names, still used by the tutorials
@@ -101,11 +103,11 @@ class PreTrainedTokenizerFast:
     additional_special_tokens_ids = extra_special_tokens_ids
 
     @property
-    def all_special_tokens(self) -> List[str]:
+    def all_special_tokens(self) -> list[str]:
         return list(self._core.all_special_tokens)
 
     @property
-    def all_special_ids(self) -> List[int]:
+    def all_special_ids(self) -> list[int]:
         return list(self._core.all_special_ids)
 
     @property
@@ -135,14 +137,14 @@ class PreTrainedTokenizerFast:
     def __len__(self) -> int:
         return len(self._core)
 
-    def get_vocab(self) -> Dict[str, int]:
+    def get_vocab(self) -> dict[str, int]:
         n = len(self)
         return {t: i for i, t in enumerate(self._core.convert_ids_to_tokens(list(range(n)), False)) if t is not None}
 
     # -- encoding ------------------------------------------------------------------------------
     def __call__(
         self,
-        text: Union[str, List[str], None] = None,
+        text: Union[str, list[str], None] = None,
         add_special_tokens: bool = True,
         padding: Any = False,
         truncation: Any = None,
@@ -166,30 +168,46 @@ class PreTrainedTokenizerFast:
             texts, add_special_tokens, padding_strategy(padding), bool(truncation) and truncation != "do_not_truncate",
             max_length, pad_to_multiple_of, padding_side, None,
         )
-        data: Dict[str, Any] = {"input_ids": ids[0] if single else ids}
+        data: dict[str, Any] = {"input_ids": ids[0] if single else ids}
         if return_attention_mask is not False:
             data["attention_mask"] = mask[0] if single else mask
         if single and return_tensors is not None:
             data = {k: [v] for k, v in data.items()}
         return BatchEncoding(data, tensor_type=return_tensors)
 
-    def encode(self, text: str, add_special_tokens: bool = True, **kwargs: Any) -> List[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, **kwargs: Any) -> list[int]:
         if kwargs:
             return self(text, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
         return list(self._core.encode(text, add_special_tokens))
 
-    def tokenize(self, text: str, **kwargs: Any) -> List[str]:
+    def tokenize(self, text: str, **kwargs: Any) -> list[str]:
         return list(self._core.tokenize(text))
 
-    def decode(self, token_ids: Any, skip_special_tokens: bool = False, clean_up_tokenization_spaces: Optional[bool] = None, **kwargs: Any) -> str:
+    def decode(
+        self,
+        token_ids: Any,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> str:
         return self._core.decode(_ids_list(token_ids), skip_special_tokens, clean_up_tokenization_spaces)
 
-    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False, clean_up_tokenization_spaces: Optional[bool] = None, **kwargs: Any) -> List[str]:
+    def batch_decode(
+        self,
+        sequences: Any,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> list[str]:
         if is_torch_tensor(sequences):
             sequences = sequences.detach().cpu().numpy()
-        return list(self._core.batch_decode([_ids_list(s) for s in sequences], skip_special_tokens, clean_up_tokenization_spaces))
+        return list(
+            self._core.batch_decode(
+                [_ids_list(s) for s in sequences], skip_special_tokens, clean_up_tokenization_spaces
+            )
+        )
 
-    def convert_tokens_to_ids(self, tokens: Union[str, List[str]]) -> Any:
+    def convert_tokens_to_ids(self, tokens: Union[str, list[str]]) -> Any:
         if isinstance(tokens, str):
             return self._core.convert_tokens_to_ids(tokens)
         return [self._core.convert_tokens_to_ids(t) for t in tokens]
@@ -197,7 +215,11 @@ class PreTrainedTokenizerFast:
     def convert_ids_to_tokens(self, ids: Any, skip_special_tokens: bool = False) -> Any:
         if isinstance(ids, (int, np.integer)):
             return self._core.convert_ids_to_tokens([int(ids)], False)[0]
-        return [t for t in self._core.convert_ids_to_tokens(_ids_list(ids), skip_special_tokens) if not (skip_special_tokens and t is None)]
+        return [
+            t
+            for t in self._core.convert_ids_to_tokens(_ids_list(ids), skip_special_tokens)
+            if not (skip_special_tokens and t is None)
+        ]
 
     # -- chat templates --------------------------------------------------------------------------
     def apply_chat_template(
@@ -216,8 +238,17 @@ class PreTrainedTokenizerFast:
         return_dict: bool = True,
         **kwargs: Any,
     ) -> Any:
-        texts, batched = render_conversations(self, conversation, chat_template, tools, documents, add_generation_prompt,
-                                              continue_final_message, normalize_image_urls=False, kwargs=kwargs)
+        texts, batched = render_conversations(
+            self,
+            conversation,
+            chat_template,
+            tools,
+            documents,
+            add_generation_prompt,
+            continue_final_message,
+            normalize_image_urls=False,
+            kwargs=kwargs,
+        )
         if not tokenize:
             return texts if batched else texts[0]
         enc = self(texts if batched else texts[0], add_special_tokens=False, padding=padding, truncation=truncation,
@@ -225,7 +256,7 @@ class PreTrainedTokenizerFast:
         return enc if return_dict else enc["input_ids"]
 
 
-def _templates_value(templates: Optional[List[Any]]) -> Any:
+def _templates_value(templates: Optional[list[Any]]) -> Any:
     """transformers' ``chat_template`` attribute: the string, or a dict when there are named ones."""
     if not templates:
         return None
@@ -254,7 +285,11 @@ def pick_template(owner: Any, chat_template: Optional[str], with_tools: bool) ->
 def _jsonable(value: Any) -> Any:
     """Messages as JSON: content items that carry images/objects keep only their JSON fields."""
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items() if _is_json_leaf(v) and v is not None or isinstance(v, (dict, list, tuple))}
+        return {
+            k: _jsonable(v)
+            for k, v in value.items()
+            if _is_json_leaf(v) and v is not None or isinstance(v, (dict, list, tuple))
+        }
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
@@ -264,12 +299,12 @@ def _is_json_leaf(v: Any) -> bool:
     return isinstance(v, (str, int, float, bool)) or v is None
 
 
-_COMPILED: Dict[str, Any] = {}
+_COMPILED: dict[str, Any] = {}
 
 
 def render_conversations(owner: Any, conversation: Any, chat_template: Optional[str], tools: Any, documents: Any,
                          add_generation_prompt: bool, continue_final_message: bool, normalize_image_urls: bool,
-                         kwargs: Dict[str, Any]):
+                         kwargs: dict[str, Any]):
     """Renders one conversation (list of messages) or a batch of them. Returns (texts, batched)."""
     if conversation is None or (isinstance(conversation, (list, tuple)) and len(conversation) == 0):
         raise ValueError("apply_chat_template needs a non-empty conversation")
@@ -303,5 +338,7 @@ def render_conversations(owner: Any, conversation: Any, chat_template: Optional[
 
 class AutoTokenizer:
     @staticmethod
-    def from_pretrained(pretrained_model_name_or_path: "str | os.PathLike[str]", **kwargs: Any) -> PreTrainedTokenizerFast:
+    def from_pretrained(
+        pretrained_model_name_or_path: str | os.PathLike[str], **kwargs: Any
+    ) -> PreTrainedTokenizerFast:
         return PreTrainedTokenizerFast.from_pretrained(pretrained_model_name_or_path, **kwargs)

@@ -11,14 +11,15 @@ import os
 import re
 import shutil
 import time
-import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
 from . import _core
+from ._mt19937 import torch_randperm
 from ._tensors import to_numpy
 from .errors import FerroVLMError
 
@@ -37,7 +38,7 @@ class TrainingError(FerroVLMError):
 class TrainOutput(NamedTuple):
     global_step: int
     training_loss: float
-    metrics: Dict[str, float]
+    metrics: dict[str, float]
 
 
 @dataclass
@@ -54,7 +55,7 @@ class TrainerState:
     num_train_epochs: int = 0
     num_input_tokens_seen: int = 0
     total_flos: float = 0.0
-    log_history: List[Dict[str, float]] = field(default_factory=list)
+    log_history: list[dict[str, float]] = field(default_factory=list)
     best_metric: Optional[float] = None
     best_model_checkpoint: Optional[str] = None
     is_local_process_zero: bool = True
@@ -62,63 +63,64 @@ class TrainerState:
     # ferrovlm: TRL's running token count, needed to resume `num_tokens` exactly.
     total_train_tokens: int = 0
 
-    def save_to_json(self, path: "str | os.PathLike[str]") -> None:
+    def save_to_json(self, path: str | os.PathLike[str]) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load_from_json(cls, path: "str | os.PathLike[str]") -> "TrainerState":
+    def load_from_json(cls, path: str | os.PathLike[str]) -> TrainerState:
         data = json.loads(Path(path).read_text())
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-# ------------------------------------------------------------------------------------------------
-# torch's data order without torch: RandomSampler draws torch.randperm(n) from a CPU generator that
-# accelerate seeds with `seed + epoch`; the generator is MT19937 and randperm a Fisher-Yates shuffle.
-# ------------------------------------------------------------------------------------------------
-
-
-class _MT19937:
-    def __init__(self, seed: int) -> None:
-        mt = [0] * 624
-        mt[0] = seed & 0xFFFFFFFF
-        for i in range(1, 624):
-            mt[i] = (1812433253 * (mt[i - 1] ^ (mt[i - 1] >> 30)) + i) & 0xFFFFFFFF
-        self.mt, self.i = mt, 624
-
-    def next_u32(self) -> int:
-        if self.i >= 624:
-            mt = self.mt
-            for k in range(624):
-                y = (mt[k] & 0x80000000) | (mt[(k + 1) % 624] & 0x7FFFFFFF)
-                mt[k] = mt[(k + 397) % 624] ^ (y >> 1) ^ (0x9908B0DF if y & 1 else 0)
-            self.i = 0
-        y = self.mt[self.i]
-        self.i += 1
-        y ^= y >> 11
-        y ^= (y << 7) & 0x9D2C5680
-        y ^= (y << 15) & 0xEFC60000
-        y ^= y >> 18
-        return y & 0xFFFFFFFF
-
-
-def torch_randperm(n: int, seed: int) -> List[int]:
-    """``torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()``."""
-    gen = _MT19937(seed)
-    r = list(range(n))
-    for i in range(n - 1):
-        z = gen.next_u32() % (n - i)
-        r[i], r[z + i] = r[z + i], r[i]
-    return r
-
-
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> List[int]:
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """The row order of one epoch: torch's RandomSampler as transformers seeds it (``seed + epoch``)."""
     return torch_randperm(n, seed + epoch) if shuffle else list(range(n))
 
 
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
+
+
+class _TrainPlan(NamedTuple):
+    """The sizes of a run: rows, micro-batch size, accumulation steps, micro-batches and optimizer steps per
+    epoch, optimizer steps in all, epochs."""
+
+    n: int
+    bs: int
+    accum: int
+    micro_per_epoch: int
+    steps_per_epoch: int
+    max_steps: int
+    epochs: int
+
+
+@dataclass
+class _TrainingRun:
+    """What one ``train()`` call carries from step to step besides ``TrainerState``."""
+
+    plan: _TrainPlan
+    session: Any  # the core's TrainSession
+    logging_steps: int
+    save_steps: int
+    eval_steps: int
+    save_strategy: str
+    eval_strategy: str
+    start_step: int
+    t0: float
+    bar: Any
+    tr_loss: float = 0.0
+    loss_since_log: float = 0.0
+    steps_since_log: int = 0
+    samples_seen: int = 0
+    grad_norm: Optional[float] = None
+
+
+def _strategy(args: Any, name: str) -> str:
+    """``args.save_strategy`` / ``args.eval_strategy`` as a string ("no" when args has none)."""
+    value = getattr(args, name, "no")
+    return str(getattr(value, "value", value))
 
 
 def _progress(total: int, initial: int, disable: bool) -> Any:
@@ -129,14 +131,17 @@ def _progress(total: int, initial: int, disable: bool) -> Any:
     return tqdm(total=total, initial=initial, disable=disable, desc="train", dynamic_ncols=True)
 
 
-def _batch_arrays(batch: Any) -> Dict[str, Any]:
+def _batch_arrays(batch: Any) -> dict[str, Any]:
     """A collator's output (BatchFeature / dict of numpy or torch) as the core's numpy inputs."""
     get = batch.get if hasattr(batch, "get") else batch.__getitem__
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     out["input_ids"] = to_numpy(get("input_ids"), np.int64, "input_ids")
     labels = get("labels")
     if labels is None:
-        raise TrainingError("the batch has no 'labels': the data collator must return labels (input_ids with -100 where no loss is taken)")
+        raise TrainingError(
+            "the batch has no 'labels': the data collator must return labels (input_ids with -100 where no loss is "
+            "taken)"
+        )
     out["labels"] = to_numpy(labels, np.int64, "labels")
     am = get("attention_mask")
     out["attention_mask"] = to_numpy(am, np.int64, "attention_mask") if am is not None else None
@@ -152,7 +157,7 @@ def num_label_tokens(labels: np.ndarray) -> int:
     return int((labels[:, 1:] != -100).sum())
 
 
-def no_decay_names(names: Sequence[str]) -> List[str]:
+def no_decay_names(names: Sequence[str]) -> list[str]:
     """transformers' decay groups: biases and norm weights get no weight decay."""
     pat = re.compile(r"(bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.))")
     return [n for n in names if pat.search(n.lower())]
@@ -186,7 +191,7 @@ class BaseTrainer:
         self.state = TrainerState()
         self.callbacks = list(callbacks or [])
         self._session: Optional[Any] = None
-        self._metrics: Dict[str, Dict[str, List[float]]] = {"train": {}, "eval": {}}
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
@@ -205,10 +210,17 @@ class BaseTrainer:
             core = self.model._core
             names = [n for n, _ in _core.trainable_shapes(core)]
             if not names:
-                raise TrainingError("the model has no trainable parameters: pass peft_config= or a model from get_peft_model()")
+                raise TrainingError(
+                    "the model has no trainable parameters: pass peft_config= or a model from get_peft_model()"
+                )
             a = self.args
             self._session = _core.TrainSession(
-                core, float(a.weight_decay), float(a.adam_beta1), float(a.adam_beta2), float(a.adam_epsilon), no_decay_names(names)
+                core,
+                float(a.weight_decay),
+                float(a.adam_beta1),
+                float(a.adam_beta2),
+                float(a.adam_epsilon),
+                no_decay_names(names),
             )
         return self._session
 
@@ -217,9 +229,11 @@ class BaseTrainer:
         try:
             return len(ds)
         except TypeError:
-            raise TypeError("train_dataset must have a length (a list or a datasets.Dataset); iterable datasets are not supported") from None
+            raise TypeError(
+                "train_dataset must have a length (a list or a datasets.Dataset); iterable datasets are not supported"
+            ) from None
 
-    def _plan(self) -> Dict[str, int]:
+    def _plan(self) -> _TrainPlan:
         a = self.args
         n = self._dataset_len(self.train_dataset)
         if n == 0:
@@ -233,18 +247,21 @@ class BaseTrainer:
         else:
             max_steps = math.ceil(a.num_train_epochs * steps_per_epoch)
             epochs = math.ceil(a.num_train_epochs)
-        return dict(n=n, bs=bs, accum=accum, micro_per_epoch=micro_per_epoch, steps_per_epoch=steps_per_epoch, max_steps=max_steps, epochs=epochs)
+        return _TrainPlan(n=n, bs=bs, accum=accum, micro_per_epoch=micro_per_epoch, steps_per_epoch=steps_per_epoch,
+                          max_steps=max_steps, epochs=epochs)
 
     def _lr(self, step: int, max_steps: int) -> float:
         a = self.args
-        warmup = a.get_warmup_steps(max_steps) if hasattr(a, "get_warmup_steps") else int(getattr(a, "warmup_steps", 0) or 0)
+        warmup = (
+            a.get_warmup_steps(max_steps) if hasattr(a, "get_warmup_steps") else int(getattr(a, "warmup_steps", 0) or 0)
+        )
         kind = str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type))
         return float(a.learning_rate) * _core.lr_multiplier(kind, step, max_steps, int(warmup))
 
-    def _rows(self, ds: Any, idx: Sequence[int]) -> List[Dict[str, Any]]:
+    def _rows(self, ds: Any, idx: Sequence[int]) -> list[dict[str, Any]]:
         return [ds[int(i)] for i in idx]
 
-    def _collate_rows(self, ds: Any, idx: Sequence[int], what: str) -> Dict[str, Any]:
+    def _collate_rows(self, ds: Any, idx: Sequence[int], what: str) -> dict[str, Any]:
         """Collates rows `idx` of `ds`; a collation error names the rows."""
         try:
             return self._collate(self._rows(ds, idx))
@@ -255,7 +272,7 @@ class BaseTrainer:
     def _record(self, mode: str, key: str, value: float) -> None:
         self._metrics[mode].setdefault(key, []).append(float(value))
 
-    def _flush_metrics(self, mode: str) -> Dict[str, float]:
+    def _flush_metrics(self, mode: str) -> dict[str, float]:
         out = {}
         for k, vals in self._metrics[mode].items():
             if vals:
@@ -263,7 +280,7 @@ class BaseTrainer:
         self._metrics[mode] = {}
         return out
 
-    def log(self, logs: Dict[str, float]) -> None:
+    def log(self, logs: dict[str, float]) -> None:
         if self.state.epoch is not None:
             logs["epoch"] = self.state.epoch
         logs["step"] = self.state.global_step
@@ -281,11 +298,19 @@ class BaseTrainer:
         self._save_adapter(tmp)
         opt = self.session.optimizer_state()
         step = int(opt.pop("step"))
-        _core.save_safetensors(tmp / OPTIMIZER_NAME, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in opt.items()})
-        (tmp / SCHEDULER_NAME).write_text(json.dumps({"optimizer_step": step, "lr_scheduler_type": str(self.args.lr_scheduler_type)}))
-        (tmp / RNG_STATE_NAME).write_text(json.dumps({"seed": int(self.args.seed), "global_step": self.state.global_step}))
+        _core.save_safetensors(
+            tmp / OPTIMIZER_NAME, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in opt.items()}
+        )
+        (tmp / SCHEDULER_NAME).write_text(
+            json.dumps({"optimizer_step": step, "lr_scheduler_type": str(self.args.lr_scheduler_type)})
+        )
+        (tmp / RNG_STATE_NAME).write_text(
+            json.dumps({"seed": int(self.args.seed), "global_step": self.state.global_step})
+        )
         self.state.save_to_json(tmp / TRAINER_STATE_NAME)
-        (tmp / TRAINING_ARGS_NAME).write_text(self.args.to_json_string() if hasattr(self.args, "to_json_string") else "{}")
+        (tmp / TRAINING_ARGS_NAME).write_text(
+            self.args.to_json_string() if hasattr(self.args, "to_json_string") else "{}"
+        )
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # the checkpoint appears complete or not at all
@@ -319,7 +344,9 @@ class BaseTrainer:
         d = Path(output_dir or self.args.output_dir)
         d.mkdir(parents=True, exist_ok=True)
         self._save_adapter(d)
-        (d / TRAINING_ARGS_NAME).write_text(self.args.to_json_string() if hasattr(self.args, "to_json_string") else "{}")
+        (d / TRAINING_ARGS_NAME).write_text(
+            self.args.to_json_string() if hasattr(self.args, "to_json_string") else "{}"
+        )
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
         from .hub import is_offline
@@ -332,112 +359,173 @@ class BaseTrainer:
             raise FerroVLMError("push_to_hub needs huggingface_hub (pip install 'ferrovlm[hub]')") from None
         self.save_model()
         repo = getattr(self.args, "hub_model_id", None) or Path(self.args.output_dir).name
-        huggingface_hub.upload_folder(repo_id=repo, folder_path=str(self.args.output_dir), commit_message=kwargs.get("commit_message", "End of training"))
+        huggingface_hub.upload_folder(
+            repo_id=repo,
+            folder_path=str(self.args.output_dir),
+            commit_message=kwargs.get("commit_message", "End of training"),
+        )
 
     # -- the loop ---------------------------------------------------------------------------------
-    def train(self, resume_from_checkpoint: "Optional[bool | str]" = None, **kwargs: Any) -> TrainOutput:
+    def train(self, resume_from_checkpoint: Optional[bool | str] = None, **kwargs: Any) -> TrainOutput:
+        run = self._setup_training(resume_from_checkpoint)
+        try:
+            for epoch in range(run.plan.epochs):
+                if self.state.global_step >= run.plan.max_steps:
+                    break
+                self._train_epoch(run, epoch)
+        finally:
+            if run.bar is not None:
+                run.bar.close()
+        return self._finish_training(run)
+
+    def _setup_training(self, resume_from_checkpoint: Optional[bool | str | os.PathLike[str]]) -> _TrainingRun:
+        """The plan, the core session, the state (fresh or from a checkpoint), the resolved intervals and the
+        progress bar; puts the model in training mode."""
         a = self.args
         plan = self._plan()
-        session = self.session
+        session = self.session  # created before a checkpoint is loaded into it
         if resume_from_checkpoint:
-            ckpt = Path(resume_from_checkpoint) if isinstance(resume_from_checkpoint, (str, os.PathLike)) else None
-            if ckpt is None:
-                cps = sorted_checkpoints(a.output_dir)
-                if not cps:
-                    raise ValueError(f"No valid checkpoint found in output directory ({a.output_dir})")
-                ckpt = cps[-1]
-            if not (ckpt / TRAINER_STATE_NAME).is_file():
-                raise ValueError(f"{ckpt} is not a complete checkpoint (no {TRAINER_STATE_NAME})")
-            self._load_checkpoint(ckpt)
+            self._load_checkpoint(self._resume_checkpoint(resume_from_checkpoint))
         else:
             self.state = TrainerState()
         st = self.state
-        st.max_steps, st.num_train_epochs = plan["max_steps"], plan["epochs"]
-        st.train_batch_size = plan["bs"]
-        steps = a.resolved_steps(plan["max_steps"]) if hasattr(a, "resolved_steps") else {}
+        st.max_steps, st.num_train_epochs = plan.max_steps, plan.epochs
+        st.train_batch_size = plan.bs
+        steps = a.resolved_steps(plan.max_steps) if hasattr(a, "resolved_steps") else {}
         logging_steps = int(steps.get("logging_steps") or a.logging_steps or 1)
         save_steps = int(steps.get("save_steps") or getattr(a, "save_steps", 0) or 0)
         eval_steps = int(steps.get("eval_steps") or logging_steps)
-        save_strategy = str(getattr(getattr(a, "save_strategy", "no"), "value", getattr(a, "save_strategy", "no")))
-        eval_strategy = str(getattr(getattr(a, "eval_strategy", "no"), "value", getattr(a, "eval_strategy", "no")))
         st.logging_steps, st.save_steps, st.eval_steps = logging_steps, save_steps, eval_steps
         start_step = st.global_step
         t0 = time.time()
-        bar = _progress(plan["max_steps"], start_step, disable=bool(getattr(a, "disable_tqdm", False)))
-        tr_loss, loss_since_log, steps_since_log, samples_seen = 0.0, 0.0, 0, 0
-        grad_norm = None
+        bar = _progress(plan.max_steps, start_step, disable=bool(getattr(a, "disable_tqdm", False)))
         self.model.train()
-        try:
-            for epoch in range(plan["epochs"]):
-                if st.global_step >= plan["max_steps"]:
-                    break
-                order = epoch_order(plan["n"], int(a.seed), epoch, shuffle=True)
-                micro = [order[i : i + plan["bs"]] for i in range(0, plan["n"], plan["bs"])]
-                groups = [micro[i : i + plan["accum"]] for i in range(0, len(micro), plan["accum"])]
-                for gi, group in enumerate(groups):
-                    step_index = epoch * plan["steps_per_epoch"] + gi
-                    if step_index < st.global_step:
-                        continue  # resumed: this step is already done
-                    if st.global_step >= plan["max_steps"]:
-                        break
-                    lr = self._lr(st.global_step, plan["max_steps"])
-                    batches = [self._collate_rows(self.train_dataset, idx, "train_dataset") for idx in group]
-                    n_items = sum(self._count_items(b) for b in batches)
-                    step_loss = 0.0
-                    for mi, batch in enumerate(batches):
-                        seed = (int(a.seed) * 1_000_003 + st.global_step) * 64 + mi
-                        step_loss += self._micro_step(batch, n_items, seed)
-                        samples_seen += len(group[mi])
-                    if not math.isfinite(step_loss):
-                        last = sorted_checkpoints(a.output_dir)
-                        where = f"; the last good checkpoint is {last[-1]}" if last else ""
-                        raise TrainingError(f"step {st.global_step + 1}: the loss is not finite ({step_loss}){where}")
-                    grad_norm = session.optimizer_step(lr, float(a.max_grad_norm or 0.0))
-                    st.global_step += 1
-                    st.epoch = epoch + (min((gi + 1) * plan["accum"], len(micro))) / len(micro)
-                    tr_loss += step_loss
-                    loss_since_log += step_loss
-                    steps_since_log += 1
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{step_loss:.4f}", samples_per_s=f"{samples_seen / max(time.time() - t0, 1e-9):.2f}")
-                    if st.global_step % logging_steps == 0 or (st.global_step == 1 and getattr(a, "logging_first_step", False)):
-                        logs = {"loss": loss_since_log / steps_since_log, "grad_norm": float(grad_norm), "learning_rate": lr}
-                        logs.update(self._flush_metrics("train"))
-                        self.log(logs)
-                        loss_since_log, steps_since_log = 0.0, 0
-                    if eval_strategy == "steps" and self.eval_dataset is not None and st.global_step % eval_steps == 0:
-                        self.evaluate()
-                    if save_strategy == "steps" and save_steps and st.global_step % save_steps == 0:
-                        self._save_checkpoint()
-                if eval_strategy == "epoch" and self.eval_dataset is not None:
-                    self.evaluate()
-                if save_strategy == "epoch":
-                    self._save_checkpoint()
-        finally:
-            if bar is not None:
-                bar.close()
-        runtime = time.time() - t0
-        done = st.global_step - start_step
-        train_loss = tr_loss / done if done else 0.0
-        n_samples = plan["max_steps"] * plan["bs"] * plan["accum"] if a.max_steps and a.max_steps > 0 else plan["n"] * plan["epochs"]
+        return _TrainingRun(
+            plan=plan, session=session, logging_steps=logging_steps, save_steps=save_steps, eval_steps=eval_steps,
+            save_strategy=_strategy(a, "save_strategy"), eval_strategy=_strategy(a, "eval_strategy"),
+            start_step=start_step, t0=t0, bar=bar,
+        )
+
+    def _resume_checkpoint(self, resume_from_checkpoint: bool | str | os.PathLike[str]) -> Path:
+        """The checkpoint to resume from: the path given, or (``True``) the last complete one in output_dir."""
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            ckpt = Path(resume_from_checkpoint)
+        else:
+            cps = sorted_checkpoints(self.args.output_dir)
+            if not cps:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+            ckpt = cps[-1]
+        if not (ckpt / TRAINER_STATE_NAME).is_file():
+            raise ValueError(f"{ckpt} is not a complete checkpoint (no {TRAINER_STATE_NAME})")
+        return ckpt
+
+    def _train_epoch(self, run: _TrainingRun, epoch: int) -> None:
+        """The optimizer steps of one epoch (those a resumed run has not done yet), then the end-of-epoch
+        evaluation and checkpoint."""
+        plan, st = run.plan, self.state
+        order = epoch_order(plan.n, int(self.args.seed), epoch, shuffle=True)
+        micro = [order[i : i + plan.bs] for i in range(0, plan.n, plan.bs)]
+        groups = [micro[i : i + plan.accum] for i in range(0, len(micro), plan.accum)]
+        for gi, group in enumerate(groups):
+            step_index = epoch * plan.steps_per_epoch + gi
+            if step_index < st.global_step:
+                continue  # resumed: this step is already done
+            if st.global_step >= plan.max_steps:
+                break
+            lr = self._lr(st.global_step, plan.max_steps)
+            step_loss = self._training_step(run, group)
+            self._optimizer_step(run, lr)
+            st.epoch = epoch + (min((gi + 1) * plan.accum, len(micro))) / len(micro)
+            self._track_loss(run, step_loss)
+            self._maybe_log(run, lr)
+            self._maybe_evaluate(run, "steps")
+            self._maybe_save(run, "steps")
+        self._maybe_evaluate(run, "epoch")
+        self._maybe_save(run, "epoch")
+
+    def _training_step(self, run: _TrainingRun, group: Sequence[Sequence[int]]) -> float:
+        """Forward and backward over the micro-batches of one optimizer step (gradients accumulate in the core);
+        returns the step's loss, which must be finite."""
+        a, st = self.args, self.state
+        batches = [self._collate_rows(self.train_dataset, idx, "train_dataset") for idx in group]
+        n_items = sum(self._count_items(b) for b in batches)
+        step_loss = 0.0
+        for mi, batch in enumerate(batches):
+            seed = (int(a.seed) * 1_000_003 + st.global_step) * 64 + mi
+            step_loss += self._micro_step(batch, n_items, seed)
+            run.samples_seen += len(group[mi])
+        if not math.isfinite(step_loss):
+            last = sorted_checkpoints(a.output_dir)
+            where = f"; the last good checkpoint is {last[-1]}" if last else ""
+            raise TrainingError(f"step {st.global_step + 1}: the loss is not finite ({step_loss}){where}")
+        return step_loss
+
+    def _optimizer_step(self, run: _TrainingRun, lr: float) -> None:
+        """Clips the accumulated gradients, applies AdamW at ``lr`` and counts the step."""
+        run.grad_norm = run.session.optimizer_step(lr, float(self.args.max_grad_norm or 0.0))
+        self.state.global_step += 1
+
+    def _track_loss(self, run: _TrainingRun, step_loss: float) -> None:
+        run.tr_loss += step_loss
+        run.loss_since_log += step_loss
+        run.steps_since_log += 1
+        if run.bar is not None:
+            run.bar.update(1)
+            samples_per_s = run.samples_seen / max(time.time() - run.t0, 1e-9)
+            run.bar.set_postfix(loss=f"{step_loss:.4f}", samples_per_s=f"{samples_per_s:.2f}")
+
+    def _maybe_log(self, run: _TrainingRun, lr: float) -> None:
+        """Every ``logging_steps`` steps (and after the first one with ``logging_first_step``): the mean loss since
+        the last log, the gradient norm, the learning rate and the metrics recorded meanwhile."""
+        step = self.state.global_step
+        if step % run.logging_steps == 0 or (step == 1 and getattr(self.args, "logging_first_step", False)):
+            logs = {"loss": run.loss_since_log / run.steps_since_log, "grad_norm": float(run.grad_norm),
+                    "learning_rate": lr}
+            logs.update(self._flush_metrics("train"))
+            self.log(logs)
+            run.loss_since_log, run.steps_since_log = 0.0, 0
+
+    def _maybe_evaluate(self, run: _TrainingRun, when: str) -> None:
+        """Evaluates if there is an eval_dataset and the eval strategy is ``when`` ("steps": on every
+        ``eval_steps``-th step; "epoch": at the end of an epoch)."""
+        if run.eval_strategy != when or self.eval_dataset is None:
+            return
+        if when == "epoch" or self.state.global_step % run.eval_steps == 0:
+            self.evaluate()
+
+    def _maybe_save(self, run: _TrainingRun, when: str) -> None:
+        """Writes a checkpoint if the save strategy is ``when`` ("steps": on every ``save_steps``-th step;
+        "epoch": at the end of an epoch)."""
+        if run.save_strategy != when:
+            return
+        if when == "epoch" or (run.save_steps and self.state.global_step % run.save_steps == 0):
+            self._save_checkpoint()
+
+    def _finish_training(self, run: _TrainingRun) -> TrainOutput:
+        """The run's summary metrics, logged like transformers' Trainer does at the end of ``train()``."""
+        a, plan, st = self.args, run.plan, self.state
+        runtime = time.time() - run.t0
+        done = st.global_step - run.start_step
+        train_loss = run.tr_loss / done if done else 0.0
+        if a.max_steps and a.max_steps > 0:
+            n_samples = plan.max_steps * plan.bs * plan.accum
+        else:
+            n_samples = plan.n * plan.epochs
         metrics = {
             "train_runtime": round(runtime, 4),
             "train_samples_per_second": round(n_samples / runtime, 3) if runtime > 0 else 0.0,
-            "train_steps_per_second": round(plan["max_steps"] / runtime, 3) if runtime > 0 else 0.0,
+            "train_steps_per_second": round(plan.max_steps / runtime, 3) if runtime > 0 else 0.0,
             "total_flos": float(st.total_flos),
             "train_loss": train_loss,
         }
         self.log(dict(metrics))
-        if save_strategy != "no" and st.global_step % max(save_steps, 1) != 0 and save_strategy == "steps":
-            pass
         return TrainOutput(st.global_step, train_loss, {**metrics, "epoch": st.epoch})
 
-    def _count_items(self, batch: Dict[str, Any]) -> int:
+    def _count_items(self, batch: dict[str, Any]) -> int:
         return num_label_tokens(batch["labels"])
 
 
-def sorted_checkpoints(output_dir: "str | os.PathLike[str]") -> List[Path]:
+def sorted_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
     """Complete checkpoints (those with a trainer_state.json), oldest step first."""
     d = Path(output_dir)
     if not d.is_dir():

@@ -1,6 +1,6 @@
 """bitsandbytes reference values for ferrovlm's quantization (dev only).
 
-    /work/refenv/bin/python scripts/reference/bnb_quant.py
+    python scripts/reference/bnb_quant.py  # in an environment with torch, transformers, bitsandbytes
 
 Writes tests/fixtures/bnb/:
   quant.npz           per case (weights with odd sizes): bitsandbytes' 4-bit codes, absmax, nested
@@ -29,11 +29,10 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 import bitsandbytes as bnb
 import bitsandbytes.functional as F
+import numpy as np
+import torch
 from transformers import BitsAndBytesConfig, Idefics3ForConditionalGeneration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,8 +81,17 @@ def quant_cases() -> dict:
                 out[f"{tag}/dequant"] = F.dequantize_4bit(packed, st).numpy()
                 # the product of a Linear4bit (train mode: dequantize + matmul), f32 and bf16 compute
                 for cd in ("float32", "bfloat16"):
-                    lin = bnb.nn.Linear4bit(shape[1], shape[0], bias=True, compute_dtype=getattr(torch, cd), quant_type=qt, compress_statistics=nested)
-                    lin.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type=qt, compress_statistics=nested, blocksize=64)
+                    lin = bnb.nn.Linear4bit(
+                        shape[1],
+                        shape[0],
+                        bias=True,
+                        compute_dtype=getattr(torch, cd),
+                        quant_type=qt,
+                        compress_statistics=nested,
+                    )
+                    lin.weight = bnb.nn.Params4bit(
+                        w.clone(), requires_grad=False, quant_type=qt, compress_statistics=nested, blocksize=64
+                    )
                     lin.weight._quantize("cpu") if hasattr(lin.weight, "_quantize") else None
                     lin.bias = torch.nn.Parameter(torch.linspace(-0.5, 0.5, shape[0]))
                     lin.support_avx512bf16_for_cpu = False
@@ -123,7 +131,9 @@ def model_case(name: str, kwargs: dict) -> None:
     d.mkdir(parents=True)
     src = OUT / "base"
     cfg = BitsAndBytesConfig(**kwargs)
-    model = Idefics3ForConditionalGeneration.from_pretrained(src, quantization_config=cfg, dtype=torch.float32, attn_implementation="eager")
+    model = Idefics3ForConditionalGeneration.from_pretrained(
+        src, quantization_config=cfg, dtype=torch.float32, attn_implementation="eager"
+    )
     model.eval()
     quantized = []
     for n, m in model.named_modules():
@@ -133,11 +143,17 @@ def model_case(name: str, kwargs: dict) -> None:
         elif isinstance(m, bnb.nn.Linear8bitLt):
             quantized.append(n)
     inputs = dict(np.load(OUT / "base" / "inputs.npz"))
-    feed = {k: torch.from_numpy(inputs[k]) for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")}
+    feed = {
+        k: torch.from_numpy(inputs[k]) for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")
+    }
     with torch.no_grad():
         logits = model(**feed).logits.float().numpy()
     np.savez_compressed(d / "expected.npz", logits=logits)
-    facts = {"quantized_modules": quantized, "memory_footprint": model.get_memory_footprint(), "quantization_config": cfg.to_dict()}
+    facts = {
+        "quantized_modules": quantized,
+        "memory_footprint": model.get_memory_footprint(),
+        "quantization_config": cfg.to_dict(),
+    }
     (d / "facts.json").write_text(json.dumps(facts, indent=1, default=str))
     model.save_pretrained(d / "checkpoint")
 
@@ -157,7 +173,9 @@ def base() -> None:
     pam = np.zeros((2, 1, 32, 32), bool)
     pam[0] = True
     labels = np.where(am == 1, ids, -100)
-    np.savez(d / "inputs.npz", input_ids=ids, attention_mask=am, pixel_values=px, pixel_attention_mask=pam, labels=labels)
+    np.savez(
+        d / "inputs.npz", input_ids=ids, attention_mask=am, pixel_values=px, pixel_attention_mask=pam, labels=labels
+    )
 
 
 def torch_means() -> None:

@@ -1,6 +1,6 @@
 """Reference TRL DPOTrainer trajectories (LoRA on the tiny SmolVLM, CPU, fp32) for ferrovlm's DPO trainer (dev only).
 
-    /work/refenv/bin/python scripts/reference/dpo_trajectory.py
+    python scripts/reference/dpo_trajectory.py  # in an environment with torch, transformers, peft, trl, datasets
 
 Builds the `tiny_smolvlm` test checkpoint (see lora_grads.build_tiny_smolvlm) in a temp dir, makes a non-trivial
 LoRA adapter (r=4, alpha=8, text q/k/v/o/gate/up/down, B != 0), saves it, reloads it with
@@ -294,10 +294,18 @@ def run_case(name: str, spec: dict, ckpt: Path, adapter: Path) -> dict:
     name_of = {id(p): n for n, p in trainer.model.named_parameters()}
     groups = []
     for g in inner_opt.param_groups:
-        groups.append({k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
-                      | {"n_params": len(g["params"]),
-                         "n_ref_params": sum(".ref." in name_of[id(p)] for p in g["params"]),
-                         "param_names": sorted(name_of[id(p)] for p in g["params"])[:4]})
+        groups.append(
+            {
+                k: v
+                for k, v in g.items()
+                if k != "params" and isinstance(v, (int, float, bool, str, tuple, list, type(None)))
+            }
+            | {
+                "n_params": len(g["params"]),
+                "n_ref_params": sum(".ref." in name_of[id(p)] for p in g["params"]),
+                "param_names": sorted(name_of[id(p)] for p in g["params"])[:4],
+            }
+        )
     beta = kwargs["beta"]
     steps = {
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,

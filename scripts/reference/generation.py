@@ -1,6 +1,6 @@
 """Reference token ids from transformers' generate on the tiny fixture checkpoints (dev only).
 
-    /work/refenv/bin/python scripts/reference/generation.py
+    python scripts/reference/generation.py  # in an environment with torch, transformers
 
 Writes tests/fixtures/generation/expected.npz (+ cases.json describing each case). Inputs come from
 tests/fixtures/idefics3_gqa/inputs*.npz (written by scripts/make_reference.py), so run that first.
@@ -38,7 +38,12 @@ def rows(inputs: dict, idx: list, left_pad: bool) -> dict:
     pm = inputs["pixel_attention_mask"][idx]
     n_frames = int(max(((px[r].reshape(px.shape[1], -1) != 0).any(1)).sum() for r in range(len(idx))))
     keep = max(n_frames, 1)
-    return {"input_ids": out_ids, "attention_mask": out_am, "pixel_values": px[:, :keep], "pixel_attention_mask": pm[:, :keep]}
+    return {
+        "input_ids": out_ids,
+        "attention_mask": out_am,
+        "pixel_values": px[:, :keep],
+        "pixel_attention_mask": pm[:, :keep],
+    }
 
 
 def main(fixtures: Path = FIX) -> None:
@@ -80,7 +85,10 @@ def main(fixtures: Path = FIX) -> None:
         out[f"eos_stop.{k}"] = v
     out["eos_stop.output"] = ids.numpy()
     meta["eos_stop"] = kwargs
-    for extra_name, extra in (("beam3_eos", {"num_beams": 3}), ("beam3_eos_early", {"num_beams": 3, "early_stopping": True})):
+    for extra_name, extra in (
+        ("beam3_eos", {"num_beams": 3}),
+        ("beam3_eos_early", {"num_beams": 3, "early_stopping": True}),
+    ):
         kw = dict(kwargs, **extra)
         with torch.no_grad():
             ids = model.generate(**{k: torch.from_numpy(v) for k, v in batch.items()}, **kw)

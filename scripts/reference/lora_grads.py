@@ -1,6 +1,6 @@
 """Reference LoRA / DoRA / modules_to_save gradients from PEFT on the tiny SmolVLM (dev only).
 
-    /work/refenv/bin/python scripts/reference/lora_grads.py
+    python scripts/reference/lora_grads.py  # in an environment with torch, transformers, peft, Pillow
 
 Builds the same hub folder as the `tiny_smolvlm` pytest fixture (tests/conftest.py: SmolVLM tokenizer +
 tests/fixtures/processor/config + `write_checkpoint(dst, TINY_SMOLVLM, seed=3)` + generation_config.json) in a
@@ -59,7 +59,9 @@ def build_tiny_smolvlm(dst: Path) -> Path:
     for f in (FIX / "processor" / "config").iterdir():
         shutil.copy(f, dst / f.name)
     write_checkpoint(dst, TINY_SMOLVLM, seed=3)
-    (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": 49279, "pad_token_id": 2, "bos_token_id": 1}))
+    (dst / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": 49279, "pad_token_id": 2, "bos_token_id": 1})
+    )
     return dst
 
 
@@ -147,7 +149,7 @@ def fill_adapter_(peft_model, seed: int, b_std: float = 0.1) -> None:
                         w = m.get_base_layer().weight
                         mag.copy_(torch.linalg.norm(w, dim=1) * (1.0 + 0.1 * torch.randn(mag.shape, generator=gen)))
             elif isinstance(m, ModulesToSaveWrapper):
-                for an, copy in m.modules_to_save.items():
+                for copy in m.modules_to_save.values():
                     for _, p in sorted(copy.named_parameters()):
                         p.add_(0.05 * torch.randn(p.shape, generator=gen))
 

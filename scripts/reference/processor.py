@@ -1,7 +1,7 @@
 """Reference outputs of transformers' Idefics3Processor (PIL image processor) for whole processor calls:
 chat template -> prompt expansion -> tokenizer + image processor (dev only).
 
-    /work/refenv/bin/python scripts/reference/processor.py
+    python scripts/reference/processor.py  # in an environment with transformers, Pillow
 
 Builds tests/fixtures/processor/checkpoint/ (the SmolVLM tokenizer + chat template from
 tests/fixtures/tokenizer/smolvlm, small image sizes so that arrays stay small) and writes the
@@ -40,7 +40,9 @@ def build_checkpoint(dst: Path) -> Path:
         "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
         "do_pad": True, "processor_class": "Idefics3Processor",
     }, indent=2))
-    (dst / "processor_config.json").write_text(json.dumps({"image_seq_len": 4, "processor_class": "Idefics3Processor"}, indent=2))
+    (dst / "processor_config.json").write_text(
+        json.dumps({"image_seq_len": 4, "processor_class": "Idefics3Processor"}, indent=2)
+    )
     return dst
 
 
@@ -65,7 +67,10 @@ def main(fixtures: Path = FIX) -> None:
     ip = Idefics3ImageProcessorPil.from_pretrained(ckpt)
     proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4,
                              chat_template=json.loads((ckpt / "chat_template.json").read_text())["chat_template"])
-    img = {n: Image.open(IMAGES / n) for n in ("rgb_100x70.png", "rgb_37x53.png", "rgba_61x47.png", "p_50x40.png", "l_45x30.png", "rgb_1x1.png")}
+    img = {
+        n: Image.open(IMAGES / n)
+        for n in ("rgb_100x70.png", "rgb_37x53.png", "rgba_61x47.png", "p_50x40.png", "l_45x30.png", "rgb_1x1.png")
+    }
     for v in img.values():
         v.load()
     user = lambda *content: [{"role": "user", "content": list(content)}]  # noqa: E731
@@ -78,15 +83,30 @@ def main(fixtures: Path = FIX) -> None:
     }
     calls = {
         "single": dict(text=prompts["describe"], images=[img["rgb_100x70.png"]]),
-        "batch_mixed_right": dict(text=[prompts["describe"], prompts["text_only"], prompts["compare"]],
-                                  images=[[img["rgba_61x47.png"]], [], [img["p_50x40.png"], img["l_45x30.png"]]], padding=True),
-        "batch_flat_left": dict(text=[prompts["compare"], prompts["describe"]],
-                                images=[img["rgb_37x53.png"], img["rgb_1x1.png"], img["rgb_100x70.png"]], padding=True, padding_side="left"),
+        "batch_mixed_right": dict(
+            text=[prompts["describe"], prompts["text_only"], prompts["compare"]],
+            images=[[img["rgba_61x47.png"]], [], [img["p_50x40.png"], img["l_45x30.png"]]],
+            padding=True,
+        ),
+        "batch_flat_left": dict(
+            text=[prompts["compare"], prompts["describe"]],
+            images=[img["rgb_37x53.png"], img["rgb_1x1.png"], img["rgb_100x70.png"]],
+            padding=True,
+            padding_side="left",
+        ),
         "no_split": dict(text=prompts["describe"], images=[img["rgb_37x53.png"]], do_image_splitting=False),
-        "pad_max_length": dict(text=[prompts["describe"], prompts["text_only"]], images=[[img["rgb_100x70.png"]], []],
-                               padding="max_length", max_length=200),
-        "truncate_text": dict(text=[prompts["text_only"], "plain text that is long enough to be cut"],
-                              padding="max_length", truncation=True, max_length=8),
+        "pad_max_length": dict(
+            text=[prompts["describe"], prompts["text_only"]],
+            images=[[img["rgb_100x70.png"]], []],
+            padding="max_length",
+            max_length=200,
+        ),
+        "truncate_text": dict(
+            text=[prompts["text_only"], "plain text that is long enough to be cut"],
+            padding="max_length",
+            truncation=True,
+            max_length=8,
+        ),
         "text_only": dict(text=[prompts["text_only"], "plain text"], padding=True),
     }
     out, meta = {}, {"prompts": prompts, "calls": {}}
@@ -97,7 +117,11 @@ def main(fixtures: Path = FIX) -> None:
         meta["calls"][name] = {k: v for k, v in kw.items() if k not in ("images",)}
         ims = kw.get("images")
         meta["calls"][name]["images"] = (
-            None if ims is None else [[_name(img, x) for x in s] for s in ims] if ims and isinstance(ims[0], list) else [_name(img, x) for x in ims]
+            None
+            if ims is None
+            else [[_name(img, x) for x in s] for s in ims]
+            if ims and isinstance(ims[0], list)
+            else [_name(img, x) for x in ims]
         )
         print(name, {k: np.asarray(v).shape for k, v in res.items()})
     dst = fixtures / "processor"

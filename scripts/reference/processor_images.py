@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reference fixtures for ferrovlm's Rust image processor (tests/image_processor.rs).
 
-Dev-only tool; needs Pillow, numpy and transformers (e.g. /work/refenv/bin/python):
+Dev-only tool; needs Pillow, numpy and transformers:
 
     python scripts/reference/processor_images.py [FIXTURES_DIR]
 
@@ -36,16 +36,14 @@ torchvision one.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
-
 import transformers
+from PIL import Image, ImageOps
 from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import load_image
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
@@ -64,7 +62,9 @@ def pattern(w: int, h: int, c: int, seed: int, noise: int = 40, ripple: bool = T
     y, x = np.mgrid[0:h, 0:w].astype(np.float64)
     out = []
     for ch in range(c):
-        base = 127.5 + 100 * np.sin((x / max(w, 1)) * (2 + ch) * np.pi + ch) * np.cos((y / max(h, 1)) * (1 + ch) * np.pi)
+        base = 127.5 + 100 * np.sin((x / max(w, 1)) * (2 + ch) * np.pi + ch) * np.cos(
+            (y / max(h, 1)) * (1 + ch) * np.pi
+        )
         base += 20 * np.sin((x + 2 * y) / (3.0 + ch)) if ripple else 0
         base += rng.integers(-noise, noise + 1, size=(h, w)) if noise else 0
         out.append(base)
@@ -184,12 +184,22 @@ def cases() -> list[dict]:
         add(f"resample_{fname}_nosplit", dict(TINY, resample=code, do_image_splitting=False), [["rgb_100x70.png"]])
     add("clip_norm", dict(TINY, **CLIP_NORM), [["rgb_37x53.png", "rgba_61x47.png"]])
     add("rescale_only", dict(TINY, do_normalize=False), [["rgb_100x70.png"]])
-    add("normalize_only", dict(TINY, do_rescale=False, image_mean=[127.0, 100.0, 3.5], image_std=[64.0, 50.0, 2.0]), [["rgb_100x70.png"]])
+    add(
+        "normalize_only",
+        dict(TINY, do_rescale=False, image_mean=[127.0, 100.0, 3.5], image_std=[64.0, 50.0, 2.0]),
+        [["rgb_100x70.png"]],
+    )
     add("no_resize_split", dict(TINY, do_resize=False), [["rgb_100x70.png"]])
     add("no_resize_nosplit", dict(TINY, do_resize=False, do_image_splitting=False), [["rgb_37x53.png"]])
-    add("exact_size", {"size": {"height": 50, "width": 70}, "max_image_size": {"longest_edge": 32}}, [["rgb_37x53.png"]])
+    add(
+        "exact_size", {"size": {"height": 50, "width": 70}, "max_image_size": {"longest_edge": 32}}, [["rgb_37x53.png"]]
+    )
     add("batch_1_0_2", dict(SMALL), [["rgb_37x53.png"], [], ["l_45x30.png", "rgba_61x47.png"]])
-    add("batch_mixed_nopad_sizes", dict(TINY, do_image_splitting=False), [["rgb_1x1.png", "p_50x40.png"], ["one_29x31.png"]])
+    add(
+        "batch_mixed_nopad_sizes",
+        dict(TINY, do_image_splitting=False),
+        [["rgb_1x1.png", "p_50x40.png"], ["one_29x31.png"]],
+    )
     add("real_256m_split_900x40", dict(SMOLVLM_256M), [["rgb_900x40.png"]], "u8")
     add("real_256m_nosplit_37x53", dict(SMOLVLM_256M, do_image_splitting=False), [["rgb_37x53.png"]], "u8")
     add("real_2b_split_10x2000", dict(SMOLVLM_2B), [["rgb_10x2000.png"]], "u8")
@@ -312,7 +322,9 @@ def convert_cases(arrays: dict) -> list[dict]:
     ims["p_short_key"] = p3
     ims["i16_ramp"] = Image.fromarray((np.arange(64 * 16, dtype=np.uint16) * 64 + 3).reshape(16, 64))
     ims["one_bits"] = Image.fromarray(rng.integers(0, 2, (13, 21)).astype(bool)).convert("1")
-    pa = Image.frombytes("PA", (16, 16), np.stack([(x[:16, :16] * 16 + y[:16, :16]), x[:16, :16] * 17], -1).astype(np.uint8).tobytes())
+    pa = Image.frombytes(
+        "PA", (16, 16), np.stack([(x[:16, :16] * 16 + y[:16, :16]), x[:16, :16] * 17], -1).astype(np.uint8).tobytes()
+    )
     pa.putpalette(rng.integers(0, 256, 256 * 3, dtype=np.uint8).tolist())
     ims["pa_img"] = pa
     meta = []

@@ -8,7 +8,7 @@ plus the other non-dict sizes transformers' `get_size_dict` accepts (a (height, 
 int, with do_resize on), on the processor fixture (tests/fixtures/processor/config + the SmolVLM
 tokenizer; 32 px tiles, 4 image tokens) and small images so that the arrays stay small.
 
-    /work/refenv/bin/python scripts/reference/processor_size_tuple.py
+    python scripts/reference/processor_size_tuple.py  # in an environment with transformers, Pillow
 
 Writes tests/fixtures/processor_size_tuple/expected.npz and calls.json.
 """

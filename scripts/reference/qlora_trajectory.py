@@ -1,6 +1,6 @@
 """Reference QLoRA trajectories (TRL SFTTrainer, LoRA on a bitsandbytes-quantized tiny SmolVLM, CPU) (dev only).
 
-    /work/refenv/bin/python scripts/reference/qlora_trajectory.py
+    python scripts/reference/qlora_trajectory.py  # with torch, transformers, peft, trl, datasets, bitsandbytes
 
 Builds the `tiny_smolvlm` test checkpoint (see lora_grads.build_tiny_smolvlm) in a temp dir and, per case, loads it
 with `from_pretrained(..., quantization_config=BitsAndBytesConfig(...), dtype=float32, attn_implementation="eager")`,
@@ -76,7 +76,9 @@ torch.use_deterministic_algorithms(True)
 torch.set_num_threads(1)
 
 # BitsAndBytesConfig kwargs (dtype values as strings; turned into torch dtypes when used)
-NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype="float32")
+NF4 = dict(
+    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype="float32"
+)
 INT8 = dict(load_in_8bit=True)
 # adapter: "trl" = what SFTTrainer does to a quantized model's adapter (trl 1.16, sft_trainer.py: every trainable
 # parameter but DoRA magnitudes is cast to bfloat16 in __init__, "following the QLoRA paper"), "float32" = the
@@ -99,7 +101,9 @@ def patch_bnb_cpu_dequantize_4bit() -> None:
 
     def flat_blocks(A, absmax, blocksize, quant_type, shape, dtype):
         a8 = A if A.dtype == torch.uint8 else A.view(torch.uint8)
-        return _dequantize_4bit_compute(a8.reshape(-1), absmax.float(), _get_4bit_code(quant_type, A.device), blocksize, shape, dtype)
+        return _dequantize_4bit_compute(
+            a8.reshape(-1), absmax.float(), _get_4bit_code(quant_type, A.device), blocksize, shape, dtype
+        )
 
     torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", flat_blocks)
 
@@ -173,8 +177,12 @@ def run_case(name: str, spec: dict, ckpt: Path, described: list, rows: list) -> 
     kwargs = dict(COMMON_ARGS)
     (case / "args.json").write_text(json.dumps(kwargs, indent=2, sort_keys=True) + "\n")
     tmp_out = tempfile.mkdtemp()
-    trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=tmp_out, **kwargs), train_dataset=Dataset.from_list(rows),
-                         processing_class=processor)
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(output_dir=tmp_out, **kwargs),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=processor,
+    )
     quant["adapter"] = spec["adapter"]
     quant["adapter_dtypes_after_trainer_init"] = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})
     if spec["adapter"] == "float32":

