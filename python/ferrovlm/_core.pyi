@@ -12,7 +12,7 @@ __all__ = [
     "decode_image_bytes", "expand_image_tokens", "linear_names", "add_adapters", "remove_adapters",
     "set_adapters_enabled", "upcast_dense_layers", "set_training", "adapters_enabled", "trainable_shapes",
     "adapter_state", "load_adapter_state", "save_safetensors", "load_safetensors", "TrainSession", "lr_multiplier",
-    "sequence_logps",
+    "sequence_logps", "module_names", "dpo_loss_types",
 ]
 
 __version__: str
@@ -154,6 +154,7 @@ def expand_image_tokens(
 # -- adapters (crate::lora, crate::checkpoint::peft) ---------------------------------------------
 
 def linear_names(model: VlmModel) -> list[str]: ...
+def module_names(model: VlmModel) -> list[str]: ...
 def add_adapters(
     model: VlmModel,
     targets: list[str],
@@ -247,6 +248,7 @@ class TrainSession:
     def load_optimizer_state(self, state: dict[str, Any]) -> None: ...
 
 def lr_multiplier(kind: str, step: int, total: int, warmup: int) -> float: ...
+def dpo_loss_types() -> list[str]: ...
 
 def sequence_logps(
     model: VlmModel,

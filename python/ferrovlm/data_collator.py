@@ -34,8 +34,9 @@ prompt-completion rows (TRL raises NotImplementedError there).
 
 Assistant-only loss: TRL swaps in its training copy of the SmolVLM template (``{% generation %}`` around
 everything after ``Assistant:`` up to and including ``<end_of_utterance>\\n``) and masks the tokens that overlap
-that character span. ferrovlm finds the same spans without generation markers: the span of assistant turn k
-starts where ``render(messages[:k], add_generation_prompt=True)`` ends and stops where ``render(messages[:k+1])``
+that character span. ferrovlm finds the same spans without generation markers (``{% generation %}`` blocks of a
+user's template are rendered by the core's chat template, the one place that handles them): the span of assistant
+turn k starts where ``render(messages[:k], add_generation_prompt=True)`` ends and stops where ``render(messages[:k+1])``
 ends (both must be prefixes of the full rendering). Character spans become token spans by tokenizing the text
 before each boundary (tokens overlapping the span count, as in transformers), on the text before image
 expansion; each ``<image>`` placeholder's mask value is then copied onto its expansion.
@@ -43,7 +44,6 @@ expansion; each ``<image>`` placeholder's mask value is then copied onto its exp
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -163,9 +163,6 @@ def flush_left(mask: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(a[:, :cut] for a in rolled)
 
 
-_GEN_TAG = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
-
-
 class DataCollatorForVisionLanguageModeling:
     """Collates vision-language rows into a batch like TRL's collator of the same name (numpy by default)."""
 
@@ -231,10 +228,6 @@ class DataCollatorForVisionLanguageModeling:
                 out.append([])
         return out
 
-    def _template(self) -> Optional[str]:
-        t = self.chat_template
-        return _GEN_TAG.sub("", t) if isinstance(t, str) else t
-
     def _render(self, messages: list[dict[str, Any]], **kw: Any) -> str:
         return self.processor.apply_chat_template(messages, chat_template=kw.pop("chat_template", None),
                                                   tokenize=False, **kw)
@@ -281,7 +274,7 @@ class DataCollatorForVisionLanguageModeling:
         convs = None
         if "messages" in examples[0]:
             convs = [prepare_multimodal_messages(ex["messages"], images=imgs) for ex, imgs in zip(examples, row_images)]
-            template = self._template()
+            template = self.chat_template
             texts = [self._render(c, chat_template=template) for c in convs]
             images = [_images_of(c) for c in convs]
         else:
@@ -337,7 +330,7 @@ class DataCollatorForVisionLanguageModeling:
         """1 on the tokens of ``input_ids`` (the processed, possibly truncated, unpadded row for the rendering
         ``text`` of ``messages``) that overlap an assistant turn's span (after ``Assistant:`` through the end of
         the turn, ``<end_of_utterance>\\n`` included)."""
-        template = self._template()
+        template = self.chat_template
         spans: list[tuple[int, int]] = []
         for k, m in enumerate(messages):
             if m.get("role") != "assistant":

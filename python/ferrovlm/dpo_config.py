@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
+from . import _core
 from .training_args import TrainingArguments, _warn_once, accepts_legacy_kwargs
 
-# TRL 1.16 DPOTrainer's loss names (dpo_trainer.py, the loss dispatch)
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+# The DPO losses the core implements, with TRL's names (`DpoLoss::ALL` in src/train/dpo.rs).
+DPO_LOSS_TYPES: tuple[str, ...] = tuple(_core.dpo_loss_types())
 
 
 @accepts_legacy_kwargs
@@ -74,10 +74,11 @@ class DPOConfig(TrainingArguments):
         super()._apply_legacy(legacy)
 
     def _check_loss_type(self) -> None:
-        """Every name in ``loss_type`` (already a list) must be one of TRL's DPO losses (``DPO_LOSS_TYPES``)."""
+        """Every name in ``loss_type`` (already a list) must be a DPO loss the core implements
+        (``DPO_LOSS_TYPES``); TRL's other losses are refused here rather than at the first step."""
         bad = [t for t in self.loss_type if t not in DPO_LOSS_TYPES]
         if bad:
-            raise ValueError(f"Unknown DPO loss_type {bad}; expected one of {list(DPO_LOSS_TYPES)}")
+            raise ValueError(f"Unsupported DPO loss_type {bad}; ferrovlm implements {list(DPO_LOSS_TYPES)}")
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_type, str):

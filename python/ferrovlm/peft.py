@@ -30,47 +30,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 def module_names(core: _core.VlmModel) -> list[str]:
     """Every module name of the transformers model (parents, Linear layers, norms, embeddings), for PEFT's
-    name matching."""
-    cfg = json.loads(core.config_json)
-    linear = _core.linear_names(core)
-    names: list[str] = [""]
-    seen = set(names)
-
-    def add(n: str) -> None:
-        parts = n.split(".")
-        for i in range(1, len(parts) + 1):
-            p = ".".join(parts[:i])
-            if p not in seen:
-                seen.add(p)
-                names.append(p)
-
-    v = "model.vision_model"
-    add(f"{v}.embeddings.patch_embedding")
-    add(f"{v}.embeddings.position_embedding")
-    for i in range(cfg["vision_config"]["num_hidden_layers"]):
-        add(f"{v}.encoder.layers.{i}.layer_norm1")
-        for n in linear:
-            if n.startswith(f"{v}.encoder.layers.{i}."):
-                add(n)
-                if n.endswith("out_proj"):
-                    add(f"{v}.encoder.layers.{i}.layer_norm2")
-    add(f"{v}.post_layernorm")
-    add("model.connector.modality_projection.proj")
-    t = "model.text_model"
-    add(f"{t}.embed_tokens")
-    for i in range(cfg["text_config"]["num_hidden_layers"]):
-        for n in linear:
-            if n.startswith(f"{t}.layers.{i}.self_attn"):
-                add(n)
-        for n in linear:
-            if n.startswith(f"{t}.layers.{i}.mlp"):
-                add(n)
-        add(f"{t}.layers.{i}.input_layernorm")
-        add(f"{t}.layers.{i}.post_attention_layernorm")
-    add(f"{t}.norm")
-    add(f"{t}.rotary_emb")
-    add("lm_head")
-    return names
+    name matching. The tree is the core's (``model/modules.rs``), the one list of the model's names."""
+    return list(_core.module_names(core))
 
 
 def _linear_under(names: list[str], linear: list[str], core_linear: set) -> list[str]:

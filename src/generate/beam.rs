@@ -37,7 +37,7 @@ pub fn beam_search(model: &VlmModel, input: &ForwardInput, cfg: &GenerationConfi
     if l >= cfg.max_length {
         return Ok(prompts);
     }
-    let (mut session, first) = Session::prefill(model, input, interrupt)?;
+    let (mut session, first) = Session::prefill(model, input, cfg.max_length, interrupt)?;
     let expand: Vec<usize> = (0..b).flat_map(|r| std::iter::repeat_n(r, nb)).collect();
     session.select_rows(&expand)?;
     let mut logits_rows: Vec<Vec<f32>> = expand.iter().map(|&r| first[r].clone()).collect();

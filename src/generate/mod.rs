@@ -48,6 +48,10 @@ pub struct GenerationConfig {
 pub type OnToken<'a> = &'a mut dyn FnMut(&[u32]) -> bool;
 
 /// Cached decoding state of a batch of rows.
+/// New positions the KV cache allocates up front at most (a huge `max_length` does not allocate
+/// memory that a generation stopping at EOS never uses).
+pub const MAX_RESERVED_NEW: usize = 1024;
+
 pub struct Session<'m> {
     model: &'m VlmModel,
     cache: KvCache,
@@ -60,7 +64,9 @@ pub struct Session<'m> {
 impl<'m> Session<'m> {
     /// Runs the prompt through the model; returns the session and the last-position logits [rows][V].
     /// Positions follow the attention mask (cumsum - 1, padding at 1) as in transformers' generate.
-    pub fn prefill(model: &'m VlmModel, input: &ForwardInput, interrupt: Interrupt) -> Result<(Self, Vec<Vec<f32>>)> {
+    /// `max_length`: the longest sequence the session will hold (prompt + new tokens), allocated once
+    /// in the KV cache (at most [`MAX_RESERVED_NEW`] new positions up front; the cache doubles beyond).
+    pub fn prefill(model: &'m VlmModel, input: &ForwardInput, max_length: usize, interrupt: Interrupt) -> Result<(Self, Vec<Vec<f32>>)> {
         let (b, l) = (input.batch, input.seq_len);
         model.check_input(input)?;
         let mask01: Vec<i64> = match input.attention_mask {
@@ -80,7 +86,7 @@ impl<'m> Session<'m> {
             next_pos.push(c);
             key_valid.push(row.iter().map(|&m| m != 0).collect::<Vec<bool>>());
         }
-        let mut session = Session { model, cache: KvCache::new(model.text.layers.len()), key_valid, next_pos };
+        let mut session = Session { model, cache: KvCache::with_capacity(model.text.layers.len(), max_length.clamp(l, l + MAX_RESERVED_NEW)), key_valid, next_pos };
         let x = model.merged_embeddings(input, interrupt)?; // [B, L, H]
         let logits = session.run(&x, &positions, interrupt)?;
         Ok((session, logits))
@@ -184,7 +190,7 @@ pub fn generate(model: &VlmModel, input: &ForwardInput, cfg: &GenerationConfig, 
     if l >= cfg.max_length {
         return Ok(seqs);
     }
-    let (mut session, mut logits) = Session::prefill(model, input, interrupt)?;
+    let (mut session, mut logits) = Session::prefill(model, input, cfg.max_length, interrupt)?;
     let mut rng = Rng::new(cfg.seed);
     let mut unfinished = vec![true; b];
     let mut on_token = on_token;

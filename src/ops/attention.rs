@@ -70,7 +70,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, scale: f64) ->
     if q.dtype() == DType::F32 && q.device().is_cpu() {
         super::attention_f32::fused_attention(q, k, v, mask, scale)
     } else {
-        attention_reference(q, k, v, mask, scale)
+        attention_reference(q, &k.contiguous()?, &v.contiguous()?, mask, scale)
     }
 }
 

@@ -26,6 +26,32 @@ struct FusedAttention {
     mask: Mask,
 }
 
+/// Where the [S, hd] block of (batch row, kv head) starts in a k/v argument's storage.
+#[derive(Clone, Copy)]
+struct KvBlocks {
+    start: usize,
+    batch_stride: usize,
+    head_stride: usize,
+}
+
+impl KvBlocks {
+    fn at(&self, b: usize, h: usize) -> usize {
+        self.start + b * self.batch_stride + h * self.head_stride
+    }
+}
+
+/// A k/v argument [B, Hkv, S, hd] whose [S, hd] blocks are each contiguous (a contiguous tensor, or a
+/// view of the KV cache's preallocated buffers), with where each block starts.
+fn kv_blocks<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<(&'a [f32], KvBlocks)> {
+    let (_, _, len, hd) = l.shape().dims4()?;
+    let st = l.stride();
+    let CpuStorage::F32(v) = s else { bail!("fused attention: {what} must be f32") };
+    if st[3] != 1 || (len > 1 && st[2] != hd) {
+        bail!("fused attention: {what} needs contiguous rows of head_dim values (strides {st:?})");
+    }
+    Ok((v, KvBlocks { start: l.start_offset(), batch_stride: st[0], head_stride: st[1] }))
+}
+
 impl CustomOp3 for FusedAttention {
     fn name(&self) -> &'static str {
         "fused-attention"
@@ -37,13 +63,14 @@ impl CustomOp3 for FusedAttention {
         if l3.shape().dims() != l2.shape().dims() || hkv == 0 || h % hkv != 0 {
             bail!("fused attention: bad shapes q {:?} k {:?} v {:?}", l1.shape(), l2.shape(), l3.shape());
         }
-        let (q, k, v) = (f32_arg(s1, l1, "q")?, f32_arg(s2, l2, "k")?, f32_arg(s3, l3, "v")?);
+        let q = f32_arg(s1, l1, "q")?;
+        let ((k, kb), (v, vb)) = (kv_blocks(s2, l2, "k")?, kv_blocks(s3, l3, "v")?);
         let groups = h / hkv;
         let mut out = vec![0f32; b * h * l * hd];
         out.par_chunks_mut(l * hd).enumerate().for_each(|(bh, o)| {
             let (bi, hi) = (bh / h, bh % h);
-            let kv_off = (bi * hkv + hi / groups) * s * hd;
-            let (qs, ks, vs) = (&q[bh * l * hd..(bh + 1) * l * hd], &k[kv_off..kv_off + s * hd], &v[kv_off..kv_off + s * hd]);
+            let (ko, vo) = (kb.at(bi, hi / groups), vb.at(bi, hi / groups));
+            let (qs, ks, vs) = (&q[bh * l * hd..(bh + 1) * l * hd], &k[ko..ko + s * hd], &v[vo..vo + s * hd]);
             // K^T [hd, S] row-major: gemm then streams both operands along rows.
             let mut kt = vec![0f32; hd * s];
             for (j, krow) in ks.chunks_exact(hd).enumerate() {
@@ -281,7 +308,16 @@ unsafe fn exp_normalize_avx512(row: &mut [f32], max: f32) {
 /// q: [B, H, L, hd], k/v: [B, Hkv, S, hd] f32 -> [B, H, L, hd].
 pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, scale: f64) -> Result<Tensor> {
     let op = FusedAttention { scale: scale as f32, mask: mask.clone() };
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    // K and V views of the KV cache keep their strides (their [S, hd] blocks are contiguous): no copy
+    // of the past keys per decoding step. Tracked ones (training) are made contiguous for the backward.
+    let kv = |t: &Tensor| if t.track_op() || !rows_contiguous(t) { t.contiguous() } else { Ok(t.clone()) };
+    q.contiguous()?.apply_op3(&kv(k)?, &kv(v)?, op)
+}
+
+/// Whether t [B, Hkv, S, hd] has contiguous rows of hd values, consecutive within each (b, head).
+fn rows_contiguous(t: &Tensor) -> bool {
+    let (dims, st) = (t.dims(), t.stride());
+    dims.len() == 4 && st[3] == 1 && (dims[2] <= 1 || st[2] == dims[3])
 }
 
 #[cfg(test)]
