@@ -47,6 +47,7 @@ fn peak_now() -> Option<f64> {
     use rayon::prelude::*;
     let (iters, th) = (5_000_000usize, rayon::current_num_threads());
     let t = Instant::now();
+    // SAFETY: `spin` needs avx512f, which the caller checked before calling this function.
     let s: f32 = (0..th).into_par_iter().map(|_| unsafe { spin(iters) }).sum();
     std::hint::black_box(s);
     Some((th * iters * 24 * 64) as f64 / t.elapsed().as_secs_f64() / 1e9)

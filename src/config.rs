@@ -181,7 +181,7 @@ impl ModelConfig {
 
     fn validate(&self, r: &Reader) -> Result<(), ConfigError> {
         let v = &self.vision;
-        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
+        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(r.bad("vision_config.num_attention_heads", format!("hidden_size {} is not a multiple of {} heads", v.hidden_size, v.num_attention_heads)));
         }
         if v.patch_size == 0 || v.image_size < v.patch_size {
@@ -194,10 +194,10 @@ impl ModelConfig {
             return Err(r.bad("vision_config.hidden_act", format!("'{}' is not supported", v.hidden_act)));
         }
         let t = &self.text;
-        if t.num_key_value_heads == 0 || t.num_attention_heads % t.num_key_value_heads != 0 {
+        if t.num_key_value_heads == 0 || !t.num_attention_heads.is_multiple_of(t.num_key_value_heads) {
             return Err(r.bad("text_config.num_key_value_heads", format!("{} attention heads are not a multiple of {} kv heads", t.num_attention_heads, t.num_key_value_heads)));
         }
-        if t.head_dim % 2 != 0 {
+        if !t.head_dim.is_multiple_of(2) {
             return Err(r.bad("text_config.head_dim", format!("{} is odd; rotary embeddings need an even head_dim", t.head_dim)));
         }
         if t.hidden_act != "silu" {

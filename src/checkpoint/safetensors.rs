@@ -29,6 +29,9 @@ pub struct WeightStore {
     entries: HashMap<String, Entry>,
 }
 
+/// A stored tensor as it is on disk: dtype, shape, bytes and the file it is in.
+pub type RawTensor<'a> = (StDtype, Vec<usize>, &'a [u8], &'a Path);
+
 impl WeightStore {
     /// Opens `model.safetensors` or the shards of `model.safetensors.index.json` in `dir`.
     pub fn open_dir(dir: &Path) -> Result<Self, CheckpointError> {
@@ -119,7 +122,7 @@ impl WeightStore {
     }
 
     /// The stored bytes of `name` with its safetensors dtype and shape (quantized weights, byte blobs).
-    pub fn raw(&self, name: &str) -> Result<(StDtype, Vec<usize>, &[u8], &Path), CheckpointError> {
+    pub fn raw(&self, name: &str) -> Result<RawTensor<'_>, CheckpointError> {
         let e = self.entries.get(name).ok_or_else(|| CheckpointError::MissingTensor { name: name.to_string(), files: self.file_list() })?;
         let (path, mmap) = &self.files[e.file];
         Ok((e.dtype, e.shape.clone(), &mmap[e.start..e.end], path.as_path()))

@@ -407,6 +407,8 @@ fn tojson_filter(
     json_dumps(&value, &opts).map_err(bad)
 }
 
+pub use crate::data::chat_template_files::ChatTemplates;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -458,5 +460,3 @@ mod tests {
         assert!(out.starts_with('2'));
     }
 }
-
-pub use crate::data::chat_template_files::ChatTemplates;

@@ -120,7 +120,7 @@ fn parse_size(v: Option<&Value>, default_to_square: bool) -> Result<Option<std::
         Value::Object(s) => {
             let mut keys: Vec<&str> = s.iter().filter(|(_, x)| !x.is_null()).map(|(k, _)| k.as_str()).collect();
             keys.sort_unstable();
-            if !VALID_SIZE_KEYS.iter().any(|k| *k == keys.as_slice()) {
+            if !VALID_SIZE_KEYS.contains(&keys.as_slice()) {
                 return Err(cfg_err(format!("'size' must have one of the key sets {VALID_SIZE_KEYS:?}, got {v}")));
             }
             // transformers tests `size.longest_edge` first (truthy), then `size.height and size.width`.

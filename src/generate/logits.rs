@@ -64,9 +64,7 @@ pub fn top_p(scores: &mut [f32], p: f32, min_keep: usize) {
         cum += pr;
         remove[r] = cum <= 1.0 - p;
     }
-    for r in n.saturating_sub(min_keep)..n {
-        remove[r] = false;
-    }
+    remove[n.saturating_sub(min_keep)..].iter_mut().for_each(|r| *r = false);
     for (r, &i) in idx.iter().enumerate() {
         if remove[r] {
             scores[i] = f32::NEG_INFINITY;

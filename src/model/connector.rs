@@ -25,7 +25,7 @@ impl Connector {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, np, _) = x.dims3()?;
         let side = (np as f64).sqrt().round() as usize;
-        if side * side != np || side % self.scale_factor != 0 {
+        if side * side != np || !side.is_multiple_of(self.scale_factor) {
             return input_err(format!(
                 "the connector needs a square patch grid divisible by scale_factor {}; got {np} patches per frame",
                 self.scale_factor

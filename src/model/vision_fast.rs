@@ -42,7 +42,7 @@ fn untracked_f32_cpu(t: &Tensor) -> bool {
 /// for the bf16 compute mode without adapter, nothing tracked, an even head dim, matching shapes.
 pub(crate) fn usable(layers: &[VisionLayer], x: &Tensor, heads: usize) -> bool {
     let Ok((_, _, d)) = x.dims3() else { return false };
-    if !untracked_f32_cpu(x) || heads == 0 || d % heads != 0 || (d / heads) % 2 != 0 {
+    if !untracked_f32_cpu(x) || heads == 0 || d % heads != 0 || !(d / heads).is_multiple_of(2) {
         return false;
     }
     layers.iter().all(|l| {

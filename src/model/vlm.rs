@@ -75,6 +75,9 @@ pub struct ImageFeatures {
     pub connector: Tensor,
 }
 
+/// Computes connector features `[F_real, T, H]` from pixel values and the pixel attention mask.
+pub type FeatureFn<'a> = &'a dyn Fn(&Tensor, Option<&[bool]>) -> Result<Tensor>;
+
 impl VlmModel {
     /// Loads config and weights from a checkpoint directory in `dtype` on `device`.
     pub fn from_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
@@ -210,7 +213,7 @@ impl VlmModel {
 
     /// [`Self::merged_embeddings`] with the connector features of the real frames ([F_real, T, H])
     /// computed by `features` (e.g. from a cache).
-    pub fn merged_embeddings_with(&self, input: &ForwardInput, features: &dyn Fn(&Tensor, Option<&[bool]>) -> Result<Tensor>) -> Result<Tensor> {
+    pub fn merged_embeddings_with(&self, input: &ForwardInput, features: FeatureFn) -> Result<Tensor> {
         let (b, l) = (input.batch, input.seq_len);
         let vocab = self.config.text.vocab_size;
         let mut ids = Vec::with_capacity(b * l);
@@ -275,7 +278,7 @@ impl VlmModel {
         self.check_input(input)?;
         let x = self.merged_embeddings(input, interrupt)?;
         let key_valid = match input.attention_mask {
-            Some(m) if m.iter().any(|&v| v == 0) => Some(Arc::new(m.iter().map(|&v| v != 0).collect::<Vec<bool>>())),
+            Some(m) if m.contains(&0) => Some(Arc::new(m.iter().map(|&v| v != 0).collect::<Vec<bool>>())),
             _ => None,
         };
         let mask = Mask { causal: true, key_valid };

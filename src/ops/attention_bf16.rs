@@ -26,8 +26,8 @@ const QCHUNK: usize = 2 * QB;
 
 fn check(qkv: &Bf16Rows, frames: usize, heads: usize, hd: usize, key_valid: Option<&[bool]>, out: &Bf16Rows) -> usize {
     let d = heads * hd;
-    assert!(hd > 0 && hd % 2 == 0, "attention_bf16: head dim {hd} must be even and positive");
-    assert!(frames > 0 && qkv.n() % frames == 0, "attention_bf16: {} rows for {frames} frames", qkv.n());
+    assert!(hd > 0 && hd.is_multiple_of(2), "attention_bf16: head dim {hd} must be even and positive");
+    assert!(frames > 0 && qkv.n().is_multiple_of(frames), "attention_bf16: {} rows for {frames} frames", qkv.n());
     assert_eq!(qkv.k(), 3 * d, "attention_bf16: qkv width {} vs 3 * {heads} * {hd}", qkv.k());
     assert!(out.n() == qkv.n() && out.k() == d, "attention_bf16: output {}x{} vs {}x{d}", out.n(), out.k(), qkv.n());
     assert!(key_valid.is_none_or(|m| m.len() == qkv.n()), "attention_bf16: key mask length");

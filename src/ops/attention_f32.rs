@@ -187,8 +187,7 @@ impl FusedAttention {
                 let qb = QUERY_BLOCK.min(rows - r0);
                 let pb = &mut p[..qb * s];
                 let (q_blk, do_blk) = (&qs[r0 * hd..], &gs[r0 * hd..]);
-                // SAFETY (all gemm calls below): row-major operands with the strides given, sized
-                // [qb, hd] (q_blk, do_blk, dq rows), [hd, S] (kt, vt), [S, hd] (ks, dk, dv), [qb, S] (pb, dpb).
+                // SAFETY: pb [qb, S], q_blk [qb, hd], kt [hd, S]; row-major with the strides given, in bounds.
                 unsafe {
                     gemm(qb, s, hd, pb.as_mut_ptr(), 1, s as isize, false, q_blk.as_ptr(), 1, hd as isize, kt.as_ptr(), 1, s as isize, 0.0, self.scale, false, false, false, Parallelism::None);
                 }
@@ -198,6 +197,7 @@ impl FusedAttention {
                 }
                 if let Some(dv) = dv.as_deref_mut() {
                     // dV [S, hd] += P^T [S, qb] dO [qb, hd]
+                    // SAFETY: dv [S, hd], pb [qb, S] read transposed, do_blk [qb, hd]; all in bounds.
                     unsafe {
                         gemm(s, hd, qb, dv.as_mut_ptr(), 1, hd as isize, true, pb.as_ptr(), s as isize, 1, do_blk.as_ptr(), 1, hd as isize, 1.0, 1.0, false, false, false, Parallelism::None);
                     }
@@ -207,6 +207,7 @@ impl FusedAttention {
                 }
                 let dpb = &mut dp[..qb * s];
                 // dP [qb, S] = dO [qb, hd] V^T [hd, S]
+                // SAFETY: dpb [qb, S], do_blk [qb, hd], vt [hd, S]; all row-major and in bounds.
                 unsafe {
                     gemm(qb, s, hd, dpb.as_mut_ptr(), 1, s as isize, false, do_blk.as_ptr(), 1, hd as isize, vt.as_ptr(), 1, s as isize, 0.0, 1.0, false, false, false, Parallelism::None);
                 }
@@ -220,12 +221,14 @@ impl FusedAttention {
                 }
                 if let Some(dq) = dq.as_deref_mut() {
                     // dQ [qb, hd] = scale dS [qb, S] K [S, hd]
+                    // SAFETY: dq rows r0.. [qb, hd], pb [qb, S], ks [S, hd]; all row-major and in bounds.
                     unsafe {
                         gemm(qb, hd, s, dq[r0 * hd..].as_mut_ptr(), 1, hd as isize, false, pb.as_ptr(), 1, s as isize, ks.as_ptr(), 1, hd as isize, 0.0, self.scale, false, false, false, Parallelism::None);
                     }
                 }
                 if let Some(dk) = dk.as_deref_mut() {
                     // dK [S, hd] += scale dS^T [S, qb] Q [qb, hd]
+                    // SAFETY: dk [S, hd], pb [qb, S] read transposed, q_blk [qb, hd]; all in bounds.
                     unsafe {
                         gemm(s, hd, qb, dk.as_mut_ptr(), 1, hd as isize, true, pb.as_ptr(), s as isize, 1, q_blk.as_ptr(), 1, hd as isize, 1.0, self.scale, false, false, false, Parallelism::None);
                     }

@@ -99,11 +99,11 @@ impl Bf16Rows {
     /// The bf16 bits at (r, c).
     pub fn get_bits(&self, r: usize, c: usize) -> u16 {
         let pair = self.data[r * self.kp2() + c / 2];
-        (if c % 2 == 0 { pair & 0xffff } else { pair >> 16 }) as u16
+        (if c.is_multiple_of(2) { pair & 0xffff } else { pair >> 16 }) as u16
     }
     pub(crate) fn set_bits(&mut self, r: usize, c: usize, bits: u16) {
         let i = r * self.kp2() + c / 2;
         let pair = self.data[i];
-        self.data[i] = if c % 2 == 0 { (pair & 0xffff_0000) | bits as u32 } else { (pair & 0xffff) | (bits as u32) << 16 };
+        self.data[i] = if c.is_multiple_of(2) { (pair & 0xffff_0000) | bits as u32 } else { (pair & 0xffff) | (bits as u32) << 16 };
     }
 }

@@ -21,7 +21,7 @@ pub fn finite_diff(f: &dyn Fn(&Tensor) -> Result<f64>, x: &Tensor, eps: f64) -> 
 
 /// Weighted sum sum(y * w) as f64: turns a tensor output into a scalar whose gradient is `w`.
 pub fn weighted_sum(y: &Tensor, w: &Tensor) -> Result<f64> {
-    Ok((y.to_dtype(DType::F32)? * w.to_dtype(DType::F32)?)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    (y.to_dtype(DType::F32)? * w.to_dtype(DType::F32)?)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()
 }
 
 /// Largest |a - b| / (atol + |b|) over both slices; panics on a length mismatch (test helper).

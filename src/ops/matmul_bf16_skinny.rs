@@ -119,9 +119,6 @@ pub fn matmul_bf16_wide(x: &[f32], m: usize, k: usize, w: &[u16], n: usize, bias
     y
 }
 
-/// A raw output pointer shared by tasks that write disjoint parts of it.
-
-
 #[cfg(test)]
 mod tests {
     use super::*;

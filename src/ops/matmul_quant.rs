@@ -70,8 +70,6 @@ fn decode(w: &QuantWeight, r0: usize, rows: usize, dst: &mut [f32], bf16: bool) 
 }
 
 
-/// A raw output pointer shared by tasks that write disjoint parts of it.
-
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];

@@ -117,6 +117,9 @@ impl OwnedInput {
 }
 
 /// A loaded SmolVLM / Idefics3 model.
+/// A shape and two arrays, as a Python tuple.
+type ShapeAndArrays<'py> = (Vec<usize>, Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>);
+
 #[pyclass(name = "VlmModel", module = "ferrovlm._core", frozen)]
 pub struct PyVlmModel {
     /// Replaced as a whole when adapters are attached, merged or removed; calls in flight keep the
@@ -240,7 +243,7 @@ impl PyVlmModel {
         py: Python<'py>,
         pixel_values: PyReadonlyArrayDyn<'py, f32>,
         pixel_attention_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
-    ) -> PyResult<(Vec<usize>, Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
+    ) -> PyResult<ShapeAndArrays<'py>> {
         let px = guard(|| pixels(&pixel_values))?;
         let pam: Option<Vec<bool>> = pixel_attention_mask.map(|a| a.as_array().iter().copied().collect());
         let model = self.get();

@@ -91,7 +91,7 @@ impl PyTrainSession {
     ) -> PyResult<Bound<'py, PyDict>> {
         let inputs = owned(&input_ids, &labels, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref())?;
         let opts = StepOptions { gradient_checkpointing, dropout_seed, backward: true, paired: false };
-        let stats = detached(py, |interrupt| Ok(lock(&self.inner).forward_backward(&inputs.view(0), &opts, loss_scale, interrupt)?))?;
+        let stats = detached(py, |interrupt| lock(&self.inner).forward_backward(&inputs.view(0), &opts, loss_scale, interrupt))?;
         stats_dict(py, &stats)
     }
 
@@ -107,7 +107,7 @@ impl PyTrainSession {
         pixel_attention_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let inputs = owned(&input_ids, &labels, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref())?;
-        let stats = detached(py, |interrupt| Ok(lock(&self.inner).evaluate(&inputs.view(0), interrupt)?))?;
+        let stats = detached(py, |interrupt| lock(&self.inner).evaluate(&inputs.view(0), interrupt))?;
         stats_dict(py, &stats)
     }
 
@@ -126,7 +126,7 @@ impl PyTrainSession {
         average: bool,
     ) -> PyResult<Vec<f64>> {
         let inputs = owned(&input_ids, &labels, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref())?;
-        detached(py, |interrupt| Ok(lock(&self.inner).sequence_logps(&inputs.view(0), average, interrupt)?))
+        detached(py, |interrupt| lock(&self.inner).sequence_logps(&inputs.view(0), average, interrupt))
     }
 
     /// One DPO micro-batch: rows 0..P chosen, P..2P rejected, `ref_logps` [2P] the reference's
@@ -155,7 +155,7 @@ impl PyTrainSession {
         let losses = guard(|| losses.iter().map(|(k, w)| Ok((DpoLoss::parse(k)?, *w))).collect::<Result<Vec<_>, Error>>())?;
         let spec = DpoSpec { losses, beta, label_smoothing, loss_scale };
         let opts = StepOptions { gradient_checkpointing, dropout_seed, backward, paired: true };
-        let (ds, ms) = detached(py, |interrupt| Ok(lock(&self.inner).dpo_step(&inputs.view(0), &spec, &ref_logps, &opts, interrupt)?))?;
+        let (ds, ms) = detached(py, |interrupt| lock(&self.inner).dpo_step(&inputs.view(0), &spec, &ref_logps, &opts, interrupt))?;
         dpo_dict(py, &ds, &ms)
     }
 
@@ -175,7 +175,7 @@ impl PyTrainSession {
     /// Clips the accumulated gradients to `max_grad_norm` (global L2; <= 0 turns clipping off), takes
     /// one AdamW step with `lr` and clears the gradients. Returns the norm before clipping.
     fn optimizer_step(&self, py: Python<'_>, lr: f64, max_grad_norm: f64) -> PyResult<f64> {
-        detached(py, |_| Ok(lock(&self.inner).optimizer_step(lr, max_grad_norm)?))
+        detached(py, |_| lock(&self.inner).optimizer_step(lr, max_grad_norm))
     }
 
     /// Optimizer state: {"step": n, "exp_avg/<name>": array, "exp_avg_sq/<name>": array}.
@@ -217,7 +217,7 @@ impl PyTrainSession {
             let exp_avg = arrays.pop().unwrap_or_default();
             moments.push(Moments { name: p.name.clone(), shape: p.var.dims().to_vec(), exp_avg, exp_avg_sq });
         }
-        guard(|| Ok(session.load_optimizer_state(&OptimizerState { step, moments })?))
+        guard(|| session.load_optimizer_state(&OptimizerState { step, moments }))
     }
 }
 
@@ -253,13 +253,13 @@ fn sequence_logps<'py>(
 ) -> PyResult<Vec<f64>> {
     let inputs = guard(|| OwnedInput::copy(&input_ids, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref(), Some(&labels)))?;
     let m = model.get();
-    detached(py, |interrupt| Ok(sequence_logps_of(&m, &inputs.view(0), average, None, interrupt)?))
+    detached(py, |interrupt| sequence_logps_of(&m, &inputs.view(0), average, None, interrupt))
 }
 
 /// transformers' learning-rate multiplier at optimizer step `step` (0-based).
 #[pyfunction]
 fn lr_multiplier(kind: &str, step: u64, total: u64, warmup: u64) -> PyResult<f64> {
-    guard(|| lr_lambda(kind, step, total, warmup).map_err(Error::from))
+    guard(|| lr_lambda(kind, step, total, warmup))
 }
 
 /// TRL's names of the DPO losses the core implements (`DPOConfig.loss_type` values).

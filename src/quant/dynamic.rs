@@ -50,6 +50,8 @@ pub const TORCH_VEC_LANES: usize = 8;
 /// Matching its order makes the double-quantization offset the same f32 number. (torch splits sums of
 /// more than 32768 values over its threads, so bitsandbytes' own offset for weights of more than 2M
 /// values depends on its thread count; this is its single-thread order.)
+// Index loops over lanes and rows mirror ATen's vectorised code, whose order of additions is the point.
+#[allow(clippy::needless_range_loop)]
 pub fn torch_sum_f32(x: &[f32]) -> f32 {
     const ILP: usize = 4;
     let lanes = if x.len() < TORCH_VEC_LANES { 1 } else { TORCH_VEC_LANES };
@@ -88,6 +90,7 @@ pub fn torch_sum_f32(x: &[f32]) -> f32 {
 
 /// ATen's `multi_row_sum` with 4 rows of vectors: sums vector rows `i * 4 + k` (k < 4) for i < size
 /// in 4 cascade levels.
+#[allow(clippy::needless_range_loop)] // as torch_sum_f32
 fn multi_row_sum(x: &[f32], lanes: usize, size: usize) -> [Vec<f32>; 4] {
     const LEVELS: usize = 4;
     const ROWS: usize = 4;

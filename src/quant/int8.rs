@@ -102,7 +102,7 @@ impl Int8 {
                 }
                 if !cols.is_empty() {
                     // int8_vectorwise_dequant: (CB * SCB) * (1 / 127)
-                    let extra: f32 = cols.iter().map(|&c| x[r * k + c] * (wr[c] as f32 * self.scb[o] * 7.874_015_7e-3)).sum();
+                    let extra: f32 = cols.iter().map(|&c| x[r * k + c] * (wr[c] as f32 * self.scb[o] * 7.874_016e-3)).sum();
                     v += extra;
                 }
                 *yv = v;

@@ -106,7 +106,7 @@ fn to_vec(t: &Tensor) -> Result<Vec<f64>> {
 /// log-probabilities (means for IPO). Fills `stats`.
 pub fn objective<'a>(spec: &'a DpoSpec, ref_logps: &'a [f64], stats: &'a mut DpoStats) -> impl FnMut(&HeadOut) -> Result<Tensor> + 'a {
     move |h: &HeadOut| {
-        if h.batch % 2 != 0 || ref_logps.len() != h.batch {
+        if !h.batch.is_multiple_of(2) || ref_logps.len() != h.batch {
             return input_err(format!("DPO needs chosen + rejected rows and one reference log-prob each; got {} rows and {} reference values", h.batch, ref_logps.len()));
         }
         let p = h.batch / 2;

@@ -42,7 +42,7 @@ struct Shared {
 
 /// Length of the prefix that rows i and P + i share (ids and attention mask), the minimum over pairs.
 pub fn shared_prefix_len(ids: &[i64], mask: Option<&[i64]>, b: usize, l: usize) -> usize {
-    if b == 0 || b % 2 != 0 {
+    if b == 0 || !b.is_multiple_of(2) {
         return 0;
     }
     let p = b / 2;
@@ -57,7 +57,7 @@ impl Rows {
         let (b, l) = (input.batch, input.seq_len);
         let dev = x0.device();
         let key_valid = match input.attention_mask {
-            Some(m) if m.iter().any(|&v| v == 0) => Some(Arc::new(m.iter().map(|&v| v != 0).collect::<Vec<bool>>())),
+            Some(m) if m.contains(&0) => Some(Arc::new(m.iter().map(|&v| v != 0).collect::<Vec<bool>>())),
             _ => None,
         };
         let positions = |rows: usize, from: usize, to: usize| -> CResult<Tensor> {

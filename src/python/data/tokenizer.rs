@@ -18,6 +18,9 @@ fn side(s: Option<&str>, what: &str) -> Result<Option<Side>, Error> {
 }
 
 /// A Hugging Face tokenizer (tokenizer.json + tokenizer_config.json).
+/// Per row: token ids and attention mask.
+type IdsAndMasks = (Vec<Vec<u32>>, Vec<Vec<u32>>);
+
 #[pyclass(name = "Tokenizer", module = "ferrovlm._core")]
 pub struct PyTokenizer {
     inner: Tokenizer,
@@ -50,7 +53,7 @@ impl PyTokenizer {
         pad_to_multiple_of: Option<usize>,
         padding_side: Option<&str>,
         truncation_side: Option<&str>,
-    ) -> PyResult<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+    ) -> PyResult<IdsAndMasks> {
         let opts = guard(|| {
             Ok(EncodeOptions {
                 add_special_tokens,
