@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "scripts"))
@@ -100,18 +101,30 @@ def run_side(side: str, ckpt: str, repeats: int) -> dict:
     }
 
 
-def run_both_sides(script: str, extra_args: list) -> dict:
+BASELINE_HELP = ("the python/ folder of an earlier ferrovlm build (its package with _core.abi3.so): it runs too, "
+                 "as 'ferrovlm-baseline', for before/after ratios in the same run")
+
+
+def run_both_sides(script: str, extra_args: list, baseline: Optional[str] = None) -> dict:
     """Writes the random 256M-shaped checkpoint, then runs `script --side S --ckpt DIR extra_args` for
-    ferrovlm and for transformers, each in its own process; returns their JSON results by side."""
+    ferrovlm and for transformers, each in its own process; returns their JSON results by side. With
+    `baseline`, ferrovlm also runs from that folder (PYTHONPATH) as side 'ferrovlm-baseline'."""
     from tiny_checkpoint import SMOLVLM_256M, write_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = str(write_checkpoint(Path(tmp) / "smolvlm-256m-random", SMOLVLM_256M, seed=0, dtype="bfloat16"))
+        sides = [("ferrovlm", "ferrovlm", None)]
+        if baseline:
+            sides.append(("ferrovlm-baseline", "ferrovlm", baseline))
+        sides.append(("transformers", "transformers", None))
         results = {}
-        for side in ("ferrovlm", "transformers"):
+        for name, side, path in sides:
+            env = os.environ.copy()
+            if path:
+                env["PYTHONPATH"] = os.pathsep.join([path, env.get("PYTHONPATH", "")])
             cmd = [sys.executable, script, "--side", side, "--ckpt", ckpt, *extra_args]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
-            results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
     return results
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "scripts"))
 sys.path.insert(0, str(HERE))
-from bench_forward import make_inputs, peak_rss_mb, run_both_sides  # noqa: E402
+from bench_forward import BASELINE_HELP, make_inputs, peak_rss_mb, run_both_sides  # noqa: E402
 
 
 def run_side(side: str, ckpt: str, new: int, dtype: str = "float32", hf_dtype: str = "float32") -> dict:
@@ -83,13 +83,15 @@ def main() -> None:
         help="ferrovlm's dtype (bfloat16: bf16 weights, AVX512-BF16 matmuls, f32 activations); transformers runs fp32",
     )
     ap.add_argument("--hf-dtype", default="float32", help="transformers' dtype (the issue's comparison is float32)")
+    ap.add_argument("--baseline", help=BASELINE_HELP)
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
         print(json.dumps(run_side(args.side, args.ckpt, args.new, args.dtype, args.hf_dtype)))
         return
-    res = run_both_sides(__file__, ["--new", str(args.new), "--dtype", args.dtype, "--hf-dtype", args.hf_dtype])
+    extra = ["--new", str(args.new), "--dtype", args.dtype, "--hf-dtype", args.hf_dtype]
+    res = run_both_sides(__file__, extra, baseline=args.baseline)
     f, t = res["ferrovlm"], res["transformers"]
     res["ratios"] = {
         "decode_speedup": f["decode_tokens_per_s"] / t["decode_tokens_per_s"],
@@ -97,6 +99,11 @@ def main() -> None:
         "peak_rss_ratio": f["peak_rss_mb"] / t["peak_rss_mb"],
         "same_first_16_tokens": f["tokens"] == t["tokens"],
     }
+    if "ferrovlm-baseline" in res:
+        b = res["ferrovlm-baseline"]
+        res["ratios"]["baseline_decode_speedup"] = b["decode_tokens_per_s"] / t["decode_tokens_per_s"]
+        res["ratios"]["baseline_ttft_ratio"] = b["ttft_s"] / t["ttft_s"]
+        res["ratios"]["decode_after_over_before"] = f["decode_tokens_per_s"] / b["decode_tokens_per_s"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(f"{'':20}{'ferrovlm':>12}{'transformers':>14}")

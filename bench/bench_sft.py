@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from bench_forward import peak_rss_mb, rss_mb, run_both_sides  # noqa: E402
+from bench_forward import BASELINE_HELP, peak_rss_mb, rss_mb, run_both_sides  # noqa: E402
 
 # the text model only (a list would also match the vision q/k/v_proj)
 TARGETS = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -130,18 +130,23 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--out", default=str(HERE / "out" / "sft.json"))
+    ap.add_argument("--baseline", help=BASELINE_HELP)
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
         print(json.dumps(run_side(args.side, args.ckpt, args.steps)))
         return
-    results = run_both_sides(__file__, ["--steps", str(args.steps)])
+    results = run_both_sides(__file__, ["--steps", str(args.steps)], baseline=args.baseline)
     f, t = results["ferrovlm"], results["transformers"]
     results["ratios"] = {
         "speedup": f["samples_per_s"] / t["samples_per_s"],
         "peak_rss_ratio": f["peak_rss_mb"] / t["peak_rss_mb"],
     }
+    if "ferrovlm-baseline" in results:
+        b = results["ferrovlm-baseline"]
+        results["ratios"]["baseline_speedup"] = b["samples_per_s"] / t["samples_per_s"]
+        results["ratios"]["after_over_before"] = f["samples_per_s"] / b["samples_per_s"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"{'':16}{'ferrovlm':>12}{'TRL+PEFT':>12}{'ratio':>10}")
