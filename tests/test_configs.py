@@ -148,3 +148,17 @@ def test_dpo_config():
     assert r.loss_type == ["sigmoid", "sft"] and r.loss_weights == [1.0, 0.5] and r.rpo_alpha_weight == 0.5
     with pytest.raises(TypeError, match="betta"):
         DPOConfig(output_dir="o", betta=0.2)
+
+
+def test_dpo_config_accepts_exactly_the_core_losses():
+    """The supported loss names come from the core (one list); TRL's losses that the core does not implement
+    are refused when the config is built, not at the first training step."""
+    from ferrovlm import _core
+
+    supported = _core.dpo_loss_types()
+    assert {"sigmoid", "ipo", "hinge", "robust", "sft"} <= set(supported)
+    for name in supported:
+        assert DPOConfig(output_dir="o", loss_type=name).loss_type == [name]
+    for name in ("exo_pair", "bco_pair", "discopop", "nonsense"):
+        with pytest.raises(ValueError, match=f"Unsupported DPO loss_type \\['{name}'\\]"):
+            DPOConfig(output_dir="o", loss_type=["sigmoid", name])
