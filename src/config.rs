@@ -181,7 +181,52 @@ impl ModelConfig {
 
     fn validate(&self, r: &Reader) -> Result<(), ConfigError> {
         let v = &self.vision;
-        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
+        let t = &self.text;
+        // Sizes drive allocations and shape arithmetic in the loaders: refuse values no checkpoint has
+        // (a corrupt or hostile file) before they overflow a product or ask for terabytes.
+        let sizes = [
+            ("vision_config.hidden_size", v.hidden_size),
+            ("vision_config.intermediate_size", v.intermediate_size),
+            ("vision_config.num_attention_heads", v.num_attention_heads),
+            ("vision_config.num_channels", v.num_channels),
+            ("vision_config.image_size", v.image_size),
+            ("vision_config.patch_size", v.patch_size),
+            ("text_config.vocab_size", t.vocab_size),
+            ("text_config.hidden_size", t.hidden_size),
+            ("text_config.intermediate_size", t.intermediate_size),
+            ("text_config.num_attention_heads", t.num_attention_heads),
+            ("text_config.num_key_value_heads", t.num_key_value_heads),
+            ("text_config.head_dim", t.head_dim),
+            ("scale_factor", self.scale_factor),
+        ];
+        for (key, n) in sizes {
+            if n > MAX_SIZE {
+                return Err(r.bad(key, format!("{n} is larger than any model supports (at most {MAX_SIZE})")));
+            }
+        }
+        for (key, n) in [("vision_config.num_hidden_layers", v.num_hidden_layers), ("text_config.num_hidden_layers", t.num_hidden_layers)] {
+            if n > MAX_LAYERS {
+                return Err(r.bad(key, format!("{n} layers is more than any model has (at most {MAX_LAYERS})")));
+            }
+        }
+        let n = v.image_size / v.patch_size.max(1);
+        let s = self.scale_factor;
+        let weights: [(&str, &str, &[usize]); 7] = [
+            ("vision_config.patch_size", "patch embedding", &[v.hidden_size, v.num_channels, v.patch_size, v.patch_size]),
+            ("vision_config.image_size", "position embedding", &[n, n, v.hidden_size]),
+            ("vision_config.intermediate_size", "vision MLP", &[v.hidden_size, v.intermediate_size]),
+            ("scale_factor", "connector", &[v.hidden_size, s, s, t.hidden_size]),
+            ("text_config.vocab_size", "token embedding", &[t.vocab_size, t.hidden_size]),
+            ("text_config.head_dim", "attention projection", &[t.num_attention_heads.max(t.num_key_value_heads), t.head_dim, t.hidden_size]),
+            ("text_config.intermediate_size", "text MLP", &[t.hidden_size, t.intermediate_size]),
+        ];
+        for (key, what, dims) in weights {
+            let numel = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&e| e <= MAX_ELEMENTS);
+            if numel.is_none() {
+                return Err(r.bad(key, format!("the {what} weight would have shape {dims:?}: too large (at most {MAX_ELEMENTS} elements)")));
+            }
+        }
+        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
             return Err(r.bad("vision_config.num_attention_heads", format!("hidden_size {} is not a multiple of {} heads", v.hidden_size, v.num_attention_heads)));
         }
         if v.patch_size == 0 || v.image_size < v.patch_size {
@@ -193,8 +238,7 @@ impl ModelConfig {
         if v.hidden_act != "gelu_pytorch_tanh" && v.hidden_act != "gelu_new" && v.hidden_act != "gelu" {
             return Err(r.bad("vision_config.hidden_act", format!("'{}' is not supported", v.hidden_act)));
         }
-        let t = &self.text;
-        if t.num_key_value_heads == 0 || !t.num_attention_heads.is_multiple_of(t.num_key_value_heads) {
+        if t.num_key_value_heads == 0 || t.num_attention_heads % t.num_key_value_heads != 0 {
             return Err(r.bad("text_config.num_key_value_heads", format!("{} attention heads are not a multiple of {} kv heads", t.num_attention_heads, t.num_key_value_heads)));
         }
         if !t.head_dim.is_multiple_of(2) {
@@ -209,6 +253,14 @@ impl ModelConfig {
         Ok(())
     }
 }
+
+/// Largest accepted size in a config (hidden sizes, vocabulary, heads, image size, ...): far above any
+/// real checkpoint, small enough that products of a few of them cannot overflow.
+const MAX_SIZE: usize = 1 << 24;
+/// Largest accepted layer count.
+const MAX_LAYERS: usize = 1 << 16;
+/// Largest accepted element count of one weight (4 TiB in f32).
+const MAX_ELEMENTS: usize = 1 << 40;
 
 /// Typed access to JSON values with errors naming the file and key path.
 struct Reader {

@@ -3,7 +3,7 @@
 //! Tensors are decoded straight from the mapping into the compute dtype, so the process holds one
 //! copy of the weights: the mapping is file-backed and is dropped once the model is built.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -49,17 +49,15 @@ impl WeightStore {
                 file: index.clone(),
                 msg: "no 'weight_map' object".into(),
             })?;
-            let mut shards: Vec<String> = Vec::new();
+            // A set: a linear search per entry is quadratic in the number of shard names.
+            let mut shards: BTreeSet<&str> = BTreeSet::new();
             for (name, f) in map {
                 let f = f.as_str().ok_or_else(|| CheckpointError::Corrupt {
                     file: index.clone(),
                     msg: format!("weight_map['{name}'] is not a file name"),
                 })?;
-                if !shards.iter().any(|s| s == f) {
-                    shards.push(f.to_string());
-                }
+                shards.insert(f);
             }
-            shards.sort();
             let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
             return Self::open_files(&paths);
         }

@@ -15,6 +15,7 @@
 //! `chat_template.json`, else `chat_template.jinja` (+ `additional_chat_templates/`).
 
 use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use minijinja::value::{Kwargs, Rest, Value};
@@ -27,6 +28,11 @@ const TEMPLATE_NAME: &str = "chat_template";
 const RAISE_MARKER: &str = "\u{1}raise_exception\u{1}";
 const CONTINUE_TAG: &str = "CONTINUE_FINAL_MESSAGE_TAG ";
 const REASONING_FIELDS: [&str; 3] = ["reasoning_content", "thinking", "reasoning"];
+/// Instructions one rendering may execute (minijinja's fuel): a real chat template over a long
+/// conversation uses well under a million; a template that loops for ever stops with an error.
+const TEMPLATE_FUEL: u64 = 50_000_000;
+/// Largest `tojson(indent=n)`.
+const MAX_JSON_INDENT: usize = 1024;
 
 pub(crate) fn template_err(msg: impl Into<String>) -> Error {
     Error::Data(DataError::Template(msg.into()))
@@ -103,7 +109,11 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson_filter);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(&source))
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        let rewritten = rewrite_generation_tags(&source);
+        // The template engine is third-party code: a panic on a hostile template becomes an error.
+        catch_unwind(AssertUnwindSafe(|| env.add_template_owned(TEMPLATE_NAME, rewritten)))
+            .map_err(|p| template_err(format!("{origin}: cannot compile the chat template: the template engine crashed ({})", panic_text(&p))))?
             .map_err(|e| template_err(format!("{origin}: cannot compile the chat template: {}", describe(&e))))?;
         Ok(ChatTemplate { source, origin, env })
     }
@@ -153,7 +163,11 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| template_err(format!("{}: {}", self.origin, describe(&e))))?;
-        let rendered = template.render(&ctx).map_err(|e| self.render_error(&e))?;
+        let rendered = catch_unwind(AssertUnwindSafe(|| template.render(&ctx)))
+            .map_err(|p| {
+                template_err(format!("{}: rendering the chat template failed: the template engine crashed ({})", self.origin, panic_text(&p)))
+            })?
+            .map_err(|e| self.render_error(&e))?;
         match continued {
             Some(final_text) => cut_at_continue_tag(rendered, &final_text),
             None => Ok(rendered),
@@ -163,6 +177,12 @@ impl ChatTemplate {
     fn render_error(&self, e: &minijinja::Error) -> Error {
         if let Some(msg) = e.detail().and_then(|d| d.strip_prefix(RAISE_MARKER)) {
             return template_err(format!("{}: the chat template raised an exception: {msg}", self.origin));
+        }
+        if e.kind() == ErrorKind::OutOfFuel {
+            return template_err(format!(
+                "{}: rendering the chat template failed: it ran more than {TEMPLATE_FUEL} instructions (endless loop?)",
+                self.origin
+            ));
         }
         template_err(format!("{}: rendering the chat template failed: {}", self.origin, describe(e)))
     }
@@ -319,6 +339,15 @@ fn describe(e: &minijinja::Error) -> String {
     msg
 }
 
+/// The message of a caught panic.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
 /// Rewrites `{% generation %}` / `{% endgeneration %}` (transformers' AssistantTracker tag) into an
 /// always-true `if` block, keeping whitespace-control markers.
 fn rewrite_generation_tags(source: &str) -> String {
@@ -384,7 +413,10 @@ fn tojson_filter(
             "sort_keys" => opts.sort_keys = v.is_true(),
             "indent" if v.is_none() => {}
             "indent" if v.is_integer() => {
-                let n = i64::try_from(v.clone()).unwrap_or(0).max(0) as usize;
+                let n = i64::try_from(v.clone()).unwrap_or(i64::MAX).max(0) as usize;
+                if n > MAX_JSON_INDENT {
+                    return Err(bad(format!("indent={n} is too large (at most {MAX_JSON_INDENT})")));
+                }
                 opts.indent = Some(" ".repeat(n));
             }
             "indent" => opts.indent = Some(v.as_str().ok_or_else(|| bad("indent must be an int or a string".into()))?.into()),

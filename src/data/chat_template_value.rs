@@ -394,6 +394,9 @@ fn json_key(k: &Value) -> Result<String, String> {
     }
 }
 
+/// Longest `tojson` output: 10 MB of JSON is millions of tokens, more than any prompt holds.
+const MAX_JSON_LEN: usize = 10_000_000;
+
 fn dump_into(v: &Value, o: &JsonOptions, depth: usize, out: &mut String) -> Result<(), String> {
     if depth > 200 {
         return Err("value is nested too deeply".into());
@@ -417,18 +420,22 @@ fn dump_into(v: &Value, o: &JsonOptions, depth: usize, out: &mut String) -> Resu
         ValueKind::Number => out.push_str(&number_text(v, true)),
         ValueKind::String => json_escape(v.as_str().unwrap_or_default(), o.ensure_ascii, out),
         ValueKind::Seq | ValueKind::Iterable => {
-            let items: Vec<Value> = v.try_iter().map_err(|e| e.to_string())?.collect();
-            if items.is_empty() {
+            // Iterated, not collected: a template can make lazy sequences of 2^63 items (`[x] * n`).
+            let mut items = v.try_iter().map_err(|e| e.to_string())?.peekable();
+            if items.peek().is_none() {
                 out.push_str("[]");
                 return Ok(());
             }
             out.push('[');
-            for (i, item) in items.iter().enumerate() {
+            for (i, item) in items.enumerate() {
                 if i > 0 {
                     out.push_str(item_sep);
                 }
                 newline(out, depth + 1);
-                dump_into(item, o, depth + 1, out)?;
+                dump_into(&item, o, depth + 1, out)?;
+                if out.len() > MAX_JSON_LEN {
+                    return Err(format!("the JSON text is longer than {MAX_JSON_LEN} bytes"));
+                }
             }
             newline(out, depth);
             out.push(']');
@@ -452,6 +459,9 @@ fn dump_into(v: &Value, o: &JsonOptions, depth: usize, out: &mut String) -> Resu
                 json_escape(k, o.ensure_ascii, out);
                 out.push_str(key_sep);
                 dump_into(x, o, depth + 1, out)?;
+                if out.len() > MAX_JSON_LEN {
+                    return Err(format!("the JSON text is longer than {MAX_JSON_LEN} bytes"));
+                }
             }
             newline(out, depth);
             out.push('}');

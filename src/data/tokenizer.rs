@@ -16,6 +16,7 @@
 //!   `convert_ids_to_tokens` gives `None` for ids outside the vocabulary.
 
 use std::collections::HashSet;
+use std::panic::catch_unwind;
 use std::path::{Path, PathBuf};
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -95,7 +96,13 @@ impl Tokenizer {
             )));
         }
         let config = TokenizerConfig::load(dir)?;
-        let mut inner = tokenizers::Tokenizer::from_file(&path)
+        // The tokenizers library panics on some malformed files (`expect` in its deserializers, e.g.
+        // a decoder nested deeper than serde_json's recursion limit): an error, not a crash.
+        let mut inner = catch_unwind(|| tokenizers::Tokenizer::from_file(&path))
+            .map_err(|p| {
+                let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+                tok_err(format!("{}: cannot load the tokenizer: the file is malformed ({})", path.display(), msg.unwrap_or_default()))
+            })?
             .map_err(|e| tok_err(format!("{}: cannot load the tokenizer: {e}", path.display())))?;
         let is_bpe = matches!(inner.get_model(), ModelWrapper::BPE(_));
         let backend = choose_backend(&config, model_type, is_bpe);
