@@ -58,12 +58,17 @@ fn peak_now() -> Option<f64> {
 }
 
 fn main() {
-    let shapes: &[(usize, usize, usize)] = &[(1024, 768, 768), (1024, 768, 3072), (1024, 3072, 768), (348, 576, 1536), (1024, 12288, 576)];
+    let shapes: &[(usize, usize, usize)] =
+        &[(1024, 768, 768), (1024, 768, 3072), (1024, 3072, 768), (348, 576, 1536), (1024, 12288, 576)];
     let dev = Device::Cpu;
     if let Some(p) = peak_now() {
         println!("register-only vdpbf16ps peak right now (all threads): {p:.1} GFLOP/s");
     }
-    println!("avx512bf16 kernel available: {}; rayon threads: {}", matmul_bf16_packed::available(), rayon::current_num_threads());
+    println!(
+        "avx512bf16 kernel available: {}; rayon threads: {}",
+        matmul_bf16_packed::available(),
+        rayon::current_num_threads()
+    );
     println!(
         "{:>22} | {:>12} {:>12} {:>12} | {:>10} | {:>8}",
         "n x k x out", "bf16 packed", "bf16+pack", "candle f32", "speedup", "max|d|"
@@ -74,7 +79,8 @@ fn main() {
         let xt = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let wt = Tensor::randn(0f32, 0.02, (out, k), &dev).unwrap();
         let x: Vec<f32> = xt.flatten_all().unwrap().to_vec1().unwrap();
-        let w: Vec<bf16> = wt.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(bf16::from_f32).collect();
+        let w: Vec<bf16> =
+            wt.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(bf16::from_f32).collect();
         let packed = matmul_bf16_packed::pack(&w, out, k);
 
         let wtt = wt.t().unwrap();

@@ -13,7 +13,13 @@ fn main() {
         let q = QuantWeight::FourBit(FourBit::quantize(&w, (o, k), FourBitType::Nf4, true, "float32"));
         for n in [1usize, 64, 1024] {
             let x: Vec<f32> = (0..n * k).map(|i| (i % 13) as f32 * 0.1).collect();
-            let reps = if n == 1 { 2000 } else if n == 64 { 50 } else { 5 };
+            let reps = if n == 1 {
+                2000
+            } else if n == 64 {
+                50
+            } else {
+                5
+            };
             let t = Instant::now();
             for _ in 0..reps {
                 std::hint::black_box(matmul_quant::forward(&x, n, &q, None, false));
@@ -26,10 +32,19 @@ fn main() {
             let tq16 = t.elapsed().as_secs_f64() / reps as f64;
             let t = Instant::now();
             for _ in 0..reps {
-                std::hint::black_box(if n <= 16 { gemv_bf16(&x, n, k, &wb, o) } else { ferrovlm::ops::matmul_bf16_skinny::matmul_bf16_wide(&x, n, k, &wb, o, None) });
+                std::hint::black_box(if n <= 16 {
+                    gemv_bf16(&x, n, k, &wb, o)
+                } else {
+                    ferrovlm::ops::matmul_bf16_skinny::matmul_bf16_wide(&x, n, k, &wb, o, None)
+                });
             }
             let tb = t.elapsed().as_secs_f64() / reps as f64;
-            println!("[{o}x{k}] n={n}: nf4 {:.1} us, nf4 with bf16 compute {:.1} us, bf16 weights {:.1} us", tq * 1e6, tq16 * 1e6, tb * 1e6);
+            println!(
+                "[{o}x{k}] n={n}: nf4 {:.1} us, nf4 with bf16 compute {:.1} us, bf16 weights {:.1} us",
+                tq * 1e6,
+                tq16 * 1e6,
+                tb * 1e6
+            );
         }
     }
 }

@@ -20,7 +20,16 @@ fn main() {
         let t = Instant::now();
         m.image_features(&px, None, &no_interrupt).unwrap();
         let tv = t.elapsed().as_secs_f64();
-        let input = ForwardInput { input_ids: &ids, batch: 1, seq_len: ids.len(), attention_mask: None, pixel_values: Some(&px), pixel_attention_mask: None, labels: None, logits_to_keep: 0 };
+        let input = ForwardInput {
+            input_ids: &ids,
+            batch: 1,
+            seq_len: ids.len(),
+            attention_mask: None,
+            pixel_values: Some(&px),
+            pixel_attention_mask: None,
+            labels: None,
+            logits_to_keep: 0,
+        };
         let t = Instant::now();
         m.forward(&input, &no_interrupt).unwrap();
         println!("vision {:.3}s, full forward {:.3}s", tv, t.elapsed().as_secs_f64());

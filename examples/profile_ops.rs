@@ -35,7 +35,9 @@ fn main() {
     let q = Tensor::randn(0f32, 1.0, (1, 12, 1024, 64), &dev).unwrap();
     time("attention 12x1024x64", 3, || ops::attention(&q, &q, &q, &ops::Mask::none(), 0.125).unwrap());
     time("scores matmul", 3, || q.matmul(&q.t().unwrap()).unwrap());
-    time("transpose+contig", 5, || x.reshape((1, 1024, 12, 64)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap());
+    time("transpose+contig", 5, || {
+        x.reshape((1, 1024, 12, 64)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
+    });
 }
 
 #[allow(dead_code)]

@@ -16,7 +16,15 @@ fn main() {
     let checkpointing = args.next().is_none_or(|s| s == "1");
     let mut m = VlmModel::from_dir(std::path::Path::new(&dir), DType::F32, &Device::Cpu).unwrap();
     let targets = m.linears().into_iter().map(|(n, _)| n).filter(|n| n.contains("text_model")).collect();
-    let spec = LoraSpec { r: 8, alpha: 16.0, dropout: 0.0, use_dora: false, use_rslora: false, init: LoraInit::Random, seed: 1 };
+    let spec = LoraSpec {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        use_dora: false,
+        use_rslora: false,
+        init: LoraInit::Random,
+        seed: 1,
+    };
     attach(&mut m, &AdapterPlan { lora_targets: targets, spec, modules_to_save: vec![] }).unwrap();
     let params = trainable_params(&m);
     // 4 pairs: an 88-token prompt, completions of 14 and 10 tokens, right-padded to 102.
@@ -31,7 +39,16 @@ fn main() {
             labels.push(if t >= lp && t < n { id } else { -100 });
         }
     }
-    let input = ForwardInput { input_ids: &ids, batch: 2 * p, seq_len: l, attention_mask: Some(&mask), pixel_values: None, pixel_attention_mask: None, labels: Some(&labels), logits_to_keep: 0 };
+    let input = ForwardInput {
+        input_ids: &ids,
+        batch: 2 * p,
+        seq_len: l,
+        attention_mask: Some(&mask),
+        pixel_values: None,
+        pixel_attention_mask: None,
+        labels: Some(&labels),
+        logits_to_keep: 0,
+    };
     for _ in 0..reps {
         let mut acc = vec![None; params.len()];
         let mut obj = |h: &HeadOut| -> ferrovlm::Result<Tensor> {
@@ -40,14 +57,29 @@ fn main() {
         };
         let t = Instant::now();
         let opts = StepOptions { gradient_checkpointing: checkpointing, dropout_seed: 0, backward: false, paired };
-        run_objective(&StepCtx { model: &m, params: &params, cache: None, interrupt: &no_interrupt }, &input, &opts, &mut acc, &mut obj).unwrap();
+        run_objective(
+            &StepCtx { model: &m, params: &params, cache: None, interrupt: &no_interrupt },
+            &input,
+            &opts,
+            &mut acc,
+            &mut obj,
+        )
+        .unwrap();
         let tf = t.elapsed().as_secs_f64();
         let t = Instant::now();
         let opts = StepOptions { backward: true, ..opts };
-        run_objective(&StepCtx { model: &m, params: &params, cache: None, interrupt: &no_interrupt }, &input, &opts, &mut acc, &mut obj).unwrap();
+        run_objective(
+            &StepCtx { model: &m, params: &params, cache: None, interrupt: &no_interrupt },
+            &input,
+            &opts,
+            &mut acc,
+            &mut obj,
+        )
+        .unwrap();
         let secs = t.elapsed().as_secs_f64();
         // A fingerprint of the gradients: equal digits run to run when the step is deterministic.
-        let fp: f64 = acc.iter().flatten().map(|g| g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64).sum();
+        let fp: f64 =
+            acc.iter().flatten().map(|g| g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64).sum();
         println!("paired {paired} checkpointing {checkpointing}: no-grad forward {tf:.3}s, forward+backward {secs:.3}s, sum g^2 {fp:.12e}");
     }
 }

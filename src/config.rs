@@ -79,8 +79,8 @@ impl ModelConfig {
     }
 
     pub fn from_file(file: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(file)
-            .map_err(|source| ConfigError::Read { file: file.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(file).map_err(|source| ConfigError::Read { file: file.to_path_buf(), source })?;
         Self::from_json_str(&text, file)
     }
 
@@ -138,7 +138,10 @@ impl ModelConfig {
         let head_dim = match txt.get("head_dim") {
             None | Some(Value::Null) => {
                 if heads == 0 || hidden % heads != 0 {
-                    return Err(r.bad("text_config.num_attention_heads", format!("hidden_size {hidden} is not a multiple of {heads} heads")));
+                    return Err(r.bad(
+                        "text_config.num_attention_heads",
+                        format!("hidden_size {hidden} is not a multiple of {heads} heads"),
+                    ));
                 }
                 hidden / heads
             }
@@ -204,7 +207,10 @@ impl ModelConfig {
                 return Err(r.bad(key, format!("{n} is larger than any model supports (at most {MAX_SIZE})")));
             }
         }
-        for (key, n) in [("vision_config.num_hidden_layers", v.num_hidden_layers), ("text_config.num_hidden_layers", t.num_hidden_layers)] {
+        for (key, n) in [
+            ("vision_config.num_hidden_layers", v.num_hidden_layers),
+            ("text_config.num_hidden_layers", t.num_hidden_layers),
+        ] {
             if n > MAX_LAYERS {
                 return Err(r.bad(key, format!("{n} layers is more than any model has (at most {MAX_LAYERS})")));
             }
@@ -212,25 +218,42 @@ impl ModelConfig {
         let n = v.image_size / v.patch_size.max(1);
         let s = self.scale_factor;
         let weights: [(&str, &str, &[usize]); 7] = [
-            ("vision_config.patch_size", "patch embedding", &[v.hidden_size, v.num_channels, v.patch_size, v.patch_size]),
+            (
+                "vision_config.patch_size",
+                "patch embedding",
+                &[v.hidden_size, v.num_channels, v.patch_size, v.patch_size],
+            ),
             ("vision_config.image_size", "position embedding", &[n, n, v.hidden_size]),
             ("vision_config.intermediate_size", "vision MLP", &[v.hidden_size, v.intermediate_size]),
             ("scale_factor", "connector", &[v.hidden_size, s, s, t.hidden_size]),
             ("text_config.vocab_size", "token embedding", &[t.vocab_size, t.hidden_size]),
-            ("text_config.head_dim", "attention projection", &[t.num_attention_heads.max(t.num_key_value_heads), t.head_dim, t.hidden_size]),
+            (
+                "text_config.head_dim",
+                "attention projection",
+                &[t.num_attention_heads.max(t.num_key_value_heads), t.head_dim, t.hidden_size],
+            ),
             ("text_config.intermediate_size", "text MLP", &[t.hidden_size, t.intermediate_size]),
         ];
         for (key, what, dims) in weights {
             let numel = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&e| e <= MAX_ELEMENTS);
             if numel.is_none() {
-                return Err(r.bad(key, format!("the {what} weight would have shape {dims:?}: too large (at most {MAX_ELEMENTS} elements)")));
+                return Err(r.bad(
+                    key,
+                    format!("the {what} weight would have shape {dims:?}: too large (at most {MAX_ELEMENTS} elements)"),
+                ));
             }
         }
-        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
-            return Err(r.bad("vision_config.num_attention_heads", format!("hidden_size {} is not a multiple of {} heads", v.hidden_size, v.num_attention_heads)));
+        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
+            return Err(r.bad(
+                "vision_config.num_attention_heads",
+                format!("hidden_size {} is not a multiple of {} heads", v.hidden_size, v.num_attention_heads),
+            ));
         }
         if v.patch_size == 0 || v.image_size < v.patch_size {
-            return Err(r.bad("vision_config.patch_size", format!("patch_size {} does not fit image_size {}", v.patch_size, v.image_size)));
+            return Err(r.bad(
+                "vision_config.patch_size",
+                format!("patch_size {} does not fit image_size {}", v.patch_size, v.image_size),
+            ));
         }
         if self.scale_factor == 0 {
             return Err(r.bad("scale_factor", "must be >= 1".into()));
@@ -238,11 +261,20 @@ impl ModelConfig {
         if v.hidden_act != "gelu_pytorch_tanh" && v.hidden_act != "gelu_new" && v.hidden_act != "gelu" {
             return Err(r.bad("vision_config.hidden_act", format!("'{}' is not supported", v.hidden_act)));
         }
-        if t.num_key_value_heads == 0 || t.num_attention_heads % t.num_key_value_heads != 0 {
-            return Err(r.bad("text_config.num_key_value_heads", format!("{} attention heads are not a multiple of {} kv heads", t.num_attention_heads, t.num_key_value_heads)));
+        if t.num_key_value_heads == 0 || !t.num_attention_heads.is_multiple_of(t.num_key_value_heads) {
+            return Err(r.bad(
+                "text_config.num_key_value_heads",
+                format!(
+                    "{} attention heads are not a multiple of {} kv heads",
+                    t.num_attention_heads, t.num_key_value_heads
+                ),
+            ));
         }
         if !t.head_dim.is_multiple_of(2) {
-            return Err(r.bad("text_config.head_dim", format!("{} is odd; rotary embeddings need an even head_dim", t.head_dim)));
+            return Err(r.bad(
+                "text_config.head_dim",
+                format!("{} is odd; rotary embeddings need an even head_dim", t.head_dim),
+            ));
         }
         if t.hidden_act != "silu" {
             return Err(r.bad("text_config.hidden_act", format!("'{}' is not supported (only 'silu')", t.hidden_act)));
@@ -272,10 +304,15 @@ impl Reader {
         ConfigError::BadValue { file: self.file.clone(), key: key.to_string(), msg }
     }
     fn path(section: &str, key: &str) -> String {
-        if section.is_empty() { key.to_string() } else { format!("{section}.{key}") }
+        if section.is_empty() {
+            key.to_string()
+        } else {
+            format!("{section}.{key}")
+        }
     }
     fn object<'a>(&self, v: &'a Value, key: &str) -> Result<&'a Map<String, Value>, ConfigError> {
-        v.as_object().ok_or_else(|| self.bad(if key.is_empty() { "<root>" } else { key }, "expected a JSON object".into()))
+        v.as_object()
+            .ok_or_else(|| self.bad(if key.is_empty() { "<root>" } else { key }, "expected a JSON object".into()))
     }
     fn string(&self, v: &Value, key: &str) -> Result<String, ConfigError> {
         v.as_str().map(str::to_string).ok_or_else(|| self.bad(key, format!("expected a string, got {v}")))
@@ -320,7 +357,9 @@ impl Reader {
     fn bool_or(&self, m: &Map<String, Value>, sec: &str, key: &str, d: bool) -> Result<bool, ConfigError> {
         match m.get(key) {
             None | Some(Value::Null) => Ok(d),
-            Some(v) => v.as_bool().ok_or_else(|| self.bad(&Self::path(sec, key), format!("expected true/false, got {v}"))),
+            Some(v) => {
+                v.as_bool().ok_or_else(|| self.bad(&Self::path(sec, key), format!("expected true/false, got {v}")))
+            }
         }
     }
     fn string_or(&self, m: &Map<String, Value>, sec: &str, key: &str, d: &str) -> Result<String, ConfigError> {
@@ -337,7 +376,10 @@ impl Reader {
                 let p = self.object(p, &format!("text_config.{key}"))?;
                 let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
                 if kind != "default" {
-                    return Err(self.bad(&format!("text_config.{key}.rope_type"), format!("'{kind}' is not supported (only 'default')")));
+                    return Err(self.bad(
+                        &format!("text_config.{key}.rope_type"),
+                        format!("'{kind}' is not supported (only 'default')"),
+                    ));
                 }
                 if let Some(t) = p.get("rope_theta").filter(|v| !v.is_null()) {
                     return self.f64(t, &format!("text_config.{key}.rope_theta"));
@@ -368,7 +410,8 @@ mod tests {
         assert_eq!(c.image_token_id, 128257);
         assert_eq!(c.scale_factor, 2);
         assert!(!c.tie_word_embeddings);
-        let c = parse(r#"{"model_type": "smolvlm", "text_config": {"hidden_size": 64, "num_attention_heads": 4}}"#).unwrap();
+        let c = parse(r#"{"model_type": "smolvlm", "text_config": {"hidden_size": 64, "num_attention_heads": 4}}"#)
+            .unwrap();
         assert_eq!(c.text.rms_norm_eps, 1e-6); // a given dict is a plain LlamaConfig
         assert_eq!(c.text.head_dim, 16);
     }
@@ -389,7 +432,9 @@ mod tests {
         assert!(e.contains("llava"), "{e}");
         let e = parse(r#"{"model_type": "idefics3", "text_config": {"hidden_size": "big"}}"#).unwrap_err().to_string();
         assert!(e.contains("text_config.hidden_size"), "{e}");
-        let e = parse(r#"{"model_type": "idefics3", "text_config": {"rope_scaling": {"rope_type": "yarn"}}}"#).unwrap_err().to_string();
+        let e = parse(r#"{"model_type": "idefics3", "text_config": {"rope_scaling": {"rope_type": "yarn"}}}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("yarn"), "{e}");
         let e = parse("{not json").unwrap_err().to_string();
         assert!(e.contains("config.json"), "{e}");

@@ -108,7 +108,10 @@ pub struct LoraAdapter {
 pub enum AdapterKind {
     Lora(LoraAdapter),
     /// `modules_to_save`: a trainable copy of the layer's weight [out, in] and bias [out].
-    Full { weight: Var, bias: Option<Var> },
+    Full {
+        weight: Var,
+        bias: Option<Var>,
+    },
 }
 
 #[derive(Debug)]
@@ -147,13 +150,19 @@ impl Adapter {
         let (a, b) = match spec.init {
             LoraInit::Default => (uniform(&mut rng, r * i_f, 1.0 / (i_f as f64).sqrt()), vec![0f32; o_f * r]),
             LoraInit::Gaussian => (normal(&mut rng, r * i_f, 1.0 / r as f64), vec![0f32; o_f * r]),
-            LoraInit::Random => (uniform(&mut rng, r * i_f, 1.0 / (i_f as f64).sqrt()), uniform(&mut rng, o_f * r, 1.0 / (r as f64).sqrt())),
+            LoraInit::Random => (
+                uniform(&mut rng, r * i_f, 1.0 / (i_f as f64).sqrt()),
+                uniform(&mut rng, o_f * r, 1.0 / (r as f64).sqrt()),
+            ),
         };
         let a = Var::from_tensor(&Tensor::from_vec(a, (r, i_f), &dev)?)?;
         let b = Var::from_tensor(&Tensor::from_vec(b, (o_f, r), &dev)?)?;
         let scaling = spec.scaling();
         let magnitude = if spec.use_dora { Some(Var::from_tensor(&weight_norm(lin, &a, &b, scaling)?)?) } else { None };
-        Ok(Adapter { kind: AdapterKind::Lora(LoraAdapter { a, b, magnitude, scaling, dropout: spec.dropout, index }), switch })
+        Ok(Adapter {
+            kind: AdapterKind::Lora(LoraAdapter { a, b, magnitude, scaling, dropout: spec.dropout, index }),
+            switch,
+        })
     }
 
     /// A trainable full copy of `lin` (`modules_to_save`).
@@ -206,7 +215,10 @@ impl Adapter {
                 out_dims[last] = lin.out_features;
                 let lora = lora.reshape(out_dims)?;
                 match &l.magnitude {
-                    None => { let dt = y.dtype(); y + (lora * l.scaling)?.to_dtype(dt)? }
+                    None => {
+                        let dt = y.dtype();
+                        y + (lora * l.scaling)?.to_dtype(dt)?
+                    }
                     Some(m) => {
                         // PEFT DoRA: base + (m/||W + sBA|| - 1) * (W x) + m/||W + sBA|| * s * BAx, the norm detached;
                         // with dropout active W x is recomputed on the dropped input.
@@ -217,7 +229,8 @@ impl Adapter {
                             wx = wx.broadcast_sub(&b.to_dtype(wx.dtype())?)?;
                         }
                         let wx = wx.to_dtype(DType::F32)?;
-                        let dora = (wx.broadcast_mul(&(&scale - 1.0)?)? + (lora * l.scaling)?.broadcast_mul(&scale)?)?;
+                        let dora =
+                            (wx.broadcast_mul(&(&scale - 1.0)?)? + (lora * l.scaling)?.broadcast_mul(&scale)?)?;
                         let dt = y.dtype();
                         y + dora.to_dtype(dt)?
                     }
@@ -234,7 +247,8 @@ impl Adapter {
         let seed = self.switch.seed.load(Ordering::SeqCst) ^ l.index.wrapping_mul(0xD1B5_4A32_D192_ED03);
         let mut rng = Rng::new(seed);
         let keep = 1.0 - l.dropout as f64;
-        let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.next_f64() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+        let mask: Vec<f32> =
+            (0..x.elem_count()).map(|_| if rng.next_f64() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x * mask
     }
@@ -243,7 +257,9 @@ impl Adapter {
     /// the trained copy for `modules_to_save`.
     pub fn merged_weight(&self, lin: &Linear) -> CResult<(Tensor, Option<Tensor>)> {
         match &self.kind {
-            AdapterKind::Full { weight, bias } => Ok((weight.as_tensor().detach(), bias.as_ref().map(|b| b.as_tensor().detach()))),
+            AdapterKind::Full { weight, bias } => {
+                Ok((weight.as_tensor().detach(), bias.as_ref().map(|b| b.as_tensor().detach())))
+            }
             AdapterKind::Lora(l) => {
                 let w = lin.dense_weight()?.to_dtype(DType::F32)?;
                 let full = (w + (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scaling)?)?; // [out, in]
@@ -372,7 +388,11 @@ pub fn load_state(model: &crate::model::VlmModel, tensors: &[(String, Tensor)], 
             return input_err(format!("adapter tensor '{name}' does not match this model: no adapter on '{module}' (the adapter was made for another base model or config)"));
         };
         if p.var.dims() != t.dims() {
-            return input_err(format!("adapter tensor '{name}' has shape {:?}, this model's adapter expects {:?}", t.dims(), p.var.dims()));
+            return input_err(format!(
+                "adapter tensor '{name}' has shape {:?}, this model's adapter expects {:?}",
+                t.dims(),
+                p.var.dims()
+            ));
         }
         p.var.set(&t.to_dtype(DType::F32)?)?;
     }

@@ -21,7 +21,10 @@ pub fn shifted_targets(labels: &[i64], b: usize, l: usize, vocab: usize) -> Resu
                 continue;
             }
             if y < 0 || y as usize >= vocab {
-                return input_err(format!("labels[{bi}, {}] = {y} is outside the vocabulary [0, {vocab}) and is not -100", t + 1));
+                return input_err(format!(
+                    "labels[{bi}, {}] = {y} is outside the vocabulary [0, {vocab}) and is not -100",
+                    t + 1
+                ));
             }
             out.push(((bi * l + t) as u32, y as u32));
         }

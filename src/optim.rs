@@ -123,7 +123,11 @@ pub fn lr_lambda(kind: &str, step: u64, total: u64, warmup: u64) -> Result<f64> 
             let progress = (s - w) / (t - w).max(1.0);
             (0.5 * (1.0 + (std::f64::consts::PI * 0.5 * 2.0 * progress).cos())).max(0.0)
         }),
-        other => return input_err(format!("lr_scheduler_type '{other}' is not supported (linear, cosine, constant, constant_with_warmup)")),
+        other => {
+            return input_err(format!(
+                "lr_scheduler_type '{other}' is not supported (linear, cosine, constant, constant_with_warmup)"
+            ))
+        }
     })
 }
 
@@ -136,7 +140,8 @@ mod tests {
     #[test]
     fn adamw_matches_torch_update_rule() {
         let var = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &Device::Cpu).unwrap()).unwrap();
-        let mut opt = AdamW::new(vec![(var.clone(), true)], AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() });
+        let mut opt =
+            AdamW::new(vec![(var.clone(), true)], AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() });
         let g1 = Tensor::new(&[0.5f32, -1.0], &Device::Cpu).unwrap();
         let g2 = Tensor::new(&[0.25f32, 2.0], &Device::Cpu).unwrap();
         opt.step(0.01, &[Some(g1)]).unwrap();

@@ -37,14 +37,27 @@ impl Case {
     fn inputs(&self) -> (Tensor, Tensor, Tensor, Tensor) {
         let dev = Device::Cpu;
         let r = |shape: (usize, usize, usize, usize)| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
-        (r((self.b, self.h, self.l, self.hd)), r((self.b, self.hkv, self.s, self.hd)), r((self.b, self.hkv, self.s, self.hd)), r((self.b, self.h, self.l, self.hd)))
+        (
+            r((self.b, self.h, self.l, self.hd)),
+            r((self.b, self.hkv, self.s, self.hd)),
+            r((self.b, self.hkv, self.s, self.hd)),
+            r((self.b, self.h, self.l, self.hd)),
+        )
     }
 }
 
 /// Gradients of sum(f(q, k, v) * w) w.r.t. q, k, v; an argument that is not a Var gets None, and so
 /// does one that is a Var but receives no gradient entry.
 #[allow(clippy::type_complexity)]
-fn grads(f: AttnFn, c: &Case, q: &Tensor, k: &Tensor, v: &Tensor, w: &Tensor, vars: [bool; 3]) -> (Tensor, [Option<Tensor>; 3]) {
+fn grads(
+    f: AttnFn,
+    c: &Case,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    w: &Tensor,
+    vars: [bool; 3],
+) -> (Tensor, [Option<Tensor>; 3]) {
     let wrap = |t: &Tensor, is_var: bool| if is_var { Some(Var::from_tensor(t).unwrap()) } else { None };
     let (qv, kv, vv) = (wrap(q, vars[0]), wrap(k, vars[1]), wrap(v, vars[2]));
     let pick = |var: &Option<Var>, t: &Tensor| var.as_ref().map(|x| x.as_tensor().clone()).unwrap_or_else(|| t.clone());
@@ -113,14 +126,32 @@ fn grad_gqa_groups_1_and_3() {
 #[test]
 fn grad_past_keys_l_ne_s() {
     // Causal with a prefix of cached keys: query i sits at absolute position s - l + i.
-    check_against_reference(&Case { b: 2, h: 4, hkv: 2, l: 3, s: 10, hd: 8, causal: true, key_valid: Some(left_pad(10, &[4, 0])) });
+    check_against_reference(&Case {
+        b: 2,
+        h: 4,
+        hkv: 2,
+        l: 3,
+        s: 10,
+        hd: 8,
+        causal: true,
+        key_valid: Some(left_pad(10, &[4, 0])),
+    });
     check_against_reference(&Case { b: 1, h: 3, hkv: 1, l: 1, s: 9, hd: 8, causal: true, key_valid: None });
 }
 
 #[test]
 fn grad_odd_sizes() {
     check_against_reference(&Case { b: 1, h: 2, hkv: 1, l: 7, s: 7, hd: 8, causal: true, key_valid: None });
-    check_against_reference(&Case { b: 2, h: 3, hkv: 3, l: 7, s: 11, hd: 5, causal: false, key_valid: Some(left_pad(11, &[0, 2])) });
+    check_against_reference(&Case {
+        b: 2,
+        h: 3,
+        hkv: 3,
+        l: 7,
+        s: 11,
+        hd: 5,
+        causal: false,
+        key_valid: Some(left_pad(11, &[0, 2])),
+    });
 }
 
 #[test]
@@ -128,7 +159,16 @@ fn grad_across_query_blocks() {
     // More query rows than one block (128) per kv-head task: within one head (l = 130) and across the
     // heads of a group (3 * 50 = 150 rows; a block then spans two heads).
     check_against_reference(&Case { b: 1, h: 2, hkv: 2, l: 130, s: 130, hd: 8, causal: true, key_valid: None });
-    check_against_reference(&Case { b: 1, h: 3, hkv: 1, l: 50, s: 60, hd: 8, causal: true, key_valid: Some(left_pad(60, &[5])) });
+    check_against_reference(&Case {
+        b: 1,
+        h: 3,
+        hkv: 1,
+        l: 50,
+        s: 60,
+        hd: 8,
+        causal: true,
+        key_valid: Some(left_pad(60, &[5])),
+    });
 }
 
 /// Inputs that reach the kernel through a non-contiguous view get their gradient through the copy.
@@ -155,7 +195,16 @@ fn grad_non_contiguous_inputs() {
 /// fused backward — gives the softmax-Jacobian term; those rows are compared with the reference only.)
 #[test]
 fn grad_finite_differences() {
-    let c = Case { b: 2, h: 2, hkv: 1, l: 3, s: 4, hd: 4, causal: true, key_valid: Some(vec![true, true, false, true, true, true, true, true]) };
+    let c = Case {
+        b: 2,
+        h: 2,
+        hkv: 1,
+        l: 3,
+        s: 4,
+        hd: 4,
+        causal: true,
+        key_valid: Some(vec![true, true, false, true, true, true, true, true]),
+    };
     let (q, k, v, w) = c.inputs();
     let (_, g) = grads(attention, &c, &q, &k, &v, &w, [true; 3]);
     let mask = c.mask();
@@ -231,7 +280,8 @@ fn bench_attention() {
         let fwd = time_ms(21, || {
             f(&q, &k, &v, &mask, scale).unwrap();
         });
-        let (qv, kv, vv) = (Var::from_tensor(&q).unwrap(), Var::from_tensor(&k).unwrap(), Var::from_tensor(&v).unwrap());
+        let (qv, kv, vv) =
+            (Var::from_tensor(&q).unwrap(), Var::from_tensor(&k).unwrap(), Var::from_tensor(&v).unwrap());
         let fb = time_ms(21, || {
             let y = f(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), &mask, scale).unwrap();
             (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use ferrovlm::model::{no_interrupt, ForwardInput, VlmModel};
-use ferrovlm::ops::matmul_bf16_packed;
 use ferrovlm::ops::linear::Weight;
+use ferrovlm::ops::matmul_bf16_packed;
 use ferrovlm::ops::Linear;
 use half::bf16;
 
@@ -52,10 +52,18 @@ fn bf16_linear_matches_f32_and_the_packed_kernel() {
         let xs = vals(&x);
         if rows > 16 && matmul_bf16_packed::available() {
             let want = matmul_bf16_packed::matmul_f32_bf16(&xs, rows, k, &wb, out);
-            assert!(ynb == want, "rows {rows}: packed path differs from matmul_f32_bf16 (max diff {})", max_diff(&ynb, &want));
+            assert!(
+                ynb == want,
+                "rows {rows}: packed path differs from matmul_f32_bf16 (max diff {})",
+                max_diff(&ynb, &want)
+            );
         } else {
             let want = vals(&skinny.forward(&x).unwrap());
-            assert!(ynb == want, "rows {rows}: skinny path differs from the bf16-storage path (max diff {})", max_diff(&ynb, &want));
+            assert!(
+                ynb == want,
+                "rows {rows}: skinny path differs from the bf16-storage path (max diff {})",
+                max_diff(&ynb, &want)
+            );
         }
     }
 }
@@ -101,16 +109,21 @@ fn bf16_mode_model_is_close_to_f32() {
         assert_eq!(matches!(lin.weight, Weight::PackedBf16 { .. }), matmul_bf16_packed::available(), "{name}");
     }
     for (name, lin) in m32.linears() {
-        assert!(matches!(lin.weight, Weight::Dense(_)) && lin.weight_tensor().expect("dense").dtype() == DType::F32, "{name}");
+        assert!(
+            matches!(lin.weight, Weight::Dense(_)) && lin.weight_tensor().expect("dense").dtype() == DType::F32,
+            "{name}"
+        );
     }
     assert_eq!(m16.num_parameters(), m32.num_parameters());
 
-    let inp: std::collections::HashMap<String, Tensor> = Tensor::read_npz(dir.join("inputs.npz")).unwrap().into_iter().collect();
+    let inp: std::collections::HashMap<String, Tensor> =
+        Tensor::read_npz(dir.join("inputs.npz")).unwrap().into_iter().collect();
     let (b, l) = inp["input_ids"].dims2().unwrap();
     let ids = i64s(&inp["input_ids"]);
     let am = i64s(&inp["attention_mask"]);
     let labels = i64s(&inp["labels"]);
-    let pam: Vec<bool> = inp["pixel_attention_mask"].flatten_all().unwrap().to_vec1::<u8>().unwrap().iter().map(|&v| v != 0).collect();
+    let pam: Vec<bool> =
+        inp["pixel_attention_mask"].flatten_all().unwrap().to_vec1::<u8>().unwrap().iter().map(|&v| v != 0).collect();
     let input = ForwardInput {
         input_ids: &ids,
         batch: b,
@@ -126,7 +139,9 @@ fn bf16_mode_model_is_close_to_f32() {
     assert_eq!(o16.logits.dtype(), DType::F32);
     let (g32, g16) = (o32.logits.to_vec3::<f32>().unwrap(), o16.logits.to_vec3::<f32>().unwrap());
     let (mut diff, mut scale, mut agree, mut total) = (0f32, 0f32, 0usize, 0usize);
-    let argmax = |v: &[f32]| v.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) }).0;
+    let argmax = |v: &[f32]| {
+        v.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) }).0
+    };
     for bi in 0..b {
         for t in 0..l {
             if am[bi * l + t] == 0 {
@@ -177,10 +192,12 @@ fn bf16_mode_with_adapters_runs_one_arithmetic() {
 
     let dir = fixtures().join("idefics3_gqa");
     let mut m = VlmModel::from_dir(&dir.join("checkpoint"), DType::BF16, &Device::Cpu).unwrap();
-    let inp: std::collections::HashMap<String, Tensor> = Tensor::read_npz(dir.join("inputs.npz")).unwrap().into_iter().collect();
+    let inp: std::collections::HashMap<String, Tensor> =
+        Tensor::read_npz(dir.join("inputs.npz")).unwrap().into_iter().collect();
     let (b, l) = inp["input_ids"].dims2().unwrap();
     let (ids, am) = (i64s(&inp["input_ids"]), i64s(&inp["attention_mask"]));
-    let pam: Vec<bool> = inp["pixel_attention_mask"].flatten_all().unwrap().to_vec1::<u8>().unwrap().iter().map(|&v| v != 0).collect();
+    let pam: Vec<bool> =
+        inp["pixel_attention_mask"].flatten_all().unwrap().to_vec1::<u8>().unwrap().iter().map(|&v| v != 0).collect();
     let input = ForwardInput {
         input_ids: &ids,
         batch: b,
@@ -194,7 +211,15 @@ fn bf16_mode_with_adapters_runs_one_arithmetic() {
     let logits = |m: &VlmModel| vals(&m.forward(&input, &no_interrupt).unwrap().logits);
     let packed = logits(&m);
     let targets: Vec<String> = m.linears().into_iter().map(|(n, _)| n).filter(|n| n != "lm_head").collect();
-    let spec = LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, use_dora: false, use_rslora: false, init: LoraInit::Default, seed: 1 };
+    let spec = LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        use_dora: false,
+        use_rslora: false,
+        init: LoraInit::Default,
+        seed: 1,
+    };
     lora::attach(&mut m, &AdapterPlan { lora_targets: targets, spec, modules_to_save: vec![] }).unwrap();
     for (name, lin) in m.linears() {
         assert!(matches!(lin.weight, Weight::Bf16(_)), "{name}: packed while adapters are attached");
@@ -208,7 +233,11 @@ fn bf16_mode_with_adapters_runs_one_arithmetic() {
     assert!(on == off, "fresh adapter on vs off: max diff {}", max_diff(&on, &off));
     lora::detach(&mut m, false).unwrap();
     for (name, lin) in m.linears() {
-        assert_eq!(matches!(lin.weight, Weight::PackedBf16 { .. }), matmul_bf16_packed::available(), "{name}: not packed again");
+        assert_eq!(
+            matches!(lin.weight, Weight::PackedBf16 { .. }),
+            matmul_bf16_packed::available(),
+            "{name}: not packed again"
+        );
     }
     assert!(logits(&m) == packed, "after detach the model is the adapter-free one again");
 }

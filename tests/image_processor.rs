@@ -88,11 +88,7 @@ fn check_processor(src: Source) {
         let exp = npz(&dir().join("processor").join(format!("{name}.npz")));
         let mask_t = &exp["pixel_attention_mask"];
         let dims = mask_t.dims().to_vec();
-        assert_eq!(
-            dims,
-            [out.batch, out.max_frames, out.height, out.width],
-            "{name}: shape [B,F,H,W]"
-        );
+        assert_eq!(dims, [out.batch, out.max_frames, out.height, out.width], "{name}: shape [B,F,H,W]");
         let want_mask: Vec<bool> = u8s(mask_t).iter().map(|&v| v != 0).collect();
         assert_eq!(out.pixel_attention_mask.as_deref(), Some(&want_mask[..]), "{name}: pixel_attention_mask");
         let want: Vec<f32> = if let Some(pv) = exp.get("pixel_values") {
@@ -116,11 +112,15 @@ fn check_processor(src: Source) {
                 .collect()
         };
         assert_eq!(want.len(), out.pixel_values.len(), "{name}: pixel_values length");
-        let bad: Vec<usize> =
-            (0..want.len()).filter(|&i| want[i].to_bits() != out.pixel_values[i].to_bits()).collect();
+        let bad: Vec<usize> = (0..want.len()).filter(|&i| want[i].to_bits() != out.pixel_values[i].to_bits()).collect();
         if !bad.is_empty() {
             let max = bad.iter().map(|&i| (want[i] - out.pixel_values[i]).abs()).fold(0f32, f32::max);
-            failures.push(format!("{name}: {} of {} values differ (max abs diff {max}, first at {})", bad.len(), want.len(), bad[0]));
+            failures.push(format!(
+                "{name}: {} of {} values differ (max abs diff {max}, first at {})",
+                bad.len(),
+                want.len(),
+                bad[0]
+            ));
         }
         let rows: Vec<i64> = out.rows.iter().flatten().map(|&r| r as i64).collect();
         let cols: Vec<i64> = out.cols.iter().flatten().map(|&c| c as i64).collect();
@@ -187,7 +187,8 @@ fn decode_matches_pillow() {
     let mut report = Vec::new();
     for name in names {
         let img = decode_image_file(&dir().join("images").join(name), None).unwrap();
-        for (got, key) in [(img.to_rgb().unwrap(), name.clone()), (img.to_rgb_plain().unwrap(), format!("{name}_load"))] {
+        for (got, key) in [(img.to_rgb().unwrap(), name.clone()), (img.to_rgb_plain().unwrap(), format!("{name}_load"))]
+        {
             let want = u8s(&arrays[&key]);
             let (h, w, _) = arrays[&key].dims3().unwrap();
             assert_eq!((got.width, got.height), (w, h), "{key}: size (EXIF orientation applied?)");

@@ -180,7 +180,12 @@ fn rotary_forward_and_grads() {
 fn gelu_tanh_grads() {
     let x = rnd(&[4, 33], 10, 4.0);
     let wt = rnd(&[4, 33], 11, 1.0);
-    assert_close("gelu fwd", &to_f64(&gelu_tanh(&x).unwrap()).unwrap(), &to_f64(&gelu_tanh_reference(&x).unwrap()).unwrap(), 1e-5);
+    assert_close(
+        "gelu fwd",
+        &to_f64(&gelu_tanh(&x).unwrap()).unwrap(),
+        &to_f64(&gelu_tanh_reference(&x).unwrap()).unwrap(),
+        1e-5,
+    );
     let xv = var(&x);
     let g = backward(&gelu_tanh(&xv).unwrap(), &wt);
     let gr = backward(&gelu_tanh_reference(&xv).unwrap(), &wt);
@@ -201,7 +206,12 @@ fn swiglu_forward_and_grads() {
     let gate = rnd(&[2, 3, 21], 12, 5.0);
     let up = rnd(&[2, 3, 21], 13, 2.0);
     let wt = rnd(&[2, 3, 21], 14, 1.0);
-    assert_close("swiglu fwd", &to_f64(&swiglu(&gate, &up).unwrap()).unwrap(), &to_f64(&swiglu_reference(&gate, &up).unwrap()).unwrap(), 1e-5);
+    assert_close(
+        "swiglu fwd",
+        &to_f64(&swiglu(&gate, &up).unwrap()).unwrap(),
+        &to_f64(&swiglu_reference(&gate, &up).unwrap()).unwrap(),
+        1e-5,
+    );
     let (gv, uv) = (var(&gate), var(&up));
     let g = backward(&swiglu(&gv, &uv).unwrap(), &wt);
     let gr = backward(&swiglu_reference(&gv, &uv).unwrap(), &wt);
@@ -281,7 +291,13 @@ fn linear_trainable_weight_and_bias() {
     let g2 = backward(&lin2.forward(&x).unwrap(), &wt);
     assert!(g2.get(&x).is_none());
     assert_grad_close("linear dw no x", &grad(&g2, &wv), &dw, 1e-5);
-    check_fd("linear dw fd", &|t| Linear::new(var(t).as_tensor().clone(), Some(b.clone()))?.forward(&x), &w, &wt, &grad(&g, &wv));
+    check_fd(
+        "linear dw fd",
+        &|t| Linear::new(var(t).as_tensor().clone(), Some(b.clone()))?.forward(&x),
+        &w,
+        &wt,
+        &grad(&g, &wv),
+    );
     // only the bias trainable
     let lin3 = Linear::new(w.clone(), Some(bv.as_tensor().clone())).unwrap();
     let g3 = backward(&lin3.forward(&x).unwrap(), &wt);
@@ -376,7 +392,12 @@ fn token_stats_entropy_and_argmax() {
         assert!((ent[r] as f64 - h).abs() < 1e-5, "row {r}: entropy {} vs {h}", ent[r]);
         // the reference subtracts two sums of size |logits|: it carries their rounding
         let tol_ref = 32.0 * f32::EPSILON as f64 * row.iter().fold(1f64, |a, x| a.max(x.abs()));
-        assert!((ent[r] as f64 - ent_ref[r]).abs() < tol_ref, "row {r}: entropy {} vs reference {}", ent[r], ent_ref[r]);
+        assert!(
+            (ent[r] as f64 - ent_ref[r]).abs() < tol_ref,
+            "row {r}: entropy {} vs reference {}",
+            ent[r],
+            ent_ref[r]
+        );
         let first_max = row.iter().position(|&x| x == m).unwrap();
         assert_eq!(am[r] as usize, first_max, "row {r}");
     }

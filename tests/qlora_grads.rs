@@ -35,7 +35,8 @@ fn dequantized_copy(m: &VlmModel) -> VlmModel {
 
 fn with_adapters(mut m: VlmModel, dora: bool) -> VlmModel {
     let targets = m.linears().into_iter().map(|(n, _)| n).filter(|n| n != "lm_head").collect();
-    let spec = LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, use_dora: dora, use_rslora: false, init: LoraInit::Random, seed: 7 };
+    let spec =
+        LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, use_dora: dora, use_rslora: false, init: LoraInit::Random, seed: 7 };
     attach(&mut m, &AdapterPlan { lora_targets: targets, spec, modules_to_save: vec![] }).unwrap();
     m
 }
@@ -45,7 +46,8 @@ fn grads(m: &VlmModel, checkpointing: bool) -> (f64, Vec<Vec<f32>>) {
     let ids: Vec<i64> = inp["input_ids"].flatten_all().unwrap().to_vec1().unwrap();
     let mask: Vec<i64> = inp["attention_mask"].flatten_all().unwrap().to_vec1().unwrap();
     let labels: Vec<i64> = inp["labels"].flatten_all().unwrap().to_vec1().unwrap();
-    let pam: Vec<bool> = inp["pixel_attention_mask"].flatten_all().unwrap().to_vec1::<u8>().unwrap().iter().map(|&v| v != 0).collect();
+    let pam: Vec<bool> =
+        inp["pixel_attention_mask"].flatten_all().unwrap().to_vec1::<u8>().unwrap().iter().map(|&v| v != 0).collect();
     let (b, l) = inp["input_ids"].dims2().unwrap();
     let input = ForwardInput {
         input_ids: &ids,
@@ -67,8 +69,22 @@ fn grads(m: &VlmModel, checkpointing: bool) -> (f64, Vec<Vec<f32>>) {
         Ok(loss)
     };
     let opts = StepOptions { gradient_checkpointing: checkpointing, dropout_seed: 3, backward: true, paired: false };
-    run_objective(&StepCtx { model: m, params: &params, cache: None, interrupt: &no_interrupt }, &input, &opts, &mut acc, &mut obj).unwrap();
-    (value, acc.iter().map(|g| g.as_ref().expect("every adapter tensor gets a gradient").flatten_all().unwrap().to_vec1().unwrap()).collect())
+    run_objective(
+        &StepCtx { model: m, params: &params, cache: None, interrupt: &no_interrupt },
+        &input,
+        &opts,
+        &mut acc,
+        &mut obj,
+    )
+    .unwrap();
+    (
+        value,
+        acc.iter()
+            .map(|g| {
+                g.as_ref().expect("every adapter tensor gets a gradient").flatten_all().unwrap().to_vec1().unwrap()
+            })
+            .collect(),
+    )
 }
 
 fn assert_close(q: &(f64, Vec<Vec<f32>>), d: &(f64, Vec<Vec<f32>>), what: &str) {
@@ -83,9 +99,16 @@ fn assert_close(q: &(f64, Vec<Vec<f32>>), d: &(f64, Vec<Vec<f32>>), what: &str) 
 
 #[test]
 fn lora_and_dora_gradients_through_a_quantized_base_equal_the_dequantized_copy() {
-    for method in [QuantMethod::FourBit { ty: FourBitType::Nf4, double_quant: true }, QuantMethod::FourBit { ty: FourBitType::Fp4, double_quant: false }, QuantMethod::Int8] {
+    for method in [
+        QuantMethod::FourBit { ty: FourBitType::Nf4, double_quant: true },
+        QuantMethod::FourBit { ty: FourBitType::Fp4, double_quant: false },
+        QuantMethod::Int8,
+    ] {
         let q = quantized(method);
-        assert!(q.linears().iter().filter(|(n, _)| n != "lm_head").all(|(_, l)| l.quant().is_some()), "every Linear but the head is quantized");
+        assert!(
+            q.linears().iter().filter(|(n, _)| n != "lm_head").all(|(_, l)| l.quant().is_some()),
+            "every Linear but the head is quantized"
+        );
         assert!(q.lm_head.quant().is_none());
         let d = dequantized_copy(&q);
         q.set_training(true); // int8: bitsandbytes' training product (dequantize, then f32)
@@ -110,7 +133,13 @@ fn merging_into_a_quantized_layer_quantizes_the_merged_weight_again() {
     ferrovlm::lora::detach(&mut m, true).unwrap();
     let after = m.linears().into_iter().find(|(n, _)| n == name).unwrap().1.clone();
     let qw = after.quant().expect("still quantized, as PEFT's merge into a bitsandbytes layer");
-    let want = ferrovlm::quant::QuantWeight::FourBit(ferrovlm::quant::FourBit::quantize(&merged.flatten_all().unwrap().to_vec1::<f32>().unwrap(), qw.shape(), FourBitType::Nf4, false, "float32"));
+    let want = ferrovlm::quant::QuantWeight::FourBit(ferrovlm::quant::FourBit::quantize(
+        &merged.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        qw.shape(),
+        FourBitType::Nf4,
+        false,
+        "float32",
+    ));
     assert_eq!(qw.dequantize(), want.dequantize());
     let _ = Arc::clone(qw);
 }

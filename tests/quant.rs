@@ -33,8 +33,18 @@ fn same_bits(got: &[f32], want: &[f32], what: &str) {
 
 fn same_bits_opt(got: &[f32], want: &[f32], what: &str, signed_zero_free: bool) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a.to_bits() != b.to_bits() && !(signed_zero_free && *a == 0.0 && *b == 0.0)) {
-        panic!("{what}: first difference at [{i}]: {} ({:#x}) vs {} ({:#x})", got[i], got[i].to_bits(), want[i], want[i].to_bits());
+    if let Some(i) = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a.to_bits() != b.to_bits() && !(signed_zero_free && *a == 0.0 && *b == 0.0))
+    {
+        panic!(
+            "{what}: first difference at [{i}]: {} ({:#x}) vs {} ({:#x})",
+            got[i],
+            got[i].to_bits(),
+            want[i],
+            want[i].to_bits()
+        );
     }
 }
 
@@ -63,7 +73,11 @@ fn four_bit_codes_absmax_and_dequantized_values_equal_bitsandbytes() {
             let q = FourBit::quantize(&wv, (o, k), ty, true, "float32");
             assert_eq!(q.packed, u8v(&fx[&format!("{tag}/packed")]), "{tag}: packed codes");
             let Absmax::Nested { codes, nested_absmax, nested_map, offset, .. } = &q.absmax else { panic!() };
-            assert_eq!(offset.to_bits(), f32v(&fx[&format!("{tag}/offset")])[0].to_bits(), "{tag}: offset (torch's f32 mean)");
+            assert_eq!(
+                offset.to_bits(),
+                f32v(&fx[&format!("{tag}/offset")])[0].to_bits(),
+                "{tag}: offset (torch's f32 mean)"
+            );
             assert_eq!(nested_absmax, &f32v(&fx[&format!("{tag}/nested_absmax")]), "{tag}: nested absmax");
             assert_eq!(nested_map, &f32v(&fx[&format!("{tag}/nested_map")]), "{tag}: dynamic map");
             let want = u8v(&fx[&format!("{tag}/absmax")]);
@@ -73,7 +87,10 @@ fn four_bit_codes_absmax_and_dequantized_values_equal_bitsandbytes() {
                     let (lo, hi) = (nested_map[a.min(b) as usize], nested_map[a.max(b) as usize]);
                     let v = (plain[i] - offset) / nested_absmax[i / 256];
                     let pos = (v - lo) / (hi - lo);
-                    assert!((a as i32 - b as i32).abs() == 1 && (pos - 0.5).abs() < 0.05, "{tag}: absmax code [{i}] {a} vs {b} (v at {pos} of its interval)");
+                    assert!(
+                        (a as i32 - b as i32).abs() == 1 && (pos - 0.5).abs() < 0.05,
+                        "{tag}: absmax code [{i}] {a} vs {b} (v at {pos} of its interval)"
+                    );
                 }
             }
             // Dequantizing bitsandbytes' own state gives its values bit for bit.
@@ -81,7 +98,13 @@ fn four_bit_codes_absmax_and_dequantized_values_equal_bitsandbytes() {
                 ty,
                 (o, k),
                 u8v(&fx[&format!("{tag}/packed")]),
-                Absmax::Nested { codes: want, nested_absmax: nested_absmax.clone(), nested_map: nested_map.clone(), nested_blocksize: 256, offset: *offset },
+                Absmax::Nested {
+                    codes: want,
+                    nested_absmax: nested_absmax.clone(),
+                    nested_map: nested_map.clone(),
+                    nested_blocksize: 256,
+                    offset: *offset,
+                },
                 64,
                 "float32".into(),
             );
@@ -98,7 +121,12 @@ fn int8_weights_equal_bitsandbytes() {
         let w = &fx[&format!("{case}/w")];
         let (o, k) = w.dims2().unwrap();
         let q = Int8::quantize(&f32v(w), (o, k), 6.0);
-        let cb: Vec<i8> = fx[&format!("{case}/int8/cb")].flatten_all().unwrap().to_vec1::<i64>().map(|v| v.into_iter().map(|x| x as i8).collect()).unwrap_or_else(|_| u8v(&fx[&format!("{case}/int8/cb")]).into_iter().map(|x| x as i8).collect());
+        let cb: Vec<i8> = fx[&format!("{case}/int8/cb")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<i64>()
+            .map(|v| v.into_iter().map(|x| x as i8).collect())
+            .unwrap_or_else(|_| u8v(&fx[&format!("{case}/int8/cb")]).into_iter().map(|x| x as i8).collect());
         assert_eq!(q.cb, cb, "{case}: CB");
         assert_eq!(q.scb, f32v(&fx[&format!("{case}/int8/scb")]), "{case}: SCB");
     }
@@ -118,8 +146,23 @@ fn linear_outputs_equal_bitsandbytes_linear_layers() {
         let w = &fx[&format!("{case}/w")];
         let (o, k) = w.dims2().unwrap();
         let wv = f32v(w);
-        let bias = Tensor::from_vec((0..o).map(|i| if o == 1 { -0.5 } else { -0.5 + i as f32 / (o - 1) as f32 }).collect::<Vec<f32>>(), o, &Device::Cpu).unwrap();
-        let bias = Tensor::new(f32v(&Tensor::arange(0f32, o as f32, &Device::Cpu).unwrap()).iter().map(|_| 0f32).collect::<Vec<_>>().as_slice(), &Device::Cpu).unwrap().add(&bias).unwrap();
+        let bias = Tensor::from_vec(
+            (0..o).map(|i| if o == 1 { -0.5 } else { -0.5 + i as f32 / (o - 1) as f32 }).collect::<Vec<f32>>(),
+            o,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let bias = Tensor::new(
+            f32v(&Tensor::arange(0f32, o as f32, &Device::Cpu).unwrap())
+                .iter()
+                .map(|_| 0f32)
+                .collect::<Vec<_>>()
+                .as_slice(),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .add(&bias)
+        .unwrap();
         for (ty, tn) in [(FourBitType::Nf4, "nf4"), (FourBitType::Fp4, "fp4")] {
             for dq in [false, true] {
                 let tag = format!("{case}/{tn}{}", if dq { "_dq" } else { "" });
@@ -142,9 +185,21 @@ fn linear_outputs_equal_bitsandbytes_linear_layers() {
         let training = q.training.clone();
         let lin = ferrovlm::ops::Linear::quantized(Arc::new(QuantWeight::Int8(q)), Some(bias.clone()), false);
         let x = &fx[&format!("{case}/int8/x")];
-        close(&f32v(&lin.forward(x).unwrap()), &f32v(&fx[&format!("{case}/int8/y_eval")]), 1e-5, 1e-5, &format!("{case} int8 eval"));
+        close(
+            &f32v(&lin.forward(x).unwrap()),
+            &f32v(&fx[&format!("{case}/int8/y_eval")]),
+            1e-5,
+            1e-5,
+            &format!("{case} int8 eval"),
+        );
         training.store(true, std::sync::atomic::Ordering::SeqCst);
-        close(&f32v(&lin.forward(x).unwrap()), &f32v(&fx[&format!("{case}/int8/y_train")]), 1e-5, 1e-5, &format!("{case} int8 train"));
+        close(
+            &f32v(&lin.forward(x).unwrap()),
+            &f32v(&fx[&format!("{case}/int8/y_train")]),
+            1e-5,
+            1e-5,
+            &format!("{case} int8 train"),
+        );
     }
 }
 
@@ -176,7 +231,8 @@ fn kernels_equal_the_dequantize_then_matmul_reference_with_backward() {
                 for bf16 in [false, true] {
                     let xs = weights(n, k, 9 + n as u32).iter().map(|v| v * 10.0).collect::<Vec<_>>();
                     let x = Var::from_vec(xs, (n, k), &Device::Cpu).unwrap();
-                    let bias = Tensor::from_vec((0..o).map(|i| i as f32 * 0.01).collect::<Vec<f32>>(), o, &Device::Cpu).unwrap();
+                    let bias = Tensor::from_vec((0..o).map(|i| i as f32 * 0.01).collect::<Vec<f32>>(), o, &Device::Cpu)
+                        .unwrap();
                     // forward
                     let y = quant_linear(x.as_tensor(), &q, Some(&bias), bf16).unwrap();
                     let r = matmul_quant::reference(x.as_tensor(), &q, Some(&bias), bf16).unwrap();
@@ -196,7 +252,13 @@ fn kernels_equal_the_dequantize_then_matmul_reference_with_backward() {
 #[test]
 fn backward_equals_finite_differences() {
     let (o, k, n) = (11, 70, 4);
-    let q = Arc::new(QuantWeight::FourBit(FourBit::quantize(&weights(o, k, 1), (o, k), FourBitType::Nf4, false, "float32")));
+    let q = Arc::new(QuantWeight::FourBit(FourBit::quantize(
+        &weights(o, k, 1),
+        (o, k),
+        FourBitType::Nf4,
+        false,
+        "float32",
+    )));
     let xs: Vec<f64> = weights(n, k, 2).iter().map(|&v| v as f64).collect();
     let g: Vec<f32> = weights(n, o, 4);
     let loss = |x: &[f64]| -> f64 {
@@ -206,14 +268,23 @@ fn backward_equals_finite_differences() {
     };
     let x = Var::from_vec(xs.iter().map(|&v| v as f32).collect::<Vec<_>>(), (n, k), &Device::Cpu).unwrap();
     let y = quant_linear(x.as_tensor(), &q, None, false).unwrap();
-    let grads = (y * Tensor::from_vec(g.clone(), (n, o), &Device::Cpu).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = (y * Tensor::from_vec(g.clone(), (n, o), &Device::Cpu).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     let dx = f32v(grads.get(x.as_tensor()).unwrap());
     for i in [0, 5, 69, 140, 279] {
         let (mut p, mut m) = (xs.clone(), xs.clone());
         p[i] += 1e-2;
         m[i] -= 1e-2;
         let fd = (loss(&p) - loss(&m)) / 2e-2;
-        assert!((fd - dx[i] as f64).abs() < 1e-3 * (1.0 + fd.abs()), "x[{i}]: finite difference {fd} vs backward {}", dx[i]);
+        assert!(
+            (fd - dx[i] as f64).abs() < 1e-3 * (1.0 + fd.abs()),
+            "x[{i}]: finite difference {fd} vs backward {}",
+            dx[i]
+        );
     }
 }
 
@@ -237,7 +308,8 @@ fn decode_range_handles_any_start_and_length() {
 #[test]
 fn double_quant_offset_is_torchs_f32_mean() {
     // tests/fixtures/bnb/torch_mean.npz: x<n> and torch's x.mean() (torch 2.15, CPU) for many n
-    let fx: HashMap<String, Tensor> = Tensor::read_npz("tests/fixtures/bnb/torch_mean.npz").unwrap().into_iter().collect();
+    let fx: HashMap<String, Tensor> =
+        Tensor::read_npz("tests/fixtures/bnb/torch_mean.npz").unwrap().into_iter().collect();
     let mut n_checked = 0;
     for (k, x) in &fx {
         if let Some(n) = k.strip_prefix('x') {

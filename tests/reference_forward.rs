@@ -28,7 +28,8 @@ fn check_case(case: &str, suffix: &str) {
     let ids = i64s(&inp["input_ids"]);
     let am = i64s(&inp["attention_mask"]);
     let labels = i64s(&inp["labels"]);
-    let pam: Vec<bool> = inp["pixel_attention_mask"].flatten_all().unwrap().to_vec1::<u8>().unwrap().iter().map(|&v| v != 0).collect();
+    let pam: Vec<bool> =
+        inp["pixel_attention_mask"].flatten_all().unwrap().to_vec1::<u8>().unwrap().iter().map(|&v| v != 0).collect();
     let input = ForwardInput {
         input_ids: &ids,
         batch: b,
@@ -108,7 +109,16 @@ fn interrupt_stops_between_layers() {
     let dir = fixtures().join("idefics3_gqa");
     let model = VlmModel::from_dir(&dir.join("checkpoint"), DType::F32, &Device::Cpu).unwrap();
     let ids = vec![5i64; 8];
-    let input = ForwardInput { input_ids: &ids, batch: 1, seq_len: 8, attention_mask: None, pixel_values: None, pixel_attention_mask: None, labels: None, logits_to_keep: 0 };
+    let input = ForwardInput {
+        input_ids: &ids,
+        batch: 1,
+        seq_len: 8,
+        attention_mask: None,
+        pixel_values: None,
+        pixel_attention_mask: None,
+        labels: None,
+        logits_to_keep: 0,
+    };
     let stop = || true;
     assert!(matches!(model.forward(&input, &stop), Err(Error::Interrupted)));
 }

@@ -27,26 +27,40 @@ struct Batch {
 /// prefix of the batch is therefore 16 tokens.
 fn batch() -> Batch {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/idefics3_gqa");
-    let inp: std::collections::HashMap<String, Tensor> = Tensor::read_npz(dir.join("inputs.npz")).unwrap().into_iter().collect();
+    let inp: std::collections::HashMap<String, Tensor> =
+        Tensor::read_npz(dir.join("inputs.npz")).unwrap().into_iter().collect();
     let row0: Vec<i64> = inp["input_ids"].get(0).unwrap().to_vec1().unwrap();
     let l = 26;
     let (p0, p1) = (&row0[..18], &row0[..16]);
     let rows: [(&[i64], Vec<i64>); 4] = [
-        (p0, vec![10, 11, 12, 13, 14]), // chosen 0
+        (p0, vec![10, 11, 12, 13, 14]),     // chosen 0
         (p1, vec![20, 21, 22, 23, 24, 25]), // chosen 1
-        (p0, vec![10, 11, 40, 41]), // rejected 0
-        (p1, vec![30, 31, 32]), // rejected 1
+        (p0, vec![10, 11, 40, 41]),         // rejected 0
+        (p1, vec![30, 31, 32]),             // rejected 1
     ];
     let (mut ids, mut mask, mut labels) = (Vec::new(), Vec::new(), Vec::new());
     for (prompt, completion) in &rows {
         let n = prompt.len() + completion.len();
         ids.extend(prompt.iter().chain(completion).copied().chain(std::iter::repeat_n(PAD, l - n)));
         mask.extend(std::iter::repeat_n(1, n).chain(std::iter::repeat_n(0, l - n)));
-        labels.extend(std::iter::repeat_n(-100, prompt.len()).chain(completion.iter().copied()).chain(std::iter::repeat_n(-100, l - n)));
+        labels.extend(
+            std::iter::repeat_n(-100, prompt.len())
+                .chain(completion.iter().copied())
+                .chain(std::iter::repeat_n(-100, l - n)),
+        );
     }
     let px = inp["pixel_values"].get(0).unwrap().unsqueeze(0).unwrap(); // [1, F, C, H, W]
     let pixels = Tensor::cat(&[&px, &px, &px, &px], 0).unwrap();
-    let pm: Vec<bool> = inp["pixel_attention_mask"].get(0).unwrap().flatten_all().unwrap().to_vec1::<u8>().unwrap().iter().map(|&v| v != 0).collect();
+    let pm: Vec<bool> = inp["pixel_attention_mask"]
+        .get(0)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap()
+        .iter()
+        .map(|&v| v != 0)
+        .collect();
     let pixel_mask = pm.iter().chain(&pm).chain(&pm).chain(&pm).copied().collect();
     Batch { ids, mask, labels, pixels, pixel_mask, b: 4, l }
 }
@@ -58,9 +72,19 @@ fn model(vision_too: bool) -> VlmModel {
         .linears()
         .into_iter()
         .map(|(n, _)| n)
-        .filter(|n| n.contains("text_model") || (vision_too && n.contains("vision_model.encoder.layers.0.self_attn.q_proj")))
+        .filter(|n| {
+            n.contains("text_model") || (vision_too && n.contains("vision_model.encoder.layers.0.self_attn.q_proj"))
+        })
         .collect();
-    let spec = LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, use_dora: false, use_rslora: false, init: LoraInit::Random, seed: 7 };
+    let spec = LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        use_dora: false,
+        use_rslora: false,
+        init: LoraInit::Random,
+        seed: 7,
+    };
     attach(&mut m, &AdapterPlan { lora_targets: targets, spec, modules_to_save: vec![] }).unwrap();
     m
 }
@@ -88,8 +112,20 @@ fn run(m: &VlmModel, bt: &Batch, paired: bool, checkpointing: bool) -> (f64, Vec
         Ok(loss)
     };
     let opts = StepOptions { gradient_checkpointing: checkpointing, dropout_seed: 3, backward: true, paired };
-    run_objective(&StepCtx { model: m, params: &params, cache: None, interrupt: &no_interrupt }, &input, &opts, &mut acc, &mut obj).unwrap();
-    let grads = acc.iter().map(|g| g.as_ref().expect("every adapter tensor gets a gradient").flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect();
+    run_objective(
+        &StepCtx { model: m, params: &params, cache: None, interrupt: &no_interrupt },
+        &input,
+        &opts,
+        &mut acc,
+        &mut obj,
+    )
+    .unwrap();
+    let grads = acc
+        .iter()
+        .map(|g| {
+            g.as_ref().expect("every adapter tensor gets a gradient").flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        })
+        .collect();
     (value, grads)
 }
 
@@ -107,8 +143,23 @@ fn assert_same(a: &(f64, Vec<Vec<f32>>), b: &(f64, Vec<Vec<f32>>), what: &str) {
 #[test]
 fn the_batch_shares_a_sixteen_token_prefix() {
     let (m, bt) = (model(false), batch());
-    let x0 = m.text.embed(&Tensor::from_vec(bt.ids.iter().map(|&v| v as u32).collect::<Vec<u32>>(), (bt.b, bt.l), &Device::Cpu).unwrap()).unwrap();
-    let input = ForwardInput { input_ids: &bt.ids, batch: bt.b, seq_len: bt.l, attention_mask: Some(&bt.mask), pixel_values: None, pixel_attention_mask: None, labels: None, logits_to_keep: 0 };
+    let x0 = m
+        .text
+        .embed(
+            &Tensor::from_vec(bt.ids.iter().map(|&v| v as u32).collect::<Vec<u32>>(), (bt.b, bt.l), &Device::Cpu)
+                .unwrap(),
+        )
+        .unwrap();
+    let input = ForwardInput {
+        input_ids: &bt.ids,
+        batch: bt.b,
+        seq_len: bt.l,
+        attention_mask: Some(&bt.mask),
+        pixel_values: None,
+        pixel_attention_mask: None,
+        labels: None,
+        logits_to_keep: 0,
+    };
     assert_eq!(Rows::new(&m.text, &input, &x0, true).unwrap().shared_prefix(), 16);
     assert_eq!(Rows::new(&m.text, &input, &x0, false).unwrap().shared_prefix(), 0);
 }

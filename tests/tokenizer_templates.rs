@@ -21,7 +21,8 @@ fn root() -> PathBuf {
 fn expected() -> &'static Value {
     static E: OnceLock<Value> = OnceLock::new();
     E.get_or_init(|| {
-        let text = std::fs::read_to_string(root().join("expected.json")).expect("expected.json (run the reference script)");
+        let text =
+            std::fs::read_to_string(root().join("expected.json")).expect("expected.json (run the reference script)");
         serde_json::from_str(&text).expect("expected.json parses")
     })
 }
@@ -66,10 +67,12 @@ fn tokenizer_attributes_match() {
     got.sort();
     want.sort();
     assert_eq!(got, want);
-    let all: Vec<String> = e["all_special_tokens"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
+    let all: Vec<String> =
+        e["all_special_tokens"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
     assert_eq!(t.all_special_tokens(), all);
     assert_eq!(t.all_special_ids(), ids(&e["all_special_ids"]));
-    let extra: Vec<String> = e["extra_special_tokens"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
+    let extra: Vec<String> =
+        e["extra_special_tokens"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
     assert_eq!(t.extra_special_tokens(), extra.as_slice());
     assert_eq!(t.extra_special_tokens_ids(), ids(&e["extra_special_tokens_ids"]));
     assert_eq!(t.bos_token_id(), Some(e["bos_token_id"].as_u64().unwrap() as u32));
@@ -96,8 +99,10 @@ fn encode_matches_transformers() {
         let text = c["text"].as_str().unwrap();
         let add = c["add_special_tokens"].as_bool().unwrap();
         assert_eq!(t.encode(text, add).unwrap(), ids(&c["ids"]), "encode({text:?}, add_special_tokens={add})");
-        let tokens: Vec<String> = c["tokens"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
-        let got: Vec<String> = t.convert_ids_to_tokens(&ids(&c["ids"]), false).into_iter().map(|x| x.unwrap()).collect();
+        let tokens: Vec<String> =
+            c["tokens"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
+        let got: Vec<String> =
+            t.convert_ids_to_tokens(&ids(&c["ids"]), false).into_iter().map(|x| x.unwrap()).collect();
         assert_eq!(got, tokens, "tokens of {text:?}");
         if !add {
             assert_eq!(t.tokenize(text).unwrap(), tokens, "tokenize({text:?})");
@@ -130,11 +135,16 @@ fn token_id_conversions_match() {
     let t = tok();
     for c in expected()["convert_tokens_to_ids"].as_array().unwrap() {
         let token = c["token"].as_str().unwrap();
-        assert_eq!(t.convert_tokens_to_ids(token), c["id"].as_u64().map(|x| x as u32), "convert_tokens_to_ids({token:?})");
+        assert_eq!(
+            t.convert_tokens_to_ids(token),
+            c["id"].as_u64().map(|x| x as u32),
+            "convert_tokens_to_ids({token:?})"
+        );
     }
     for c in expected()["convert_ids_to_tokens"].as_array().unwrap() {
         let skip = c["skip_special_tokens"].as_bool().unwrap();
-        let want: Vec<Option<String>> = c["tokens"].as_array().unwrap().iter().map(|x| x.as_str().map(str::to_string)).collect();
+        let want: Vec<Option<String>> =
+            c["tokens"].as_array().unwrap().iter().map(|x| x.as_str().map(str::to_string)).collect();
         assert_eq!(t.convert_ids_to_tokens(&ids(&c["ids"]), skip), want, "skip_special_tokens={skip}");
     }
     let oor = &expected()["convert_id_out_of_range"];
@@ -199,8 +209,10 @@ fn messages_of(case_index: usize, section: &str) -> TemplateValue {
 #[test]
 fn chat_templates_render_like_transformers() {
     let t = tok();
-    let tokenizer_smolvlm = ChatTemplates::for_tokenizer(&root().join("smolvlm")).unwrap().unwrap().compile(None, false).unwrap();
-    let processor_smolvlm = ChatTemplates::for_processor(&root().join("template_json")).unwrap().unwrap().compile(None, false).unwrap();
+    let tokenizer_smolvlm =
+        ChatTemplates::for_tokenizer(&root().join("smolvlm")).unwrap().unwrap().compile(None, false).unwrap();
+    let processor_smolvlm =
+        ChatTemplates::for_processor(&root().join("template_json")).unwrap().unwrap().compile(None, false).unwrap();
     let templates = &expected()["templates"];
     for (i, c) in expected()["template_render"].as_array().unwrap().iter().enumerate() {
         let is_processor = c["source"] == "processor";
@@ -221,7 +233,8 @@ fn chat_templates_render_like_transformers() {
             ..Default::default()
         };
         let got = template.render_value(&messages_of(i, "template_render"), &opts);
-        let label = format!("case {} ({}, add_generation_prompt={})", c["case"], c["source"], opts.add_generation_prompt);
+        let label =
+            format!("case {} ({}, add_generation_prompt={})", c["case"], c["source"], opts.add_generation_prompt);
         match c["rendered"].as_str() {
             Some(want) => assert_eq!(got.unwrap(), want, "{label}"),
             None => assert!(got.is_err(), "{label}: transformers raised {}", c["error"]),
@@ -249,7 +262,10 @@ fn continue_final_message_leaves_the_last_turn_open() {
         {"role": "assistant", "content": [{"type": "text", "text": "Hello, I am"}]}
     ]);
     let opts = RenderOptions { continue_final_message: Some("content".into()), ..Default::default() };
-    assert_eq!(template.render(&messages, &opts).unwrap(), "<|im_start|>User: Hi<end_of_utterance>\nAssistant: Hello, I am");
+    assert_eq!(
+        template.render(&messages, &opts).unwrap(),
+        "<|im_start|>User: Hi<end_of_utterance>\nAssistant: Hello, I am"
+    );
     let both = RenderOptions { add_generation_prompt: true, ..opts };
     assert!(matches!(template.render(&messages, &both), Err(Error::Data(DataError::Invalid(_)))));
 }
@@ -286,7 +302,9 @@ fn template_sources_follow_transformers_precedence() {
     assert_eq!(sources.len(), 6);
     for (folder, want) in sources {
         let dir = root().join(folder);
-        for (kind, got) in [("tokenizer", ChatTemplates::for_tokenizer(&dir)), ("processor", ChatTemplates::for_processor(&dir))] {
+        for (kind, got) in
+            [("tokenizer", ChatTemplates::for_tokenizer(&dir)), ("processor", ChatTemplates::for_processor(&dir))]
+        {
             let want = &want[kind];
             let label = format!("{folder}: {kind}");
             match want {
@@ -415,7 +433,9 @@ fn bad_messages_and_templates_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("tokenizer_config.json"), "{\"chat_template\": 5}").unwrap();
     match ChatTemplates::for_tokenizer(dir.path()) {
-        Err(Error::Data(DataError::Template(msg))) => assert!(msg.contains("tokenizer_config.json") && msg.contains("chat_template"), "{msg}"),
+        Err(Error::Data(DataError::Template(msg))) => {
+            assert!(msg.contains("tokenizer_config.json") && msg.contains("chat_template"), "{msg}")
+        }
         other => panic!("expected an error, got {other:?}"),
     }
     std::fs::write(dir.path().join("chat_template.json"), "{\"template\": \"x\"}").unwrap();

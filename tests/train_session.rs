@@ -15,9 +15,21 @@ fn session() -> TrainSession {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/idefics3_gqa/checkpoint");
     let mut m = VlmModel::from_dir(&dir, DType::F32, &Device::Cpu).unwrap();
     let targets = m.linears().into_iter().map(|(n, _)| n).filter(|n| n.contains("text_model")).collect();
-    let spec = LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, use_dora: false, use_rslora: false, init: LoraInit::Default, seed: 1 };
+    let spec = LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        use_dora: false,
+        use_rslora: false,
+        init: LoraInit::Default,
+        seed: 1,
+    };
     attach(&mut m, &AdapterPlan { lora_targets: targets, spec, modules_to_save: vec![] }).unwrap();
-    let cfg = SessionConfig { adam: AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() }, no_decay: vec![], feature_cache_bytes: 0 };
+    let cfg = SessionConfig {
+        adam: AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() },
+        no_decay: vec![],
+        feature_cache_bytes: 0,
+    };
     TrainSession::new(Arc::new(m), &cfg).unwrap()
 }
 

@@ -59,7 +59,12 @@ fn looks_like_repo_id(s: &str) -> bool {
 /// Resolves a local directory or a cached hub id whose folder holds `marker` (`config.json` for a
 /// model, `tokenizer_config.json` for a tokenizer, ...). `NotFound` for a path that is not such a
 /// dir, `NotCached` for a hub id missing from the cache (the caller may then download it).
-pub fn resolve_dir(id_or_path: &str, revision: Option<&str>, cache: &HubCache, marker: &str) -> Result<PathBuf, CheckpointError> {
+pub fn resolve_dir(
+    id_or_path: &str,
+    revision: Option<&str>,
+    cache: &HubCache,
+    marker: &str,
+) -> Result<PathBuf, CheckpointError> {
     let p = Path::new(id_or_path);
     if p.is_dir() {
         if !p.join(marker).is_file() {
@@ -68,7 +73,10 @@ pub fn resolve_dir(id_or_path: &str, revision: Option<&str>, cache: &HubCache, m
         return Ok(p.to_path_buf());
     }
     if p.exists() {
-        return Err(CheckpointError::NotFound { path: p.to_path_buf(), hint: " (expected a directory or a hub id)".into() });
+        return Err(CheckpointError::NotFound {
+            path: p.to_path_buf(),
+            hint: " (expected a directory or a hub id)".into(),
+        });
     }
     if looks_like_repo_id(id_or_path) {
         if let Some(snap) = cache.snapshot(id_or_path, revision.unwrap_or("main"), marker) {
@@ -80,7 +88,11 @@ pub fn resolve_dir(id_or_path: &str, revision: Option<&str>, cache: &HubCache, m
 }
 
 /// [`resolve_dir`] for a model checkpoint (`config.json`).
-pub fn resolve_model_dir(id_or_path: &str, revision: Option<&str>, cache: &HubCache) -> Result<PathBuf, CheckpointError> {
+pub fn resolve_model_dir(
+    id_or_path: &str,
+    revision: Option<&str>,
+    cache: &HubCache,
+) -> Result<PathBuf, CheckpointError> {
     resolve_dir(id_or_path, revision, cache, "config.json")
 }
 

@@ -15,12 +15,18 @@ pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), Che
     let io = |msg: String| CheckpointError::Io { file: path.to_path_buf(), msg };
     let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let v: Vec<f32> = t.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1()).map_err(|e| io(e.to_string()))?;
+        let v: Vec<f32> = t
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .map_err(|e| io(e.to_string()))?;
         owned.push((name.clone(), t.dims().to_vec(), v.iter().flat_map(|x| x.to_le_bytes()).collect()));
     }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
         .iter()
-        .map(|(n, s, b)| safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)))
+        .map(|(n, s, b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).map(|v| (n.clone(), v))
+        })
         .collect::<Result<_, _>>()
         .map_err(|e| io(e.to_string()))?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);

@@ -61,10 +61,7 @@ impl WeightStore {
             let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
             return Self::open_files(&paths);
         }
-        Err(CheckpointError::NotFound {
-            path: single,
-            hint: " (nor model.safetensors.index.json)".into(),
-        })
+        Err(CheckpointError::NotFound { path: single, hint: " (nor model.safetensors.index.json)".into() })
     }
 
     /// Maps the given files and reads their headers.
@@ -78,7 +75,8 @@ impl WeightStore {
             })?;
             // SAFETY: the mapping is read-only; a checkpoint rewritten while we read it is outside our contract
             // (the same as safetensors' and transformers' own loaders).
-            let mmap = unsafe { Mmap::map(&f) }.map_err(|e| CheckpointError::Io { file: path.clone(), msg: e.to_string() })?;
+            let mmap =
+                unsafe { Mmap::map(&f) }.map_err(|e| CheckpointError::Io { file: path.clone(), msg: e.to_string() })?;
             // Validates the header and that every tensor lies inside the file.
             let st = SafeTensors::deserialize(&mmap)
                 .map_err(|e| CheckpointError::Corrupt { file: path.clone(), msg: e.to_string() })?;
@@ -88,7 +86,13 @@ impl WeightStore {
                 let start = data.as_ptr() as usize - mmap.as_ptr() as usize;
                 entries.insert(
                     name,
-                    Entry { file: i, dtype: view.dtype(), shape: view.shape().to_vec(), start, end: start + data.len() },
+                    Entry {
+                        file: i,
+                        dtype: view.dtype(),
+                        shape: view.shape().to_vec(),
+                        start,
+                        end: start + data.len(),
+                    },
                 );
             }
             files.push((path.clone(), mmap));
@@ -121,25 +125,45 @@ impl WeightStore {
 
     /// The stored bytes of `name` with its safetensors dtype and shape (quantized weights, byte blobs).
     pub fn raw(&self, name: &str) -> Result<RawTensor<'_>, CheckpointError> {
-        let e = self.entries.get(name).ok_or_else(|| CheckpointError::MissingTensor { name: name.to_string(), files: self.file_list() })?;
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| CheckpointError::MissingTensor { name: name.to_string(), files: self.file_list() })?;
         let (path, mmap) = &self.files[e.file];
         Ok((e.dtype, e.shape.clone(), &mmap[e.start..e.end], path.as_path()))
     }
 
     /// Loads `name`, checking it has `shape`, converted to `dtype` on `device`.
     pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor, CheckpointError> {
-        let e = self.entries.get(name).ok_or_else(|| CheckpointError::MissingTensor { name: name.to_string(), files: self.file_list() })?;
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| CheckpointError::MissingTensor { name: name.to_string(), files: self.file_list() })?;
         let (path, mmap) = &self.files[e.file];
         if e.shape != shape {
-            return Err(CheckpointError::BadShape { name: name.into(), file: path.clone(), expected: shape.to_vec(), found: e.shape.clone() });
+            return Err(CheckpointError::BadShape {
+                name: name.into(),
+                file: path.clone(),
+                expected: shape.to_vec(),
+                found: e.shape.clone(),
+            });
         }
         let bytes = &mmap[e.start..e.end];
-        let bad_dtype = || CheckpointError::BadDtype { name: name.into(), file: path.clone(), dtype: format!("{:?}", e.dtype) };
+        let bad_dtype =
+            || CheckpointError::BadDtype { name: name.into(), file: path.clone(), dtype: format!("{:?}", e.dtype) };
         let t = match dtype {
             DType::F32 => Tensor::from_vec(decode(bytes, e.dtype, |x| x).ok_or_else(bad_dtype)?, shape, device),
-            DType::BF16 => Tensor::from_vec(decode(bytes, e.dtype, bf16::from_f32).ok_or_else(bad_dtype)?, shape, device),
+            DType::BF16 => {
+                Tensor::from_vec(decode(bytes, e.dtype, bf16::from_f32).ok_or_else(bad_dtype)?, shape, device)
+            }
             DType::F16 => Tensor::from_vec(decode(bytes, e.dtype, f16::from_f32).ok_or_else(bad_dtype)?, shape, device),
-            other => return Err(CheckpointError::BadDtype { name: name.into(), file: path.clone(), dtype: format!("target {other:?}") }),
+            other => {
+                return Err(CheckpointError::BadDtype {
+                    name: name.into(),
+                    file: path.clone(),
+                    dtype: format!("target {other:?}"),
+                })
+            }
         };
         // The decoded copy is what the model keeps: let the kernel drop the mapped pages now, so that
         // loading never holds the file's pages and the weights at once (peak RSS ~ one copy).

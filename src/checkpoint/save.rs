@@ -23,7 +23,13 @@ fn raw(name: String, t: &Tensor, dtype: DType, shape: Vec<usize>) -> Result<RawT
     })
 }
 
-fn linear(out: &mut Vec<RawTensor>, prefix: &str, l: &Linear, dtype: DType, weight_shape: Option<Vec<usize>>) -> Result<()> {
+fn linear(
+    out: &mut Vec<RawTensor>,
+    prefix: &str,
+    l: &Linear,
+    dtype: DType,
+    weight_shape: Option<Vec<usize>>,
+) -> Result<()> {
     match l.quant() {
         Some(q) => out.extend(serialize::write(prefix, q)),
         None => {
@@ -46,7 +52,12 @@ pub fn state_tensors(model: &VlmModel) -> Result<Vec<RawTensor>> {
     let vp = "model.vision_model";
     let (d, c, p) = (v.cfg.hidden_size, v.cfg.num_channels, v.cfg.patch_size);
     linear(&mut out, &format!("{vp}.embeddings.patch_embedding"), &v.patch_embedding, dt, Some(vec![d, c, p, p]))?;
-    out.push(raw(format!("{vp}.embeddings.position_embedding.weight"), &v.position_embedding, dt, v.position_embedding.dims().to_vec())?);
+    out.push(raw(
+        format!("{vp}.embeddings.position_embedding.weight"),
+        &v.position_embedding,
+        dt,
+        v.position_embedding.dims().to_vec(),
+    )?);
     let ln = |out: &mut Vec<RawTensor>, name: String, n: &crate::model::vision::LayerNorm| -> Result<()> {
         out.push(raw(format!("{name}.weight"), &n.weight, dt, n.weight.dims().to_vec())?);
         out.push(raw(format!("{name}.bias"), &n.bias, dt, n.bias.dims().to_vec())?);
@@ -63,8 +74,18 @@ pub fn state_tensors(model: &VlmModel) -> Result<Vec<RawTensor>> {
     out.push(raw(format!("{tp}.embed_tokens.weight"), &t.embed_tokens, dt, t.embed_tokens.dims().to_vec())?);
     for (i, l) in t.layers.iter().enumerate() {
         let lp = format!("{tp}.layers.{i}");
-        out.push(raw(format!("{lp}.input_layernorm.weight"), &l.input_layernorm, dt, l.input_layernorm.dims().to_vec())?);
-        out.push(raw(format!("{lp}.post_attention_layernorm.weight"), &l.post_attention_layernorm, dt, l.post_attention_layernorm.dims().to_vec())?);
+        out.push(raw(
+            format!("{lp}.input_layernorm.weight"),
+            &l.input_layernorm,
+            dt,
+            l.input_layernorm.dims().to_vec(),
+        )?);
+        out.push(raw(
+            format!("{lp}.post_attention_layernorm.weight"),
+            &l.post_attention_layernorm,
+            dt,
+            l.post_attention_layernorm.dims().to_vec(),
+        )?);
     }
     out.push(raw(format!("{tp}.norm.weight"), &t.norm, dt, t.norm.dims().to_vec())?);
     for (name, lin) in model.linears() {

@@ -113,7 +113,12 @@ impl ChatTemplate {
         let rewritten = rewrite_generation_tags(&source);
         // The template engine is third-party code: a panic on a hostile template becomes an error.
         catch_unwind(AssertUnwindSafe(|| env.add_template_owned(TEMPLATE_NAME, rewritten)))
-            .map_err(|p| template_err(format!("{origin}: cannot compile the chat template: the template engine crashed ({})", panic_text(&p))))?
+            .map_err(|p| {
+                template_err(format!(
+                    "{origin}: cannot compile the chat template: the template engine crashed ({})",
+                    panic_text(&p)
+                ))
+            })?
             .map_err(|e| template_err(format!("{origin}: cannot compile the chat template: {}", describe(&e))))?;
         Ok(ChatTemplate { source, origin, env })
     }
@@ -165,7 +170,11 @@ impl ChatTemplate {
             .map_err(|e| template_err(format!("{}: {}", self.origin, describe(&e))))?;
         let rendered = catch_unwind(AssertUnwindSafe(|| template.render(&ctx)))
             .map_err(|p| {
-                template_err(format!("{}: rendering the chat template failed: the template engine crashed ({})", self.origin, panic_text(&p)))
+                template_err(format!(
+                    "{}: rendering the chat template failed: the template engine crashed ({})",
+                    self.origin,
+                    panic_text(&p)
+                ))
             })?
             .map_err(|e| self.render_error(&e))?;
         match continued {
@@ -231,10 +240,9 @@ impl ChatTemplate {
             }
             return Err(invalid("continue_final_message is set but there is no text to continue in the final message"));
         }
-        let original = final_message
-            .as_str()
-            .map(str::to_string)
-            .ok_or_else(|| invalid(format!("continue_final_message: the final message's \"{field}\" is not a string")))?;
+        let original = final_message.as_str().map(str::to_string).ok_or_else(|| {
+            invalid(format!("continue_final_message: the final message's \"{field}\" is not a string"))
+        })?;
         for (k, v) in last.iter_mut() {
             if fields.contains(k) {
                 *v = TemplateValue::Str(format!("{original}{CONTINUE_TAG}"));
@@ -285,7 +293,8 @@ fn prepare_messages(messages: &TemplateValue, normalize_image_urls: bool, origin
         };
         let mut entries: Vec<(String, TemplateValue)> =
             entries.iter().filter(|(_, v)| *v != TemplateValue::Null).cloned().collect();
-        let reasoning = REASONING_FIELDS.iter().find_map(|f| entries.iter().find(|(k, _)| k == f).map(|(_, v)| v.clone()));
+        let reasoning =
+            REASONING_FIELDS.iter().find_map(|f| entries.iter().find(|(k, _)| k == f).map(|(_, v)| v.clone()));
         if let Some(r) = reasoning {
             let mut aliased = vec![("thinking".to_string(), r.clone())];
             for (k, v) in entries {
@@ -307,7 +316,9 @@ fn prepare_messages(messages: &TemplateValue, normalize_image_urls: bool, origin
                         if block.get("type").and_then(TemplateValue::as_str) == Some("image_url") {
                             if let Some(info) = block.get("image_url") {
                                 let url = match info {
-                                    TemplateValue::Map(_) => info.get("url").cloned().unwrap_or(TemplateValue::Str(String::new())),
+                                    TemplateValue::Map(_) => {
+                                        info.get("url").cloned().unwrap_or(TemplateValue::Str(String::new()))
+                                    }
                                     other => other.clone(),
                                 };
                                 *block = TemplateValue::Map(vec![("type".into(), "image".into()), ("url".into(), url)]);
@@ -419,7 +430,9 @@ fn tojson_filter(
                 }
                 opts.indent = Some(" ".repeat(n));
             }
-            "indent" => opts.indent = Some(v.as_str().ok_or_else(|| bad("indent must be an int or a string".into()))?.into()),
+            "indent" => {
+                opts.indent = Some(v.as_str().ok_or_else(|| bad("indent must be an int or a string".into()))?.into())
+            }
             _ if v.is_none() => {}
             _ => {
                 let parts: Vec<String> = v
@@ -458,7 +471,8 @@ mod tests {
 
     #[test]
     fn python_printing_and_methods() {
-        let t = ChatTemplate::new("{{ none }}|{{ true }}|{{ [1, 'a', none] }}|{{ 'x y'.split() }}|{{ ' s '.strip() }}").unwrap();
+        let t = ChatTemplate::new("{{ none }}|{{ true }}|{{ [1, 'a', none] }}|{{ 'x y'.split() }}|{{ ' s '.strip() }}")
+            .unwrap();
         let out = t.render(&serde_json::json!([{"role": "user", "content": "x"}]), &RenderOptions::default()).unwrap();
         assert_eq!(out, "None|True|[1, 'a', None]|['x', 'y']|s");
     }
@@ -470,14 +484,19 @@ mod tests {
              {{ messages|reverse|map(attribute='role')|join }}{{ messages[1] }}{{ messages[1:]|length }}",
         )
         .unwrap();
-        let msgs = TemplateValue::from_json_str(r#"[{"role": "a", "content": []}, {"role": "b", "z": 1, "content": [null]}]"#).unwrap();
+        let msgs =
+            TemplateValue::from_json_str(r#"[{"role": "a", "content": []}, {"role": "b", "z": 1, "content": [null]}]"#)
+                .unwrap();
         let out = t.render_value(&msgs, &RenderOptions::default()).unwrap();
         assert_eq!(out, "n0bba{'role': 'b', 'z': 1, 'content': [None]}1");
     }
 
     #[test]
     fn loops_controls_and_no_includes() {
-        let t = ChatTemplate::new("{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.role }}{% endfor %}").unwrap();
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.role }}{% endfor %}",
+        )
+        .unwrap();
         let msgs = serde_json::json!([{"role": "a", "content": ""}, {"role": "b", "content": ""}]);
         assert_eq!(t.render(&msgs, &RenderOptions::default()).unwrap(), "a");
         let t = ChatTemplate::new("{% include 'x.jinja' %}").unwrap();

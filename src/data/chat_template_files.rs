@@ -52,12 +52,17 @@ fn templates_from_field(value: &TemplateValue, file: &Path) -> Result<Vec<(Strin
         TemplateValue::List(items) => items
             .iter()
             .enumerate()
-            .map(|(i, item)| match (item.get("name").and_then(TemplateValue::as_str), item.get("template").and_then(TemplateValue::as_str)) {
-                (Some(n), Some(t)) => Ok((n.to_string(), t.to_string())),
-                _ => Err(template_err(format!(
-                    "{}: chat_template[{i}] must be an object with string \"name\" and \"template\"",
-                    file.display()
-                ))),
+            .map(|(i, item)| {
+                match (
+                    item.get("name").and_then(TemplateValue::as_str),
+                    item.get("template").and_then(TemplateValue::as_str),
+                ) {
+                    (Some(n), Some(t)) => Ok((n.to_string(), t.to_string())),
+                    _ => Err(template_err(format!(
+                        "{}: chat_template[{i}] must be an object with string \"name\" and \"template\"",
+                        file.display()
+                    ))),
+                }
             })
             .collect(),
         other => Err(template_err(format!(
@@ -140,7 +145,11 @@ impl ChatTemplates {
         let names = || self.templates.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", ");
         match name {
             Some(n) => find(n).ok_or_else(|| {
-                template_err(format!("{}: no chat template named \"{n}\" (available: {})", self.origin.display(), names()))
+                template_err(format!(
+                    "{}: no chat template named \"{n}\" (available: {})",
+                    self.origin.display(),
+                    names()
+                ))
             }),
             None => {
                 let tool = if with_tools { find("tool_use") } else { None };

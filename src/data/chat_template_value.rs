@@ -75,7 +75,9 @@ impl TemplateValue {
             TemplateValue::Int(i) => Value::from(*i),
             TemplateValue::Float(f) => Value::from(*f),
             TemplateValue::Str(s) => Value::from(s.as_str()),
-            TemplateValue::List(items) => Value::from_object(PyList { items: items.iter().map(|v| v.to_value()).collect() }),
+            TemplateValue::List(items) => {
+                Value::from_object(PyList { items: items.iter().map(|v| v.to_value()).collect() })
+            }
             TemplateValue::Map(entries) => Value::from_object(PyDict {
                 entries: entries.iter().map(|(k, v)| (Value::from(k.as_str()), v.to_value())).collect(),
             }),
@@ -302,7 +304,13 @@ fn number_text(v: &Value, json: bool) -> String {
     }
     let f = f64::try_from(v.clone()).unwrap_or(f64::NAN);
     if json && !f.is_finite() {
-        return if f.is_nan() { "NaN".into() } else if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if f.is_nan() {
+            "NaN".into()
+        } else if f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     py_float_repr(f)
 }
@@ -332,7 +340,13 @@ pub fn py_str(v: &Value) -> String {
     match v.kind() {
         ValueKind::Undefined => String::new(),
         ValueKind::None => "None".into(),
-        ValueKind::Bool => if v.is_true() { "True".into() } else { "False".into() },
+        ValueKind::Bool => {
+            if v.is_true() {
+                "True".into()
+            } else {
+                "False".into()
+            }
+        }
         ValueKind::Number => number_text(v, false),
         ValueKind::String => v.as_str().unwrap_or_default().to_string(),
         ValueKind::Seq | ValueKind::Iterable => match v.try_iter() {
@@ -480,7 +494,17 @@ pub fn json_dumps(v: &Value, options: &JsonOptions) -> Result<String, String> {
 
 const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
 const MONTHS: [&str; 12] = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
     "December",
 ];
 
@@ -577,11 +601,17 @@ mod tests {
     fn ordered_parse_and_dumps() {
         let v = TemplateValue::from_json_str(r#"{"b": 1, "a": [1.0, "é\n", null, true], "c": {}}"#).unwrap();
         let val = v.to_value();
-        assert_eq!(json_dumps(&val, &JsonOptions::default()).unwrap(), r#"{"b": 1, "a": [1.0, "é\n", null, true], "c": {}}"#);
+        assert_eq!(
+            json_dumps(&val, &JsonOptions::default()).unwrap(),
+            r#"{"b": 1, "a": [1.0, "é\n", null, true], "c": {}}"#
+        );
         let o = JsonOptions { ensure_ascii: true, sort_keys: true, ..Default::default() };
         assert_eq!(json_dumps(&val, &o).unwrap(), r#"{"a": [1.0, "\u00e9\n", null, true], "b": 1, "c": {}}"#);
         let o = JsonOptions { indent: Some("  ".into()), ..Default::default() };
-        assert_eq!(json_dumps(&val, &o).unwrap(), "{\n  \"b\": 1,\n  \"a\": [\n    1.0,\n    \"é\\n\",\n    null,\n    true\n  ],\n  \"c\": {}\n}");
+        assert_eq!(
+            json_dumps(&val, &o).unwrap(),
+            "{\n  \"b\": 1,\n  \"a\": [\n    1.0,\n    \"é\\n\",\n    null,\n    true\n  ],\n  \"c\": {}\n}"
+        );
         assert_eq!(py_str(&val), "{'b': 1, 'a': [1.0, 'é\\n', None, True], 'c': {}}");
         let emoji = Value::from("🚀");
         let o = JsonOptions { ensure_ascii: true, ..Default::default() };
@@ -593,7 +623,10 @@ mod tests {
         // 2024-02-29 13:05:09 UTC, a Thursday.
         let t = 1_709_211_909;
         assert_eq!(strftime_utc("%Y-%m-%d %H:%M:%S", t), "2024-02-29 13:05:09");
-        assert_eq!(strftime_utc("%d %B %Y, %A %a %b %-d %I%p %j %%", t), "29 February 2024, Thursday Thu Feb 29 01PM 060 %");
+        assert_eq!(
+            strftime_utc("%d %B %Y, %A %a %b %-d %I%p %j %%", t),
+            "29 February 2024, Thursday Thu Feb 29 01PM 060 %"
+        );
         assert_eq!(strftime_utc("%F %T %q", 0), "1970-01-01 00:00:00 %q");
     }
 }

@@ -179,9 +179,8 @@ impl RawImage {
             bytes
         };
         let palette = if mode.is_palette() {
-            let pal = palette.ok_or_else(|| {
-                img_err(format!("mode {} image of {width}x{height} has no palette", mode.as_str()))
-            })?;
+            let pal = palette
+                .ok_or_else(|| img_err(format!("mode {} image of {width}x{height} has no palette", mode.as_str())))?;
             Some(normalize_palette(&pal, palette_mode.unwrap_or("RGB"))?)
         } else {
             None
@@ -252,7 +251,9 @@ impl RawImage {
         let t = self.transparency.as_ref();
         let key = |v: u8| matches!(t, Some(Transparency::Value(k)) if *k == v as i64);
         let data = match self.mode {
-            PilMode::One | PilMode::L => map_px::<1>(&self.data, |p| over_white([p[0]; 3], if key(p[0]) { 0 } else { 255 })),
+            PilMode::One | PilMode::L => {
+                map_px::<1>(&self.data, |p| over_white([p[0]; 3], if key(p[0]) { 0 } else { 255 }))
+            }
             PilMode::I16 | PilMode::I16B => {
                 let big = self.mode == PilMode::I16B;
                 map_px::<2>(&self.data, |p| {
@@ -347,10 +348,7 @@ fn normalize_palette(pal: &[u8], palette_mode: &str) -> Result<Vec<u8>> {
         other => return Err(img_err(format!("unsupported palette mode '{other}' (expected RGB or RGBA)"))),
     };
     if !pal.len().is_multiple_of(n) || pal.len() / n > 256 {
-        return Err(img_err(format!(
-            "palette of {} bytes is not at most 256 {palette_mode} entries",
-            pal.len()
-        )));
+        return Err(img_err(format!("palette of {} bytes is not at most 256 {palette_mode} entries", pal.len())));
     }
     Ok(pal.chunks_exact(n).flat_map(|e| [e[0], e[1], e[2], if n == 4 { e[3] } else { 255 }]).collect())
 }
@@ -428,7 +426,8 @@ mod tests {
     #[test]
     fn palette_rules() {
         // PIL: palette [10,20,30, 40,50,60]; indices beyond the palette are black.
-        let mut img = RawImage::from_pil("P", 4, 1, vec![0, 1, 5, 200], Some(vec![10, 20, 30, 40, 50, 60]), None).unwrap();
+        let mut img =
+            RawImage::from_pil("P", 4, 1, vec![0, 1, 5, 200], Some(vec![10, 20, 30, 40, 50, 60]), None).unwrap();
         assert_eq!(img.to_rgb().unwrap().data, [10, 20, 30, 40, 50, 60, 0, 0, 0, 0, 0, 0]);
         img.transparency = Some(Transparency::Value(1));
         assert_eq!(img.to_rgb().unwrap().data, [10, 20, 30, 255, 255, 255, 0, 0, 0, 0, 0, 0]);

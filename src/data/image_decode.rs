@@ -62,9 +62,8 @@ fn decode_inner(bytes: &[u8], limit: u64) -> std::result::Result<RawImage, Strin
     if bytes.is_empty() {
         return Err("empty input (0 bytes), not an image".into());
     }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| format!("cannot read: {e}"))?;
+    let mut reader =
+        ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| format!("cannot read: {e}"))?;
     let Some(format) = reader.format() else {
         let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
         return Err(format!(
@@ -76,9 +75,8 @@ fn decode_inner(bytes: &[u8], limit: u64) -> std::result::Result<RawImage, Strin
     let mut limits = Limits::default();
     limits.max_alloc = Some(limit.saturating_mul(16).saturating_add(1 << 30));
     reader.limits(limits);
-    let mut decoder = reader
-        .into_decoder()
-        .map_err(|e| format!("cannot read the {format:?} header (corrupt or truncated?): {e}"))?;
+    let mut decoder =
+        reader.into_decoder().map_err(|e| format!("cannot read the {format:?} header (corrupt or truncated?): {e}"))?;
     let (w, h) = decoder.dimensions();
     if w == 0 || h == 0 {
         return Err(format!("{format:?} image is empty ({w}x{h})"));

@@ -69,7 +69,6 @@ impl Coeffs {
     fn taps(&self, i: usize) -> (usize, &[i32]) {
         (self.start[i], &self.k[i * self.stride..i * self.stride + self.len[i]])
     }
-
 }
 
 #[inline(always)]
@@ -265,14 +264,14 @@ pub(crate) fn vertical(src: ImageView<'_>, co: &Coeffs, offset: usize) -> Vec<u8
     out
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn kernels_agree_and_transpose_round_trips() {
-        let rows_data: Vec<Vec<u8>> = (0..5).map(|r| (0..37).map(|i| ((i * 91 + r * 17) % 256) as u8).collect()).collect();
+        let rows_data: Vec<Vec<u8>> =
+            (0..5).map(|r| (0..37).map(|i| ((i * 91 + r * 17) % 256) as u8).collect()).collect();
         let rows: Vec<&[u8]> = rows_data.iter().map(Vec::as_slice).collect();
         let k = [-300_000, 1_500_000, 3_000_000, 1_500_000, -200_000];
         let (mut a, mut b) = (vec![0u8; 37], vec![0u8; 37]);
@@ -284,5 +283,4 @@ mod tests {
         assert_eq!(&t[3..6], &x[21..24]); // (x=0, y=1)
         assert_eq!(transpose(&t, 7, 5, 3), x);
     }
-
 }

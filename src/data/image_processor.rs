@@ -333,7 +333,15 @@ mod tests {
         assert_eq!(c.size, ResizeTarget::LongestEdge(2048));
         assert_eq!((c.max_image_size, c.resample), (512, Filter::Bicubic));
         assert_eq!(ImageProcessorConfig::from_json(&c.to_json()).unwrap(), c);
-        for bad in [json!({"size": "5"}), json!({"size": [5]}), json!({"size": {"foo": 5}}), json!({"do_pad": "yes"}), json!({"resample": 9}), json!({"max_image_size": {}}), json!([])] {
+        for bad in [
+            json!({"size": "5"}),
+            json!({"size": [5]}),
+            json!({"size": {"foo": 5}}),
+            json!({"do_pad": "yes"}),
+            json!({"resample": 9}),
+            json!({"max_image_size": {}}),
+            json!([]),
+        ] {
             assert!(ImageProcessorConfig::from_json(&bad).is_err(), "{bad}");
         }
     }
@@ -344,7 +352,10 @@ mod tests {
         let exact = |height, width| ResizeTarget::Exact { height, width };
         assert_eq!(size(json!({"size": [384, 320]})).unwrap(), exact(384, 320)); // (height, width)
         assert_eq!(size(json!({"size": 50})).unwrap(), exact(50, 50));
-        assert_eq!(size(json!({"size": {"shortest_edge": 9, "longest_edge": 20}})).unwrap(), ResizeTarget::LongestEdge(20));
+        assert_eq!(
+            size(json!({"size": {"shortest_edge": 9, "longest_edge": 20}})).unwrap(),
+            ResizeTarget::LongestEdge(20)
+        );
         // Valid for transformers but not usable by Idefics3's resize: fine unless it resizes.
         for s in [json!({"shortest_edge": 9}), json!({"max_height": 9, "max_width": 9})] {
             assert!(size(json!({"size": s.clone()})).is_err(), "{s}");

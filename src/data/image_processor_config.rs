@@ -128,14 +128,18 @@ fn parse_size(v: Option<&Value>, default_to_square: bool) -> Result<Option<std::
             if let Some(l) = truthy("longest_edge") {
                 Ok(Some(Ok(ResizeTarget::LongestEdge(as_count(l, "size.longest_edge")?))))
             } else if let (Some(h), Some(w)) = (truthy("height"), truthy("width")) {
-                Ok(Some(Ok(ResizeTarget::Exact { height: as_count(h, "size.height")?, width: as_count(w, "size.width")? })))
+                Ok(Some(Ok(ResizeTarget::Exact {
+                    height: as_count(h, "size.height")?,
+                    width: as_count(w, "size.width")?,
+                })))
             } else {
                 unusable(v)
             }
         }
-        Value::Array(a) if a.len() >= 2 => {
-            Ok(Some(Ok(ResizeTarget::Exact { height: as_count(&a[0], "size[0]")?, width: as_count(&a[1], "size[1]")? })))
-        }
+        Value::Array(a) if a.len() >= 2 => Ok(Some(Ok(ResizeTarget::Exact {
+            height: as_count(&a[0], "size[0]")?,
+            width: as_count(&a[1], "size[1]")?,
+        }))),
         Value::Number(n) if n.is_i64() || n.is_u64() => {
             let n = as_count(v, "size")?;
             if default_to_square {
@@ -144,7 +148,9 @@ fn parse_size(v: Option<&Value>, default_to_square: bool) -> Result<Option<std::
                 unusable(&json!({ "shortest_edge": n }))
             }
         }
-        _ => Err(cfg_err(format!("'size' must be a dict like {{\"longest_edge\": 2048}}, a (height, width) pair or an int, got {v}"))),
+        _ => Err(cfg_err(format!(
+            "'size' must be a dict like {{\"longest_edge\": 2048}}, a (height, width) pair or an int, got {v}"
+        ))),
     }
 }
 
@@ -175,7 +181,11 @@ impl ImageProcessorConfig {
                 Some(l) => as_count(l, "max_image_size.longest_edge")?,
                 None => return Err(cfg_err("'max_image_size' needs 'longest_edge'".into())),
             },
-            Some(v) => return Err(cfg_err(format!("'max_image_size' must be an object like {{\"longest_edge\": 512}}, got {v}"))),
+            Some(v) => {
+                return Err(cfg_err(format!(
+                    "'max_image_size' must be an object like {{\"longest_edge\": 512}}, got {v}"
+                )))
+            }
         };
         let resample = match get(obj, "resample") {
             None => d.resample,
@@ -233,7 +243,10 @@ impl ImageProcessorConfig {
             ResizeTarget::Exact { height, width } => height == 0 || width == 0,
         };
         if zero || self.max_image_size == 0 {
-            return Err(cfg_err(format!("sizes must be positive (size {:?}, max_image_size {})", self.size, self.max_image_size)));
+            return Err(cfg_err(format!(
+                "sizes must be positive (size {:?}, max_image_size {})",
+                self.size, self.max_image_size
+            )));
         }
         if self.do_normalize {
             for (name, v) in [("image_mean", &self.image_mean), ("image_std", &self.image_std)] {
@@ -261,4 +274,3 @@ impl ImageProcessorConfig {
         t
     }
 }
-

@@ -16,7 +16,11 @@ pub struct ImageTokens {
 
 impl Default for ImageTokens {
     fn default() -> Self {
-        ImageTokens { image: "<image>".into(), fake_around: "<fake_token_around_image>".into(), global: "<global-img>".into() }
+        ImageTokens {
+            image: "<image>".into(),
+            fake_around: "<fake_token_around_image>".into(),
+            global: "<global-img>".into(),
+        }
     }
 }
 
@@ -60,9 +64,16 @@ impl ImageTokens {
 
     /// Expands every placeholder of each sample with its image's (rows, cols), in order.
     /// `grids[i]` lists the images of sample i; counts must match the placeholders.
-    pub fn expand_batch(&self, texts: &[String], grids: &[Vec<(usize, usize)>], image_seq_len: usize) -> Result<Vec<String>> {
+    pub fn expand_batch(
+        &self,
+        texts: &[String],
+        grids: &[Vec<(usize, usize)>],
+        image_seq_len: usize,
+    ) -> Result<Vec<String>> {
         if texts.len() != grids.len() {
-            return Err(DataError::Invalid(format!("{} prompts but images for {} samples", texts.len(), grids.len())).into());
+            return Err(
+                DataError::Invalid(format!("{} prompts but images for {} samples", texts.len(), grids.len())).into()
+            );
         }
         let counts: Vec<usize> = texts.iter().map(|t| self.count(t)).collect();
         let given: Vec<usize> = grids.iter().map(Vec::len).collect();
@@ -100,7 +111,10 @@ mod tests {
     #[test]
     fn unsplit_and_split_layouts() {
         let t = ImageTokens::default();
-        assert_eq!(t.image_string(0, 0, 2), "<fake_token_around_image><global-img><image><image><fake_token_around_image>");
+        assert_eq!(
+            t.image_string(0, 0, 2),
+            "<fake_token_around_image><global-img><image><image><fake_token_around_image>"
+        );
         let s = t.image_string(1, 2, 1);
         assert_eq!(
             s,
@@ -111,7 +125,8 @@ mod tests {
     #[test]
     fn expansion_in_order_and_count_errors_name_the_sample() {
         let t = ImageTokens::default();
-        let out = t.expand_batch(&["a<image>b<image>c".into(), "plain".into()], &[vec![(0, 0), (1, 1)], vec![]], 1).unwrap();
+        let out =
+            t.expand_batch(&["a<image>b<image>c".into(), "plain".into()], &[vec![(0, 0), (1, 1)], vec![]], 1).unwrap();
         assert!(out[0].starts_with("a<fake_token_around_image><global-img><image><fake_token_around_image>b<fake_token_around_image><row_1_col_1>"));
         assert_eq!(out[1], "plain");
         let e = t.expand_batch(&["x".into(), "<image>".into()], &[vec![], vec![]], 1).unwrap_err().to_string();

@@ -100,15 +100,24 @@ impl Tokenizer {
         // a decoder nested deeper than serde_json's recursion limit): an error, not a crash.
         let mut inner = catch_unwind(|| tokenizers::Tokenizer::from_file(&path))
             .map_err(|p| {
-                let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
-                tok_err(format!("{}: cannot load the tokenizer: the file is malformed ({})", path.display(), msg.unwrap_or_default()))
+                let msg =
+                    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+                tok_err(format!(
+                    "{}: cannot load the tokenizer: the file is malformed ({})",
+                    path.display(),
+                    msg.unwrap_or_default()
+                ))
             })?
             .map_err(|e| tok_err(format!("{}: cannot load the tokenizer: {e}", path.display())))?;
         let is_bpe = matches!(inner.get_model(), ModelWrapper::BPE(_));
         let backend = choose_backend(&config, model_type, is_bpe);
         if backend == Backend::Gpt2 {
             inner.with_normalizer(None::<NormalizerWrapper>);
-            inner.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(config.add_prefix_space, true, true))));
+            inner.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+                config.add_prefix_space,
+                true,
+                true,
+            ))));
             inner.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevelDecoder::default())));
         }
         // Padding/truncation stored in tokenizer.json only provide defaults; calls pass their own.
@@ -208,7 +217,12 @@ impl Tokenizer {
 
     /// Text of `ids`. `clean_up_tokenization_spaces: None` uses the config's value; the cleanup
     /// (`" ." -> "."`, `" n't" -> "n't"`, ...) only runs for non-BPE models or when the config forces it.
-    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool, clean_up_tokenization_spaces: Option<bool>) -> Result<String> {
+    pub fn decode(
+        &self,
+        ids: &[u32],
+        skip_special_tokens: bool,
+        clean_up_tokenization_spaces: Option<bool>,
+    ) -> Result<String> {
         let text = self
             .inner
             .decode(ids, skip_special_tokens)
@@ -221,7 +235,12 @@ impl Tokenizer {
     }
 
     /// [`Tokenizer::decode`] for each sequence.
-    pub fn batch_decode<S: AsRef<[u32]>>(&self, batch: &[S], skip_special_tokens: bool, clean_up_tokenization_spaces: Option<bool>) -> Result<Vec<String>> {
+    pub fn batch_decode<S: AsRef<[u32]>>(
+        &self,
+        batch: &[S],
+        skip_special_tokens: bool,
+        clean_up_tokenization_spaces: Option<bool>,
+    ) -> Result<Vec<String>> {
         batch.iter().map(|ids| self.decode(ids.as_ref(), skip_special_tokens, clean_up_tokenization_spaces)).collect()
     }
 
@@ -235,7 +254,8 @@ impl Tokenizer {
     /// ids of [`Tokenizer::all_special_tokens`] are dropped (only those: other special added tokens stay,
     /// unlike in [`Tokenizer::decode`]).
     pub fn convert_ids_to_tokens(&self, ids: &[u32], skip_special_tokens: bool) -> Vec<Option<String>> {
-        let skip: HashSet<u32> = if skip_special_tokens { self.all_special_ids().into_iter().collect() } else { HashSet::new() };
+        let skip: HashSet<u32> =
+            if skip_special_tokens { self.all_special_ids().into_iter().collect() } else { HashSet::new() };
         ids.iter().filter(|id| !skip.contains(id)).map(|&id| self.inner.id_to_token(id)).collect()
     }
 
@@ -394,7 +414,10 @@ mod tests {
 
     #[test]
     fn cleanup_rules() {
-        assert_eq!(clean_up_tokenization("a . b ? c ! d , e ' f n't I 'm it 's we 've they 're"), "a. b? c! d, e'fn't I'm it's we've they're");
+        assert_eq!(
+            clean_up_tokenization("a . b ? c ! d , e ' f n't I 'm it 's we 've they 're"),
+            "a. b? c! d, e'fn't I'm it's we've they're"
+        );
     }
 
     #[test]

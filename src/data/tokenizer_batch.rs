@@ -85,7 +85,13 @@ pub fn truncate(ids: &mut Vec<u32>, max_len: usize, side: Side) {
 
 /// Pads every sequence to `target` (or the longest one when `target` is `None`), then up to a
 /// multiple of `pad_to_multiple_of`; sequences already longer are left as they are.
-pub fn pad(sequences: Vec<Vec<u32>>, pad_id: u32, target: Option<usize>, pad_to_multiple_of: Option<usize>, side: Side) -> BatchEncoding {
+pub fn pad(
+    sequences: Vec<Vec<u32>>,
+    pad_id: u32,
+    target: Option<usize>,
+    pad_to_multiple_of: Option<usize>,
+    side: Side,
+) -> BatchEncoding {
     let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
     let mut len = target.unwrap_or(longest);
     if let Some(m) = pad_to_multiple_of.filter(|&m| m > 0) {
@@ -121,7 +127,8 @@ impl Tokenizer {
         let n_added = if options.add_special_tokens { self.num_special_tokens_to_add() } else { 0 };
         let encode_one = |(i, text): (usize, &S)| -> Result<Vec<u32>> {
             let sample_err = |e: String| tok_err(format!("{}: sample {i}: {e}", self.path.display()));
-            let mut enc = self.inner.encode(text.as_ref(), false).map_err(|e| sample_err(format!("cannot encode: {e}")))?;
+            let mut enc =
+                self.inner.encode(text.as_ref(), false).map_err(|e| sample_err(format!("cannot encode: {e}")))?;
             if let Some(max) = truncate_to {
                 if max < n_added {
                     return Err(sample_err(format!(
@@ -165,10 +172,16 @@ impl Tokenizer {
     }
 
     /// Pads already-tokenized sequences (`tokenizer.pad`): to the longest, or to `max_length` when given.
-    pub fn pad(&self, sequences: Vec<Vec<u32>>, max_length: Option<usize>, pad_to_multiple_of: Option<usize>, side: Option<Side>) -> Result<BatchEncoding> {
-        let pad_id = self
-            .pad_token_id()
-            .ok_or_else(|| tok_err(format!("{}: asking to pad but the tokenizer has no padding token", self.path.display())))?;
+    pub fn pad(
+        &self,
+        sequences: Vec<Vec<u32>>,
+        max_length: Option<usize>,
+        pad_to_multiple_of: Option<usize>,
+        side: Option<Side>,
+    ) -> Result<BatchEncoding> {
+        let pad_id = self.pad_token_id().ok_or_else(|| {
+            tok_err(format!("{}: asking to pad but the tokenizer has no padding token", self.path.display()))
+        })?;
         Ok(pad(sequences, pad_id, max_length, pad_to_multiple_of, side.unwrap_or(self.padding_side())))
     }
 }

@@ -98,7 +98,8 @@ pub struct TokenizerConfig {
 
 fn read_json(path: &Path) -> Result<TemplateValue> {
     let text = std::fs::read_to_string(path).map_err(|e| tok_err(format!("{}: cannot read: {e}", path.display())))?;
-    let value = TemplateValue::from_json_str(&text).map_err(|e| tok_err(format!("{}: invalid JSON: {e}", path.display())))?;
+    let value =
+        TemplateValue::from_json_str(&text).map_err(|e| tok_err(format!("{}: invalid JSON: {e}", path.display())))?;
     match value {
         TemplateValue::Map(_) => Ok(value),
         other => Err(tok_err(format!("{}: expected a JSON object, got {}", path.display(), other.kind_name()))),
@@ -112,7 +113,10 @@ fn token_text(v: &TemplateValue, file: &Path, field: &str) -> Result<Option<Stri
         TemplateValue::Str(s) => Ok(Some(s.clone())),
         TemplateValue::Map(_) => match v.get("content") {
             Some(TemplateValue::Str(s)) => Ok(Some(s.clone())),
-            _ => Err(tok_err(format!("{}: '{field}' must be a string or an object with a string \"content\"", file.display()))),
+            _ => Err(tok_err(format!(
+                "{}: '{field}' must be a string or an object with a string \"content\"",
+                file.display()
+            ))),
         },
         other => Err(tok_err(format!("{}: '{field}' must be a string, got {}", file.display(), other.kind_name()))),
     }
@@ -138,17 +142,23 @@ fn bool_field(v: &TemplateValue, file: &Path, field: &str) -> Result<bool> {
     match v {
         TemplateValue::Bool(b) => Ok(*b),
         TemplateValue::Null => Ok(false),
-        other => Err(tok_err(format!("{}: '{field}' must be true or false, got {}", file.display(), other.kind_name()))),
+        other => {
+            Err(tok_err(format!("{}: '{field}' must be true or false, got {}", file.display(), other.kind_name())))
+        }
     }
 }
 
 fn side_field(v: &TemplateValue, file: &Path, field: &str) -> Result<Option<Side>> {
     match v {
         TemplateValue::Null => Ok(None),
-        TemplateValue::Str(s) => Side::parse(s)
-            .map(Some)
-            .ok_or_else(|| tok_err(format!("{}: '{field}' must be \"left\" or \"right\", got \"{s}\"", file.display()))),
-        other => Err(tok_err(format!("{}: '{field}' must be \"left\" or \"right\", got {}", file.display(), other.kind_name()))),
+        TemplateValue::Str(s) => Side::parse(s).map(Some).ok_or_else(|| {
+            tok_err(format!("{}: '{field}' must be \"left\" or \"right\", got \"{s}\"", file.display()))
+        }),
+        other => Err(tok_err(format!(
+            "{}: '{field}' must be \"left\" or \"right\", got {}",
+            file.display(),
+            other.kind_name()
+        ))),
     }
 }
 
@@ -159,7 +169,8 @@ fn added_tokens_decoder(v: &TemplateValue, file: &Path) -> Result<Vec<AddedToken
     let mut out = Vec::with_capacity(entries.len());
     for (key, entry) in entries {
         let field = format!("added_tokens_decoder.{key}");
-        let id: u32 = key.parse().map_err(|_| tok_err(format!("{}: '{field}': the key must be a token id", file.display())))?;
+        let id: u32 =
+            key.parse().map_err(|_| tok_err(format!("{}: '{field}': the key must be a token id", file.display())))?;
         let content = match entry.get("content") {
             Some(TemplateValue::Str(s)) => s.clone(),
             _ => return Err(tok_err(format!("{}: '{field}' needs a string \"content\"", file.display()))),
@@ -233,9 +244,15 @@ impl TokenizerConfig {
                     }
                 }
             }
-            (Some(list @ TemplateValue::List(_)), true) => cfg.extra_special = token_list(list, &path, "extra_special_tokens")?,
+            (Some(list @ TemplateValue::List(_)), true) => {
+                cfg.extra_special = token_list(list, &path, "extra_special_tokens")?
+            }
             (Some(other), true) => {
-                return Err(tok_err(format!("{}: 'extra_special_tokens' must be a list or an object, got {}", path.display(), other.kind_name())))
+                return Err(tok_err(format!(
+                    "{}: 'extra_special_tokens' must be a list or an object, got {}",
+                    path.display(),
+                    other.kind_name()
+                )))
             }
             _ => {
                 if let Some(v) = get("additional_special_tokens") {
@@ -290,7 +307,10 @@ impl TokenizerConfig {
             Some(TemplateValue::Int(n)) if *n >= 0 => None,
             Some(TemplateValue::Float(f)) if *f >= 0.0 => (*f < 1e18).then_some(*f as usize),
             Some(other) => {
-                return Err(tok_err(format!("{}: 'model_max_length' must be a non-negative number, got {other:?}", path.display())))
+                return Err(tok_err(format!(
+                    "{}: 'model_max_length' must be a non-negative number, got {other:?}",
+                    path.display()
+                )))
             }
         };
         for (field, slot) in [

@@ -31,9 +31,15 @@ fn top_indices(xs: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
-pub fn beam_search(model: &VlmModel, input: &ForwardInput, cfg: &GenerationConfig, interrupt: Interrupt) -> Result<Vec<Vec<u32>>> {
+pub fn beam_search(
+    model: &VlmModel,
+    input: &ForwardInput,
+    cfg: &GenerationConfig,
+    interrupt: Interrupt,
+) -> Result<Vec<Vec<u32>>> {
     let (b, l, nb) = (input.batch, input.seq_len, cfg.num_beams);
-    let prompts: Vec<Vec<u32>> = (0..b).map(|r| input.input_ids[r * l..(r + 1) * l].iter().map(|&t| t as u32).collect()).collect();
+    let prompts: Vec<Vec<u32>> =
+        (0..b).map(|r| input.input_ids[r * l..(r + 1) * l].iter().map(|&t| t as u32).collect()).collect();
     if l >= cfg.max_length {
         return Ok(prompts);
     }
@@ -88,7 +94,8 @@ pub fn beam_search(model: &VlmModel, input: &ForwardInput, cfg: &GenerationConfi
                 .collect();
             all_hit &= hits.iter().all(|&h| h);
             // running beams for the next step: best candidates that did not stop
-            let run_scores: Vec<f32> = cand_scores.iter().zip(&hits).map(|(s, &h)| if h { s + NEG } else { *s }).collect();
+            let run_scores: Vec<f32> =
+                cand_scores.iter().zip(&hits).map(|(s, &h)| if h { s + NEG } else { *s }).collect();
             let next_run = top_indices(&run_scores, nb);
             // finished hypotheses: merge those of the top num_beams candidates that just stopped
             let denom = ((cur_len + 1 - l) as f32).powf(lp);
@@ -111,7 +118,8 @@ pub fn beam_search(model: &VlmModel, input: &ForwardInput, cfg: &GenerationConfi
                 just.push(j);
             }
             let best = top_indices(&merged_scores, nb);
-            let (mut f_seqs, mut f_scores, mut f_done) = (Vec::with_capacity(nb), Vec::with_capacity(nb), Vec::with_capacity(nb));
+            let (mut f_seqs, mut f_scores, mut f_done) =
+                (Vec::with_capacity(nb), Vec::with_capacity(nb), Vec::with_capacity(nb));
             for &m in &best {
                 if m < nb {
                     f_seqs.push(it.finished[m].clone());
@@ -137,7 +145,8 @@ pub fn beam_search(model: &VlmModel, input: &ForwardInput, cfg: &GenerationConfi
         let mut any_unsatisfied = false;
         let mut exists_open = false;
         for it in items.iter_mut() {
-            let best_len = if cfg.early_stopping == EarlyStopping::Never && lp > 0.0 { cfg.max_length - l } else { cur_len - l };
+            let best_len =
+                if cfg.early_stopping == EarlyStopping::Never && lp > 0.0 { cfg.max_length - l } else { cur_len - l };
             let best_possible = it.running_scores[0] / (best_len as f32).powf(lp);
             let min_finished = it.finished_scores.iter().copied().fold(f32::INFINITY, f32::min);
             let improvable = it.is_finished.iter().any(|&f| best_possible > if f { min_finished } else { NEG });
@@ -152,8 +161,10 @@ pub fn beam_search(model: &VlmModel, input: &ForwardInput, cfg: &GenerationConfi
         logits_rows = session.step(&next_tokens, interrupt)?;
     }
     // best hypothesis per item, padded to the longest
-    let fill = if !cfg.eos_token_ids.is_empty() && cfg.pad_token_id == 0 { cfg.eos_token_ids[0] } else { cfg.pad_token_id };
-    let mut out: Vec<Vec<u32>> = items.into_iter().map(|it| it.finished.into_iter().next().unwrap_or_default()).collect();
+    let fill =
+        if !cfg.eos_token_ids.is_empty() && cfg.pad_token_id == 0 { cfg.eos_token_ids[0] } else { cfg.pad_token_id };
+    let mut out: Vec<Vec<u32>> =
+        items.into_iter().map(|it| it.finished.into_iter().next().unwrap_or_default()).collect();
     let longest = out.iter().map(Vec::len).max().unwrap_or(l);
     for s in &mut out {
         s.resize(longest, fill);

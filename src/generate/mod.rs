@@ -66,7 +66,12 @@ impl<'m> Session<'m> {
     /// Positions follow the attention mask (cumsum - 1, padding at 1) as in transformers' generate.
     /// `max_length`: the longest sequence the session will hold (prompt + new tokens), allocated once
     /// in the KV cache (at most [`MAX_RESERVED_NEW`] new positions up front; the cache doubles beyond).
-    pub fn prefill(model: &'m VlmModel, input: &ForwardInput, max_length: usize, interrupt: Interrupt) -> Result<(Self, Vec<Vec<f32>>)> {
+    pub fn prefill(
+        model: &'m VlmModel,
+        input: &ForwardInput,
+        max_length: usize,
+        interrupt: Interrupt,
+    ) -> Result<(Self, Vec<Vec<f32>>)> {
         let (b, l) = (input.batch, input.seq_len);
         model.check_input(input)?;
         let mask01: Vec<i64> = match input.attention_mask {
@@ -86,7 +91,12 @@ impl<'m> Session<'m> {
             next_pos.push(c);
             key_valid.push(row.iter().map(|&m| m != 0).collect::<Vec<bool>>());
         }
-        let mut session = Session { model, cache: KvCache::with_capacity(model.text.layers.len(), max_length.clamp(l, l + MAX_RESERVED_NEW)), key_valid, next_pos };
+        let mut session = Session {
+            model,
+            cache: KvCache::with_capacity(model.text.layers.len(), max_length.clamp(l, l + MAX_RESERVED_NEW)),
+            key_valid,
+            next_pos,
+        };
         let x = model.merged_embeddings(input, interrupt)?; // [B, L, H]
         let logits = session.run(&x, &positions, interrupt)?;
         Ok((session, logits))
@@ -126,7 +136,8 @@ impl<'m> Session<'m> {
 
     /// Keeps rows `rows` in that order (beam reordering, beam expansion).
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
-        let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<u32>>(), rows.len(), &self.model.device)?;
+        let idx =
+            Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<u32>>(), rows.len(), &self.model.device)?;
         self.cache.select_rows(&idx)?;
         self.key_valid = rows.iter().map(|&r| self.key_valid[r].clone()).collect();
         self.next_pos = rows.iter().map(|&r| self.next_pos[r]).collect();
@@ -181,12 +192,19 @@ pub fn process_scores(cfg: &GenerationConfig, scores: &mut [f32], seq: &[u32], n
 
 /// Greedy or sampled generation. Returns every row as prompt + new tokens, finished rows padded with
 /// `pad_token_id`, all of the same length. `on_token` sees each step's tokens; returning false stops.
-pub fn generate(model: &VlmModel, input: &ForwardInput, cfg: &GenerationConfig, on_token: Option<OnToken>, interrupt: Interrupt) -> Result<Vec<Vec<u32>>> {
+pub fn generate(
+    model: &VlmModel,
+    input: &ForwardInput,
+    cfg: &GenerationConfig,
+    on_token: Option<OnToken>,
+    interrupt: Interrupt,
+) -> Result<Vec<Vec<u32>>> {
     if cfg.num_beams > 1 {
         return beam::beam_search(model, input, cfg, interrupt);
     }
     let (b, l) = (input.batch, input.seq_len);
-    let mut seqs: Vec<Vec<u32>> = (0..b).map(|r| input.input_ids[r * l..(r + 1) * l].iter().map(|&t| t as u32).collect()).collect();
+    let mut seqs: Vec<Vec<u32>> =
+        (0..b).map(|r| input.input_ids[r * l..(r + 1) * l].iter().map(|&t| t as u32).collect()).collect();
     if l >= cfg.max_length {
         return Ok(seqs);
     }
@@ -199,7 +217,8 @@ pub fn generate(model: &VlmModel, input: &ForwardInput, cfg: &GenerationConfig, 
         let mut next = Vec::with_capacity(b);
         for (r, scores) in logits.iter_mut().enumerate() {
             process_scores(cfg, scores, &seqs[r], step, 1);
-            let t = if cfg.do_sample { rng.categorical(&logits::softmax(scores)) } else { logits::argmax(scores) } as u32;
+            let t =
+                if cfg.do_sample { rng.categorical(&logits::softmax(scores)) } else { logits::argmax(scores) } as u32;
             next.push(if unfinished[r] { t } else { cfg.pad_token_id });
         }
         for (r, &t) in next.iter().enumerate() {

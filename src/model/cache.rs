@@ -130,7 +130,12 @@ mod tests {
     use candle_core::{Device, IndexOp};
 
     fn kv(b: usize, l: usize, base: f32) -> Tensor {
-        Tensor::arange(0f32, (b * 2 * l * 3) as f32, &Device::Cpu).unwrap().affine(1.0, base as f64).unwrap().reshape((b, 2, l, 3)).unwrap()
+        Tensor::arange(0f32, (b * 2 * l * 3) as f32, &Device::Cpu)
+            .unwrap()
+            .affine(1.0, base as f64)
+            .unwrap()
+            .reshape((b, 2, l, 3))
+            .unwrap()
     }
 
     #[test]
@@ -143,8 +148,14 @@ mod tests {
         let (k, v) = c.layer_mut(0).append(&d, &d).unwrap();
         let want = Tensor::cat(&[&a, &b2, &d], 2).unwrap();
         assert_eq!(k.dims(), [2, 2, 5, 3]);
-        assert_eq!(k.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        assert_eq!(v.contiguous().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            k.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        assert_eq!(
+            v.contiguous().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
         assert_eq!(c.capacity(), 8, "no reallocation within the capacity");
         // past the capacity: doubles, keeps the values
         for i in 0..5 {

@@ -15,7 +15,14 @@ pub struct Connector {
 }
 
 impl Connector {
-    pub fn load(store: &WeightStore, prefix: &str, vision_dim: usize, text_dim: usize, scale_factor: usize, ctx: &LoadCtx) -> Result<Self, CheckpointError> {
+    pub fn load(
+        store: &WeightStore,
+        prefix: &str,
+        vision_dim: usize,
+        text_dim: usize,
+        scale_factor: usize,
+        ctx: &LoadCtx,
+    ) -> Result<Self, CheckpointError> {
         let in_f = vision_dim * scale_factor * scale_factor;
         let proj = Linear::load(store, &format!("{prefix}.modality_projection.proj"), in_f, text_dim, false, ctx)?;
         Ok(Connector { scale_factor, proj })

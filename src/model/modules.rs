@@ -66,11 +66,15 @@ impl VlmModel {
     pub fn linears(&self) -> Vec<(String, &Linear)> {
         let mut out = Vec::new();
         for (i, l) in self.vision.layers.iter().enumerate() {
-            out.extend(VisionLayer::LINEARS.iter().zip(l.linears()).map(|(n, lin)| (format!("{}.{n}", vision_layer(i)), lin)));
+            out.extend(
+                VisionLayer::LINEARS.iter().zip(l.linears()).map(|(n, lin)| (format!("{}.{n}", vision_layer(i)), lin)),
+            );
         }
         out.push((CONNECTOR_PROJ.to_string(), &self.connector.proj));
         for (i, l) in self.text.layers.iter().enumerate() {
-            out.extend(TextLayer::LINEARS.iter().zip(l.linears()).map(|(n, lin)| (format!("{}.{n}", text_layer(i)), lin)));
+            out.extend(
+                TextLayer::LINEARS.iter().zip(l.linears()).map(|(n, lin)| (format!("{}.{n}", text_layer(i)), lin)),
+            );
         }
         out.push((LM_HEAD.to_string(), &self.lm_head));
         out
@@ -80,11 +84,18 @@ impl VlmModel {
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();
         for (i, l) in self.vision.layers.iter_mut().enumerate() {
-            out.extend(VisionLayer::LINEARS.iter().zip(l.linears_mut()).map(|(n, lin)| (format!("{}.{n}", vision_layer(i)), lin)));
+            out.extend(
+                VisionLayer::LINEARS
+                    .iter()
+                    .zip(l.linears_mut())
+                    .map(|(n, lin)| (format!("{}.{n}", vision_layer(i)), lin)),
+            );
         }
         out.push((CONNECTOR_PROJ.to_string(), &mut self.connector.proj));
         for (i, l) in self.text.layers.iter_mut().enumerate() {
-            out.extend(TextLayer::LINEARS.iter().zip(l.linears_mut()).map(|(n, lin)| (format!("{}.{n}", text_layer(i)), lin)));
+            out.extend(
+                TextLayer::LINEARS.iter().zip(l.linears_mut()).map(|(n, lin)| (format!("{}.{n}", text_layer(i)), lin)),
+            );
         }
         out.push((LM_HEAD.to_string(), &mut self.lm_head));
         out

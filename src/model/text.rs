@@ -43,7 +43,9 @@ impl TextModel {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let lp = format!("{prefix}.layers.{l}");
-            let lin = |name: &str, i_f: usize, o_f: usize, bias: bool| Linear::load(store, &format!("{lp}.{name}"), i_f, o_f, bias, ctx);
+            let lin = |name: &str, i_f: usize, o_f: usize, bias: bool| {
+                Linear::load(store, &format!("{lp}.{name}"), i_f, o_f, bias, ctx)
+            };
             let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
             layers.push(TextLayer {
                 input_layernorm: ctx.get(store, &format!("{lp}.input_layernorm.weight"), &[h])?,
@@ -72,7 +74,14 @@ impl TextModel {
     /// x: [B, L, H] embeddings, positions: [B, L] -> final-normed hidden [B, L, H].
     /// With a cache, the new keys/values are appended to it and attention covers all S = past + L
     /// keys (`mask.key_valid` then has B * S entries).
-    pub fn forward(&self, x: &Tensor, positions: &Tensor, mask: &Mask, mut cache: Option<&mut KvCache>, interrupt: Interrupt) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        positions: &Tensor,
+        mask: &Mask,
+        mut cache: Option<&mut KvCache>,
+        interrupt: Interrupt,
+    ) -> Result<Tensor> {
         let (cos, sin) = self.rope.cos_sin(positions, x.dtype())?; // [B, 1, L, hd]
         let mut h = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
@@ -83,7 +92,15 @@ impl TextModel {
         Ok(rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)?)
     }
 
-    pub fn layer_forward(&self, l: &TextLayer, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask, cache: Option<&mut LayerCache>) -> CResult<Tensor> {
+    pub fn layer_forward(
+        &self,
+        l: &TextLayer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Mask,
+        cache: Option<&mut LayerCache>,
+    ) -> CResult<Tensor> {
         let (q, k, v) = self.attention_inputs(l, x, cos, sin)?;
         let (k, v) = match cache {
             Some(slot) => slot.append(&k, &v)?, // [B, Hkv, S, hd]
@@ -114,7 +131,11 @@ impl TextModel {
         let (qs, ks, vs) = self.attention_inputs(l, xs, &rope_s.0, &rope_s.1)?; // [2P, Hq|Hkv, Ls, hd]
         let scale = self.attention_scale();
         let ap = attention(&qp, &kp, &vp, mask_p, scale)?; // [P, Hq, Lp, hd]
-        let pair_of = Tensor::from_vec((0..2 * pairs as u32).map(|r| r % pairs as u32).collect::<Vec<u32>>(), 2 * pairs, xp.device())?;
+        let pair_of = Tensor::from_vec(
+            (0..2 * pairs as u32).map(|r| r % pairs as u32).collect::<Vec<u32>>(),
+            2 * pairs,
+            xp.device(),
+        )?;
         let k_all = Tensor::cat(&[&kp.index_select(&pair_of, 0)?, &ks], 2)?; // [2P, Hkv, Lp + Ls, hd]
         let v_all = Tensor::cat(&[&vp.index_select(&pair_of, 0)?, &vs], 2)?;
         let a_s = attention(&qs, &k_all, &v_all, mask_s, scale)?; // [2P, Hq, Ls, hd]
@@ -126,7 +147,13 @@ impl TextModel {
     }
 
     /// x: [B, L, H] -> rotated q [B, Hq, L, hd], rotated k and v [B, Hkv, L, hd].
-    fn attention_inputs(&self, l: &TextLayer, x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<(Tensor, Tensor, Tensor)> {
+    fn attention_inputs(
+        &self,
+        l: &TextLayer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> CResult<(Tensor, Tensor, Tensor)> {
         let c = &self.cfg;
         let (b, len, _) = x.dims3()?;
         let hd = c.head_dim;

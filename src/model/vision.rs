@@ -19,7 +19,13 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn load(store: &WeightStore, prefix: &str, dim: usize, eps: f64, ctx: &LoadCtx) -> Result<Self, CheckpointError> {
+    pub fn load(
+        store: &WeightStore,
+        prefix: &str,
+        dim: usize,
+        eps: f64,
+        ctx: &LoadCtx,
+    ) -> Result<Self, CheckpointError> {
         Ok(LayerNorm {
             weight: ctx.get(store, &format!("{prefix}.weight"), &[dim])?,
             bias: ctx.get(store, &format!("{prefix}.bias"), &[dim])?,
@@ -60,16 +66,22 @@ impl VisionModel {
         let n = cfg.patches_per_side();
         let conv_name = format!("{prefix}.embeddings.patch_embedding.weight");
         let conv = ctx.get(store, &conv_name, &[d, c, p, p])?;
-        let conv = conv.reshape((d, c * p * p)).map_err(|e| CheckpointError::Io { file: "<memory>".into(), msg: e.to_string() })?;
+        let conv = conv
+            .reshape((d, c * p * p))
+            .map_err(|e| CheckpointError::Io { file: "<memory>".into(), msg: e.to_string() })?;
         let conv_b = ctx.get(store, &format!("{prefix}.embeddings.patch_embedding.bias"), &[d])?;
-        let patch_embedding = if ctx.bf16_compute { Linear::bf16_compute(conv, Some(conv_b)) } else { Linear::new(conv, Some(conv_b)) };
-        let patch_embedding = patch_embedding.map_err(|e| CheckpointError::Io { file: "<memory>".into(), msg: e.to_string() })?;
-        let position_embedding = ctx.get(store, &format!("{prefix}.embeddings.position_embedding.weight"), &[n * n, d])?;
+        let patch_embedding =
+            if ctx.bf16_compute { Linear::bf16_compute(conv, Some(conv_b)) } else { Linear::new(conv, Some(conv_b)) };
+        let patch_embedding =
+            patch_embedding.map_err(|e| CheckpointError::Io { file: "<memory>".into(), msg: e.to_string() })?;
+        let position_embedding =
+            ctx.get(store, &format!("{prefix}.embeddings.position_embedding.weight"), &[n * n, d])?;
         let eps = cfg.layer_norm_eps;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let lp = format!("{prefix}.encoder.layers.{i}");
-            let lin = |name: &str, i_f: usize, o_f: usize| Linear::load(store, &format!("{lp}.{name}"), i_f, o_f, true, ctx);
+            let lin =
+                |name: &str, i_f: usize, o_f: usize| Linear::load(store, &format!("{lp}.{name}"), i_f, o_f, true, ctx);
             layers.push(VisionLayer {
                 layer_norm1: LayerNorm::load(store, &format!("{lp}.layer_norm1"), d, eps, ctx)?,
                 q_proj: lin("self_attn.q_proj", d, d)?,
@@ -91,7 +103,10 @@ impl VisionModel {
         let (f, c, h, w) = pixel_values.dims4()?;
         let p = self.cfg.patch_size;
         if c != self.cfg.num_channels {
-            return input_err(format!("pixel_values have {c} channels, the vision config expects {}", self.cfg.num_channels));
+            return input_err(format!(
+                "pixel_values have {c} channels, the vision config expects {}",
+                self.cfg.num_channels
+            ));
         }
         let (nh, nw) = (h / p, w / p);
         if nh == 0 || nw == 0 {

@@ -17,10 +17,10 @@ use super::vision::VisionLayer;
 use super::{check, Interrupt};
 use crate::error::Result;
 use crate::ops::attention_bf16::{attention_qkv_bf16, attention_qkv_bf16_portable};
-use crate::ops::matmul_bf16_packed::PackedBf16;
 use crate::ops::bf16::Bf16Rows;
-use crate::ops::matmul_bf16_fused::{gemm_fused, gemm_fused_portable, Job, Out};
 use crate::ops::linear::Weight;
+use crate::ops::matmul_bf16_fused::{gemm_fused, gemm_fused_portable, Job, Out};
+use crate::ops::matmul_bf16_packed::PackedBf16;
 use crate::ops::norm::layer_norm_bf16;
 use crate::ops::Linear;
 
@@ -53,7 +53,8 @@ pub(crate) fn usable(layers: &[VisionLayer], x: &Tensor, heads: usize) -> bool {
                 && o.is_none_or(|o| lin.out_features == o)
                 && lin.bias.as_ref().is_none_or(|b| untracked_f32_cpu(b) && b.dims() == [lin.out_features])
         };
-        let ln_ok = |n: &super::vision::LayerNorm| [&n.weight, &n.bias].iter().all(|t| untracked_f32_cpu(t) && t.dims() == [d]);
+        let ln_ok =
+            |n: &super::vision::LayerNorm| [&n.weight, &n.bias].iter().all(|t| untracked_f32_cpu(t) && t.dims() == [d]);
         [&l.q_proj, &l.k_proj, &l.v_proj, &l.out_proj].iter().all(|lin| lin_ok(lin, d, Some(d)))
             && lin_ok(&l.fc1, d, None)
             && lin_ok(&l.fc2, l.fc1.out_features, Some(d))
@@ -79,12 +80,21 @@ fn bias(l: &Linear) -> CResult<Option<Vec<f32>>> {
 }
 
 fn weight(l: &Linear) -> CResult<&PackedBf16> {
-    packed(l).ok_or_else(|| candle_core::Error::Msg("vision fast path: a Linear is not packed for the bf16 compute mode".into()))
+    packed(l).ok_or_else(|| {
+        candle_core::Error::Msg("vision fast path: a Linear is not packed for the bf16 compute mode".into())
+    })
 }
 
 /// x [F, Np, D] through `layers` (checked by [`usable`]); `key_valid` [F * Np] hides keys.
 /// `portable` forces the portable kernels (tests).
-pub(crate) fn encoder_layers(layers: &[VisionLayer], heads: usize, x: &Tensor, key_valid: Option<&[bool]>, interrupt: Interrupt, portable: bool) -> Result<Tensor> {
+pub(crate) fn encoder_layers(
+    layers: &[VisionLayer],
+    heads: usize,
+    x: &Tensor,
+    key_valid: Option<&[bool]>,
+    interrupt: Interrupt,
+    portable: bool,
+) -> Result<Tensor> {
     let (f, np, d) = x.dims3()?;
     let (n, hd) = (f * np, d / heads);
     let inter = layers.first().map_or(0, |l| l.fc1.out_features);
@@ -111,12 +121,24 @@ pub(crate) fn encoder_layers(layers: &[VisionLayer], heads: usize, x: &Tensor, k
             attention_qkv_bf16(&qkv, f, heads, hd, key_valid, scale, &mut att);
         }
         let bo = bias(&l.out_proj)?;
-        gemm(portable, &att, &[Job { w: weight(&l.out_proj)?, bias: bo.as_deref(), col0: 0 }], false, Out::F32 { y: &mut hs, ld: d, accumulate: true });
+        gemm(
+            portable,
+            &att,
+            &[Job { w: weight(&l.out_proj)?, bias: bo.as_deref(), col0: 0 }],
+            false,
+            Out::F32 { y: &mut hs, ld: d, accumulate: true },
+        );
         layer_norm_bf16(&hs, &vals(&ln2.weight)?, &vals(&ln2.bias)?, ln2.eps as f32, &mut xa);
         let b1 = bias(&l.fc1)?;
         gemm(portable, &xa, &[Job { w: weight(&l.fc1)?, bias: b1.as_deref(), col0: 0 }], true, Out::Bf16(&mut mid));
         let b2 = bias(&l.fc2)?;
-        gemm(portable, &mid, &[Job { w: weight(&l.fc2)?, bias: b2.as_deref(), col0: 0 }], false, Out::F32 { y: &mut hs, ld: d, accumulate: true });
+        gemm(
+            portable,
+            &mid,
+            &[Job { w: weight(&l.fc2)?, bias: b2.as_deref(), col0: 0 }],
+            false,
+            Out::F32 { y: &mut hs, ld: d, accumulate: true },
+        );
     }
     Ok(Tensor::from_vec(hs, (f, np, d), x.device())?)
 }
@@ -136,8 +158,21 @@ mod tests {
             let w = Tensor::randn(0f32, (i as f32).powf(-0.5), (o, i), &dev).unwrap();
             Linear::bf16_compute(w, Some(Tensor::randn(0f32, 0.1, o, &dev).unwrap())).unwrap()
         };
-        let ln = || LayerNorm { weight: Tensor::randn(1f32, 0.1, d, &dev).unwrap(), bias: Tensor::randn(0f32, 0.1, d, &dev).unwrap(), eps: 1e-6 };
-        VisionLayer { layer_norm1: ln(), q_proj: lin(d, d), k_proj: lin(d, d), v_proj: lin(d, d), out_proj: lin(d, d), layer_norm2: ln(), fc1: lin(inter, d), fc2: lin(d, inter) }
+        let ln = || LayerNorm {
+            weight: Tensor::randn(1f32, 0.1, d, &dev).unwrap(),
+            bias: Tensor::randn(0f32, 0.1, d, &dev).unwrap(),
+            eps: 1e-6,
+        };
+        VisionLayer {
+            layer_norm1: ln(),
+            q_proj: lin(d, d),
+            k_proj: lin(d, d),
+            v_proj: lin(d, d),
+            out_proj: lin(d, d),
+            layer_norm2: ln(),
+            fc1: lin(inter, d),
+            fc2: lin(d, inter),
+        }
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
@@ -167,7 +202,10 @@ mod tests {
             let (e1, scale) = max_abs_diff(&fast, &want);
             let (e2, _) = max_abs_diff(&port, &want);
             let (e3, _) = max_abs_diff(&fast, &port);
-            assert!(e1 <= 1.5e-2 * scale && e2 <= 1.5e-2 * scale && e3 <= 1e-2 * scale, "fast {e1}, portable {e2}, fast vs portable {e3}, scale {scale}");
+            assert!(
+                e1 <= 1.5e-2 * scale && e2 <= 1.5e-2 * scale && e3 <= 1e-2 * scale,
+                "fast {e1}, portable {e2}, fast vs portable {e3}, scale {scale}"
+            );
         }
     }
 

@@ -13,8 +13,8 @@ use super::{Interrupt, LoadCtx};
 use crate::checkpoint::WeightStore;
 use crate::config::ModelConfig;
 use crate::error::{input_err, Result};
-use crate::loss::causal_lm_loss_sum;
 use crate::lora::AdapterSwitch;
+use crate::loss::causal_lm_loss_sum;
 use crate::ops::{Linear, Mask};
 use crate::quant::QuantConfig;
 
@@ -107,7 +107,14 @@ impl VlmModel {
 
     pub fn load(config: ModelConfig, store: &WeightStore, ctx: &LoadCtx) -> Result<Self> {
         let vision = VisionModel::load(store, "model.vision_model", &config.vision, ctx)?;
-        let connector = Connector::load(store, "model.connector", config.vision.hidden_size, config.text.hidden_size, config.scale_factor, ctx)?;
+        let connector = Connector::load(
+            store,
+            "model.connector",
+            config.vision.hidden_size,
+            config.text.hidden_size,
+            config.scale_factor,
+            ctx,
+        )?;
         // The text model and head run token by token when decoding, where bytes read per token set the
         // speed: bf16 checkpoints keep their bf16 there (exact). The vision tower is compute-bound: f32.
         let tctx = ctx.with_bf16_storage(true);
@@ -119,7 +126,18 @@ impl VlmModel {
         } else {
             Linear::load(store, "lm_head", config.text.hidden_size, config.text.vocab_size, false, &tctx)?
         };
-        Ok(VlmModel { config, vision, connector, text, lm_head, dtype: ctx.dtype, device: ctx.device.clone(), switch: Arc::default(), bf16_compute: ctx.bf16_compute, quant: ctx.quant.clone() })
+        Ok(VlmModel {
+            config,
+            vision,
+            connector,
+            text,
+            lm_head,
+            dtype: ctx.dtype,
+            device: ctx.device.clone(),
+            switch: Arc::default(),
+            bf16_compute: ctx.bf16_compute,
+            quant: ctx.quant.clone(),
+        })
     }
 
     /// Linears packed for the bf16 compute mode (not quantized) compute in f32 with their bf16
@@ -165,21 +183,32 @@ impl VlmModel {
 
     /// Drops padding frames, runs the vision tower and the connector.
     /// pixel_values: [B, F, C, H, W]; pixel_attention_mask: [B, F, H, W] row-major.
-    pub fn image_features(&self, pixel_values: &Tensor, pixel_attention_mask: Option<&[bool]>, interrupt: Interrupt) -> Result<ImageFeatures> {
+    pub fn image_features(
+        &self,
+        pixel_values: &Tensor,
+        pixel_attention_mask: Option<&[bool]>,
+        interrupt: Interrupt,
+    ) -> Result<ImageFeatures> {
         let dims = pixel_values.dims().to_vec();
         if dims.len() != 5 {
-            return input_err(format!("pixel_values must be [batch, frames, channels, height, width], got shape {dims:?}"));
+            return input_err(format!(
+                "pixel_values must be [batch, frames, channels, height, width], got shape {dims:?}"
+            ));
         }
         let (b, f, c, h, w) = (dims[0], dims[1], dims[2], dims[3], dims[4]);
         if let Some(m) = pixel_attention_mask {
             if m.len() != b * f * h * w {
-                return input_err(format!("pixel_attention_mask has {} elements, expected [batch={b}, frames={f}, {h}, {w}]", m.len()));
+                return input_err(format!(
+                    "pixel_attention_mask has {} elements, expected [batch={b}, frames={f}, {h}, {w}]",
+                    m.len()
+                ));
             }
         }
         let frames = pixel_values.to_dtype(DType::F32)?.reshape((b * f, c * h * w))?;
         let flat: Vec<f32> = frames.flatten_all()?.to_vec1()?;
         let per = c * h * w;
-        let real_frames: Vec<usize> = (0..b * f).filter(|&i| flat[i * per..(i + 1) * per].iter().any(|&v| v != 0.0)).collect();
+        let real_frames: Vec<usize> =
+            (0..b * f).filter(|&i| flat[i * per..(i + 1) * per].iter().any(|&v| v != 0.0)).collect();
         let p = self.config.vision.patch_size;
         let patch_mask: Vec<Vec<bool>> = real_frames
             .iter()
@@ -198,7 +227,11 @@ impl VlmModel {
                 connector: Tensor::zeros((0, t, th), self.dtype, &self.device)?,
             });
         }
-        let idx = Tensor::from_vec(real_frames.iter().map(|&i| i as u32).collect::<Vec<_>>(), real_frames.len(), &self.device)?;
+        let idx = Tensor::from_vec(
+            real_frames.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            real_frames.len(),
+            &self.device,
+        )?;
         let px = pixel_values.reshape((b * f, c, h, w))?.index_select(&idx, 0)?.to_dtype(self.dtype)?; // [Fr, C, H, W]
         let vision_hidden = self.vision.forward(&px, &patch_mask, interrupt)?; // [Fr, Np, D]
         let connector = self.connector.forward(&vision_hidden)?; // [Fr, T, Ht]
@@ -219,7 +252,11 @@ impl VlmModel {
         let mut ids = Vec::with_capacity(b * l);
         for (i, &t) in input.input_ids.iter().enumerate() {
             if t < 0 || t as usize >= vocab {
-                return input_err(format!("input_ids[{}, {}] = {t} is outside the vocabulary [0, {vocab})", i / l, i % l));
+                return input_err(format!(
+                    "input_ids[{}, {}] = {t} is outside the vocabulary [0, {vocab})",
+                    i / l,
+                    i % l
+                ));
             }
             ids.push(t as u32);
         }
@@ -230,7 +267,12 @@ impl VlmModel {
         let feats = match input.pixel_values {
             Some(px) => features(px, input.pixel_attention_mask)?,
             None if positions.is_empty() => return Ok(emb),
-            None => return input_err(format!("input_ids hold {} image tokens (id {image_tok}) but no pixel_values were given", positions.len())),
+            None => {
+                return input_err(format!(
+                    "input_ids hold {} image tokens (id {image_tok}) but no pixel_values were given",
+                    positions.len()
+                ))
+            }
         };
         let (frames, t, hdim) = feats.dims3()?;
         if frames * t != positions.len() {
@@ -248,7 +290,10 @@ impl VlmModel {
         for (k, &pos) in positions.iter().enumerate() {
             index[pos] = (b * l + k) as u32;
         }
-        let all = Tensor::cat(&[&emb.reshape((b * l, hdim))?, &feats.reshape((frames * t, hdim))?.to_dtype(emb.dtype())?], 0)?;
+        let all = Tensor::cat(
+            &[&emb.reshape((b * l, hdim))?, &feats.reshape((frames * t, hdim))?.to_dtype(emb.dtype())?],
+            0,
+        )?;
         let index = Tensor::from_vec(index, b * l, &self.device)?;
         Ok(all.index_select(&index, 0)?.reshape((b, l, hdim))?)
     }
@@ -258,7 +303,10 @@ impl VlmModel {
     pub fn check_input(&self, input: &ForwardInput) -> Result<()> {
         let (b, l) = (input.batch, input.seq_len);
         if input.input_ids.len() != b * l || b == 0 || l == 0 {
-            return input_err(format!("input_ids must be a non-empty [batch, seq_len] array; got {} values for shape [{b}, {l}]", input.input_ids.len()));
+            return input_err(format!(
+                "input_ids must be a non-empty [batch, seq_len] array; got {} values for shape [{b}, {l}]",
+                input.input_ids.len()
+            ));
         }
         let max_pos = self.config.text.max_position_embeddings;
         if l > max_pos {
@@ -298,7 +346,11 @@ impl VlmModel {
         let (loss, n) = match input.labels {
             None => (None, 0),
             Some(lab) if lab.len() != input.batch * l => {
-                return input_err(format!("labels have {} values, expected [{}, {l}] like input_ids", lab.len(), input.batch))
+                return input_err(format!(
+                    "labels have {} values, expected [{}, {l}] like input_ids",
+                    lab.len(),
+                    input.batch
+                ))
             }
             Some(lab) => {
                 let (sum, n) = causal_lm_loss_sum(&hidden, lab, &self.lm_head)?;
@@ -326,7 +378,10 @@ impl VlmModel {
         n += t.embed_tokens.elem_count() + t.norm.elem_count();
         for l in &t.layers {
             n += l.input_layernorm.elem_count() + l.post_attention_layernorm.elem_count();
-            n += [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj].iter().map(|x| lin(x)).sum::<usize>();
+            n += [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
+                .iter()
+                .map(|x| lin(x))
+                .sum::<usize>();
         }
         if !self.config.tie_word_embeddings {
             n += lin(&self.lm_head);
@@ -334,4 +389,3 @@ impl VlmModel {
         n
     }
 }
-

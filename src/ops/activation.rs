@@ -36,7 +36,9 @@ const CHUNK: usize = 4096;
 /// out[i] = f(a[i]) in parallel chunks.
 fn map1(a: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0f32; a.len()];
-    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(|(o, a)| o.iter_mut().zip(a).for_each(|(o, &a)| *o = f(a)));
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK))
+        .for_each(|(o, a)| o.iter_mut().zip(a).for_each(|(o, &a)| *o = f(a)));
     out
 }
 
@@ -52,9 +54,11 @@ fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
 /// out[i] = f(a[i], b[i], c[i]) in parallel chunks.
 fn map3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0f32; a.len()];
-    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).zip(c.par_chunks(CHUNK)).for_each(|(((o, a), b), c)| {
-        o.iter_mut().zip(a).zip(b).zip(c).for_each(|(((o, &a), &b), &c)| *o = f(a, b, c));
-    });
+    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).zip(c.par_chunks(CHUNK)).for_each(
+        |(((o, a), b), c)| {
+            o.iter_mut().zip(a).zip(b).zip(c).for_each(|(((o, &a), &b), &c)| *o = f(a, b, c));
+        },
+    );
     out
 }
 
@@ -161,7 +165,15 @@ impl CustomOp3 for SwigluGradGate {
     fn name(&self) -> &'static str {
         "swiglu-grad-gate"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         check_same_shape("swiglu-grad-gate", l1, l2)?;
         check_same_shape("swiglu-grad-gate", l1, l3)?;
         let n = "swiglu-grad-gate";
@@ -253,7 +265,12 @@ mod tests {
         let want: Vec<f64> = xs.iter().map(|&x| 1.0 / (1.0 + (x as f64).exp())).collect();
         assert!(max_rel_err(&got, &want, 1e-12) < 1e-5, "{got:?} vs {want:?}");
         assert!((got[3] - 0.5).abs() < 1e-7);
-        let fd = finite_diff(&|t| log_sigmoid(t)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>(), &Tensor::new(&[-0.5f32, 0.0, 0.5], &Device::Cpu).unwrap(), 1e-2).unwrap();
+        let fd = finite_diff(
+            &|t| log_sigmoid(t)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>(),
+            &Tensor::new(&[-0.5f32, 0.0, 0.5], &Device::Cpu).unwrap(),
+            1e-2,
+        )
+        .unwrap();
         assert!(max_rel_err(&fd, &want[2..5], 1e-3) < 1e-2);
     }
 }

@@ -111,7 +111,18 @@ mod tests {
         let v = Tensor::randn(0f32, 1.0, (2, 2, 3, 8), &dev).unwrap();
         let mask = Mask { causal: true, key_valid: Some(Arc::new(vec![true, true, true, false, true, true])) };
         let got = attention_reference(&q, &k, &v, &mask, 0.3).unwrap();
-        let rep = |t: &Tensor| Tensor::cat(&[t.narrow(1, 0, 1).unwrap(), t.narrow(1, 0, 1).unwrap(), t.narrow(1, 1, 1).unwrap(), t.narrow(1, 1, 1).unwrap()], 1).unwrap();
+        let rep = |t: &Tensor| {
+            Tensor::cat(
+                &[
+                    t.narrow(1, 0, 1).unwrap(),
+                    t.narrow(1, 0, 1).unwrap(),
+                    t.narrow(1, 1, 1).unwrap(),
+                    t.narrow(1, 1, 1).unwrap(),
+                ],
+                1,
+            )
+            .unwrap()
+        };
         let (k4, v4) = (rep(&k), rep(&v));
         let m = mask.additive(2, 3, 3, &dev).unwrap().unwrap();
         let s = (q.matmul(&k4.t().unwrap()).unwrap() * 0.3).unwrap().broadcast_add(&m).unwrap();

@@ -15,9 +15,9 @@ use rayon::prelude::*;
 
 use super::attention::fully_masked_weight;
 use super::bf16::{f32_to_bf16_bits, Bf16Rows};
-use super::matmul_bf16_packed::MR;
-use super::matmul_bf16_fused::available;
 use super::math::exp_f32;
+use super::matmul_bf16_fused::available;
+use super::matmul_bf16_packed::MR;
 
 /// Query rows per block (a multiple of MR): `[QB, S]` f32 scores stay in L2.
 const QB: usize = 8 * MR;
@@ -54,7 +54,15 @@ fn fast_ok() -> bool {
 /// qkv: bf16 rows `[F * S, 3 * heads * hd]`; key_valid: `[F * S]` (false hides key j of a frame from
 /// that frame's queries) -> out: bf16 rows `[F * S, heads * hd]`. The AVX512-BF16 kernel where
 /// available, else [`attention_qkv_bf16_portable`].
-pub fn attention_qkv_bf16(qkv: &Bf16Rows, frames: usize, heads: usize, hd: usize, key_valid: Option<&[bool]>, scale: f32, out: &mut Bf16Rows) {
+pub fn attention_qkv_bf16(
+    qkv: &Bf16Rows,
+    frames: usize,
+    heads: usize,
+    hd: usize,
+    key_valid: Option<&[bool]>,
+    scale: f32,
+    out: &mut Bf16Rows,
+) {
     if !fast_ok() {
         return attention_qkv_bf16_portable(qkv, frames, heads, hd, key_valid, scale, out);
     }
@@ -65,7 +73,10 @@ pub fn attention_qkv_bf16(qkv: &Bf16Rows, frames: usize, heads: usize, hd: usize
         // K and V of every (frame, head), packed once as weight panels.
         let (klen, vlen) = fast::pack_lens(s, hd);
         let mut packs = super::matmul_bf16_packed::AlignedU32::zeros(frames * heads * (klen + vlen));
-        packs.par_chunks_mut(klen + vlen).enumerate().for_each(|(fh, buf)| fast::pack_kv(qkv, s, heads, hd, fh / heads, fh % heads, buf));
+        packs
+            .par_chunks_mut(klen + vlen)
+            .enumerate()
+            .for_each(|(fh, buf)| fast::pack_kv(qkv, s, heads, hd, fh / heads, fh % heads, buf));
         let chunks = s.div_ceil(QCHUNK);
         let op = out.pairs_mut().as_mut_ptr() as usize;
         (0..frames * heads * chunks).into_par_iter().for_each(|t| {
@@ -85,10 +96,10 @@ pub fn attention_qkv_bf16(qkv: &Bf16Rows, frames: usize, heads: usize, hd: usize
 mod fast {
     use std::cell::RefCell;
 
-    use super::super::matmul_bf16_packed::{MR, NR};
     use super::super::attention::fully_masked_weight;
     use super::super::bf16::Bf16Rows;
     use super::super::matmul_bf16_fused::{tile, Epi};
+    use super::super::matmul_bf16_packed::{MR, NR};
     use super::super::simd::x86::lanes;
     use super::QB;
     use core::arch::x86_64::*;
@@ -150,7 +161,20 @@ mod fast {
     /// avx512f/bw + avx512bf16; shapes as checked by `check`; `out` is the output's bf16 data.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn task(qkv: &Bf16Rows, s: usize, heads: usize, hd: usize, f: usize, h: usize, q0: usize, nq: usize, kb: Option<&[f32]>, kv: &[u32], scale: f32, out: *mut u16) {
+    pub(super) unsafe fn task(
+        qkv: &Bf16Rows,
+        s: usize,
+        heads: usize,
+        hd: usize,
+        f: usize,
+        h: usize,
+        q0: usize,
+        nq: usize,
+        kb: Option<&[f32]>,
+        kv: &[u32],
+        scale: f32,
+        out: *mut u16,
+    ) {
         SCRATCH.with(|sc| {
             let sc = &mut *sc.borrow_mut();
             let (d, hp, ldq, sp2) = (heads * hd, hd / 2, qkv.kp2(), s.div_ceil(2));
@@ -169,8 +193,28 @@ mod fast {
                     let rows = MR.min(qb - ir);
                     let a = src.as_ptr().add((row0 + i0 + ir) * ldq + h * hp);
                     for jp in 0..kpanels {
-                        let epi = Epi { dst: scores.add(ir * s + jp * NR) as *mut u8, ld: s, bf16: false, accumulate: false, scale, row_scale: std::ptr::null(), bias: std::ptr::null(), gelu: false };
-                        tile(hp, a, ldq, rows, kpack.as_ptr().add(jp * hp * NR), NR.min(s - jp * NR), std::ptr::null(), std::ptr::null_mut(), 0, &epi);
+                        let epi = Epi {
+                            dst: scores.add(ir * s + jp * NR) as *mut u8,
+                            ld: s,
+                            bf16: false,
+                            accumulate: false,
+                            scale,
+                            row_scale: std::ptr::null(),
+                            bias: std::ptr::null(),
+                            gelu: false,
+                        };
+                        tile(
+                            hp,
+                            a,
+                            ldq,
+                            rows,
+                            kpack.as_ptr().add(jp * hp * NR),
+                            NR.min(s - jp * NR),
+                            std::ptr::null(),
+                            std::ptr::null_mut(),
+                            0,
+                            &epi,
+                        );
                     }
                 }
                 for r in 0..qb {
@@ -181,8 +225,28 @@ mod fast {
                     let rows = MR.min(qb - ir);
                     for dp in 0..vpanels {
                         let dst = out.add((row0 + i0 + ir) * ldo + h * hd + dp * NR);
-                        let epi = Epi { dst: dst as *mut u8, ld: ldo, bf16: true, accumulate: false, scale: 1.0, row_scale: rs.add(ir), bias: std::ptr::null(), gelu: false };
-                        tile(sp2, pbuf.add(ir * sp2), sp2, rows, vpack.as_ptr().add(dp * sp2 * NR), NR.min(hd - dp * NR), std::ptr::null(), std::ptr::null_mut(), 0, &epi);
+                        let epi = Epi {
+                            dst: dst as *mut u8,
+                            ld: ldo,
+                            bf16: true,
+                            accumulate: false,
+                            scale: 1.0,
+                            row_scale: rs.add(ir),
+                            bias: std::ptr::null(),
+                            gelu: false,
+                        };
+                        tile(
+                            sp2,
+                            pbuf.add(ir * sp2),
+                            sp2,
+                            rows,
+                            vpack.as_ptr().add(dp * sp2 * NR),
+                            NR.min(hd - dp * NR),
+                            std::ptr::null(),
+                            std::ptr::null_mut(),
+                            0,
+                            &epi,
+                        );
                     }
                 }
             }
@@ -247,7 +311,15 @@ mod fast {
 }
 
 /// [`attention_qkv_bf16`] on any CPU: the same roundings, f32 sums in plain loops.
-pub fn attention_qkv_bf16_portable(qkv: &Bf16Rows, frames: usize, heads: usize, hd: usize, key_valid: Option<&[bool]>, scale: f32, out: &mut Bf16Rows) {
+pub fn attention_qkv_bf16_portable(
+    qkv: &Bf16Rows,
+    frames: usize,
+    heads: usize,
+    hd: usize,
+    key_valid: Option<&[bool]>,
+    scale: f32,
+    out: &mut Bf16Rows,
+) {
     let s = check(qkv, frames, heads, hd, key_valid, out);
     let d = heads * hd;
     let x = qkv.to_f32(); // [F * S, 3D], exact
@@ -292,7 +364,15 @@ mod tests {
     use crate::ops::matmul_bf16_packed::tests::rng_vec;
 
     /// f64 softmax attention on the bf16-rounded q, k, v (probabilities not rounded).
-    fn reference(x: &[f32], frames: usize, s: usize, heads: usize, hd: usize, key_valid: Option<&[bool]>, scale: f64) -> Vec<f64> {
+    fn reference(
+        x: &[f32],
+        frames: usize,
+        s: usize,
+        heads: usize,
+        hd: usize,
+        key_valid: Option<&[bool]>,
+        scale: f64,
+    ) -> Vec<f64> {
         let d = heads * hd;
         let mut out = vec![0f64; frames * s * d];
         for f in 0..frames {
@@ -301,9 +381,20 @@ mod tests {
                 for i in 0..s {
                     let ok = |j: usize| key_valid.is_none_or(|m| m[f * s + j]);
                     let any = (0..s).any(ok);
-                    let sc: Vec<f64> = (0..s).map(|j| (0..hd).map(|c| at(i, 0, c) * at(j, 1, c)).sum::<f64>() * scale).collect();
+                    let sc: Vec<f64> =
+                        (0..s).map(|j| (0..hd).map(|c| at(i, 0, c) * at(j, 1, c)).sum::<f64>() * scale).collect();
                     let max = (0..s).filter(|&j| ok(j)).map(|j| sc[j]).fold(f64::NEG_INFINITY, f64::max);
-                    let e: Vec<f64> = (0..s).map(|j| if !any { 1.0 } else if ok(j) { (sc[j] - max).exp() } else { 0.0 }).collect();
+                    let e: Vec<f64> = (0..s)
+                        .map(|j| {
+                            if !any {
+                                1.0
+                            } else if ok(j) {
+                                (sc[j] - max).exp()
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
                     let z: f64 = e.iter().sum();
                     for c in 0..hd {
                         out[(f * s + i) * d + h * hd + c] = (0..s).map(|j| e[j] * at(j, 2, c)).sum::<f64>() / z;
@@ -318,7 +409,15 @@ mod tests {
     fn attention_bf16_matches_f64_reference() {
         // (frames, S, heads, hd, mask): odd S, S across NR / QB / QCHUNK, hd below NR, hidden keys,
         // a frame with every key hidden.
-        for (ci, &(frames, s, heads, hd, masked)) in [(1usize, 7usize, 1usize, 64usize, false), (2, 77, 3, 32, true), (2, 300, 2, 64, true), (1, 129, 2, 80, false)].iter().enumerate() {
+        for (ci, &(frames, s, heads, hd, masked)) in [
+            (1usize, 7usize, 1usize, 64usize, false),
+            (2, 77, 3, 32, true),
+            (2, 300, 2, 64, true),
+            (1, 129, 2, 80, false),
+        ]
+        .iter()
+        .enumerate()
+        {
             let d = heads * hd;
             let x: Vec<f32> = rng_vec(frames * s * 3 * d, 40 + ci as u64).into_iter().map(|v| v * 2.0).collect();
             let qkv = Bf16Rows::from_f32(&x, frames * s, 3 * d);

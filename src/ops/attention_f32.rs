@@ -57,7 +57,15 @@ impl CustomOp3 for FusedAttention {
         "fused-attention"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (b, h, l, hd) = l1.shape().dims4()?;
         let (_, hkv, s, _) = l2.shape().dims4()?;
         if l3.shape().dims() != l2.shape().dims() || hkv == 0 || h % hkv != 0 {
@@ -85,21 +93,68 @@ impl CustomOp3 for FusedAttention {
                 let pb = &mut p[..qb * s];
                 // SAFETY: qs rows i0.. [qb, hd] row-major, kt [hd, S] row-major, pb [qb, S]; all in bounds.
                 unsafe {
-                    gemm(qb, s, hd, pb.as_mut_ptr(), 1, s as isize, false, qs[i0 * hd..].as_ptr(), 1, hd as isize, kt.as_ptr(), 1, s as isize, 0.0, self.scale, false, false, false, Parallelism::None);
+                    gemm(
+                        qb,
+                        s,
+                        hd,
+                        pb.as_mut_ptr(),
+                        1,
+                        s as isize,
+                        false,
+                        qs[i0 * hd..].as_ptr(),
+                        1,
+                        hd as isize,
+                        kt.as_ptr(),
+                        1,
+                        s as isize,
+                        0.0,
+                        self.scale,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
                 }
                 for (r, row) in pb.chunks_exact_mut(s).enumerate() {
                     softmax_row(row, |j| self.mask.allowed(bi, i0 + r, j, l, s));
                 }
                 // SAFETY: pb [qb, S], vs [S, hd], o rows i0.. [qb, hd]; all row-major and in bounds.
                 unsafe {
-                    gemm(qb, hd, s, o[i0 * hd..].as_mut_ptr(), 1, hd as isize, false, pb.as_ptr(), 1, s as isize, vs.as_ptr(), 1, hd as isize, 0.0, 1.0, false, false, false, Parallelism::None);
+                    gemm(
+                        qb,
+                        hd,
+                        s,
+                        o[i0 * hd..].as_mut_ptr(),
+                        1,
+                        hd as isize,
+                        false,
+                        pb.as_ptr(),
+                        1,
+                        s as isize,
+                        vs.as_ptr(),
+                        1,
+                        hd as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
                 }
             }
         });
         Ok((CpuStorage::F32(out), Shape::from((b, h, l, hd))))
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, d_o: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        d_o: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let need = Need { q: q.track_op(), k: k.track_op(), v: v.track_op() };
         if !(need.q || need.k || need.v) {
             return Ok((None, None, None));
@@ -108,7 +163,8 @@ impl CustomOp3 for FusedAttention {
         let (_, hkv, s, _) = k.dims4()?;
         let d_o = d_o.contiguous()?;
         let (dq, dk, dv) = {
-            let ((qs, ql), (ks, kl), (vs, vl)) = (q.storage_and_layout(), k.storage_and_layout(), v.storage_and_layout());
+            let ((qs, ql), (ks, kl), (vs, vl)) =
+                (q.storage_and_layout(), k.storage_and_layout(), v.storage_and_layout());
             let ((os, ol), (gs, gl)) = (o.storage_and_layout(), d_o.storage_and_layout());
             let t = Tensors {
                 q: storage_f32(&qs, ql, "q")?,
@@ -153,8 +209,6 @@ struct Tensors<'a> {
     d_o: &'a [f32],
 }
 
-
-
 impl FusedAttention {
     /// Returns (dq, dk, dv); a gradient that is not needed comes back empty.
     fn backward(&self, t: &Tensors, dims: Dims, need: Need) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
@@ -164,7 +218,8 @@ impl FusedAttention {
         let tasks = b * hkv;
         let (qlen, kvlen) = (groups * l * hd, s * hd); // per task: the group's query rows, one kv head
         let alloc = |yes: bool, n: usize| if yes { vec![0f32; n] } else { Vec::new() };
-        let (mut dq, mut dk, mut dv) = (alloc(need.q, tasks * qlen), alloc(need.k, tasks * kvlen), alloc(need.v, tasks * kvlen));
+        let (mut dq, mut dk, mut dv) =
+            (alloc(need.q, tasks * qlen), alloc(need.k, tasks * kvlen), alloc(need.v, tasks * kvlen));
         fn chunks(x: &mut [f32], n: usize, tasks: usize) -> Vec<Option<&mut [f32]>> {
             if x.is_empty() {
                 (0..tasks).map(|_| None).collect()
@@ -172,11 +227,17 @@ impl FusedAttention {
                 x.chunks_mut(n).map(Some).collect()
             }
         }
-        let work: Vec<_> = chunks(&mut dq, qlen, tasks).into_iter().zip(chunks(&mut dk, kvlen, tasks)).zip(chunks(&mut dv, kvlen, tasks)).enumerate().collect();
+        let work: Vec<_> = chunks(&mut dq, qlen, tasks)
+            .into_iter()
+            .zip(chunks(&mut dk, kvlen, tasks))
+            .zip(chunks(&mut dv, kvlen, tasks))
+            .enumerate()
+            .collect();
         work.into_par_iter().for_each(|(task, ((mut dq, mut dk), mut dv))| {
             let bi = task / hkv;
             let rows = groups * l; // query rows of the group: head g row i at g * l + i
-            let (qs, os, gs) = (&t.q[task * qlen..][..qlen], &t.o[task * qlen..][..qlen], &t.d_o[task * qlen..][..qlen]);
+            let (qs, os, gs) =
+                (&t.q[task * qlen..][..qlen], &t.o[task * qlen..][..qlen], &t.d_o[task * qlen..][..qlen]);
             let (ks, vs) = (&t.k[task * kvlen..][..kvlen], &t.v[task * kvlen..][..kvlen]);
             let kt = transpose(ks, s, hd); // [hd, S]
             let vt = if need_ds { transpose(vs, s, hd) } else { Vec::new() }; // [hd, S]
@@ -189,7 +250,27 @@ impl FusedAttention {
                 let (q_blk, do_blk) = (&qs[r0 * hd..], &gs[r0 * hd..]);
                 // SAFETY: pb [qb, S], q_blk [qb, hd], kt [hd, S]; row-major with the strides given, in bounds.
                 unsafe {
-                    gemm(qb, s, hd, pb.as_mut_ptr(), 1, s as isize, false, q_blk.as_ptr(), 1, hd as isize, kt.as_ptr(), 1, s as isize, 0.0, self.scale, false, false, false, Parallelism::None);
+                    gemm(
+                        qb,
+                        s,
+                        hd,
+                        pb.as_mut_ptr(),
+                        1,
+                        s as isize,
+                        false,
+                        q_blk.as_ptr(),
+                        1,
+                        hd as isize,
+                        kt.as_ptr(),
+                        1,
+                        s as isize,
+                        0.0,
+                        self.scale,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
                 }
                 for (r, row) in pb.chunks_exact_mut(s).enumerate() {
                     let i = (r0 + r) % l;
@@ -199,7 +280,27 @@ impl FusedAttention {
                     // dV [S, hd] += P^T [S, qb] dO [qb, hd]
                     // SAFETY: dv [S, hd], pb [qb, S] read transposed, do_blk [qb, hd]; all in bounds.
                     unsafe {
-                        gemm(s, hd, qb, dv.as_mut_ptr(), 1, hd as isize, true, pb.as_ptr(), s as isize, 1, do_blk.as_ptr(), 1, hd as isize, 1.0, 1.0, false, false, false, Parallelism::None);
+                        gemm(
+                            s,
+                            hd,
+                            qb,
+                            dv.as_mut_ptr(),
+                            1,
+                            hd as isize,
+                            true,
+                            pb.as_ptr(),
+                            s as isize,
+                            1,
+                            do_blk.as_ptr(),
+                            1,
+                            hd as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            Parallelism::None,
+                        );
                     }
                 }
                 if !need_ds {
@@ -209,7 +310,27 @@ impl FusedAttention {
                 // dP [qb, S] = dO [qb, hd] V^T [hd, S]
                 // SAFETY: dpb [qb, S], do_blk [qb, hd], vt [hd, S]; all row-major and in bounds.
                 unsafe {
-                    gemm(qb, s, hd, dpb.as_mut_ptr(), 1, s as isize, false, do_blk.as_ptr(), 1, hd as isize, vt.as_ptr(), 1, s as isize, 0.0, 1.0, false, false, false, Parallelism::None);
+                    gemm(
+                        qb,
+                        s,
+                        hd,
+                        dpb.as_mut_ptr(),
+                        1,
+                        s as isize,
+                        false,
+                        do_blk.as_ptr(),
+                        1,
+                        hd as isize,
+                        vt.as_ptr(),
+                        1,
+                        s as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
                 }
                 // dS = P * (dP - rowsum(dO * O)), written over P. Masked entries have P = 0 -> dS = 0; a
                 // fully masked row has uniform P like the reference's f32::MIN bias, and gets the same
@@ -223,14 +344,54 @@ impl FusedAttention {
                     // dQ [qb, hd] = scale dS [qb, S] K [S, hd]
                     // SAFETY: dq rows r0.. [qb, hd], pb [qb, S], ks [S, hd]; all row-major and in bounds.
                     unsafe {
-                        gemm(qb, hd, s, dq[r0 * hd..].as_mut_ptr(), 1, hd as isize, false, pb.as_ptr(), 1, s as isize, ks.as_ptr(), 1, hd as isize, 0.0, self.scale, false, false, false, Parallelism::None);
+                        gemm(
+                            qb,
+                            hd,
+                            s,
+                            dq[r0 * hd..].as_mut_ptr(),
+                            1,
+                            hd as isize,
+                            false,
+                            pb.as_ptr(),
+                            1,
+                            s as isize,
+                            ks.as_ptr(),
+                            1,
+                            hd as isize,
+                            0.0,
+                            self.scale,
+                            false,
+                            false,
+                            false,
+                            Parallelism::None,
+                        );
                     }
                 }
                 if let Some(dk) = dk.as_deref_mut() {
                     // dK [S, hd] += scale dS^T [S, qb] Q [qb, hd]
                     // SAFETY: dk [S, hd], pb [qb, S] read transposed, q_blk [qb, hd]; all in bounds.
                     unsafe {
-                        gemm(s, hd, qb, dk.as_mut_ptr(), 1, hd as isize, true, pb.as_ptr(), s as isize, 1, q_blk.as_ptr(), 1, hd as isize, 1.0, self.scale, false, false, false, Parallelism::None);
+                        gemm(
+                            s,
+                            hd,
+                            qb,
+                            dk.as_mut_ptr(),
+                            1,
+                            hd as isize,
+                            true,
+                            pb.as_ptr(),
+                            s as isize,
+                            1,
+                            q_blk.as_ptr(),
+                            1,
+                            hd as isize,
+                            1.0,
+                            self.scale,
+                            false,
+                            false,
+                            false,
+                            Parallelism::None,
+                        );
                     }
                 }
             }

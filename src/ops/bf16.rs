@@ -104,6 +104,10 @@ impl Bf16Rows {
     pub(crate) fn set_bits(&mut self, r: usize, c: usize, bits: u16) {
         let i = r * self.kp2() + c / 2;
         let pair = self.data[i];
-        self.data[i] = if c.is_multiple_of(2) { (pair & 0xffff_0000) | bits as u32 } else { (pair & 0xffff) | (bits as u32) << 16 };
+        self.data[i] = if c.is_multiple_of(2) {
+            (pair & 0xffff_0000) | bits as u32
+        } else {
+            (pair & 0xffff) | (bits as u32) << 16
+        };
     }
 }

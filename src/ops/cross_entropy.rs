@@ -49,7 +49,9 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     let (n, v) = logits.dims2()?;
     check_targets("cross_entropy_rows", n, v, targets)?;
     if logits.dtype() == DType::F32 && logits.device().is_cpu() {
-        logits.contiguous()?.apply_op1(CrossEntropy { targets: Arc::new(targets.to_vec()), lse: Arc::new(OnceLock::new()) })
+        logits
+            .contiguous()?
+            .apply_op1(CrossEntropy { targets: Arc::new(targets.to_vec()), lse: Arc::new(OnceLock::new()) })
     } else {
         cross_entropy_rows_reference(logits, targets)
     }
@@ -83,7 +85,12 @@ impl CustomOp1 for CrossEntropy {
         let (n, v) = l.shape().dims2()?;
         check_targets("cross-entropy-rows", n, v, &self.targets)?;
         let lse: Vec<f32> = logits.par_chunks(v.max(1)).map(|r| row_lse(r).1).collect(); // [N]
-        let loss: Vec<f32> = lse.iter().zip(self.targets.iter()).enumerate().map(|(i, (lse, &t))| lse - logits[i * v + t as usize]).collect();
+        let loss: Vec<f32> = lse
+            .iter()
+            .zip(self.targets.iter())
+            .enumerate()
+            .map(|(i, (lse, &t))| lse - logits[i * v + t as usize])
+            .collect();
         let _ = self.lse.set(lse);
         Ok((CpuStorage::F32(loss), Shape::from(n)))
     }

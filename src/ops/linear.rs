@@ -5,8 +5,8 @@
 //! quantized kind), each with a matmul and a backward to the input.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
-use rayon::prelude::*;
 use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
 
 use std::sync::Arc;
 
@@ -58,7 +58,11 @@ impl Linear {
     /// A layer computing in `compute`: a bf16 weight with an f32 compute dtype stays bf16 ([`Weight::Bf16`]).
     pub fn with_compute_dtype(weight: Tensor, bias: Option<Tensor>, compute: DType) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
-        let weight = if weight.dtype() == DType::BF16 && compute == DType::F32 { Weight::Bf16(weight) } else { Weight::Dense(weight) };
+        let weight = if weight.dtype() == DType::BF16 && compute == DType::F32 {
+            Weight::Bf16(weight)
+        } else {
+            Weight::Dense(weight)
+        };
         Ok(Linear { weight, bias, in_features, out_features, adapter: None })
     }
 
@@ -72,7 +76,9 @@ impl Linear {
             let packed = {
                 let (s, l) = w.storage_and_layout();
                 match (&*s, l.contiguous_offsets()) {
-                    (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => matmul_bf16_packed::pack(&v[a..b], out_features, in_features),
+                    (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => {
+                        matmul_bf16_packed::pack(&v[a..b], out_features, in_features)
+                    }
                     _ => candle_core::bail!("bf16_compute: expected a contiguous bf16 CPU weight"),
                 }
             };
@@ -114,12 +120,14 @@ impl Linear {
         let b = if bias { Some(ctx.get(store, &format!("{prefix}.bias"), &[out_features])?) } else { None };
         if let Some(q) = crate::quant::load::linear(store, prefix, (out_features, in_features), ctx)? {
             // bnb_4bit_compute_dtype applies to 4-bit layers; int8 layers compute as bitsandbytes does.
-            let bf16 = ctx.quant.as_ref().is_some_and(|c| c.compute_bf16) && matches!(*q, crate::quant::QuantWeight::FourBit(_));
+            let bf16 = ctx.quant.as_ref().is_some_and(|c| c.compute_bf16)
+                && matches!(*q, crate::quant::QuantWeight::FourBit(_));
             return Ok(Linear::quantized(q, b, bf16));
         }
         if ctx.bf16_compute && ctx.dtype == DType::F32 {
             let w = store.get(&format!("{prefix}.weight"), &[out_features, in_features], DType::BF16, &ctx.device)?;
-            return Linear::bf16_compute(w, b).map_err(|e| CheckpointError::Io { file: "<memory>".into(), msg: e.to_string() });
+            return Linear::bf16_compute(w, b)
+                .map_err(|e| CheckpointError::Io { file: "<memory>".into(), msg: e.to_string() });
         }
         let w = ctx.get_storage(store, &format!("{prefix}.weight"), &[out_features, in_features])?;
         let weight = if w.dtype() != ctx.dtype { Weight::Bf16(w) } else { Weight::Dense(w) };
@@ -191,7 +199,8 @@ impl Linear {
         if let crate::quant::QuantWeight::Int8(w) = &**q {
             if !x2.track_op() && !w.training.load(std::sync::atomic::Ordering::SeqCst) {
                 let n = x2.dim(0)?;
-                let bias: Option<Vec<f32>> = self.bias.as_ref().map(|b| b.to_dtype(DType::F32)?.to_vec1()).transpose()?;
+                let bias: Option<Vec<f32>> =
+                    self.bias.as_ref().map(|b| b.to_dtype(DType::F32)?.to_vec1()).transpose()?;
                 let y = with_f32(&x2, |xs| w.forward_lt(xs, n, bias.as_deref()))?;
                 return Tensor::from_vec(y, (n, self.out_features), x2.device());
             }
@@ -243,7 +252,9 @@ impl Linear {
     pub fn dense_weight(&self) -> Result<Tensor> {
         match &self.weight {
             Weight::Dense(w) | Weight::Bf16(w) | Weight::PackedBf16 { w, .. } => Ok(w.clone()),
-            Weight::Quant { q, .. } => Tensor::from_vec(q.dequantize(), (self.out_features, self.in_features), &candle_core::Device::Cpu),
+            Weight::Quant { q, .. } => {
+                Tensor::from_vec(q.dequantize(), (self.out_features, self.in_features), &candle_core::Device::Cpu)
+            }
         }
     }
 }
@@ -306,12 +317,36 @@ fn linear_fwd_kernel(x: &[f32], n: usize, k: usize, w: &WSlice, out: usize, bias
             // SAFETY: y is [n, out] row-major; x is [n, k] row-major; W^T is read from W [out, k]
             // with row stride 1 and column stride k.
             unsafe {
-                gemm::gemm(n, out, k, y.as_mut_ptr(), 1, out as isize, bias.is_some(), x.as_ptr(), 1, k as isize, w.as_ptr(), k as isize, 1, 1.0, 1.0, false, false, false, parallelism());
+                gemm::gemm(
+                    n,
+                    out,
+                    k,
+                    y.as_mut_ptr(),
+                    1,
+                    out as isize,
+                    bias.is_some(),
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr(),
+                    k as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism(),
+                );
             }
             y
         }
         WSlice::Bf16(w) => {
-            let mut y = if n <= GEMV_MAX_ROWS { super::matmul_bf16_skinny::gemv_bf16(x, n, k, w, out) } else { super::matmul_bf16_skinny::matmul_bf16_wide(x, n, k, w, out, None) };
+            let mut y = if n <= GEMV_MAX_ROWS {
+                super::matmul_bf16_skinny::gemv_bf16(x, n, k, w, out)
+            } else {
+                super::matmul_bf16_skinny::matmul_bf16_wide(x, n, k, w, out, None)
+            };
             if let Some(b) = bias {
                 y.par_chunks_mut(out.max(1)).for_each(|r| r.iter_mut().zip(b).for_each(|(y, b)| *y += b));
             }
@@ -327,7 +362,27 @@ fn linear_dx_kernel(g: &[f32], n: usize, k: usize, w: &WSlice, out: usize) -> Ve
     match w {
         WSlice::F32(w) => unsafe {
             // SAFETY: dx [n, k], g [n, out], W [out, k], all row-major and of those sizes.
-            gemm::gemm(n, k, out, dx.as_mut_ptr(), 1, k as isize, false, g.as_ptr(), 1, out as isize, w.as_ptr(), 1, k as isize, 0.0, 1.0, false, false, false, parallelism());
+            gemm::gemm(
+                n,
+                k,
+                out,
+                dx.as_mut_ptr(),
+                1,
+                k as isize,
+                false,
+                g.as_ptr(),
+                1,
+                out as isize,
+                w.as_ptr(),
+                1,
+                k as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism(),
+            );
         },
         WSlice::Bf16(w) => {
             let rows = (WIDEN_BLOCK_ELEMS / k.max(1)).clamp(1, out.max(1));
@@ -335,13 +390,35 @@ fn linear_dx_kernel(g: &[f32], n: usize, k: usize, w: &WSlice, out: usize) -> Ve
             let mut o0 = 0;
             while o0 < out {
                 let ob = rows.min(out - o0);
-                scratch[..ob * k].par_chunks_mut(4096).zip(w[o0 * k..(o0 + ob) * k].par_chunks(4096)).for_each(|(d, s)| {
-                    d.iter_mut().zip(s).for_each(|(d, &b)| *d = f32::from_bits((b as u32) << 16));
-                });
+                scratch[..ob * k].par_chunks_mut(4096).zip(w[o0 * k..(o0 + ob) * k].par_chunks(4096)).for_each(
+                    |(d, s)| {
+                        d.iter_mut().zip(s).for_each(|(d, &b)| *d = f32::from_bits((b as u32) << 16));
+                    },
+                );
                 // SAFETY: dx [n, k]; lhs is the [n, ob] column block g[:, o0..o0+ob] (row stride out);
                 // rhs is scratch [ob, k] row-major.
                 unsafe {
-                    gemm::gemm(n, k, ob, dx.as_mut_ptr(), 1, k as isize, o0 > 0, g.as_ptr().add(o0), 1, out as isize, scratch.as_ptr(), 1, k as isize, 1.0, 1.0, false, false, false, parallelism());
+                    gemm::gemm(
+                        n,
+                        k,
+                        ob,
+                        dx.as_mut_ptr(),
+                        1,
+                        k as isize,
+                        o0 > 0,
+                        g.as_ptr().add(o0),
+                        1,
+                        out as isize,
+                        scratch.as_ptr(),
+                        1,
+                        k as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        parallelism(),
+                    );
                 }
                 o0 += ob;
             }
@@ -356,7 +433,27 @@ fn linear_dw_kernel(g: &[f32], x: &[f32], n: usize, k: usize, out: usize) -> Vec
     // SAFETY: dw [out, k] row-major; g^T is read from g [n, out] (row stride 1, column stride out);
     // x [n, k] row-major.
     unsafe {
-        gemm::gemm(out, k, n, dw.as_mut_ptr(), 1, k as isize, false, g.as_ptr(), out as isize, 1, x.as_ptr(), 1, k as isize, 0.0, 1.0, false, false, false, parallelism());
+        gemm::gemm(
+            out,
+            k,
+            n,
+            dw.as_mut_ptr(),
+            1,
+            k as isize,
+            false,
+            g.as_ptr(),
+            out as isize,
+            1,
+            x.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
     }
     dw
 }
@@ -372,10 +469,13 @@ fn linear_db_kernel(g: &[f32], n: usize, out: usize) -> Vec<f32> {
             }
             acc
         })
-        .reduce(|| vec![0f32; out], |mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-            a
-        })
+        .reduce(
+            || vec![0f32; out],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        )
 }
 
 /// y = x W^T (+ b) as a custom op on (x [N, in], W [out, in] f32 or bf16[, b [out] f32]).
@@ -383,19 +483,37 @@ fn linear_db_kernel(g: &[f32], n: usize, out: usize) -> Vec<f32> {
 struct LinearOp;
 
 impl LinearOp {
-    fn forward(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, b: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
+    fn forward(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        b: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_arg(xs, xl, "linear")?; // [N, in]
         let w = w_arg(ws, wl)?; // [out, in]
         let (n, k) = xl.shape().dims2()?;
         let (out, k2) = wl.shape().dims2()?;
         if k != k2 || b.is_some_and(|b| b.len() != out) {
-            candle_core::bail!("linear: x {:?}, weight {:?}, bias {:?} do not match", xl.shape(), wl.shape(), b.map(|b| b.len()));
+            candle_core::bail!(
+                "linear: x {:?}, weight {:?}, bias {:?} do not match",
+                xl.shape(),
+                wl.shape(),
+                b.map(|b| b.len())
+            );
         }
         Ok((CpuStorage::F32(linear_fwd_kernel(x, n, k, &w, out, b)), Shape::from((n, out))))
     }
 
     /// (dx, dW, db), each only where its argument is tracked.
-    fn backward(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, k) = x.dims2()?;
         let out = w.dim(0)?;
         let dev = x.device();
@@ -420,7 +538,9 @@ impl LinearOp {
             None
         };
         let db = match b {
-            Some(b) if b.track_op() => Some(Tensor::from_vec(with_f32(&g, |g| linear_db_kernel(g, n, out))?, out, dev)?.to_dtype(b.dtype())?),
+            Some(b) if b.track_op() => {
+                Some(Tensor::from_vec(with_f32(&g, |g| linear_db_kernel(g, n, out))?, out, dev)?.to_dtype(b.dtype())?)
+            }
             _ => None,
         };
         Ok((dx, dw, db))
@@ -444,11 +564,26 @@ impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
         "linear-bias"
     }
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let b = f32_arg(bs, bl, "linear")?;
         self.forward(xs, xl, ws, wl, Some(b))
     }
-    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         self.backward(x, w, Some(b), g)
     }
 }

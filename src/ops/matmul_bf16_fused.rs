@@ -70,9 +70,20 @@ fn check(a: &Bf16Rows, jobs: &[Job], out: &Out) -> usize {
     };
     let mut spans: Vec<(usize, usize)> = Vec::new();
     for j in jobs {
-        assert_eq!(j.w.in_features(), a.k, "gemm_fused: weight in_features {} vs input width {}", j.w.in_features(), a.k);
+        assert_eq!(
+            j.w.in_features(),
+            a.k,
+            "gemm_fused: weight in_features {} vs input width {}",
+            j.w.in_features(),
+            a.k
+        );
         assert!(j.bias.is_none_or(|b| b.len() == j.w.out_features()), "gemm_fused: bias length");
-        assert!(j.col0 + j.w.out_features() <= width, "gemm_fused: columns {}..{} past the output width {width}", j.col0, j.col0 + j.w.out_features());
+        assert!(
+            j.col0 + j.w.out_features() <= width,
+            "gemm_fused: columns {}..{} past the output width {width}",
+            j.col0,
+            j.col0 + j.w.out_features()
+        );
         spans.push((j.col0, j.col0 + j.w.out_features()));
     }
     spans.sort_unstable();
@@ -142,7 +153,8 @@ unsafe fn run_fast(a: &Bf16Rows, jobs: &[Job], gelu: bool, dst: *mut u8, ld: usi
                 for ir in (r0..r1).step_by(MR) {
                     let rows = MR.min(r1 - ir);
                     for jp in p0..p1 {
-                        let part = if kp2 > KC { sp.add((ir - r0) * NCP * NR + (jp - p0) * NR) } else { std::ptr::null_mut() };
+                        let part =
+                            if kp2 > KC { sp.add((ir - r0) * NCP * NR + (jp - p0) * NR) } else { std::ptr::null_mut() };
                         let col = job.col0 + jp * NR;
                         let epi = Epi {
                             dst: (dp as *mut u8).add((ir * ld + col) * esize),
@@ -157,7 +169,18 @@ unsafe fn run_fast(a: &Bf16Rows, jobs: &[Job], gelu: bool, dst: *mut u8, ld: usi
                         let part_in = if kb > 0 { part as *const f32 } else { std::ptr::null() };
                         let part_out = if last { std::ptr::null_mut() } else { part };
                         let b = wp.add(jp * kp2 * NR + kb * NR);
-                        tile(kc, (ap as *const u32).add(ir * kp2 + kb), kp2, rows, b, NR.min(out - jp * NR), part_in, part_out, NCP * NR, &epi);
+                        tile(
+                            kc,
+                            (ap as *const u32).add(ir * kp2 + kb),
+                            kp2,
+                            rows,
+                            b,
+                            NR.min(out - jp * NR),
+                            part_in,
+                            part_out,
+                            NCP * NR,
+                            &epi,
+                        );
                     }
                 }
                 kb += kc;
@@ -268,7 +291,15 @@ mod tests {
     use crate::ops::matmul_bf16_packed::tests::rng_vec;
 
     /// f64 reference: epilogue(x_bf16 @ w^T + b) per job, with the residual `init` (or 0).
-    fn reference(x: &[f32], n: usize, k: usize, ws: &[(Vec<bf16>, usize, Vec<f32>, usize)], gelu: bool, ld: usize, init: &[f32]) -> Vec<f64> {
+    fn reference(
+        x: &[f32],
+        n: usize,
+        k: usize,
+        ws: &[(Vec<bf16>, usize, Vec<f32>, usize)],
+        gelu: bool,
+        ld: usize,
+        init: &[f32],
+    ) -> Vec<f64> {
         let mut y: Vec<f64> = init.iter().map(|&v| v as f64).collect();
         for (w, o, b, col0) in ws {
             for r in 0..n {
@@ -298,9 +329,16 @@ mod tests {
         }
         let ld = col0 + 3;
         let packed: Vec<PackedBf16> = ws.iter().map(|(w, o, _, _)| matmul_bf16_packed::pack(w, *o, k)).collect();
-        let jobs: Vec<Job> = ws.iter().zip(&packed).map(|((_, _, b, c), p)| Job { w: p, bias: Some(b), col0: *c }).collect();
+        let jobs: Vec<Job> =
+            ws.iter().zip(&packed).map(|((_, _, b, c), p)| Job { w: p, bias: Some(b), col0: *c }).collect();
         let a = Bf16Rows::from_f32(&x, n, k);
-        let go = |out: Out| if portable { gemm_fused_portable(&a, &jobs, gelu, out) } else { gemm_fused(&a, &jobs, gelu, out) };
+        let go = |out: Out| {
+            if portable {
+                gemm_fused_portable(&a, &jobs, gelu, out)
+            } else {
+                gemm_fused(&a, &jobs, gelu, out)
+            }
+        };
         // f32 with residual
         let init = rng_vec(n * ld, seed + 99);
         let mut y = init.clone();
@@ -308,7 +346,10 @@ mod tests {
         let want = reference(&x, n, k, &ws, gelu, ld, &init);
         let tol = 2e-5 * (k as f64).sqrt() + 1e-6;
         for (i, (&g, &w)) in y.iter().zip(&want).enumerate() {
-            assert!((g as f64 - w).abs() <= tol * (1.0 + w.abs()), "n={n} k={k} outs={outs:?} gelu={gelu} portable={portable}: y[{i}] {g} vs {w}");
+            assert!(
+                (g as f64 - w).abs() <= tol * (1.0 + w.abs()),
+                "n={n} k={k} outs={outs:?} gelu={gelu} portable={portable}: y[{i}] {g} vs {w}"
+            );
         }
         // bf16 rows, no residual: equal to the f32 result rounded (up to one bf16 step)
         let mut yb = Bf16Rows::zeros(n, ld);
@@ -324,7 +365,11 @@ mod tests {
     #[test]
     fn gemm_fused_matches_f64_reference() {
         // n across MR / MC boundaries, out not a multiple of NR, odd k, k over several KC blocks.
-        for (si, &(n, k, ref outs)) in [(1usize, 7usize, vec![5usize]), (7, 33, vec![31, 65]), (100, 577, vec![129, 64, 3]), (197, 130, vec![200])].iter().enumerate() {
+        for (si, &(n, k, ref outs)) in
+            [(1usize, 7usize, vec![5usize]), (7, 33, vec![31, 65]), (100, 577, vec![129, 64, 3]), (197, 130, vec![200])]
+                .iter()
+                .enumerate()
+        {
             for gelu in [false, true] {
                 run_case(n, k, outs, gelu, false, 7 + si as u64);
                 run_case(n, k, outs, gelu, true, 7 + si as u64);

@@ -232,7 +232,6 @@ pub(crate) mod fast {
     use core::arch::x86_64::*;
     use rayon::prelude::*;
 
-
     /// # Safety
     /// Needs avx512f + avx512bf16; `xa` is `[n, w.kp2]`, `y` is `[n, w.out]`.
     pub(super) unsafe fn run(xa: &[u32], n: usize, w: &PackedBf16, y: &mut [f32]) {
@@ -284,7 +283,13 @@ pub(crate) mod fast {
     /// `lda`), `b` for `kc * NR` pairs.
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[inline]
-    pub(crate) unsafe fn dot_tile(kc: usize, a: *const u32, lda: usize, rows: usize, b: *const u32) -> [[__m512; NV]; MR] {
+    pub(crate) unsafe fn dot_tile(
+        kc: usize,
+        a: *const u32,
+        lda: usize,
+        rows: usize,
+        b: *const u32,
+    ) -> [[__m512; NV]; MR] {
         // Rows past the end repeat the last row (computed, never stored).
         let mut ap = [a; MR];
         for (i, p) in ap.iter_mut().enumerate() {
@@ -372,7 +377,11 @@ pub(crate) mod tests {
                 let wn = wrow.iter().map(|v| v * v).sum::<f64>().sqrt();
                 let refv: f64 = xrow.iter().zip(wrow).map(|(a, b)| a * b).sum();
                 let err = (y[r * out + j] as f64 - refv).abs();
-                assert!(err <= 1e-5 * xn * wn + 1e-30, "n={n} k={k} out={out}: y[{r},{j}] = {} vs {refv} (err {err})", y[r * out + j]);
+                assert!(
+                    err <= 1e-5 * xn * wn + 1e-30,
+                    "n={n} k={k} out={out}: y[{r},{j}] = {} vs {refv} (err {err})",
+                    y[r * out + j]
+                );
             }
         }
     }
@@ -386,8 +395,8 @@ pub(crate) mod tests {
         (3, 1, 1),
         (7, 2, 64),
         (13, 64, 128),
-        (100, 577, 129),     // crosses MC and several k blocks with an odd tail
-        (200, 1100, 300),    // several tasks in both directions, 3 k blocks
+        (100, 577, 129),  // crosses MC and several k blocks with an odd tail
+        (200, 1100, 300), // several tasks in both directions, 3 k blocks
         (64, 576, 1536),
     ];
 

@@ -102,7 +102,27 @@ pub fn matmul_bf16_wide(x: &[f32], m: usize, k: usize, w: &[u16], n: usize, bias
             // this task only; x is [m, k] row-major; wf holds [nb, k] row-major, read as its
             // transpose [k, nb] (row stride 1, column stride k).
             unsafe {
-                gemm::gemm(m, nb, k, yp.0.add(n0), 1, n as isize, false, x.as_ptr(), 1, k as isize, wf.as_ptr(), k as isize, 1, 1.0, 1.0, false, false, false, gemm::Parallelism::None);
+                gemm::gemm(
+                    m,
+                    nb,
+                    k,
+                    yp.0.add(n0),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    wf.as_ptr(),
+                    k as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
             }
             // The bias is added to the finished products (not preloaded into gemm's accumulator, which
             // adds it before the later depth blocks): the same rounding as the tracked linear op's

@@ -69,7 +69,6 @@ fn decode(w: &QuantWeight, r0: usize, rows: usize, dst: &mut [f32], bf16: bool) 
     }
 }
 
-
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
@@ -98,7 +97,8 @@ pub fn forward(x: &[f32], n: usize, w: &QuantWeight, bias: Option<&[f32]>, bf16:
         return y;
     }
     if let Some(b) = bias {
-        y.chunks_mut(out).for_each(|r| r.iter_mut().zip(b).for_each(|(y, &b)| *y = if bf16 { round_to_bf16(b) } else { b }));
+        y.chunks_mut(out)
+            .for_each(|r| r.iter_mut().zip(b).for_each(|(y, &b)| *y = if bf16 { round_to_bf16(b) } else { b }));
     }
     let yp = SendPtr(y.as_mut_ptr());
     if n <= FEW_ROWS {
@@ -143,11 +143,16 @@ pub fn forward(x: &[f32], n: usize, w: &QuantWeight, bias: Option<&[f32]>, bf16:
         let mut o0 = 0;
         while o0 < out {
             let ob = rows.min(out - o0);
-            tile[..ob * k].par_chunks_mut(k * 8).enumerate().for_each(|(i, d)| decode(w, o0 + i * 8, d.len() / k, d, true));
+            tile[..ob * k]
+                .par_chunks_mut(k * 8)
+                .enumerate()
+                .for_each(|(i, d)| decode(w, o0 + i * 8, d.len() / k, d, true));
             tb[..ob * k].par_iter_mut().zip(tile[..ob * k].par_iter()).for_each(|(b, &v)| *b = half::bf16::from_f32(v)); // exact
             let packed = super::matmul_bf16_packed::pack(&tb[..ob * k], ob, k);
             let part = super::matmul_bf16_packed::matmul_packed(x, n, k, &packed); // [n, ob]
-            y.par_chunks_mut(out).zip(part.par_chunks(ob)).for_each(|(yr, pr)| yr[o0..o0 + ob].iter_mut().zip(pr).for_each(|(y, p)| *y += p));
+            y.par_chunks_mut(out)
+                .zip(part.par_chunks(ob))
+                .for_each(|(yr, pr)| yr[o0..o0 + ob].iter_mut().zip(pr).for_each(|(y, p)| *y += p));
             o0 += ob;
         }
     } else {
@@ -160,7 +165,27 @@ pub fn forward(x: &[f32], n: usize, w: &QuantWeight, bias: Option<&[f32]>, bf16:
                 // SAFETY: the destination is the column block y[:, o0..o0+ob] (row stride out), written
                 // by this task only; x is [n, k] row-major; the tile [ob, k] is read as its transpose.
                 unsafe {
-                    gemm::gemm(n, ob, k, yp.0.add(o0), 1, out as isize, bias.is_some(), x.as_ptr(), 1, k as isize, tile.as_ptr(), k as isize, 1, 1.0, 1.0, false, false, false, gemm::Parallelism::None);
+                    gemm::gemm(
+                        n,
+                        ob,
+                        k,
+                        yp.0.add(o0),
+                        1,
+                        out as isize,
+                        bias.is_some(),
+                        x.as_ptr(),
+                        1,
+                        k as isize,
+                        tile.as_ptr(),
+                        k as isize,
+                        1,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
                 }
             })
         });
@@ -192,7 +217,8 @@ unsafe fn decode_4bit_avx512(q: &crate::quant::FourBit, r0: usize, rows: usize, 
         let bp = q.packed.as_ptr().add(e / 2);
         let c0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(bp as *const __m128i));
         let c1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(bp.add(16) as *const __m128i));
-        let (h0, h1) = (_mm512_permutexvar_ps(_mm512_srli_epi32(c0, 4), st), _mm512_permutexvar_ps(_mm512_srli_epi32(c1, 4), st));
+        let (h0, h1) =
+            (_mm512_permutexvar_ps(_mm512_srli_epi32(c0, 4), st), _mm512_permutexvar_ps(_mm512_srli_epi32(c1, 4), st));
         let (l0, l1) = (_mm512_permutexvar_ps(c0, st), _mm512_permutexvar_ps(c1, st));
         let d = dst.as_mut_ptr().add(bi * 64);
         _mm512_storeu_ps(d, _mm512_permutex2var_ps(h0, lo, l0));
@@ -251,13 +277,14 @@ unsafe fn few_rows_4bit_avx512(x: &[f32], n: usize, q: &crate::quant::FourBit, b
                     [
                         _mm512_permutexvar_ps(_mm512_srli_epi32(c0, 4), st), // elements 0, 2, .., 30
                         _mm512_permutexvar_ps(_mm512_srli_epi32(c1, 4), st), // 32, .., 62
-                        _mm512_permutexvar_ps(c0, st),                       // 1, 3, .., 31 (vpermps reads the low 4 bits)
-                        _mm512_permutexvar_ps(c1, st),                       // 33, .., 63
+                        _mm512_permutexvar_ps(c0, st), // 1, 3, .., 31 (vpermps reads the low 4 bits)
+                        _mm512_permutexvar_ps(c1, st), // 33, .., 63
                     ]
                 };
                 if n == 1 {
                     // decoding one token: four register accumulators, no FMA latency chain
-                    let (mut a0, mut a1, mut a2, mut a3) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
+                    let (mut a0, mut a1, mut a2, mut a3) =
+                        (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
                     for bi in 0..k / 64 {
                         let v = block(bi);
                         let xb = xp.as_ptr().add(bi * 64);
@@ -305,7 +332,20 @@ fn few_rows_4bit(x: &[f32], n: usize, q: &crate::quant::FourBit, y: &mut [f32]) 
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports avx2 and fma (checked above).
-            unsafe { few_rows_4bit_task_avx2(x, n, q, lut, t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(out), k, bs, out, yp) };
+            unsafe {
+                few_rows_4bit_task_avx2(
+                    x,
+                    n,
+                    q,
+                    lut,
+                    t * ROWS_PER_TASK,
+                    ((t + 1) * ROWS_PER_TASK).min(out),
+                    k,
+                    bs,
+                    out,
+                    yp,
+                )
+            };
             return;
         }
         few_rows_4bit_task(x, n, q, lut, t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(out), k, bs, out, yp);
@@ -315,13 +355,35 @@ fn few_rows_4bit(x: &[f32], n: usize, q: &crate::quant::FourBit, y: &mut [f32]) 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn few_rows_4bit_task_avx2(x: &[f32], n: usize, q: &crate::quant::FourBit, lut: &[[f32; 2]; 256], o0: usize, o1: usize, k: usize, bs: usize, out: usize, yp: SendPtr<f32>) {
+unsafe fn few_rows_4bit_task_avx2(
+    x: &[f32],
+    n: usize,
+    q: &crate::quant::FourBit,
+    lut: &[[f32; 2]; 256],
+    o0: usize,
+    o1: usize,
+    k: usize,
+    bs: usize,
+    out: usize,
+    yp: SendPtr<f32>,
+) {
     few_rows_4bit_task(x, n, q, lut, o0, o1, k, bs, out, yp)
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn few_rows_4bit_task(x: &[f32], n: usize, q: &crate::quant::FourBit, lut: &[[f32; 2]; 256], o0: usize, o1: usize, k: usize, bs: usize, out: usize, yp: SendPtr<f32>) {
+fn few_rows_4bit_task(
+    x: &[f32],
+    n: usize,
+    q: &crate::quant::FourBit,
+    lut: &[[f32; 2]; 256],
+    o0: usize,
+    o1: usize,
+    k: usize,
+    bs: usize,
+    out: usize,
+    yp: SendPtr<f32>,
+) {
     let mut vals = [0f32; 256]; // one block's table values (bs <= 256 on this path)
     let mut acc = [0f32; FEW_ROWS];
     for o in o0..o1 {
@@ -367,7 +429,27 @@ pub fn backward_input(g: &[f32], n: usize, w: &QuantWeight, bf16: bool) -> Vec<f
         // SAFETY: dx [n, k]; lhs is the column block g[:, o0..o0+ob] (row stride out); rhs is the
         // tile [ob, k] row-major.
         unsafe {
-            gemm::gemm(n, k, ob, dx.as_mut_ptr(), 1, k as isize, o0 > 0, g.as_ptr().add(o0), 1, out as isize, tile.as_ptr(), 1, k as isize, 1.0, 1.0, false, false, false, parallelism());
+            gemm::gemm(
+                n,
+                k,
+                ob,
+                dx.as_mut_ptr(),
+                1,
+                k as isize,
+                o0 > 0,
+                g.as_ptr().add(o0),
+                1,
+                out as isize,
+                tile.as_ptr(),
+                1,
+                k as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism(),
+            );
         }
         o0 += ob;
     }
@@ -391,7 +473,9 @@ pub fn reference(x: &Tensor, w: &QuantWeight, bias: Option<&Tensor>, bf16: bool)
     let wt = Tensor::from_vec(wd, (out, k), x.device())?; // [out, k]
     let y = x.matmul(&wt.t()?)?; // [n, out]
     let y = match bias {
-        Some(b) if bf16 => y.broadcast_add(&b.to_dtype(candle_core::DType::BF16)?.to_dtype(candle_core::DType::F32)?)?,
+        Some(b) if bf16 => {
+            y.broadcast_add(&b.to_dtype(candle_core::DType::BF16)?.to_dtype(candle_core::DType::F32)?)?
+        }
         Some(b) => y.broadcast_add(b)?,
         None => y,
     };

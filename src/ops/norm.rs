@@ -12,7 +12,9 @@ fn fused_ok(x: &Tensor, params: &[&Tensor]) -> bool {
     x.dtype() == DType::F32
         && x.device().is_cpu()
         && x.rank() >= 1
-        && params.iter().all(|p| p.dtype() == DType::F32 && p.device().is_cpu() && p.rank() == 1 && Some(p.dims()[0]) == h)
+        && params
+            .iter()
+            .all(|p| p.dtype() == DType::F32 && p.device().is_cpu() && p.rank() == 1 && Some(p.dims()[0]) == h)
 }
 
 /// Sum with 8 independent accumulators (vectorises).
@@ -146,7 +148,9 @@ impl CustomOp2 for RmsNormOp {
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (need_dx, need_dw) = (x.track_op(), w.track_op());
         let g = g.contiguous()?;
-        let (dx, dw) = with_f32(x, |xv| with_f32(w, |wv| with_f32(&g, |gv| rms_norm_bwd(xv, wv, gv, self.eps, need_dx, need_dw))))???;
+        let (dx, dw) = with_f32(x, |xv| {
+            with_f32(w, |wv| with_f32(&g, |gv| rms_norm_bwd(xv, wv, gv, self.eps, need_dx, need_dw)))
+        })???;
         let dx = if need_dx { Some(Tensor::from_vec(dx, x.shape(), x.device())?) } else { None };
         let dw = if need_dw { Some(Tensor::from_vec(dw, w.shape(), w.device())?) } else { None };
         Ok((dx, dw))
@@ -213,7 +217,14 @@ fn layer_norm_fwd(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
 /// input rows of a following bf16 gemm (inference in the bf16 compute mode).
 pub fn layer_norm_bf16(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut Bf16Rows) {
     let h = w.len();
-    assert!(b.len() == h && out.k() == h && x.len() == out.n() * h, "layer_norm_bf16: x {}, w {h}, b {}, out {}x{}", x.len(), b.len(), out.n(), out.k());
+    assert!(
+        b.len() == h && out.k() == h && x.len() == out.n() * h,
+        "layer_norm_bf16: x {}, w {h}, b {}, out {}x{}",
+        x.len(),
+        b.len(),
+        out.n(),
+        out.k()
+    );
     if h == 0 || out.n() == 0 {
         return;
     }
@@ -266,16 +277,33 @@ impl CustomOp3 for LayerNormOp {
     fn name(&self) -> &'static str {
         "layer-norm"
     }
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_arg(xs, xl, "layer-norm")?; // [.., D]
         let w = f32_arg(ws, wl, "layer-norm")?; // [D]
         let b = f32_arg(bs, bl, "layer-norm")?; // [D]
         Ok((CpuStorage::F32(layer_norm_fwd(x, w, b, self.eps)), xl.shape().clone()))
     }
-    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (need_dx, need_dw, need_db) = (x.track_op(), w.track_op(), b.track_op());
         let g = g.contiguous()?;
-        let (dx, dp) = with_f32(x, |xv| with_f32(w, |wv| with_f32(&g, |gv| layer_norm_bwd(xv, wv, gv, self.eps, need_dx, need_dw || need_db))))???;
+        let (dx, dp) = with_f32(x, |xv| {
+            with_f32(w, |wv| with_f32(&g, |gv| layer_norm_bwd(xv, wv, gv, self.eps, need_dx, need_dw || need_db)))
+        })???;
         let h = w.elem_count();
         let dx = if need_dx { Some(Tensor::from_vec(dx, x.shape(), x.device())?) } else { None };
         let dw = if need_dw { Some(Tensor::from_vec(dp[..h].to_vec(), w.shape(), w.device())?) } else { None };

@@ -72,7 +72,8 @@ impl RopeOp {
     /// The fused op when the inputs fit the kernel (f32 CPU, shapes as documented), else None.
     fn new(x: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Result<Option<Self>> {
         let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
-        if !(f32_cpu(x) && f32_cpu(cos) && f32_cpu(sin)) || x.rank() != 4 || cos.rank() != 4 || cos.dims() != sin.dims() {
+        if !(f32_cpu(x) && f32_cpu(cos) && f32_cpu(sin)) || x.rank() != 4 || cos.rank() != 4 || cos.dims() != sin.dims()
+        {
             return Ok(None);
         }
         let (b, _h, l, hd) = x.dims4()?;
@@ -91,25 +92,31 @@ fn rope_kernel(x: &[f32], dims: (usize, usize, usize, usize), cos: &[f32], sin: 
     let plane = l * hd; // one (b, h) slice
     let cb = cos.len() / plane.max(1);
     let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(plane.max(1)).zip(x.par_chunks(plane.max(1))).enumerate().with_min_len(16_384usize.div_ceil(plane.max(1))).for_each(|(bh, (y, x))| {
-        let bi = if cb == 1 { 0 } else { bh / h };
-        let (cos, sin) = (&cos[bi * plane..(bi + 1) * plane], &sin[bi * plane..(bi + 1) * plane]);
-        for (((y, x), c), s) in y.chunks_exact_mut(hd).zip(x.chunks_exact(hd)).zip(cos.chunks_exact(hd)).zip(sin.chunks_exact(hd)) {
-            let (y1, y2) = y.split_at_mut(half);
-            let (x1, x2) = x.split_at(half);
-            let (c1, c2) = c.split_at(half);
-            let (s1, s2) = s.split_at(half);
-            for i in 0..half {
-                if inverse {
-                    y1[i] = x1[i] * c1[i] + x2[i] * s2[i];
-                    y2[i] = x2[i] * c2[i] - x1[i] * s1[i];
-                } else {
-                    y1[i] = x1[i] * c1[i] - x2[i] * s1[i];
-                    y2[i] = x2[i] * c2[i] + x1[i] * s2[i];
+    y.par_chunks_mut(plane.max(1))
+        .zip(x.par_chunks(plane.max(1)))
+        .enumerate()
+        .with_min_len(16_384usize.div_ceil(plane.max(1)))
+        .for_each(|(bh, (y, x))| {
+            let bi = if cb == 1 { 0 } else { bh / h };
+            let (cos, sin) = (&cos[bi * plane..(bi + 1) * plane], &sin[bi * plane..(bi + 1) * plane]);
+            for (((y, x), c), s) in
+                y.chunks_exact_mut(hd).zip(x.chunks_exact(hd)).zip(cos.chunks_exact(hd)).zip(sin.chunks_exact(hd))
+            {
+                let (y1, y2) = y.split_at_mut(half);
+                let (x1, x2) = x.split_at(half);
+                let (c1, c2) = c.split_at(half);
+                let (s1, s2) = s.split_at(half);
+                for i in 0..half {
+                    if inverse {
+                        y1[i] = x1[i] * c1[i] + x2[i] * s2[i];
+                        y2[i] = x2[i] * c2[i] - x1[i] * s1[i];
+                    } else {
+                        y1[i] = x1[i] * c1[i] - x2[i] * s1[i];
+                        y2[i] = x2[i] * c2[i] + x1[i] * s2[i];
+                    }
                 }
             }
-        }
-    });
+        });
     y
 }
 

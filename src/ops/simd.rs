@@ -27,7 +27,10 @@ pub(crate) mod x86 {
         let xc = _mm512_min_ps(hi, _mm512_max_ps(lo, x));
         let magic = _mm512_set1_ps(12_582_912.0);
         let n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E)), magic), magic);
-        let r = _mm512_sub_ps(_mm512_sub_ps(xc, _mm512_mul_ps(n, _mm512_set1_ps(0.693_359_4))), _mm512_mul_ps(n, _mm512_set1_ps(-2.121_944_4e-4)));
+        let r = _mm512_sub_ps(
+            _mm512_sub_ps(xc, _mm512_mul_ps(n, _mm512_set1_ps(0.693_359_4))),
+            _mm512_mul_ps(n, _mm512_set1_ps(-2.121_944_4e-4)),
+        );
         let mut p = _mm512_set1_ps(1.987_569_1e-4);
         for c in [1.398_199_9e-3f32, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5e-1] {
             p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(c));
@@ -58,7 +61,10 @@ pub(crate) mod x86 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn bf16_bits(x: __m512) -> __m512i {
         let b = _mm512_castps_si512(x);
-        let nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7fff_ffff)), _mm512_set1_epi32(0x7f80_0000));
+        let nan = _mm512_cmpgt_epu32_mask(
+            _mm512_and_si512(b, _mm512_set1_epi32(0x7fff_ffff)),
+            _mm512_set1_epi32(0x7f80_0000),
+        );
         let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
         let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)));
         let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(0x40));
@@ -103,7 +109,22 @@ mod tests {
 
     fn samples() -> Vec<f32> {
         let mut v: Vec<f32> = (-20000..20000).map(|i| i as f32 * 0.00731).collect();
-        v.extend([-1000.0, -87.31, -87.3, -87.29, 88.69, 88.7, 88.71, 1000.0, 0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, 1e-40, -1e-40]);
+        v.extend([
+            -1000.0,
+            -87.31,
+            -87.3,
+            -87.29,
+            88.69,
+            88.7,
+            88.71,
+            1000.0,
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e-40,
+            -1e-40,
+        ]);
         v
     }
 
@@ -129,7 +150,13 @@ mod tests {
             return;
         }
         let mut xs = samples();
-        xs.extend([f32::from_bits(0x3f80_8000), f32::from_bits(0x3f81_8000), f32::MAX, f32::NAN, f32::from_bits(0x0000_8001)]);
+        xs.extend([
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::MAX,
+            f32::NAN,
+            f32::from_bits(0x0000_8001),
+        ]);
         for c in xs.chunks(16) {
             let mut buf = [0f32; 16];
             buf[..c.len()].copy_from_slice(c);

@@ -11,7 +11,12 @@ use crate::checkpoint::{resolve_dir as core_resolve, HubCache};
 /// environment's Hugging Face cache). Raises ModelNotCachedError for an id that is not cached.
 #[pyfunction]
 #[pyo3(signature = (id_or_path, revision=None, cache_dir=None, marker="config.json"))]
-fn resolve_model_dir(id_or_path: &str, revision: Option<&str>, cache_dir: Option<PathBuf>, marker: &str) -> PyResult<String> {
+fn resolve_model_dir(
+    id_or_path: &str,
+    revision: Option<&str>,
+    cache_dir: Option<PathBuf>,
+    marker: &str,
+) -> PyResult<String> {
     let cache = cache_dir.map(|root| HubCache { root }).unwrap_or_else(HubCache::from_env);
     guard(|| Ok(core_resolve(id_or_path, revision, &cache, marker)?.display().to_string()))
 }

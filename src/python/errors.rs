@@ -8,11 +8,36 @@ use pyo3::prelude::*;
 use crate::error::{CheckpointError as CoreCheckpointError, Error};
 
 pyo3::create_exception!(ferrovlm, FerroVLMError, PyException, "Base class of every ferrovlm error.");
-pyo3::create_exception!(ferrovlm, ConfigError, FerroVLMError, "A config file is missing, unreadable or holds a bad value.");
-pyo3::create_exception!(ferrovlm, CheckpointError, FerroVLMError, "A weight file is missing, corrupt, or lacks/mis-shapes a tensor.");
-pyo3::create_exception!(ferrovlm, ModelNotCachedError, CheckpointError, "A hub id is not in the local Hugging Face cache.");
-pyo3::create_exception!(ferrovlm, InputError, FerroVLMError, "The inputs of a call are malformed (shapes, ids, image-token counts).");
-pyo3::create_exception!(ferrovlm, ProcessorError, FerroVLMError, "Images, text or chat templates that cannot be turned into model inputs.");
+pyo3::create_exception!(
+    ferrovlm,
+    ConfigError,
+    FerroVLMError,
+    "A config file is missing, unreadable or holds a bad value."
+);
+pyo3::create_exception!(
+    ferrovlm,
+    CheckpointError,
+    FerroVLMError,
+    "A weight file is missing, corrupt, or lacks/mis-shapes a tensor."
+);
+pyo3::create_exception!(
+    ferrovlm,
+    ModelNotCachedError,
+    CheckpointError,
+    "A hub id is not in the local Hugging Face cache."
+);
+pyo3::create_exception!(
+    ferrovlm,
+    InputError,
+    FerroVLMError,
+    "The inputs of a call are malformed (shapes, ids, image-token counts)."
+);
+pyo3::create_exception!(
+    ferrovlm,
+    ProcessorError,
+    FerroVLMError,
+    "Images, text or chat templates that cannot be turned into model inputs."
+);
 pyo3::create_exception!(ferrovlm, InternalError, FerroVLMError, "A bug in ferrovlm: please report it.");
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -56,7 +81,10 @@ pub fn guard<T>(f: impl FnOnce() -> Result<T, Error>) -> PyResult<T> {
 }
 
 /// Runs `f` without the GIL, polling Ctrl-C between layers, with errors and panics converted.
-pub fn detached<T: Send>(py: Python<'_>, f: impl FnOnce(&(dyn Fn() -> bool + Sync)) -> Result<T, Error> + Send) -> PyResult<T> {
+pub fn detached<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce(&(dyn Fn() -> bool + Sync)) -> Result<T, Error> + Send,
+) -> PyResult<T> {
     let interrupt = || Python::attach(|py| py.check_signals().is_err());
     py.detach(|| guard(|| f(&interrupt)))
 }

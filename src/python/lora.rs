@@ -49,7 +49,15 @@ fn add_adapters(
         if !(0.0..1.0).contains(&lora_dropout) {
             return crate::error::input_err(format!("lora_dropout must be in [0, 1), got {lora_dropout}"));
         }
-        let spec = LoraSpec { r, alpha: lora_alpha, dropout: lora_dropout, use_dora, use_rslora, init: LoraInit::parse(init_lora_weights)?, seed };
+        let spec = LoraSpec {
+            r,
+            alpha: lora_alpha,
+            dropout: lora_dropout,
+            use_dora,
+            use_rslora,
+            init: LoraInit::parse(init_lora_weights)?,
+            seed,
+        };
         let plan = AdapterPlan { lora_targets: targets, spec, modules_to_save };
         model.update(|m| lora::attach(m, &plan))
     })

@@ -81,12 +81,17 @@ impl OwnedInput {
         if let Some(px) = &px {
             let d = px.dims();
             if d.len() != 5 {
-                return input_err(format!("pixel_values must be [batch, frames, channels, height, width], got shape {d:?}"));
+                return input_err(format!(
+                    "pixel_values must be [batch, frames, channels, height, width], got shape {d:?}"
+                ));
             }
             let want = [d[0], d[1], d[3], d[4]];
             if let Some(m) = pixel_attention_mask {
                 if m.shape() != want {
-                    return input_err(format!("pixel_attention_mask has shape {:?}, expected {want:?} from pixel_values {d:?}", m.shape()));
+                    return input_err(format!(
+                        "pixel_attention_mask has shape {:?}, expected {want:?} from pixel_values {d:?}",
+                        m.shape()
+                    ));
                 }
             }
         }
@@ -165,7 +170,8 @@ impl PyVlmModel {
         let quant = guard(|| {
             quantization_config
                 .map(|j| {
-                    let v: serde_json::Value = serde_json::from_str(j).or_else(|e| input_err(format!("quantization_config is not JSON: {e}")))?;
+                    let v: serde_json::Value = serde_json::from_str(j)
+                        .or_else(|e| input_err(format!("quantization_config is not JSON: {e}")))?;
                     Ok(crate::quant::QuantConfig::from_json(&v, std::path::Path::new("<quantization_config>"))?)
                 })
                 .transpose()
@@ -229,7 +235,15 @@ impl PyVlmModel {
         labels: Option<PyReadonlyArrayDyn<'py, i64>>,
         logits_to_keep: usize,
     ) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Option<f32>, usize)> {
-        let inputs = guard(|| OwnedInput::copy(&input_ids, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref(), labels.as_ref()))?;
+        let inputs = guard(|| {
+            OwnedInput::copy(
+                &input_ids,
+                attention_mask.as_ref(),
+                pixel_values.as_ref(),
+                pixel_attention_mask.as_ref(),
+                labels.as_ref(),
+            )
+        })?;
         let model = self.get();
         let out = detached(py, |interrupt| model.forward(&inputs.view(logits_to_keep), interrupt))?;
         Ok((to_numpy(py, &out.logits)?, out.loss, out.num_label_tokens))

@@ -56,8 +56,20 @@ impl PyTrainSession {
     /// frozen-vision cache off.
     #[new]
     #[pyo3(signature = (model, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8, no_decay=vec![], feature_cache_mb=1024))]
-    fn new(model: &PyVlmModel, weight_decay: f64, beta1: f64, beta2: f64, eps: f64, no_decay: Vec<String>, feature_cache_mb: usize) -> PyResult<Self> {
-        let cfg = SessionConfig { adam: AdamWConfig { beta1, beta2, eps, weight_decay }, no_decay, feature_cache_bytes: feature_cache_mb << 20 };
+    fn new(
+        model: &PyVlmModel,
+        weight_decay: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        no_decay: Vec<String>,
+        feature_cache_mb: usize,
+    ) -> PyResult<Self> {
+        let cfg = SessionConfig {
+            adam: AdamWConfig { beta1, beta2, eps, weight_decay },
+            no_decay,
+            feature_cache_bytes: feature_cache_mb << 20,
+        };
         let session = guard(|| TrainSession::new(model.get(), &cfg))?;
         Ok(PyTrainSession { inner: Mutex::new(session) })
     }
@@ -89,9 +101,12 @@ impl PyTrainSession {
         gradient_checkpointing: bool,
         dropout_seed: u64,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let inputs = owned(&input_ids, &labels, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref())?;
+        let inputs =
+            owned(&input_ids, &labels, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref())?;
         let opts = StepOptions { gradient_checkpointing, dropout_seed, backward: true, paired: false };
-        let stats = detached(py, |interrupt| lock(&self.inner).forward_backward(&inputs.view(0), &opts, loss_scale, interrupt))?;
+        let stats = detached(py, |interrupt| {
+            lock(&self.inner).forward_backward(&inputs.view(0), &opts, loss_scale, interrupt)
+        })?;
         stats_dict(py, &stats)
     }
 
@@ -106,7 +121,8 @@ impl PyTrainSession {
         pixel_values: Option<PyReadonlyArrayDyn<'py, f32>>,
         pixel_attention_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let inputs = owned(&input_ids, &labels, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref())?;
+        let inputs =
+            owned(&input_ids, &labels, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref())?;
         let stats = detached(py, |interrupt| lock(&self.inner).evaluate(&inputs.view(0), interrupt))?;
         stats_dict(py, &stats)
     }
@@ -125,7 +141,8 @@ impl PyTrainSession {
         pixel_attention_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
         average: bool,
     ) -> PyResult<Vec<f64>> {
-        let inputs = owned(&input_ids, &labels, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref())?;
+        let inputs =
+            owned(&input_ids, &labels, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref())?;
         detached(py, |interrupt| lock(&self.inner).sequence_logps(&inputs.view(0), average, interrupt))
     }
 
@@ -151,11 +168,14 @@ impl PyTrainSession {
         dropout_seed: u64,
         backward: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let inputs = owned(&input_ids, &labels, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref())?;
-        let losses = guard(|| losses.iter().map(|(k, w)| Ok((DpoLoss::parse(k)?, *w))).collect::<Result<Vec<_>, Error>>())?;
+        let inputs =
+            owned(&input_ids, &labels, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref())?;
+        let losses =
+            guard(|| losses.iter().map(|(k, w)| Ok((DpoLoss::parse(k)?, *w))).collect::<Result<Vec<_>, Error>>())?;
         let spec = DpoSpec { losses, beta, label_smoothing, loss_scale };
         let opts = StepOptions { gradient_checkpointing, dropout_seed, backward, paired: true };
-        let (ds, ms) = detached(py, |interrupt| lock(&self.inner).dpo_step(&inputs.view(0), &spec, &ref_logps, &opts, interrupt))?;
+        let (ds, ms) =
+            detached(py, |interrupt| lock(&self.inner).dpo_step(&inputs.view(0), &spec, &ref_logps, &opts, interrupt))?;
         dpo_dict(py, &ds, &ms)
     }
 
@@ -209,7 +229,13 @@ impl PyTrainSession {
                 };
                 let arr: PyReadonlyArrayDyn<'_, f32> = v.extract()?;
                 if arr.shape() != p.var.dims() {
-                    return guard(|| input_err::<()>(format!("optimizer state '{k}' has shape {:?}, expected {:?}", arr.shape(), p.var.dims())));
+                    return guard(|| {
+                        input_err::<()>(format!(
+                            "optimizer state '{k}' has shape {:?}, expected {:?}",
+                            arr.shape(),
+                            p.var.dims()
+                        ))
+                    });
                 }
                 arrays.push(arr.as_array().iter().copied().collect::<Vec<f32>>());
             }
@@ -251,7 +277,15 @@ fn sequence_logps<'py>(
     pixel_attention_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
     average: bool,
 ) -> PyResult<Vec<f64>> {
-    let inputs = guard(|| OwnedInput::copy(&input_ids, attention_mask.as_ref(), pixel_values.as_ref(), pixel_attention_mask.as_ref(), Some(&labels)))?;
+    let inputs = guard(|| {
+        OwnedInput::copy(
+            &input_ids,
+            attention_mask.as_ref(),
+            pixel_values.as_ref(),
+            pixel_attention_mask.as_ref(),
+            Some(&labels),
+        )
+    })?;
     let m = model.get();
     detached(py, |interrupt| sequence_logps_of(&m, &inputs.view(0), average, None, interrupt))
 }

@@ -37,8 +37,22 @@ pub const NF4: [f32; 16] = [
 /// -2, -3] / 12 (f32 bit patterns). Bit 3 is the sign; the table is not sorted. (Its Python table, the
 /// `quant_map` it saves and its fallback for odd row lengths, has +0 at entry 8: the same values.)
 pub const FP4_BITS: [u32; 16] = [
-    0x0000_0000, 0x3baa_aaab, 0x3f2a_aaab, 0x3f80_0000, 0x3eaa_aaab, 0x3f00_0000, 0x3e2a_aaab, 0x3e80_0000,
-    0x8000_0000, 0xbbaa_aaab, 0xbf2a_aaab, 0xbf80_0000, 0xbeaa_aaab, 0xbf00_0000, 0xbe2a_aaab, 0xbe80_0000,
+    0x0000_0000,
+    0x3baa_aaab,
+    0x3f2a_aaab,
+    0x3f80_0000,
+    0x3eaa_aaab,
+    0x3f00_0000,
+    0x3e2a_aaab,
+    0x3e80_0000,
+    0x8000_0000,
+    0xbbaa_aaab,
+    0xbf2a_aaab,
+    0xbf80_0000,
+    0xbeaa_aaab,
+    0xbf00_0000,
+    0xbe2a_aaab,
+    0xbe80_0000,
 ];
 
 /// FP4's table indices in ascending order of value (torch's stable argsort of the table).
@@ -119,7 +133,9 @@ impl Absmax {
     pub fn nbytes(&self) -> usize {
         match self {
             Absmax::Plain(v) => 4 * v.len(),
-            Absmax::Nested { codes, nested_absmax, nested_map, .. } => codes.len() + 4 * nested_absmax.len() + 4 * nested_map.len() + 4,
+            Absmax::Nested { codes, nested_absmax, nested_map, .. } => {
+                codes.len() + 4 * nested_absmax.len() + 4 * nested_map.len() + 4
+            }
         }
     }
 }

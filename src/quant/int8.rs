@@ -77,7 +77,11 @@ impl Int8 {
             let row: Vec<f32> = (0..k)
                 .map(|c| {
                     let v = x16[r * k + c];
-                    if t > 0.0 && v.abs() >= t { 0.0 } else { v }
+                    if t > 0.0 && v.abs() >= t {
+                        0.0
+                    } else {
+                        v
+                    }
                 })
                 .collect();
             sca[r] = quant_row(&row, &mut ca[r * k..(r + 1) * k]);
@@ -102,7 +106,8 @@ impl Int8 {
                 }
                 if !cols.is_empty() {
                     // int8_vectorwise_dequant: (CB * SCB) * (1 / 127)
-                    let extra: f32 = cols.iter().map(|&c| x[r * k + c] * (wr[c] as f32 * self.scb[o] * 7.874_016e-3)).sum();
+                    let extra: f32 =
+                        cols.iter().map(|&c| x[r * k + c] * (wr[c] as f32 * self.scb[o] * 7.874_016e-3)).sum();
                     v += extra;
                 }
                 *yv = v;

@@ -12,7 +12,12 @@ use crate::error::CheckpointError;
 use crate::model::LoadCtx;
 
 /// The quantized weight of the Linear `prefix` ([out, in] = `shape`), or None when it stays dense.
-pub fn linear(store: &WeightStore, prefix: &str, shape: (usize, usize), ctx: &LoadCtx) -> Result<Option<Arc<QuantWeight>>, CheckpointError> {
+pub fn linear(
+    store: &WeightStore,
+    prefix: &str,
+    shape: (usize, usize),
+    ctx: &LoadCtx,
+) -> Result<Option<Arc<QuantWeight>>, CheckpointError> {
     let Some(cfg) = &ctx.quant else { return Ok(None) };
     if let Some(mut q) = serialize::read(store, prefix, shape, cfg.int8_threshold)? {
         if let QuantWeight::Int8(w) = &mut q {

@@ -53,7 +53,12 @@ impl QuantConfig {
     /// module named (or ending with a name) in `llm_int8_skip_modules`.
     pub fn skips(&self, module: &str) -> bool {
         module == "lm_head"
-            || self.skip_modules.iter().any(|s| module == s || module.ends_with(&format!(".{s}")) || module.starts_with(&format!("{s}.")) || module.contains(&format!(".{s}.")))
+            || self.skip_modules.iter().any(|s| {
+                module == s
+                    || module.ends_with(&format!(".{s}"))
+                    || module.starts_with(&format!("{s}."))
+                    || module.contains(&format!(".{s}."))
+            })
     }
 }
 
@@ -104,7 +109,14 @@ impl FourBit {
         Self::from_parts(ty, shape, packed, absmax, BLOCKSIZE, dtype.to_string())
     }
 
-    pub fn from_parts(ty: FourBitType, shape: (usize, usize), packed: Vec<u8>, absmax: Absmax, blocksize: usize, dtype: String) -> Self {
+    pub fn from_parts(
+        ty: FourBitType,
+        shape: (usize, usize),
+        packed: Vec<u8>,
+        absmax: Absmax,
+        blocksize: usize,
+        dtype: String,
+    ) -> Self {
         let scales = absmax.decode();
         FourBit { ty, shape, packed, absmax, blocksize, dtype, scales }
     }
@@ -112,7 +124,14 @@ impl FourBit {
     /// Rows `r0..r0 + rows` dequantized into `dst` ([rows, in]).
     pub fn decode_rows(&self, r0: usize, rows: usize, dst: &mut [f32]) {
         let k = self.shape.1;
-        four_bit::decode_range(&self.packed, &self.scales, self.ty.table(), self.blocksize, r0 * k, &mut dst[..rows * k]);
+        four_bit::decode_range(
+            &self.packed,
+            &self.scales,
+            self.ty.table(),
+            self.blocksize,
+            r0 * k,
+            &mut dst[..rows * k],
+        );
     }
 }
 
@@ -152,7 +171,9 @@ impl QuantWeight {
     /// Quantizes a dense weight per `cfg`.
     pub fn quantize(w: &[f32], shape: (usize, usize), cfg: &QuantConfig, dtype: &str) -> Arc<Self> {
         Arc::new(match cfg.method {
-            QuantMethod::FourBit { ty, double_quant } => QuantWeight::FourBit(FourBit::quantize(w, shape, ty, double_quant, dtype)),
+            QuantMethod::FourBit { ty, double_quant } => {
+                QuantWeight::FourBit(FourBit::quantize(w, shape, ty, double_quant, dtype))
+            }
             QuantMethod::Int8 => {
                 let mut q = Int8::quantize(w, shape, cfg.int8_threshold);
                 q.training = cfg.training.clone();
@@ -164,9 +185,13 @@ impl QuantWeight {
     /// `w` (same shape) quantized with this weight's settings (PEFT's merge into a quantized layer).
     pub fn requantize(&self, w: &[f32]) -> Self {
         match self {
-            QuantWeight::FourBit(q) => {
-                QuantWeight::FourBit(FourBit::quantize(w, q.shape, q.ty, matches!(q.absmax, Absmax::Nested { .. }), &q.dtype))
-            }
+            QuantWeight::FourBit(q) => QuantWeight::FourBit(FourBit::quantize(
+                w,
+                q.shape,
+                q.ty,
+                matches!(q.absmax, Absmax::Nested { .. }),
+                &q.dtype,
+            )),
             QuantWeight::Int8(q) => {
                 let mut n = Int8::quantize(w, q.shape, q.threshold);
                 n.training = q.training.clone();
@@ -188,7 +213,11 @@ impl QuantConfig {
     /// From transformers' `BitsAndBytesConfig.to_dict()` (the `quantization_config` of config.json).
     /// `file` names where it came from in errors.
     pub fn from_json(v: &serde_json::Value, file: &std::path::Path) -> Result<Self, crate::error::ConfigError> {
-        let bad = |key: &str, msg: String| crate::error::ConfigError::BadValue { file: file.to_path_buf(), key: format!("quantization_config.{key}"), msg };
+        let bad = |key: &str, msg: String| crate::error::ConfigError::BadValue {
+            file: file.to_path_buf(),
+            key: format!("quantization_config.{key}"),
+            msg,
+        };
         let flag = |key: &str| v.get(key).and_then(|x| x.as_bool()).unwrap_or(false);
         if let Some(m) = v.get("quant_method").and_then(|m| m.as_str()) {
             if m != "bitsandbytes" {
@@ -202,30 +231,56 @@ impl QuantConfig {
             (false, true) => QuantMethod::Int8,
             (true, false) => {
                 let t = v.get("bnb_4bit_quant_type").and_then(|x| x.as_str()).unwrap_or("fp4");
-                let ty = FourBitType::parse(t).ok_or_else(|| bad("bnb_4bit_quant_type", format!("'{t}' is not one of 'nf4', 'fp4'")))?;
+                let ty = FourBitType::parse(t)
+                    .ok_or_else(|| bad("bnb_4bit_quant_type", format!("'{t}' is not one of 'nf4', 'fp4'")))?;
                 QuantMethod::FourBit { ty, double_quant: flag("bnb_4bit_use_double_quant") }
             }
         };
-        let compute = v.get("bnb_4bit_compute_dtype").and_then(|x| x.as_str()).unwrap_or("float32").trim_start_matches("torch.");
+        let compute =
+            v.get("bnb_4bit_compute_dtype").and_then(|x| x.as_str()).unwrap_or("float32").trim_start_matches("torch.");
         let compute_bf16 = match compute {
             "float32" | "float" => false,
             "bfloat16" | "float16" | "half" => true,
-            other => return Err(bad("bnb_4bit_compute_dtype", format!("'{other}' is not a float dtype (float32, bfloat16, float16)"))),
+            other => {
+                return Err(bad(
+                    "bnb_4bit_compute_dtype",
+                    format!("'{other}' is not a float dtype (float32, bfloat16, float16)"),
+                ))
+            }
         };
         let skip_modules = match v.get("llm_int8_skip_modules") {
             None | Some(serde_json::Value::Null) => Vec::new(),
-            Some(serde_json::Value::Array(a)) => a.iter().map(|s| s.as_str().map(str::to_string).ok_or_else(|| bad("llm_int8_skip_modules", "entries must be strings".into()))).collect::<Result<_, _>>()?,
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .map(|s| {
+                    s.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| bad("llm_int8_skip_modules", "entries must be strings".into()))
+                })
+                .collect::<Result<_, _>>()?,
             Some(_) => return Err(bad("llm_int8_skip_modules", "must be a list of module names".into())),
         };
         let int8_threshold = v.get("llm_int8_threshold").and_then(|x| x.as_f64()).unwrap_or(6.0) as f32;
-        Ok(QuantConfig { method, compute_bf16, skip_modules, int8_threshold, prequantized: false, training: Arc::default() })
+        Ok(QuantConfig {
+            method,
+            compute_bf16,
+            skip_modules,
+            int8_threshold,
+            prequantized: false,
+            training: Arc::default(),
+        })
     }
 
     /// The `quantization_config` of a checkpoint's config.json.
     pub fn from_config_file(path: &std::path::Path) -> Result<Self, crate::error::ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| crate::error::ConfigError::Read { file: path.to_path_buf(), source: e })?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| crate::error::ConfigError::Json { file: path.to_path_buf(), msg: e.to_string() })?;
-        let q = json.get("quantization_config").ok_or_else(|| crate::error::ConfigError::MissingKey { file: path.to_path_buf(), key: "quantization_config (the checkpoint holds bitsandbytes-quantized tensors)".into() })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| crate::error::ConfigError::Read { file: path.to_path_buf(), source: e })?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| crate::error::ConfigError::Json { file: path.to_path_buf(), msg: e.to_string() })?;
+        let q = json.get("quantization_config").ok_or_else(|| crate::error::ConfigError::MissingKey {
+            file: path.to_path_buf(),
+            key: "quantization_config (the checkpoint holds bitsandbytes-quantized tensors)".into(),
+        })?;
         Self::from_json(q, path)
     }
 }

@@ -104,17 +104,28 @@ fn to_vec(t: &Tensor) -> Result<Vec<f64>> {
 
 /// The DPO objective for [`super::run_objective`]: `ref_logps` [2P] are the reference model's sequence
 /// log-probabilities (means for IPO). Fills `stats`.
-pub fn objective<'a>(spec: &'a DpoSpec, ref_logps: &'a [f64], stats: &'a mut DpoStats) -> impl FnMut(&HeadOut) -> Result<Tensor> + 'a {
+pub fn objective<'a>(
+    spec: &'a DpoSpec,
+    ref_logps: &'a [f64],
+    stats: &'a mut DpoStats,
+) -> impl FnMut(&HeadOut) -> Result<Tensor> + 'a {
     move |h: &HeadOut| {
         if !h.batch.is_multiple_of(2) || ref_logps.len() != h.batch {
-            return input_err(format!("DPO needs chosen + rejected rows and one reference log-prob each; got {} rows and {} reference values", h.batch, ref_logps.len()));
+            return input_err(format!(
+                "DPO needs chosen + rejected rows and one reference log-prob each; got {} rows and {} reference values",
+                h.batch,
+                ref_logps.len()
+            ));
         }
         let p = h.batch / 2;
         let dev: Device = h.nll.device().clone();
         let (logps, counts) = sequence_logps(h, false)?; // [2P] sums over completion tokens
         if let Some(i) = counts.iter().position(|&c| c == 0) {
             let which = if i < p { "chosen" } else { "rejected" };
-            return input_err(format!("pair {}: the {which} completion has no token to score (empty, or cut by max_length)", i % p));
+            return input_err(format!(
+                "pair {}: the {which} completion has no token to score (empty, or cut by max_length)",
+                i % p
+            ));
         }
         let chosen = logps.narrow(0, 0, p)?;
         let rejected = logps.narrow(0, p, p)?;
@@ -130,18 +141,23 @@ pub fn objective<'a>(spec: &'a DpoSpec, ref_logps: &'a [f64], stats: &'a mut Dpo
         for &(kind, w) in &spec.losses {
             let per_pair = match kind {
                 DpoLoss::Sigmoid => ((log_sigmoid(&bl)? * -(1.0 - ls))? - (log_sigmoid(&bl.neg()?)? * ls)?)?,
-                DpoLoss::Robust => (((log_sigmoid(&bl)? * -(1.0 - ls))? + (log_sigmoid(&bl.neg()?)? * ls)?)? / (1.0 - 2.0 * ls))?,
+                DpoLoss::Robust => {
+                    (((log_sigmoid(&bl)? * -(1.0 - ls))? + (log_sigmoid(&bl.neg()?)? * ls)?)? / (1.0 - 2.0 * ls))?
+                }
                 DpoLoss::Hinge => (bl.neg()? + 1.0)?.relu()?,
                 DpoLoss::Ipo => {
                     // IPO on token-averaged log-ratios.
-                    let inv = |r: std::ops::Range<usize>| Tensor::from_vec(counts[r].iter().map(|&c| 1.0 / c as f32).collect::<Vec<_>>(), p, &dev);
+                    let inv = |r: std::ops::Range<usize>| {
+                        Tensor::from_vec(counts[r].iter().map(|&c| 1.0 / c as f32).collect::<Vec<_>>(), p, &dev)
+                    };
                     let avg = ((&chosen_lr * inv(0..p)?)? - (&rejected_lr * inv(p..2 * p)?)?)?;
                     (avg - 1.0 / (2.0 * beta))?.sqr()?
                 }
                 DpoLoss::SppoHard => ((&chosen_lr - 0.5 / beta)?.sqr()? + (&rejected_lr + 0.5 / beta)?.sqr()?)?,
                 DpoLoss::NcaPair => {
                     let (cr, rr) = ((&chosen_lr * beta)?, (&rejected_lr * beta)?);
-                    ((log_sigmoid(&cr)?.neg()? - (log_sigmoid(&cr.neg()?)? * 0.5)?)? - (log_sigmoid(&rr.neg()?)? * 0.5)?)?
+                    ((log_sigmoid(&cr)?.neg()? - (log_sigmoid(&cr.neg()?)? * 0.5)?)?
+                        - (log_sigmoid(&rr.neg()?)? * 0.5)?)?
                 }
                 DpoLoss::ApoZero => {
                     let lc = (log_sigmoid(&(&chosen_lr * beta)?)?.exp()?.neg()? + 1.0)?;
@@ -182,7 +198,8 @@ pub fn objective<'a>(spec: &'a DpoSpec, ref_logps: &'a [f64], stats: &'a mut Dpo
         stats.chosen_rewards = to_vec(&(chosen_lr.detach() * beta)?)?;
         stats.rejected_rewards = to_vec(&(rejected_lr.detach() * beta)?)?;
         let (_, argmax) = crate::ops::cross_entropy::token_stats(&h.logits.detach())?;
-        stats.chosen_correct = h.seq.iter().zip(argmax.iter().zip(h.targets)).filter(|(&s, (a, y))| s < p && a == y).count();
+        stats.chosen_correct =
+            h.seq.iter().zip(argmax.iter().zip(h.targets)).filter(|(&s, (a, y))| s < p && a == y).count();
         let row_sums = to_vec(&h.logits.detach().sum(1)?)?; // [N]
         stats.vocab = h.logits.dim(1)?;
         for (i, &s) in h.seq.iter().enumerate() {

@@ -34,15 +34,26 @@ impl FeatureCache {
 
     /// Connector features [F_real, T, H] of the real frames of `pixel_values` [B, F, C, H, W], in order,
     /// like `VlmModel::image_features(..).connector`, computing only the frames not seen before.
-    pub fn features(&self, model: &VlmModel, pixel_values: &Tensor, pixel_mask: Option<&[bool]>, interrupt: Interrupt) -> Result<Tensor> {
+    pub fn features(
+        &self,
+        model: &VlmModel,
+        pixel_values: &Tensor,
+        pixel_mask: Option<&[bool]>,
+        interrupt: Interrupt,
+    ) -> Result<Tensor> {
         let dims = pixel_values.dims().to_vec();
         if dims.len() != 5 {
-            return input_err(format!("pixel_values must be [batch, frames, channels, height, width], got shape {dims:?}"));
+            return input_err(format!(
+                "pixel_values must be [batch, frames, channels, height, width], got shape {dims:?}"
+            ));
         }
         let (b, f, c, h, w) = (dims[0], dims[1], dims[2], dims[3], dims[4]);
         if let Some(m) = pixel_mask {
             if m.len() != b * f * h * w {
-                return input_err(format!("pixel_attention_mask has {} elements, expected [batch={b}, frames={f}, {h}, {w}]", m.len()));
+                return input_err(format!(
+                    "pixel_attention_mask has {} elements, expected [batch={b}, frames={f}, {h}, {w}]",
+                    m.len()
+                ));
             }
         }
         let flat: Vec<f32> = pixel_values.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
@@ -79,7 +90,8 @@ impl FeatureCache {
             let n = idx.len();
             let idx = Tensor::from_vec(idx, n, pixel_values.device())?;
             let sub = pixel_values.reshape((b * f, c, h, w))?.index_select(&idx, 0)?.reshape((n, 1, c, h, w))?;
-            let sub_mask: Option<Vec<bool>> = pixel_mask.map(|m| missing.iter().flat_map(|&(i, _)| m[i * per_m..(i + 1) * per_m].iter().copied()).collect());
+            let sub_mask: Option<Vec<bool>> = pixel_mask
+                .map(|m| missing.iter().flat_map(|&(i, _)| m[i * per_m..(i + 1) * per_m].iter().copied()).collect());
             let feats = model.image_features(&sub, sub_mask.as_deref(), interrupt)?.connector; // [n, T, H]
             let mut map = self.map.lock().map_err(|_| crate::error::Error::Interrupted)?;
             let mut used = self.used.lock().map_err(|_| crate::error::Error::Interrupted)?;

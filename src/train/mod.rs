@@ -11,4 +11,6 @@ pub mod step;
 
 pub use features::FeatureCache;
 pub use session::{OptimizerState, SessionConfig, TrainSession};
-pub use step::{forward_backward, run_objective, trainable_params, HeadOut, MicroStats, Objective, StepCtx, StepOptions, Trainable};
+pub use step::{
+    forward_backward, run_objective, trainable_params, HeadOut, MicroStats, Objective, StepCtx, StepOptions, Trainable,
+};

@@ -46,7 +46,9 @@ pub fn shared_prefix_len(ids: &[i64], mask: Option<&[i64]>, b: usize, l: usize) 
         return 0;
     }
     let p = b / 2;
-    let same = |r1: usize, r2: usize, t: usize| ids[r1 * l + t] == ids[r2 * l + t] && mask.is_none_or(|m| m[r1 * l + t] == m[r2 * l + t]);
+    let same = |r1: usize, r2: usize, t: usize| {
+        ids[r1 * l + t] == ids[r2 * l + t] && mask.is_none_or(|m| m[r1 * l + t] == m[r2 * l + t])
+    };
     (0..p).map(|i| (0..l).take_while(|&t| same(i, p + i, t)).count()).min().unwrap_or(0)
 }
 
@@ -64,7 +66,11 @@ impl Rows {
             let pos: Vec<u32> = (0..rows).flat_map(|_| from as u32..to as u32).collect();
             Tensor::from_vec(pos, (rows, to - from), dev)
         };
-        let mut lp = if paired { shared_prefix_len(input.input_ids, input.attention_mask, b, l).min(l.saturating_sub(1)) } else { 0 };
+        let mut lp = if paired {
+            shared_prefix_len(input.input_ids, input.attention_mask, b, l).min(l.saturating_sub(1))
+        } else {
+            0
+        };
         if lp >= MIN_SHARED_PREFIX {
             let p = b / 2;
             let (first, second) = (x0.narrow(0, 0, p)?.narrow(1, 0, lp)?, x0.narrow(0, p, p)?.narrow(1, 0, lp)?);
@@ -78,7 +84,9 @@ impl Rows {
             return Ok(Rows { b, l, layout: Layout::Full { mask: Mask { causal: true, key_valid }, rope } });
         }
         let p = b / 2;
-        let prefix_valid = key_valid.as_ref().map(|kv| Arc::new((0..p).flat_map(|i| kv[i * l..i * l + lp].to_vec()).collect::<Vec<bool>>()));
+        let prefix_valid = key_valid
+            .as_ref()
+            .map(|kv| Arc::new((0..p).flat_map(|i| kv[i * l..i * l + lp].to_vec()).collect::<Vec<bool>>()));
         let shared = Shared {
             pairs: p,
             lp,
@@ -102,16 +110,23 @@ impl Rows {
     pub fn split(&self, x: &Tensor) -> CResult<Vec<Tensor>> {
         match &self.layout {
             Layout::Full { .. } => Ok(vec![x.clone()]),
-            Layout::Shared(s) => Ok(vec![x.narrow(0, 0, s.pairs)?.narrow(1, 0, s.lp)?.contiguous()?, x.narrow(1, s.lp, self.l - s.lp)?.contiguous()?]),
+            Layout::Shared(s) => Ok(vec![
+                x.narrow(0, 0, s.pairs)?.narrow(1, 0, s.lp)?.contiguous()?,
+                x.narrow(1, s.lp, self.l - s.lp)?.contiguous()?,
+            ]),
         }
     }
 
     /// One decoder layer over the parts.
     pub fn layer(&self, text: &TextModel, layer: &TextLayer, parts: &[Tensor]) -> CResult<Vec<Tensor>> {
         match &self.layout {
-            Layout::Full { mask, rope } => Ok(vec![text.layer_forward(layer, &parts[0], &rope.0, &rope.1, mask, None)?]),
+            Layout::Full { mask, rope } => {
+                Ok(vec![text.layer_forward(layer, &parts[0], &rope.0, &rope.1, mask, None)?])
+            }
             Layout::Shared(s) => {
-                let (p, q) = text.layer_forward_shared_prefix(layer, &parts[0], &parts[1], &s.rope_p, &s.rope_s, &s.mask_p, &s.mask_s)?;
+                let (p, q) = text.layer_forward_shared_prefix(
+                    layer, &parts[0], &parts[1], &s.rope_p, &s.rope_s, &s.mask_p, &s.mask_s,
+                )?;
                 Ok(vec![p, q])
             }
         }

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 use super::dpo::{self, DpoSpec, DpoStats};
-use super::step::{forward_backward, run_objective, trainable_params, HeadOut, MicroStats, StepCtx, StepOptions, Trainable};
+use super::step::{
+    forward_backward, run_objective, trainable_params, HeadOut, MicroStats, StepCtx, StepOptions, Trainable,
+};
 use super::FeatureCache;
 use crate::error::{input_err, Result};
 use crate::model::{ForwardInput, Interrupt, VlmModel};
@@ -82,7 +84,12 @@ impl TrainSession {
 
     /// Runs `f` with the gradient slots to fill: the accumulated ones when `backward` (kept only when
     /// `f` succeeds, so an interrupted micro-batch adds nothing), else empty ones.
-    fn with_slots<R>(&mut self, backward: bool, f: impl FnOnce(&StepCtx, &mut [Option<Tensor>]) -> Result<R>, interrupt: Interrupt) -> Result<R> {
+    fn with_slots<R>(
+        &mut self,
+        backward: bool,
+        f: impl FnOnce(&StepCtx, &mut [Option<Tensor>]) -> Result<R>,
+        interrupt: Interrupt,
+    ) -> Result<R> {
         let mut acc = if backward { self.grads.clone() } else { vec![None; self.params.len()] };
         let r = f(&self.ctx(interrupt), &mut acc)?;
         if backward {
@@ -93,7 +100,13 @@ impl TrainSession {
 
     /// Forward (+ backward with `opts.backward`) of one micro-batch; the gradient of loss_scale x (sum
     /// of the label tokens' cross-entropies) is added to the accumulated gradients.
-    pub fn forward_backward(&mut self, input: &ForwardInput, opts: &StepOptions, loss_scale: f64, interrupt: Interrupt) -> Result<MicroStats> {
+    pub fn forward_backward(
+        &mut self,
+        input: &ForwardInput,
+        opts: &StepOptions,
+        loss_scale: f64,
+        interrupt: Interrupt,
+    ) -> Result<MicroStats> {
         self.with_slots(opts.backward, |ctx, acc| forward_backward(ctx, input, opts, loss_scale, acc), interrupt)
     }
 
@@ -105,7 +118,14 @@ impl TrainSession {
     /// One DPO micro-batch (rows 0..P chosen, P..2P rejected; `ref_logps` [2P] the reference's
     /// sequence log-probabilities): accumulates the gradient of `spec.loss_scale` x loss with
     /// `opts.backward` and returns the values TRL logs.
-    pub fn dpo_step(&mut self, input: &ForwardInput, spec: &DpoSpec, ref_logps: &[f64], opts: &StepOptions, interrupt: Interrupt) -> Result<(DpoStats, MicroStats)> {
+    pub fn dpo_step(
+        &mut self,
+        input: &ForwardInput,
+        spec: &DpoSpec,
+        ref_logps: &[f64],
+        opts: &StepOptions,
+        interrupt: Interrupt,
+    ) -> Result<(DpoStats, MicroStats)> {
         let mut ds = DpoStats::default();
         let ms = self.with_slots(
             opts.backward,
@@ -147,7 +167,12 @@ impl TrainSession {
             .params
             .iter()
             .zip(&self.opt.params)
-            .map(|(p, a)| Moments { name: p.name.clone(), shape: p.var.dims().to_vec(), exp_avg: a.m.clone(), exp_avg_sq: a.v.clone() })
+            .map(|(p, a)| Moments {
+                name: p.name.clone(),
+                shape: p.var.dims().to_vec(),
+                exp_avg: a.m.clone(),
+                exp_avg_sq: a.v.clone(),
+            })
             .collect();
         OptimizerState { step: self.opt.step, moments }
     }
@@ -162,7 +187,12 @@ impl TrainSession {
             };
             let n = p.var.elem_count();
             if m.shape != p.var.dims() || m.exp_avg.len() != n || m.exp_avg_sq.len() != n {
-                return input_err(format!("optimizer state '{}' has shape {:?}, expected {:?}", p.name, m.shape, p.var.dims()));
+                return input_err(format!(
+                    "optimizer state '{}' has shape {:?}, expected {:?}",
+                    p.name,
+                    m.shape,
+                    p.var.dims()
+                ));
             }
             found.push(m);
         }
@@ -177,7 +207,13 @@ impl TrainSession {
 
 /// Per-sequence completion log-probabilities (sums, or means with `average`) of any model (e.g. an
 /// explicit DPO `ref_model`), no gradient.
-pub fn sequence_logps(model: &VlmModel, input: &ForwardInput, average: bool, cache: Option<&FeatureCache>, interrupt: Interrupt) -> Result<Vec<f64>> {
+pub fn sequence_logps(
+    model: &VlmModel,
+    input: &ForwardInput,
+    average: bool,
+    cache: Option<&FeatureCache>,
+    interrupt: Interrupt,
+) -> Result<Vec<f64>> {
     let mut out = Vec::new();
     let mut obj = |h: &HeadOut| -> Result<Tensor> {
         let (lp, _) = dpo::sequence_logps(h, average)?;

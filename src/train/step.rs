@@ -62,7 +62,11 @@ pub struct MicroStats {
     pub correct: usize,
 }
 
-fn accumulate(acc: &mut [Option<Tensor>], params: &[Trainable], grads: &candle_core::backprop::GradStore) -> Result<()> {
+fn accumulate(
+    acc: &mut [Option<Tensor>],
+    params: &[Trainable],
+    grads: &candle_core::backprop::GradStore,
+) -> Result<()> {
     for (slot, p) in acc.iter_mut().zip(params) {
         if let Some(g) = grads.get(p.var.as_tensor()) {
             *slot = Some(match slot.take() {
@@ -108,12 +112,24 @@ pub struct StepCtx<'a> {
 /// Forward (and, with `opts.backward`, backward) of one micro-batch. The loss whose gradient is
 /// accumulated into `acc` (aligned with `ctx.params`) is `loss_scale` x the sum of the label tokens'
 /// cross-entropies (TRL: 1 / number of label tokens in the whole optimizer step).
-pub fn forward_backward(ctx: &StepCtx, input: &ForwardInput, opts: &StepOptions, loss_scale: f64, acc: &mut [Option<Tensor>]) -> Result<MicroStats> {
+pub fn forward_backward(
+    ctx: &StepCtx,
+    input: &ForwardInput,
+    opts: &StepOptions,
+    loss_scale: f64,
+    acc: &mut [Option<Tensor>],
+) -> Result<MicroStats> {
     run_objective(ctx, input, opts, acc, &mut |h: &HeadOut| Ok((h.nll.sum_all()? * loss_scale)?))
 }
 
 /// [`forward_backward`] with any objective over the label rows' cross-entropies (DPO, ...).
-pub fn run_objective(ctx: &StepCtx, input: &ForwardInput, opts: &StepOptions, acc: &mut [Option<Tensor>], objective: Objective) -> Result<MicroStats> {
+pub fn run_objective(
+    ctx: &StepCtx,
+    input: &ForwardInput,
+    opts: &StepOptions,
+    acc: &mut [Option<Tensor>],
+    objective: Objective,
+) -> Result<MicroStats> {
     let StepCtx { model, params, cache, interrupt } = *ctx;
     if acc.len() != params.len() {
         return input_err(format!("{} gradient slots for {} trainable tensors", acc.len(), params.len()));
@@ -127,7 +143,8 @@ pub fn run_objective(ctx: &StepCtx, input: &ForwardInput, opts: &StepOptions, ac
     };
     let text = &model.text;
     let names: Vec<String> = params.iter().map(|p| p.name.clone()).collect();
-    let vision_trains = opts.backward && names.iter().any(|n| n.contains(".model.vision_model.") || n.contains(".model.connector."));
+    let vision_trains =
+        opts.backward && names.iter().any(|n| n.contains(".model.vision_model.") || n.contains(".model.connector."));
     let lowest_text_layer = (0..text.layers.len()).find(|i| {
         let tag = format!(".model.text_model.layers.{i}.");
         names.iter().any(|n| n.contains(&tag))
@@ -157,7 +174,12 @@ pub fn run_objective(ctx: &StepCtx, input: &ForwardInput, opts: &StepOptions, ac
     let backward = opts.backward;
     // Layer i needs its input as a leaf when a gradient must reach below it.
     let needs_input_grad = |i: usize| backward && (vision_trains || lowest_text_layer.is_some_and(|lo| i > lo));
-    let leaves = |parts: &[Tensor]| -> Result<Vec<Tensor>> { Ok(parts.iter().map(|t| Var::from_tensor(t).map(|v| v.as_tensor().clone())).collect::<candle_core::Result<_>>()?) };
+    let leaves = |parts: &[Tensor]| -> Result<Vec<Tensor>> {
+        Ok(parts
+            .iter()
+            .map(|t| Var::from_tensor(t).map(|v| v.as_tensor().clone()))
+            .collect::<candle_core::Result<_>>()?)
+    };
     let mut inputs: Vec<Vec<Tensor>> = Vec::with_capacity(text.layers.len());
     let mut outputs: Vec<Option<Vec<Tensor>>> = Vec::with_capacity(text.layers.len());
     let mut h: Vec<Tensor> = rows.split(&x0.detach())?; // [B, L, H], or prefix [P, Lp, H] + suffixes [B, Ls, H]
@@ -172,7 +194,8 @@ pub fn run_objective(ctx: &StepCtx, input: &ForwardInput, opts: &StepOptions, ac
         outputs.push(if backward && !opts.gradient_checkpointing { Some(out) } else { None });
     }
     let top = if backward { leaves(&h)? } else { h.clone() };
-    let normed = top.iter().map(|t| rms_norm(t, &text.norm, text.cfg.rms_norm_eps)).collect::<candle_core::Result<Vec<_>>>()?;
+    let normed =
+        top.iter().map(|t| rms_norm(t, &text.norm, text.cfg.rms_norm_eps)).collect::<candle_core::Result<Vec<_>>>()?;
     let flat = rows.stacked(&normed)?; // [T, H]
 
     // Loss at the label rows (the head runs only there); TRL's entropy and accuracy are over the same rows.
@@ -261,6 +284,9 @@ fn gradients(grads: &candle_core::backprop::GradStore, parts: &[Tensor]) -> Resu
     if parts.iter().all(|p| grads.get(p).is_none()) {
         return Ok(None);
     }
-    let g = parts.iter().map(|p| grads.get(p).map_or_else(|| p.zeros_like(), |g| Ok(g.detach()))).collect::<candle_core::Result<Vec<_>>>()?;
+    let g = parts
+        .iter()
+        .map(|p| grads.get(p).map_or_else(|| p.zeros_like(), |g| Ok(g.detach())))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     Ok(Some(g))
 }

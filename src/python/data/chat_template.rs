@@ -10,8 +10,11 @@ use crate::error::{DataError, Error};
 use crate::python::errors::guard;
 
 fn parse(json: Option<&str>, what: &str) -> Result<Option<TemplateValue>, Error> {
-    json.map(|s| TemplateValue::from_json_str(s).map_err(|e| Error::Data(DataError::Invalid(format!("{what}: invalid JSON: {e}")))))
-        .transpose()
+    json.map(|s| {
+        TemplateValue::from_json_str(s)
+            .map_err(|e| Error::Data(DataError::Invalid(format!("{what}: invalid JSON: {e}"))))
+    })
+    .transpose()
 }
 
 /// A compiled chat template (sandboxed Jinja, configured like transformers).
@@ -49,7 +52,9 @@ impl PyChatTemplate {
         guard(|| {
             let variables = match parse(variables_json, "variables")? {
                 Some(TemplateValue::Map(pairs)) => pairs,
-                Some(_) => return Err(Error::Data(DataError::Invalid("template variables must be a JSON object".into()))),
+                Some(_) => {
+                    return Err(Error::Data(DataError::Invalid("template variables must be a JSON object".into())))
+                }
                 None => Vec::new(),
             };
             let opts = RenderOptions {

@@ -34,7 +34,9 @@ fn transparency(py: Python<'_>, t: &Py<PyAny>) -> Result<Option<Transparency>, E
 fn raw_image(py: Python<'_>, t: PilTuple, sample: usize, index: usize) -> Result<RawImage, Error> {
     let (mode, w, h, bytes, palette, palette_mode, tr) = t;
     let at = |e: Error| match e {
-        Error::Data(DataError::Image(m)) => Error::Data(DataError::Image(format!("sample {sample}, image {index}: {m}"))),
+        Error::Data(DataError::Image(m)) => {
+            Error::Data(DataError::Image(format!("sample {sample}, image {index}: {m}")))
+        }
         other => other,
     };
     let mut img = RawImage::from_pil(&mode, w, h, bytes, palette, palette_mode.as_deref()).map_err(at)?;
@@ -55,7 +57,8 @@ fn process_images<'py>(
     config_json: &str,
 ) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Option<Bound<'py, PyArrayDyn<bool>>>, Vec<Vec<usize>>, Vec<Vec<usize>>)> {
     let cfg = guard(|| {
-        let v: serde_json::Value = serde_json::from_str(config_json).or_else(|e| input_err(format!("image processor config: {e}")))?;
+        let v: serde_json::Value =
+            serde_json::from_str(config_json).or_else(|e| input_err(format!("image processor config: {e}")))?;
         ImageProcessorConfig::from_json(&v)
     })?;
     let mut raws: Vec<Vec<RawImage>> = Vec::with_capacity(images.len());

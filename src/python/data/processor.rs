@@ -19,8 +19,13 @@ fn expand_image_tokens(
     fake_image_token: &str,
     global_image_token: &str,
 ) -> PyResult<Vec<String>> {
-    let tokens = ImageTokens { image: image_token.into(), fake_around: fake_image_token.into(), global: global_image_token.into() };
-    let grids: Vec<Vec<(usize, usize)>> = rows.iter().zip(&cols).map(|(r, c)| r.iter().copied().zip(c.iter().copied()).collect()).collect();
+    let tokens = ImageTokens {
+        image: image_token.into(),
+        fake_around: fake_image_token.into(),
+        global: global_image_token.into(),
+    };
+    let grids: Vec<Vec<(usize, usize)>> =
+        rows.iter().zip(&cols).map(|(r, c)| r.iter().copied().zip(c.iter().copied()).collect()).collect();
     guard(|| tokens.expand_batch(&texts, &grids, image_seq_len))
 }
 

@@ -13,7 +13,9 @@ use crate::python::errors::guard;
 fn side(s: Option<&str>, what: &str) -> Result<Option<Side>, Error> {
     match s {
         None => Ok(None),
-        Some(v) => Side::parse(v).map(Some).map_or_else(|| input_err(format!("{what} must be 'left' or 'right', got '{v}'")), Ok),
+        Some(v) => Side::parse(v)
+            .map(Some)
+            .map_or_else(|| input_err(format!("{what} must be 'left' or 'right', got '{v}'")), Ok),
     }
 }
 
@@ -61,7 +63,11 @@ impl PyTokenizer {
                     "do_not_pad" => Padding::DoNotPad,
                     "longest" => Padding::Longest,
                     "max_length" => Padding::MaxLength,
-                    other => return input_err(format!("padding must be True/False, 'longest', 'max_length' or 'do_not_pad', got '{other}'")),
+                    other => {
+                        return input_err(format!(
+                            "padding must be True/False, 'longest', 'max_length' or 'do_not_pad', got '{other}'"
+                        ))
+                    }
                 },
                 truncation,
                 max_length,
@@ -80,12 +86,22 @@ impl PyTokenizer {
     }
 
     #[pyo3(signature = (ids, skip_special_tokens=false, clean_up_tokenization_spaces=None))]
-    fn decode(&self, ids: Vec<u32>, skip_special_tokens: bool, clean_up_tokenization_spaces: Option<bool>) -> PyResult<String> {
+    fn decode(
+        &self,
+        ids: Vec<u32>,
+        skip_special_tokens: bool,
+        clean_up_tokenization_spaces: Option<bool>,
+    ) -> PyResult<String> {
         guard(|| self.inner.decode(&ids, skip_special_tokens, clean_up_tokenization_spaces))
     }
 
     #[pyo3(signature = (batch, skip_special_tokens=false, clean_up_tokenization_spaces=None))]
-    fn batch_decode(&self, batch: Vec<Vec<u32>>, skip_special_tokens: bool, clean_up_tokenization_spaces: Option<bool>) -> PyResult<Vec<String>> {
+    fn batch_decode(
+        &self,
+        batch: Vec<Vec<u32>>,
+        skip_special_tokens: bool,
+        clean_up_tokenization_spaces: Option<bool>,
+    ) -> PyResult<Vec<String>> {
         guard(|| self.inner.batch_decode(&batch, skip_special_tokens, clean_up_tokenization_spaces))
     }
 
