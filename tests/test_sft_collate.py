@@ -128,3 +128,22 @@ def test_image_key_and_pad_multiple_for_prompt_completion(processor, images):
     assert b["input_ids"].shape[1] % 32 == 0
     np.testing.assert_array_equal(b["input_ids"][:, :n], a["input_ids"])
     assert (b["labels"][:, n:] == -100).all() and (b["attention_mask"][:, n:] == 0).all()
+
+
+def test_generation_tags_in_a_user_template_are_rendered_by_the_core(processor):
+    """A ``{% generation %}`` block (transformers' assistant-mask tag) renders its body, with jinja's
+    whitespace control kept: the collator passes the template as it is to the core's renderer."""
+    plain = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'][0]['text'] }}\n"
+             "{% endfor %}")
+    # `{%-` trims the space before the tag (a regex that deleted the tags would leave two spaces)
+    tagged = ("{% for m in messages %}{{ m['role'] }}: {%- generation %} {{ m['content'][0]['text'] }}\n"
+              "{% endgeneration %}{% endfor %}")
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "yo"}]}]}]
+    ids = {}
+    for name, tpl in (("plain", plain), ("tagged", tagged)):
+        collator = DataCollatorForVisionLanguageModeling(processor, chat_template=tpl)
+        ids[name] = collator(rows)["input_ids"].tolist()
+    assert ids["plain"] == ids["tagged"]
+    text = processor.apply_chat_template(rows[0]["messages"], chat_template=tagged, tokenize=False)
+    assert text == "user: hi\nassistant: yo\n"
