@@ -21,7 +21,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use minijinja::value::{Kwargs, Rest, Value};
 use minijinja::{Environment, ErrorKind, State};
 
-use crate::data::chat_template_value::{json_dumps, py_str, strftime_utc, JsonOptions, TemplateValue};
+use crate::data::chat_template_value::TemplateValue;
+use crate::data::python_text::{json_dumps, py_str, strftime_utc, JsonOptions};
 use crate::error::{DataError, Error, Result};
 
 const TEMPLATE_NAME: &str = "chat_template";

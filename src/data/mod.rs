@@ -9,6 +9,7 @@ pub(crate) mod image_kernels;
 pub mod image_processor;
 pub mod image_processor_config;
 pub mod processor;
+pub mod python_text;
 pub mod resample;
 pub mod tokenizer;
 pub mod tokenizer_batch;
