@@ -1,0 +1,188 @@
+"""Every benchmark in one run, against the PyTorch stack on the same machine, with the machine's own limits.
+
+Dev only (needs torch, transformers, PEFT and TRL in the same environment as ferrovlm):
+
+    python bench/run_all.py [--repeats 2] [--quick] [--baseline /path/to/old/python] [--out bench/out/summary]
+
+It prints the CPU model and its instruction-set extensions, measures the machine's limits (fp32 and bf16
+matmul GFLOP/s with torch, memory copy bandwidth), then runs each workload script `--repeats` times (each run
+is ferrovlm then the PyTorch stack, so the sides alternate: A B A B ...) and reports the median of each
+ratio. Decode is also given as bytes of weights read per second, as a fraction of the copy bandwidth.
+Writes `<out>.json` and `<out>.md` (a markdown table with the machine and the date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+HERE = Path(__file__).resolve().parent
+FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+         "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model, core count and the instruction-set extensions that matter for our kernels."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "logical_cpus": os.cpu_count(), "extensions": [f for f in FLAGS if f in flags]}
+
+
+def machine_limits(quick: bool) -> dict[str, float]:
+    """Matmul peak of torch in fp32 and bf16 (GFLOP/s, all threads) and a large copy's bandwidth (GB/s,
+    bytes read + written)."""
+    import numpy as np
+    import torch
+
+    out: dict[str, float] = {}
+    n = 1024 if quick else 2048
+    for name, dtype in (("torch_fp32_gflops", torch.float32), ("torch_bf16_gflops", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        torch.mm(a, b)
+        reps, t0 = 3 if quick else 6, time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        out[name] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    src = np.ones((64 if quick else 256) << 20, dtype=np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    out["copy_gb_per_s"] = 2 * src.nbytes / best / 1e9
+    return out
+
+
+def text_weight_params() -> int:
+    """Weights read per decoded token by the text model of the benchmark checkpoint (its Linear layers and
+    the head; the token embedding is a gather)."""
+    sys.path.insert(0, str(HERE.parent / "scripts"))
+    from tiny_checkpoint import SMOLVLM_256M
+
+    t = SMOLVLM_256M["text_config"]
+    h, i, layers, v = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"], t["vocab_size"]
+    hd = t.get("head_dim", h // t["num_attention_heads"])
+    attn = h * hd * (2 * t["num_attention_heads"] + 2 * t["num_key_value_heads"])
+    return layers * (attn + 3 * h * i) + v * h
+
+
+WORKLOADS = [
+    # name, script, extra args, (ratio key, label, better)
+    ("generate fp32", "bench_generate.py", ["--new", "64"],
+     [("ttft_ratio", "time to first token, ours / theirs", "lower"), ("decode_speedup", "decode tokens/s", "higher"),
+      ("peak_rss_ratio", "peak RSS, ours / theirs", "lower")]),
+    ("generate bf16 (ours) vs fp32", "bench_generate.py", ["--new", "64", "--dtype", "bfloat16"],
+     [("ttft_ratio", "time to first token, ours / theirs", "lower"), ("decode_speedup", "decode tokens/s", "higher"),
+      ("peak_rss_ratio", "peak RSS, ours / theirs", "lower")]),
+    ("SFT fp32, LoRA", "bench_sft.py", ["--steps", "4"],
+     [("speedup", "samples/s", "higher"), ("peak_rss_ratio", "peak RSS, ours / theirs", "lower")]),
+    ("DPO fp32, LoRA", "bench_dpo.py", ["--steps", "2"],
+     [("speedup", "pairs/s", "higher"), ("peak_rss_ratio", "peak RSS, ours / theirs", "lower")]),
+    ("image processor", "bench_processor.py", ["--images", "16"], [("speedup", "images/s", "higher")]),
+]
+
+
+def run_workload(script: str, args: list[str], baseline: Optional[str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r.json"
+        cmd = [sys.executable, str(HERE / script), *args, "--out", str(out)]
+        if baseline and script in ("bench_generate.py", "bench_sft.py"):
+            cmd += ["--baseline", baseline]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        return json.loads(out.read_text())
+
+
+def ratios_of(result: dict[str, Any]) -> dict[str, float]:
+    r = result.get("ratios", result)
+    return {k: float(v) for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    m, lim = summary["machine"], summary["limits"]
+    lines = [
+        f"Benchmarks of {summary['date']} on {m['model']} ({m['logical_cpus']} logical CPUs; "
+        f"{', '.join(m['extensions'])}), {summary['repeats']} run(s) each, medians.",
+        "",
+        f"Machine limits: torch fp32 matmul {lim['torch_fp32_gflops']:.0f} GFLOP/s, bf16 "
+        f"{lim['torch_bf16_gflops']:.0f} GFLOP/s, copy {lim['copy_gb_per_s']:.1f} GB/s.",
+        "",
+        "| workload | measure | ferrovlm vs PyTorch stack | runs |",
+        "|---|---|---|---|",
+    ]
+    for w in summary["workloads"]:
+        for key, label, better in w["measures"]:
+            vals = w["ratios"].get(key, [])
+            if vals:
+                lines.append(f"| {w['name']} | {label} ({better} is better) | {statistics.median(vals):.2f}x | "
+                             f"{', '.join(f'{v:.2f}' for v in vals)} |")
+        if "decode_bandwidth_fraction" in w:
+            lines.append(f"| {w['name']} | ferrovlm decode: weights read / copy bandwidth | "
+                         f"{w['decode_bandwidth_fraction']:.0%} | |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each workload (sides alternate)")
+    ap.add_argument("--quick", action="store_true", help="smaller limit measurements")
+    ap.add_argument("--only", nargs="*", help="workload names to run (default: all)")
+    ap.add_argument("--baseline", help="the python/ folder of an earlier ferrovlm build, run too where supported")
+    ap.add_argument("--out", default=str(HERE / "out" / "summary"))
+    args = ap.parse_args()
+
+    summary: dict[str, Any] = {"date": datetime.date.today().isoformat(), "repeats": args.repeats,
+                               "machine": cpu_info()}
+    m = summary["machine"]
+    print(f"CPU: {m['model']} ({m['logical_cpus']} logical CPUs); extensions: {' '.join(m['extensions'])}", flush=True)
+    summary["limits"] = machine_limits(args.quick)
+    print("limits:", json.dumps({k: round(v, 1) for k, v in summary["limits"].items()}), flush=True)
+    weight_bytes_bf16 = 2 * text_weight_params()
+    summary["workloads"] = []
+    for name, script, extra, measures in WORKLOADS:
+        if args.only and name not in args.only:
+            continue
+        runs = []
+        for i in range(args.repeats):
+            print(f"{name}: run {i + 1}/{args.repeats}", flush=True)
+            runs.append(run_workload(script, extra, args.baseline))
+        ratios: dict[str, list[float]] = {}
+        for r in runs:
+            for k, v in ratios_of(r).items():
+                ratios.setdefault(k, []).append(v)
+        w: dict[str, Any] = {"name": name, "script": script, "args": extra, "measures": measures,
+                             "ratios": ratios, "runs": runs}
+        if script == "bench_generate.py":
+            # ferrovlm keeps the checkpoint's bf16 weights in bf16 in both modes: 2 bytes a weight per token.
+            tps = statistics.median(r["ferrovlm"]["decode_tokens_per_s"] for r in runs)
+            w["decode_bandwidth_fraction"] = tps * weight_bytes_bf16 / (summary["limits"]["copy_gb_per_s"] * 1e9 / 2)
+        summary["workloads"].append(w)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    md = markdown(summary)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
