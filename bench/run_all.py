@@ -73,6 +73,25 @@ def machine_limits(quick: bool) -> dict[str, float]:
     return out
 
 
+def kernel_limits() -> dict[str, float]:
+    """Our kernels' GFLOP/s next to torch's: the best over the shapes of `examples/bench_gemm_bf16.rs` (SmolVLM's
+    layer shapes) of the AVX512-BF16 packed gemm and of candle's f32 matmul (the gemm crate)."""
+    cmd = ["cargo", "run", "--quiet", "--release", "--example", "bench_gemm_bf16"]
+    text = subprocess.run(cmd, cwd=HERE.parent, check=True, capture_output=True, text=True).stdout
+    packed, f32 = [], []
+    for line in text.splitlines():
+        cells = [c.split() for c in line.split("|")]
+        if len(cells) == 4 and " x " in line and len(cells[1]) == 3:
+            try:
+                packed.append(float(cells[1][0]))
+                f32.append(float(cells[1][2]))
+            except ValueError:
+                continue  # the header
+    if not packed:
+        raise RuntimeError(f"no kernel table in the output of {' '.join(cmd)}:\n{text}")
+    return {"ours_bf16_gflops": max(packed), "ours_f32_gflops": max(f32)}
+
+
 def text_weight_params() -> int:
     """Weights read per decoded token by the text model of the benchmark checkpoint (its Linear layers and
     the head; the token embedding is a gather)."""
@@ -124,7 +143,9 @@ def markdown(summary: dict[str, Any]) -> str:
         f"{', '.join(m['extensions'])}), {summary['repeats']} run(s) each, medians.",
         "",
         f"Machine limits: torch fp32 matmul {lim['torch_fp32_gflops']:.0f} GFLOP/s, bf16 "
-        f"{lim['torch_bf16_gflops']:.0f} GFLOP/s, copy {lim['copy_gb_per_s']:.1f} GB/s.",
+        f"{lim['torch_bf16_gflops']:.0f} GFLOP/s, copy {lim['copy_gb_per_s']:.1f} GB/s"
+        + (f"; ours: f32 {lim['ours_f32_gflops']:.0f} GFLOP/s, bf16 {lim['ours_bf16_gflops']:.0f} GFLOP/s"
+           if "ours_bf16_gflops" in lim else "") + ".",
         "",
         "| workload | measure | ferrovlm vs PyTorch stack | runs |",
         "|---|---|---|---|",
@@ -147,6 +168,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller limit measurements")
     ap.add_argument("--only", nargs="*", help="workload names to run (default: all)")
     ap.add_argument("--baseline", help="the python/ folder of an earlier ferrovlm build, run too where supported")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also our matmul kernels' GFLOP/s (builds and runs examples/bench_gemm_bf16.rs with cargo)")
     ap.add_argument("--out", default=str(HERE / "out" / "summary"))
     args = ap.parse_args()
 
@@ -155,6 +178,8 @@ def main() -> None:
     m = summary["machine"]
     print(f"CPU: {m['model']} ({m['logical_cpus']} logical CPUs); extensions: {' '.join(m['extensions'])}", flush=True)
     summary["limits"] = machine_limits(args.quick)
+    if args.kernels:
+        summary["limits"].update(kernel_limits())
     print("limits:", json.dumps({k: round(v, 1) for k, v in summary["limits"].items()}), flush=True)
     weight_bytes_bf16 = 2 * text_weight_params()
     summary["workloads"] = []
