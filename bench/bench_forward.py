@@ -101,6 +101,26 @@ def run_side(side: str, ckpt: str, repeats: int) -> dict:
     }
 
 
+def noise_rows(answer_key: str, n: int = 8) -> list:
+    """`n` rows of a 512x512 noise image with a question (`prompt`) and an answer message list under
+    `answer_key` ("completion" for SFT, "chosen" for DPO): the data of the training benchmarks."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        img = Image.fromarray(rng.integers(0, 256, size=(512, 512, 3), dtype=np.uint8))
+        question = {"type": "text", "text": f"Question {i}: what is in this picture?"}
+        answer = {"type": "text", "text": f"Answer {i}: random coloured noise, nothing else."}
+        rows.append({
+            "images": [img],
+            "prompt": [{"role": "user", "content": [{"type": "image"}, question]}],
+            answer_key: [{"role": "assistant", "content": [answer]}],
+        })
+    return rows
+
+
 BASELINE_HELP = ("the python/ folder of an earlier ferrovlm build (its package with _core.abi3.so): it runs too, "
                  "as 'ferrovlm-baseline', for before/after ratios in the same run")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from bench_forward import BASELINE_HELP, peak_rss_mb, rss_mb, run_both_sides  # noqa: E402
+from bench_forward import BASELINE_HELP, noise_rows, peak_rss_mb, rss_mb, run_both_sides  # noqa: E402
 
 # the text model only (a list would also match the vision q/k/v_proj)
 TARGETS = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -42,35 +42,8 @@ def add_processor(ckpt: Path) -> None:
     )
 
 
-def make_rows(n: int = 8):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n):
-        img = Image.fromarray(rng.integers(0, 256, size=(512, 512, 3), dtype=np.uint8))
-        rows.append(
-            {
-                "images": [img],
-                "prompt": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "image"},
-                            {"type": "text", "text": f"Question {i}: what is in this picture?"},
-                        ],
-                    }
-                ],
-                "completion": [
-                    {
-                        "role": "assistant",
-                        "content": [{"type": "text", "text": f"Answer {i}: random coloured noise, nothing else."}],
-                    }
-                ],
-            }
-        )
-    return rows
+def make_rows(n: int = 8) -> list:
+    return noise_rows("completion", n)
 
 
 def run_side(side: str, ckpt: str, steps: int) -> dict:
