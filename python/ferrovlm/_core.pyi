@@ -192,6 +192,7 @@ class TrainSession:
         eps: float = 1e-8,
         no_decay: list[str] = ...,
         feature_cache_mb: int = 1024,
+        bf16: bool = False,
     ) -> TrainSession: ...
     @property
     def param_names(self) -> list[str]: ...

@@ -221,6 +221,7 @@ class BaseTrainer:
                 float(a.adam_beta2),
                 float(a.adam_epsilon),
                 no_decay_names(names),
+                bf16=bool(a.bf16),  # transformers' CPU autocast: frozen weights' products in bf16
             )
         return self._session
 

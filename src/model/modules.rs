@@ -101,6 +101,18 @@ impl VlmModel {
         out
     }
 
+    /// A copy of this model for `bf16=True` training (transformers' CPU autocast): every frozen f32
+    /// Linear weight also gets a bf16 packed copy that its products use ([`Linear::with_bf16_autocast`]).
+    /// Adapters, norms, embeddings and attention are shared with `self` and stay f32; trainable tensors
+    /// are the same `Var`s, so the optimizer's updates are seen by both models.
+    pub fn with_bf16_autocast(&self) -> candle_core::Result<VlmModel> {
+        let mut m = self.clone();
+        for (_, lin) in m.linears_mut() {
+            *lin = lin.with_bf16_autocast()?;
+        }
+        Ok(m)
+    }
+
     /// Whether an adapter sits on a Linear of the vision tower or the connector (image features then
     /// depend on the adapter).
     pub fn vision_side_has_adapters(&self) -> bool {

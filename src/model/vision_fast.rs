@@ -24,12 +24,13 @@ use crate::ops::matmul_bf16_packed::PackedBf16;
 use crate::ops::norm::layer_norm_bf16;
 use crate::ops::Linear;
 
-/// The packed bf16 weight of a layer without adapter. (While a model carries adapters its weights are
-/// not packed at all, see `crate::lora::attach`: every pass then takes the unfused layers, whose
-/// arithmetic the tracked training pass shares.)
+/// The packed bf16 weight of a layer without adapter: the bf16 compute mode's, or the copy of
+/// `bf16=True` training ([`Weight::Autocast`]). (In the bf16 compute mode a model that carries adapters
+/// has no packed weights at all, see `crate::lora::attach`: every pass then takes the unfused layers,
+/// whose arithmetic the tracked training pass shares.)
 fn packed(l: &Linear) -> Option<&PackedBf16> {
     match (&l.weight, &l.adapter) {
-        (Weight::PackedBf16 { packed, .. }, None) => Some(packed),
+        (Weight::PackedBf16 { packed, .. } | Weight::Autocast { packed, .. }, None) => Some(packed),
         _ => None,
     }
 }

@@ -28,6 +28,12 @@ pub enum Weight {
     /// [`matmul_bf16_packed::matmul_packed`] (x rounded to bf16, f32 accumulation), used for more than
     /// [`GEMV_MAX_ROWS`] rows. Only built where [`matmul_bf16_packed::available`].
     PackedBf16 { w: Tensor, packed: Arc<matmul_bf16_packed::PackedBf16> },
+    /// `bf16=True` training on a CPU (transformers' CPU autocast): the f32 weight `w` [out, in] stays the
+    /// master copy (merging, saving, the backward to x), and every product x W^T, tracked or not, runs
+    /// on `packed`, the weight rounded to bf16 and packed for [`matmul_bf16_packed::matmul_packed`]
+    /// (x rounded to bf16, f32 accumulation), as autocast runs `linear` in bf16. Built by
+    /// [`Linear::with_bf16_autocast`] for a training session and dropped with it.
+    Autocast { w: Tensor, packed: Arc<matmul_bf16_packed::PackedBf16> },
     /// A frozen quantized weight (bitsandbytes 4-bit or 8-bit). `bf16`: products in bf16 with f32
     /// accumulation and the output rounded to bf16 (`bnb_4bit_compute_dtype=bfloat16`).
     Quant { q: Arc<crate::quant::QuantWeight>, bf16: bool },
@@ -87,6 +93,24 @@ impl Linear {
             Weight::Bf16(w)
         };
         Ok(Linear { weight, bias, in_features, out_features, adapter: None })
+    }
+
+    /// This layer for `bf16=True` training ([`Weight::Autocast`]): a frozen f32 CPU weight gets a bf16
+    /// packed copy that every product uses, on a CPU with AVX512-BF16. Any other layer is returned as
+    /// it is: trainable weights (autograd `Var`s) and bf16 or quantized weights, and every weight on a
+    /// CPU without AVX512-BF16 (products stay f32 there, more precise than autocast).
+    pub fn with_bf16_autocast(&self) -> Result<Self> {
+        let mut lin = self.clone();
+        if let Weight::Dense(w) = &self.weight {
+            if w.dtype() == DType::F32 && w.device().is_cpu() && !w.is_variable() && matmul_bf16_packed::available() {
+                let bits: Vec<half::bf16> = with_f32(w, |v| {
+                    v.par_iter().map(|&x| half::bf16::from_bits(super::bf16::f32_to_bf16_bits(x))).collect()
+                })?;
+                let packed = matmul_bf16_packed::pack(&bits, self.out_features, self.in_features);
+                lin.weight = Weight::Autocast { w: w.clone(), packed: Arc::new(packed) };
+            }
+        }
+        Ok(lin)
     }
 
     /// A layer over a quantized weight.
@@ -162,7 +186,11 @@ impl Linear {
         let w = self.weight_tensor().ok_or_else(|| candle_core::Error::Msg("linear: no dense weight".into()))?;
         let tracked = x.track_op() || w.track_op() || self.bias.as_ref().is_some_and(|b| b.track_op());
         let y = if tracked && self.fused_ok(x) {
-            linear_tracked(&x2, w, self.bias.as_ref())? // [N, out], bias included
+            let packed = match &self.weight {
+                Weight::Autocast { packed, .. } => Some(packed.clone()),
+                _ => None,
+            };
+            linear_tracked(&x2, w, self.bias.as_ref(), packed)? // [N, out], bias included
         } else {
             let cpu_f32 = x.dtype() == DType::F32 && x.device().is_cpu();
             let bias = self.bias.as_ref();
@@ -179,6 +207,11 @@ impl Linear {
                     }
                 }
                 Weight::PackedBf16 { w, .. } => (x2.matmul(&w.to_dtype(x.dtype())?.t()?)?, false),
+                Weight::Autocast { packed, .. } if cpu_f32 => {
+                    let y = with_f32(&x2, |xs| matmul_bf16_packed::matmul_packed(xs, n, self.in_features, packed))?;
+                    (Tensor::from_vec(y, (n, self.out_features), x.device())?, false)
+                }
+                Weight::Autocast { w, .. } => (x2.matmul(&w.t()?)?, false),
                 Weight::Quant { .. } => unreachable!("handled above"),
             };
             match bias {
@@ -231,7 +264,7 @@ impl Linear {
     /// (`Weight::Bf16`) CPU weight, f32 bias.
     fn fused_ok(&self, x: &Tensor) -> bool {
         let w_ok = match &self.weight {
-            Weight::Dense(w) => w.dtype() == DType::F32 && w.device().is_cpu(),
+            Weight::Dense(w) | Weight::Autocast { w, .. } => w.dtype() == DType::F32 && w.device().is_cpu(),
             Weight::Bf16(w) | Weight::PackedBf16 { w, .. } => w.dtype() == DType::BF16 && w.device().is_cpu(),
             Weight::Quant { .. } => false,
         };
@@ -242,7 +275,7 @@ impl Linear {
     /// The stored weight [out, in]; None for a quantized one (see [`Self::dense_weight`]).
     pub fn weight_tensor(&self) -> Option<&Tensor> {
         match &self.weight {
-            Weight::Dense(w) | Weight::Bf16(w) | Weight::PackedBf16 { w, .. } => Some(w),
+            Weight::Dense(w) | Weight::Bf16(w) | Weight::PackedBf16 { w, .. } | Weight::Autocast { w, .. } => Some(w),
             Weight::Quant { .. } => None,
         }
     }
@@ -251,7 +284,9 @@ impl Linear {
     /// temporary copy: merging, DoRA norms, references).
     pub fn dense_weight(&self) -> Result<Tensor> {
         match &self.weight {
-            Weight::Dense(w) | Weight::Bf16(w) | Weight::PackedBf16 { w, .. } => Ok(w.clone()),
+            Weight::Dense(w) | Weight::Bf16(w) | Weight::PackedBf16 { w, .. } | Weight::Autocast { w, .. } => {
+                Ok(w.clone())
+            }
             Weight::Quant { q, .. } => {
                 Tensor::from_vec(q.dequantize(), (self.out_features, self.in_features), &candle_core::Device::Cpu)
             }
@@ -479,8 +514,13 @@ fn linear_db_kernel(g: &[f32], n: usize, out: usize) -> Vec<f32> {
 }
 
 /// y = x W^T (+ b) as a custom op on (x [N, in], W [out, in] f32 or bf16[, b [out] f32]).
-/// Its backward returns a gradient only for the tracked arguments.
-struct LinearOp;
+/// Its backward returns a gradient only for the tracked arguments. With `packed` (the weight of
+/// [`Weight::Autocast`]), the forward product runs on the packed bf16 weight (x rounded to bf16, as the
+/// untracked pass does, so tracked and untracked passes compute the same numbers); the backward uses
+/// the f32 weight.
+struct LinearOp {
+    packed: Option<Arc<matmul_bf16_packed::PackedBf16>>,
+}
 
 impl LinearOp {
     fn forward(
@@ -503,7 +543,23 @@ impl LinearOp {
                 b.map(|b| b.len())
             );
         }
-        Ok((CpuStorage::F32(linear_fwd_kernel(x, n, k, &w, out, b)), Shape::from((n, out))))
+        let y = match &self.packed {
+            Some(p) if p.in_features() == k && p.out_features() == out => {
+                let mut y = matmul_bf16_packed::matmul_packed(x, n, k, p); // [N, out]
+                if let Some(b) = b {
+                    y.par_chunks_mut(out.max(1)).for_each(|r| r.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+                }
+                y
+            }
+            Some(p) => candle_core::bail!(
+                "linear: packed weight [{}, {}] does not match weight {:?}",
+                p.out_features(),
+                p.in_features(),
+                wl.shape()
+            ),
+            None => linear_fwd_kernel(x, n, k, &w, out, b),
+        };
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
     /// (dx, dW, db), each only where its argument is tracked.
@@ -588,12 +644,19 @@ impl CustomOp3 for LinearOp {
     }
 }
 
-/// x [N, in] f32 CPU, w [out, in] f32 or bf16, b [out] f32 -> [N, out] through [`LinearOp`].
-fn linear_tracked(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+/// x [N, in] f32 CPU, w [out, in] f32 or bf16, b [out] f32 -> [N, out] through [`LinearOp`]
+/// (`packed`: see there).
+fn linear_tracked(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    packed: Option<Arc<matmul_bf16_packed::PackedBf16>>,
+) -> Result<Tensor> {
     let x = x.contiguous()?;
     let w = w.contiguous()?;
+    let op = LinearOp { packed };
     match b {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearOp),
-        None => x.apply_op2(&w, LinearOp),
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
+        None => x.apply_op2(&w, op),
     }
 }

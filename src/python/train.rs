@@ -53,9 +53,11 @@ fn owned<'py>(
 #[pymethods]
 impl PyTrainSession {
     /// `no_decay`: names of the tensors without weight decay. `feature_cache_mb` = 0 turns the
-    /// frozen-vision cache off.
+    /// frozen-vision cache off. `bf16`: TrainingArguments' `bf16=True` on a CPU (autocast: products
+    /// with frozen weights in bf16).
     #[new]
-    #[pyo3(signature = (model, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8, no_decay=vec![], feature_cache_mb=1024))]
+    #[pyo3(signature = (model, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8, no_decay=vec![], feature_cache_mb=1024, bf16=false))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         model: &PyVlmModel,
         weight_decay: f64,
@@ -64,11 +66,13 @@ impl PyTrainSession {
         eps: f64,
         no_decay: Vec<String>,
         feature_cache_mb: usize,
+        bf16: bool,
     ) -> PyResult<Self> {
         let cfg = SessionConfig {
             adam: AdamWConfig { beta1, beta2, eps, weight_decay },
             no_decay,
             feature_cache_bytes: feature_cache_mb << 20,
+            bf16_autocast: bf16,
         };
         let session = guard(|| TrainSession::new(model.get(), &cfg))?;
         Ok(PyTrainSession { inner: Mutex::new(session) })

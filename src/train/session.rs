@@ -25,6 +25,9 @@ pub struct SessionConfig {
     pub no_decay: Vec<String>,
     /// Budget of the frozen-vision feature cache in bytes; 0 turns it off.
     pub feature_cache_bytes: usize,
+    /// `bf16=True` of TrainingArguments on a CPU: products with frozen Linear weights in bf16 (see
+    /// [`VlmModel::with_bf16_autocast`]); trainable tensors, gradients and the optimizer stay f32.
+    pub bf16_autocast: bool,
 }
 
 /// AdamW's moments of one tensor, flattened (torch's `exp_avg`, `exp_avg_sq`).
@@ -62,6 +65,7 @@ impl TrainSession {
         let vars = params.iter().map(|p| (p.var.clone(), !cfg.no_decay.contains(&p.name))).collect();
         let n = params.len();
         let cache = (cfg.feature_cache_bytes > 0).then(|| FeatureCache::new(cfg.feature_cache_bytes));
+        let model = if cfg.bf16_autocast { Arc::new(model.with_bf16_autocast()?) } else { model };
         Ok(TrainSession { model, params, opt: AdamW::new(vars, cfg.adam), grads: vec![None; n], cache })
     }
 
