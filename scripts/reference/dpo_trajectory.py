@@ -1,4 +1,5 @@
-"""Reference TRL DPOTrainer trajectories (LoRA on the tiny SmolVLM, CPU, fp32) for ferrovlm's DPO trainer (dev only).
+"""Reference TRL DPOTrainer trajectories (LoRA on the tiny SmolVLM, CPU, fp32 model, fp32 or bf16 autocast) for
+ferrovlm's DPO trainer (dev only).
 
     python scripts/reference/dpo_trajectory.py  # in an environment with torch, transformers, peft, trl, datasets
 
@@ -16,7 +17,9 @@ for 3 optimizer steps on 4 conversational vision preference rows. Per case, into
   batch0.npz          the batch TRL's DataCollatorForVisionPreference built for the first micro-batch
   steps.json          per micro-batch: dataset row order, compute_loss value, token counts; trainer facts
                       (reference-adapter handling, optimizer, param groups, ...) and the first step recomputed
-                      from a plain full-logits forward with the formulas of tests/fixtures/dpo/README.md
+                      from a plain full-logits forward with the formulas of tests/fixtures/dpo/README.md; for a
+                      bf16 case also `bf16` (what autocast did) and `bf16_vs_fp32` (per logged step |bf16 - fp32|
+                      against its fp32 twin case, and the max)
 
 The folder is emptied (except README.md) and rewritten on every run. See tests/fixtures/dpo/README.md.
 """
@@ -48,6 +51,7 @@ from lora_grads import (  # noqa: E402
     save_png,
     shape_image,
 )
+from sft_trajectory import BF16_RECOMPUTE_RTOL, autocast_facts, bf16_vs_fp32, record_forward_dtypes  # noqa: E402
 
 OUT = FIX / "dpo"
 
@@ -85,7 +89,12 @@ CASES = {
     "ipo": dict(loss_type=["ipo"]),
     "hinge": dict(loss_type=["hinge"]),
     "sigmoid_sft": dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0]),
+    # `sigmoid` under bf16=True: fp32 model, LoRA params and AdamW state; the policy and reference forwards run under
+    # torch.autocast("cpu", dtype=torch.bfloat16) (accelerate's wrapper / DPOTrainer's accelerator.autocast())
+    "sigmoid_bf16": dict(loss_type=["sigmoid"], bf16=True),
 }
+# bf16 cases are compared with their fp32 twin (same rows, adapter, seed): see bf16_vs_fp32 in steps.json
+FP32_TWIN = {"sigmoid_bf16": "sigmoid"}
 
 TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
 
@@ -138,17 +147,25 @@ def full_logits_stats(model, b):
                 top1=(logits.argmax(-1) == tgt_ids))
 
 
-def check_first_step(ckpt: Path, adapter: Path, batch: dict, spec: dict, beta: float, logged: dict) -> dict:
+def check_first_step(ckpt: Path, adapter: Path, batch: dict, spec: dict, beta: float, logged: dict,
+                     bf16: bool = False) -> dict:
     """Recomputes the first logged step (policy = reference = the initial adapter) with plain forwards and the
-    formulas of tests/fixtures/dpo/README.md, and asserts they match TRL's log."""
+    formulas of tests/fixtures/dpo/README.md, and asserts they match TRL's log (with bf16, the forwards run under
+    torch.autocast("cpu", bfloat16) like TRL's, and the tolerance is BF16_RECOMPUTE_RTOL)."""
+    import contextlib
+
     from peft import PeftModel
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     base, _ = load_tiny(ckpt)
     model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
     model.eval()
     b = {k: torch.from_numpy(v) for k, v in batch.items()}
-    s = full_logits_stats(model, b)
-    with torch.no_grad(), model.disable_adapter():
+    with autocast():
+        s = full_logits_stats(model, b)
+    with torch.no_grad(), model.disable_adapter(), autocast():
         s_base = full_logits_stats(model, b)
     B = b["input_ids"].shape[0] // 2
     logps = s["logps"]
@@ -183,8 +200,11 @@ def check_first_step(ckpt: Path, adapter: Path, batch: dict, spec: dict, beta: f
         "mean_token_accuracy": (s["top1"][:B] & m[:B]).sum().item() / m[:B].sum().item(),
         "num_tokens": float(b["attention_mask"].sum()),
     }
+    rtol = BF16_RECOMPUTE_RTOL if bf16 else 2e-5
     for k, v in mine.items():
-        assert abs(v - logged[k]) <= 2e-5 * max(1.0, abs(v)), (k, v, logged[k])
+        assert abs(v - logged[k]) <= rtol * max(1.0, abs(v)), (k, v, logged[k])
+    if bf16:
+        mine["_abs_diff_to_log"] = {k: abs(v - logged[k]) for k, v in mine.items()}
     # had TRL used the base model (adapters disabled) as reference, the first step's rewards would be these:
     base_logps = s_base["logps"]
     mine["_if_ref_were_base_model"] = {
@@ -260,7 +280,13 @@ def run_case(name: str, spec: dict, ckpt: Path, adapter: Path) -> dict:
 
     trainer.compute_loss = recording_compute_loss
 
+    bf16 = bool(kwargs["bf16"])
+    if bf16:
+        forward_dtypes, hooks = record_forward_dtypes(trainer.model)
     trainer.train()
+    if bf16:
+        for h in hooks:
+            h.remove()
 
     bs = kwargs["per_device_train_batch_size"]
     expect = []
@@ -277,7 +303,8 @@ def run_case(name: str, spec: dict, ckpt: Path, adapter: Path) -> dict:
     ref_unchanged = all(torch.equal(ref_before[n], ref_after[n]) for n in ref_before) if ref_before else None
 
     log_history = trainer.state.log_history
-    recomputed = check_first_step(ckpt, case / "adapter", micro[0]["batch"], spec, kwargs["beta"], log_history[0])
+    recomputed = check_first_step(ckpt, case / "adapter", micro[0]["batch"], spec, kwargs["beta"], log_history[0],
+                                  bf16=bf16)
     (case / "log_history.json").write_text(json.dumps(log_history, indent=2) + "\n")
     np.savez_compressed(case / "batch0.npz", **micro[0]["batch"])
 
@@ -342,6 +369,11 @@ def run_case(name: str, spec: dict, ckpt: Path, adapter: Path) -> dict:
         "first_step_recomputed_from_full_logits": recomputed,
         "micro_batches": [{"rows": m["rows"], **c} for m, c in zip(micro, calls)],
     }
+    if bf16:
+        twin = FP32_TWIN[name]
+        twin_log = json.loads((OUT / twin / "log_history.json").read_text())
+        steps["bf16"] = {**autocast_facts(trainer), "first_forward": forward_dtypes}
+        steps["bf16_vs_fp32"] = {"fp32_case": twin, **bf16_vs_fp32(log_history, twin_log)}
     (case / "steps.json").write_text(json.dumps(steps, indent=2, default=str) + "\n")
     shutil.rmtree(tmp_out, ignore_errors=True)
     normalize_perms(case)
@@ -352,7 +384,8 @@ def run_case(name: str, spec: dict, ckpt: Path, adapter: Path) -> dict:
 
 
 def main() -> None:
-    only = sys.argv[1:]
+    only = set(sys.argv[1:])
+    only |= {FP32_TWIN[c] for c in only if c in FP32_TWIN}  # a bf16 case is compared with its fp32 twin's log
     clean_dir_keep_readme(OUT)
     tmp = Path(tempfile.mkdtemp())
     ckpt = build_tiny_smolvlm(tmp / "smolvlm-tiny")
