@@ -14,6 +14,50 @@ pub fn avx512() -> bool {
     }
 }
 
+/// The instruction-set extensions the kernels choose by, detected at run time, and the kernel each
+/// kind of product then runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuFeatures {
+    pub avx2: bool,
+    pub fma: bool,
+    pub avx512f: bool,
+    pub avx512bf16: bool,
+}
+
+impl CpuFeatures {
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            CpuFeatures {
+                avx2: std::arch::is_x86_feature_detected!("avx2"),
+                fma: std::arch::is_x86_feature_detected!("fma"),
+                avx512f: std::arch::is_x86_feature_detected!("avx512f"),
+                avx512bf16: std::arch::is_x86_feature_detected!("avx512bf16"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            CpuFeatures { avx2: false, fma: false, avx512f: false, avx512bf16: false }
+        }
+    }
+
+    /// (product, kernel) pairs: f32 matmuls go through the gemm crate, which picks its AVX-512 kernels
+    /// when the CPU has AVX512F (the crate's `x86-v4` feature), else AVX2+FMA, else scalar; bf16
+    /// products (the bf16 compute mode, `bf16=True` training) use our AVX512-BF16 kernels, else f32
+    /// products of bf16-rounded values.
+    pub fn kernels(&self) -> Vec<(&'static str, &'static str)> {
+        let f32 = if self.avx512f {
+            "gemm avx512f"
+        } else if self.avx2 && self.fma {
+            "gemm avx2+fma"
+        } else {
+            "gemm scalar"
+        };
+        let bf16 = if self.avx512f && self.avx512bf16 { "avx512bf16 packed" } else { "f32 fallback" };
+        vec![("f32_matmul", f32), ("bf16_matmul", bf16)]
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     use core::arch::x86_64::*;

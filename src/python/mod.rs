@@ -9,6 +9,7 @@ mod errors;
 mod generate;
 mod lora;
 mod model;
+mod ops;
 mod train;
 
 #[pymodule]
@@ -18,6 +19,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     checkpoint::register(m)?;
     config::register(m)?;
     model::register(m)?;
+    ops::register(m)?;
     generate::register(m)?;
     data::register(m)?;
     lora::register(m)?;
