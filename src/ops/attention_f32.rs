@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use super::attention::{fully_masked_weight, Mask};
 use super::cpu::{f32_arg, storage_f32, transpose};
-use super::math::{exp_f32, sum_f32};
+use super::math::{exp_f32, max_f32, sum_f32};
 
 /// Query rows per block: [QB, S] f32 scores stay in L2 for S up to a few thousand.
 const QUERY_BLOCK: usize = 128;
@@ -116,7 +116,7 @@ impl CustomOp3 for FusedAttention {
                     );
                 }
                 for (r, row) in pb.chunks_exact_mut(s).enumerate() {
-                    softmax_row(row, |j| self.mask.allowed(bi, i0 + r, j, l, s));
+                    softmax_row(row, &self.mask, bi, i0 + r, l);
                 }
                 // SAFETY: pb [qb, S], vs [S, hd], o rows i0.. [qb, hd]; all row-major and in bounds.
                 unsafe {
@@ -274,7 +274,7 @@ impl FusedAttention {
                 }
                 for (r, row) in pb.chunks_exact_mut(s).enumerate() {
                     let i = (r0 + r) % l;
-                    softmax_row(row, |j| self.mask.allowed(bi, i, j, l, s));
+                    softmax_row(row, &self.mask, bi, i, l);
                 }
                 if let Some(dv) = dv.as_deref_mut() {
                     // dV [S, hd] += P^T [S, qb] dO [qb, hd]
@@ -400,9 +400,28 @@ impl FusedAttention {
     }
 }
 
-/// In-place softmax over the allowed entries (others become 0); a row with no allowed entry follows
-/// [`fully_masked_weight`].
-fn softmax_row(row: &mut [f32], allowed: impl Fn(usize) -> bool) {
+/// In-place softmax of query row `i` (of `l`) of batch row `b` over the keys `mask` allows (others
+/// become 0); a row with no allowed key follows [`fully_masked_weight`]. Without a key-validity mask the
+/// allowed keys are a prefix (all of them, or the causal ones), handled with vectorised passes.
+fn softmax_row(row: &mut [f32], mask: &Mask, b: usize, i: usize, l: usize) {
+    let s = row.len();
+    if mask.key_valid.is_none() {
+        // causal: key j is visible when j + l <= i + s
+        let visible = if mask.causal { (i + s + 1).saturating_sub(l).min(s) } else { s };
+        let max = max_f32(&row[..visible]);
+        if let Some(u) = fully_masked_weight(max, s) {
+            row.iter_mut().for_each(|x| *x = u);
+            return;
+        }
+        row[visible..].iter_mut().for_each(|x| *x = 0.0);
+        exp_normalize(&mut row[..visible], max);
+        return;
+    }
+    softmax_row_masked(row, |j| mask.allowed(b, i, j, l, s));
+}
+
+/// [`softmax_row`] for any mask, one key at a time.
+fn softmax_row_masked(row: &mut [f32], allowed: impl Fn(usize) -> bool) {
     let mut max = f32::NEG_INFINITY;
     for (j, x) in row.iter_mut().enumerate() {
         if !allowed(j) {
