@@ -143,7 +143,10 @@ def run_both_sides(script: str, extra_args: list, baseline: Optional[str] = None
             if path:
                 env["PYTHONPATH"] = os.pathsep.join([path, env.get("PYTHONPATH", "")])
             cmd = [sys.executable, script, "--side", side, "--ckpt", ckpt, *extra_args]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode:  # the side's own traceback, for the caller's error
+                sys.stderr.write(out.stderr[-4000:])
+                raise RuntimeError(f"side {name} failed ({out.returncode}): {' '.join(cmd)}")
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
     return results
 

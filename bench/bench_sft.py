@@ -1,17 +1,21 @@
 """SFT with LoRA on a SmolVLM-256M-shaped checkpoint (random weights, bf16 on disk like the real one):
-ferrovlm vs TRL + PEFT + transformers, fp32 on CPU, in the same run, each side in its own process.
+ferrovlm vs TRL + PEFT + transformers, fp32 on CPU (or `--bf16`: `bf16=True` in SFTConfig on both sides,
+as the tutorials set it, which TRL runs under CPU autocast to bf16), in the same run, each side in its own
+process.
 
 8 prompt-completion rows with one 512x512 image each (splitting off: one 64-token frame), batch 4,
 LoRA r=8 alpha=16 on the text model's q/k/v/o/gate/up/down, 4 optimizer steps (2 epochs), constant lr.
-Reports samples/s of the training loop (model loading excluded) and peak RSS. Dev only (needs torch,
-transformers, peft, trl in the same environment):
+Reports samples/s of the training loop (model loading excluded), peak RSS, each side's logged losses (and
+how far apart the first ones are) and the achieved GFLOP/s (matmul FLOPs counted by bench/flops.py from the
+config and the collated batches). Dev only (needs torch, transformers, peft, trl in the same environment):
 
-    python bench/bench_sft.py [--steps 4] [--out bench/out/sft.json]
+    python bench/bench_sft.py [--steps 4] [--bf16] [--out bench/out/sft.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import sys
@@ -22,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from bench_forward import BASELINE_HELP, noise_rows, peak_rss_mb, rss_mb, run_both_sides  # noqa: E402
+from flops import batch_counts, run_batches, run_flops  # noqa: E402
 
 # the text model only (a list would also match the vision q/k/v_proj)
 TARGETS = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -46,9 +51,9 @@ def make_rows(n: int = 8) -> list:
     return noise_rows("completion", n)
 
 
-def run_side(side: str, ckpt: str, steps: int) -> dict:
+def run_side(side: str, ckpt: str, steps: int, bf16: bool = False) -> dict:
     add_processor(Path(ckpt))
-    rows = make_rows()
+    rows = raw_rows = make_rows()
     base = rss_mb()
     cfg = dict(
         output_dir=str(Path(ckpt) / f"out-{side}"),
@@ -59,7 +64,7 @@ def run_side(side: str, ckpt: str, steps: int) -> dict:
         logging_steps=1,
         report_to="none",
         save_strategy="no",
-        bf16=False,
+        bf16=bf16,
         seed=0,
         gradient_checkpointing=True,
         max_length=None,
@@ -89,29 +94,68 @@ def run_side(side: str, ckpt: str, steps: int) -> dict:
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    peak = peak_rss_mb()
     return {
         "train_s": train_s,
         "samples_per_s": steps * 4 / train_s,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak,
         "rss_base_mb": base,
-        "losses": losses,
+        "losses": logged_losses(trainer),
+        "flops": step_flops(trainer, ckpt, raw_rows, steps, dpo=False),
     }
+
+
+def logged_losses(trainer) -> list:
+    """The per-step training losses the trainer logged (``logging_steps=1``), from ``state.log_history``."""
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+
+def step_flops(trainer, ckpt: str, rows: list, steps: int, dpo: bool) -> dict:
+    """Matmul FLOPs of the run (bench/flops.py), from this side's own collator over the rows the steps see
+    (counted after the peak RSS was read). Each batch gets fresh copies of its rows: TRL's collators rewrite
+    a row's messages in place (the image placeholders), and a run sees a row again in its next epoch."""
+    config = json.loads((Path(ckpt) / "config.json").read_text())
+    counts = [batch_counts(trainer.data_collator(copy.deepcopy(b))) for b in run_batches(rows, 4, steps)]
+    return run_flops(config, counts, dpo=dpo)
+
+
+def compare(results: dict, per_s: str) -> None:
+    """Adds what both training benchmarks report next to their throughput: the first logged losses' distance
+    and each side's achieved GFLOP/s. Both sides are credited with the FLOPs counted from the transformers
+    side's batches (the reference; ferrovlm's collator must count the same, see ``flops_counts_agree``)."""
+    f, t = results["ferrovlm"], results["transformers"]
+    if f["losses"] and t["losses"]:
+        results["first_loss_abs_diff"] = abs(f["losses"][0] - t["losses"][0])
+    ref = t["flops"]
+    results["flops"] = ref
+    results["flops_counts_agree"] = all(
+        abs(f["flops"][m]["total"] - ref[m]["total"]) <= 1e-9 * ref[m]["total"] for m in ("nominal", "distinct")
+    )
+    for name, r in results.items():
+        if isinstance(r, dict) and per_s in r:
+            # the work rate: the same nominal count for every side
+            r["gflops_per_s"] = ref["nominal"]["total"] / r["train_s"] / 1e9
+            # what the side computed: ferrovlm skips the redundant vision and shared-prefix work (flops.py)
+            done = ref["distinct" if name.startswith("ferrovlm") else "nominal"]["total"]
+            r["gflops_per_s_executed"] = done / r["train_s"] / 1e9
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--bf16", action="store_true", help="bf16=True in SFTConfig on both sides (TRL: CPU autocast)")
     ap.add_argument("--out", default=str(HERE / "out" / "sft.json"))
     ap.add_argument("--baseline", help=BASELINE_HELP)
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
-        print(json.dumps(run_side(args.side, args.ckpt, args.steps)))
+        print(json.dumps(run_side(args.side, args.ckpt, args.steps, args.bf16)))
         return
-    results = run_both_sides(__file__, ["--steps", str(args.steps)], baseline=args.baseline)
+    extra = ["--steps", str(args.steps)] + (["--bf16"] if args.bf16 else [])
+    results = run_both_sides(__file__, extra, baseline=args.baseline)
     f, t = results["ferrovlm"], results["transformers"]
+    results["bf16"] = args.bf16
     results["ratios"] = {
         "speedup": f["samples_per_s"] / t["samples_per_s"],
         "peak_rss_ratio": f["peak_rss_mb"] / t["peak_rss_mb"],
@@ -120,6 +164,7 @@ def main() -> None:
         b = results["ferrovlm-baseline"]
         results["ratios"]["baseline_speedup"] = b["samples_per_s"] / t["samples_per_s"]
         results["ratios"]["after_over_before"] = f["samples_per_s"] / b["samples_per_s"]
+    compare(results, "samples_per_s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"{'':16}{'ferrovlm':>12}{'TRL+PEFT':>12}{'ratio':>10}")
@@ -127,7 +172,19 @@ def main() -> None:
     print(f"{'samples/s':16}{f['samples_per_s']:12.3f}{t['samples_per_s']:12.3f}{speedup:9.2f}x (speedup)")
     ratio = results["ratios"]["peak_rss_ratio"]
     print(f"{'peak RSS MB':16}{f['peak_rss_mb']:12.1f}{t['peak_rss_mb']:12.1f}{ratio:9.2f}x (ours/theirs)")
+    print_flops_and_losses(results)
+
+
+def print_flops_and_losses(results: dict) -> None:
+    f, t = results["ferrovlm"], results["transformers"]
+    per_step = results["flops"]["nominal"]["total"] / results["flops"]["steps"] / 1e9
+    print(f"{'GFLOP/s':16}{f['gflops_per_s']:12.1f}{t['gflops_per_s']:12.1f}   ({per_step:.0f} GFLOP a step, "
+          f"TRL's count; ferrovlm's own work: {f['gflops_per_s_executed']:.1f} GFLOP/s)")
+    if not results["flops_counts_agree"]:
+        print("note: the two sides' collators give different FLOP counts (see flops in the JSON)")
     print(f"losses ferrovlm {[f'{x:.4f}' for x in f['losses']]}\nlosses TRL      {[f'{x:.4f}' for x in t['losses']]}")
+    if "first_loss_abs_diff" in results:
+        print(f"first loss |ours - theirs| = {results['first_loss_abs_diff']:.2e}")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,17 @@
 
 Dev only (needs torch, transformers, PEFT and TRL in the same environment as ferrovlm):
 
-    python bench/run_all.py [--repeats 2] [--quick] [--baseline /path/to/old/python] [--out bench/out/summary]
+    python bench/run_all.py [--repeats 2] [--quick] [--kernels] [--only NAME ...] [--baseline /path/to/old/python]
+                            [--out bench/out/summary]
 
 It prints the CPU model and its instruction-set extensions, measures the machine's limits (fp32 and bf16
-matmul GFLOP/s with torch, memory copy bandwidth), then runs each workload script `--repeats` times (each run
-is ferrovlm then the PyTorch stack, so the sides alternate: A B A B ...) and reports the median of each
-ratio. Decode is also given as bytes of weights read per second, as a fraction of the copy bandwidth.
-Writes `<out>.json` and `<out>.md` (a markdown table with the machine and the date).
+matmul GFLOP/s with torch, memory copy and read bandwidth), then runs each workload script `--repeats` times
+(each run is ferrovlm then the PyTorch stack, so the sides alternate: A B A B ...) and reports the median of
+each ratio. Decode is also given as bytes of weights read per second, as a fraction of the copy and of the
+read bandwidth. Each training workload (SFT and DPO with LoRA, fp32 and with `bf16=True`) is also given as
+achieved GFLOP/s per side (matmul FLOPs counted by bench/flops.py) and as a fraction of the machine's matmul
+peak in its precision (ours with `--kernels`, torch's otherwise), with how far apart the two sides' logged
+losses are. Writes `<out>.json` and `<out>.md` (markdown tables with the machine and the date).
 """
 
 from __future__ import annotations
@@ -47,8 +51,10 @@ def cpu_info() -> dict[str, Any]:
 
 
 def machine_limits(quick: bool) -> dict[str, float]:
-    """Matmul peak of torch in fp32 and bf16 (GFLOP/s, all threads) and a large copy's bandwidth (GB/s,
-    bytes read + written)."""
+    """Matmul peak of torch in fp32 and bf16 (GFLOP/s, all threads), a large copy's bandwidth (GB/s, bytes
+    read + written; numpy, one thread) and the read bandwidth of a large float32 sum (GB/s, bytes read: the
+    better of numpy's, one thread, and torch's, all threads). Each bandwidth is the best of 5 over 256 MB
+    (64 MB with `quick`)."""
     import numpy as np
     import torch
 
@@ -61,15 +67,25 @@ def machine_limits(quick: bool) -> dict[str, float]:
         for _ in range(reps):
             torch.mm(a, b)
         out[name] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
-    src = np.ones((64 if quick else 256) << 20, dtype=np.uint8)
+    size = (64 if quick else 256) << 20
+
+    def best_of_5(f) -> float:
+        f()
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            f()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    src = np.ones(size, dtype=np.uint8)
     dst = np.empty_like(src)
-    np.copyto(dst, src)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    out["copy_gb_per_s"] = 2 * src.nbytes / best / 1e9
+    out["copy_gb_per_s"] = 2 * src.nbytes / best_of_5(lambda: np.copyto(dst, src)) / 1e9
+    x = np.ones(size // 4, dtype=np.float32)
+    out["read_gb_per_s_numpy"] = x.nbytes / best_of_5(lambda: x.sum()) / 1e9
+    xt = torch.from_numpy(x)
+    out["read_gb_per_s_torch"] = x.nbytes / best_of_5(lambda: xt.sum()) / 1e9
+    out["read_gb_per_s"] = max(out["read_gb_per_s_numpy"], out["read_gb_per_s_torch"])
     return out
 
 
@@ -115,7 +131,11 @@ WORKLOADS = [
       ("peak_rss_ratio", "peak RSS, ours / theirs", "lower")]),
     ("SFT fp32, LoRA", "bench_sft.py", ["--steps", "4"],
      [("speedup", "samples/s", "higher"), ("peak_rss_ratio", "peak RSS, ours / theirs", "lower")]),
+    ("SFT bf16, LoRA", "bench_sft.py", ["--steps", "4", "--bf16"],
+     [("speedup", "samples/s", "higher"), ("peak_rss_ratio", "peak RSS, ours / theirs", "lower")]),
     ("DPO fp32, LoRA", "bench_dpo.py", ["--steps", "2"],
+     [("speedup", "pairs/s", "higher"), ("peak_rss_ratio", "peak RSS, ours / theirs", "lower")]),
+    ("DPO bf16, LoRA", "bench_dpo.py", ["--steps", "2", "--bf16"],
      [("speedup", "pairs/s", "higher"), ("peak_rss_ratio", "peak RSS, ours / theirs", "lower")]),
     ("image processor", "bench_processor.py", ["--images", "16"], [("speedup", "images/s", "higher")]),
 ]
@@ -127,8 +147,37 @@ def run_workload(script: str, args: list[str], baseline: Optional[str]) -> dict[
         cmd = [sys.executable, str(HERE / script), *args, "--out", str(out)]
         if baseline and script in ("bench_generate.py", "bench_sft.py"):
             cmd += ["--baseline", baseline]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
         return json.loads(out.read_text())
+
+
+def training_summary(runs: list[dict[str, Any]], bf16: bool, limits: dict[str, float]) -> dict[str, Any]:
+    """Medians over the runs of a training workload: each side's achieved GFLOP/s and its fraction of the
+    matmul peak in the workload's precision (ours when --kernels measured it, torch's otherwise), and how far
+    apart the two sides' logged losses are (first and last step; DPO's first loss is ln 2 on both sides, as
+    the fresh adapter leaves the policy equal to the reference)."""
+    kind = "bf16" if bf16 else "f32"
+    key = f"ours_{kind}_gflops" if f"ours_{kind}_gflops" in limits else f"torch_{'bf16' if bf16 else 'fp32'}_gflops"
+    med = statistics.median
+    out: dict[str, Any] = {
+        "flops_per_step": med(r["flops"]["nominal"]["total"] / r["flops"]["steps"] for r in runs),
+        "ferrovlm_gflops": med(r["ferrovlm"]["gflops_per_s"] for r in runs),
+        "ferrovlm_gflops_executed": med(r["ferrovlm"]["gflops_per_s_executed"] for r in runs),
+        "transformers_gflops": med(r["transformers"]["gflops_per_s"] for r in runs),
+        "flops_counts_agree": all(r["flops_counts_agree"] for r in runs),
+        "peak": key,
+        "peak_gflops": limits[key],
+    }
+    # the fraction of the peak each side reached with the matmuls it ran (flops.py: ferrovlm skips work)
+    out["ferrovlm_peak_fraction"] = out["ferrovlm_gflops_executed"] / limits[key]
+    out["transformers_peak_fraction"] = out["transformers_gflops"] / limits[key]
+    for which, i in (("first", 0), ("last", -1)):
+        diffs = [abs(r["ferrovlm"]["losses"][i] - r["transformers"]["losses"][i])
+                 for r in runs if r["ferrovlm"]["losses"] and r["transformers"]["losses"]]
+        out[f"{which}_loss_abs_diff"] = med(diffs) if diffs else None
+    return out
 
 
 def ratios_of(result: dict[str, Any]) -> dict[str, float]:
@@ -143,7 +192,9 @@ def markdown(summary: dict[str, Any]) -> str:
         f"{', '.join(m['extensions'])}), {summary['repeats']} run(s) each, medians.",
         "",
         f"Machine limits: torch fp32 matmul {lim['torch_fp32_gflops']:.0f} GFLOP/s, bf16 "
-        f"{lim['torch_bf16_gflops']:.0f} GFLOP/s, copy {lim['copy_gb_per_s']:.1f} GB/s"
+        f"{lim['torch_bf16_gflops']:.0f} GFLOP/s, copy {lim['copy_gb_per_s']:.1f} GB/s (numpy, one thread), "
+        f"read {lim['read_gb_per_s']:.1f} GB/s (float32 sum: numpy, one thread, {lim['read_gb_per_s_numpy']:.1f}; "
+        f"torch, all threads, {lim['read_gb_per_s_torch']:.1f})"
         + (f"; ours: f32 {lim['ours_f32_gflops']:.0f} GFLOP/s, bf16 {lim['ours_bf16_gflops']:.0f} GFLOP/s"
            if "ours_bf16_gflops" in lim else "") + ".",
         "",
@@ -159,6 +210,34 @@ def markdown(summary: dict[str, Any]) -> str:
         if "decode_bandwidth_fraction" in w:
             lines.append(f"| {w['name']} | ferrovlm decode: weights read / copy bandwidth | "
                          f"{w['decode_bandwidth_fraction']:.0%} | |")
+            lines.append(f"| {w['name']} | ferrovlm decode: weights read / read bandwidth | "
+                         f"{w['decode_read_bandwidth_fraction']:.0%} | |")
+    training = [w for w in summary["workloads"] if "training" in w]
+    if training:
+        lines += [
+            "",
+            "Training: matmul FLOPs of a step counted from the config and the batches (bench/flops.py: as TRL "
+            "computes it, no recomputation); GFLOP/s = FLOPs / wall time of the training loop. ferrovlm's work "
+            "rate credits it with TRL's count; its own rate and its share of the peak count the matmuls it runs "
+            "(each distinct image through the frozen vision tower once per run, a DPO pair's shared prefix once). "
+            "Peak: the matmul peak in the workload's precision.",
+            "",
+            "| workload | GFLOP a step | ferrovlm GFLOP/s: work (own) | PyTorch stack GFLOP/s | share of peak: "
+            "ferrovlm / PyTorch | peak | loss \\|ours - theirs\\|: first / last |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for w in training:
+            g = w["training"]
+            peak = f"{g['peak'].replace('_gflops', '').replace('_', ' ')} {g['peak_gflops']:.0f}"
+            loss = " / ".join("n/a" if g[k] is None else f"{g[k]:.1e}" for k in ("first_loss_abs_diff",
+                                                                                 "last_loss_abs_diff"))
+            lines.append(
+                f"| {w['name']} | {g['flops_per_step'] / 1e9:.0f} | {g['ferrovlm_gflops']:.1f} "
+                f"({g['ferrovlm_gflops_executed']:.1f}) | {g['transformers_gflops']:.1f} | "
+                f"{g['ferrovlm_peak_fraction']:.0%} / {g['transformers_peak_fraction']:.0%} | {peak} | {loss} |"
+            )
+        if not all(w["training"]["flops_counts_agree"] for w in training):
+            lines.append("\nNote: ferrovlm's and TRL's collators gave different FLOP counts; TRL's were used.")
     return "\n".join(lines) + "\n"
 
 
@@ -200,6 +279,9 @@ def main() -> None:
             # ferrovlm keeps the checkpoint's bf16 weights in bf16 in both modes: 2 bytes a weight per token.
             tps = statistics.median(r["ferrovlm"]["decode_tokens_per_s"] for r in runs)
             w["decode_bandwidth_fraction"] = tps * weight_bytes_bf16 / (summary["limits"]["copy_gb_per_s"] * 1e9 / 2)
+            w["decode_read_bandwidth_fraction"] = tps * weight_bytes_bf16 / (summary["limits"]["read_gb_per_s"] * 1e9)
+        if script in ("bench_sft.py", "bench_dpo.py"):
+            w["training"] = training_summary(runs, "--bf16" in extra, summary["limits"])
         summary["workloads"].append(w)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
