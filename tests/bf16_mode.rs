@@ -241,3 +241,41 @@ fn bf16_mode_with_adapters_runs_one_arithmetic() {
     }
     assert!(logits(&m) == packed, "after detach the model is the adapter-free one again");
 }
+
+/// `bf16=True` training (autocast): an f32 weight and a bf16-stored one both get the packed bf16 copy;
+/// the untracked and the tracked product are the packed kernel's, bit for bit (x rounded to bf16, f32
+/// accumulation, then the bias), and the backward to x uses the stored weight (dx = g W).
+#[test]
+fn autocast_linear_runs_the_packed_kernel_tracked_or_not() {
+    let dev = Device::Cpu;
+    let (out, k, n) = (203, 131, 37);
+    let w32 = Tensor::randn(0f32, 0.1, (out, k), &dev).unwrap();
+    let b = Tensor::randn(0f32, 0.1, out, &dev).unwrap();
+    let w16 = w32.to_dtype(DType::BF16).unwrap();
+    let wb: Vec<bf16> = w16.flatten_all().unwrap().to_vec1().unwrap();
+    let x = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+    let xs = vals(&x);
+    for stored in [Linear::new(w32.clone(), Some(b.clone())).unwrap(), {
+        Linear::with_compute_dtype(w16.clone(), Some(b.clone()), DType::F32).unwrap()
+    }] {
+        let lin = stored.with_bf16_autocast().unwrap();
+        if !matmul_bf16_packed::available() {
+            assert!(!matches!(lin.weight, Weight::Autocast { .. }), "no AVX512-BF16: products stay f32");
+            continue;
+        }
+        assert!(matches!(lin.weight, Weight::Autocast { .. }));
+        let mut want = matmul_bf16_packed::matmul_f32_bf16(&xs, n, k, &wb, out);
+        let bv = vals(&b);
+        want.chunks_mut(out).for_each(|r| r.iter_mut().zip(&bv).for_each(|(y, b)| *y += b));
+        assert!(vals(&lin.forward(&x).unwrap()) == want, "untracked product is not the packed kernel's");
+        let xv = Var::from_tensor(&x).unwrap();
+        let y = lin.forward(xv.as_tensor()).unwrap();
+        assert!(vals(&y) == want, "tracked product is not the packed kernel's");
+        let g = Tensor::randn(0f32, 1.0, (n, out), &dev).unwrap();
+        let grads = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = vals(grads.get(xv.as_tensor()).unwrap());
+        let stored_w = stored.weight_tensor().unwrap().to_dtype(DType::F32).unwrap();
+        let dx_want = vals(&g.matmul(&stored_w).unwrap());
+        assert!(max_diff(&dx, &dx_want) <= 1e-5 * max_abs(&dx_want), "dx diff {}", max_diff(&dx, &dx_want));
+    }
+}

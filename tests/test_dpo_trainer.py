@@ -67,6 +67,36 @@ def test_learns_generated_preferences(tiny_smolvlm, tmp_path):
     assert metrics["eval_rewards/accuracies"] >= 0.8, metrics  # chance is 0.5
 
 
+def test_reference_log_probs_are_computed_once_per_pair(tiny_smolvlm, tmp_path):
+    """The reference is frozen, so over 3 epochs each pair's reference pass runs once (the first epoch), and the
+    run logs the same numbers as with TRL's explicit precompute_ref_log_probs=True."""
+    rng = np.random.default_rng(1)
+    train = _pairs(rng, 8)
+    processor = AutoProcessor.from_pretrained(tiny_smolvlm)
+    processor.image_processor.do_image_splitting = False
+
+    def run(precompute):
+        args = DPOConfig(output_dir=str(tmp_path / f"out{precompute}"), per_device_train_batch_size=4,
+                         num_train_epochs=3, learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1,
+                         report_to="none", save_strategy="no", bf16=False, precompute_ref_log_probs=precompute)
+        trainer = DPOTrainer(model=AutoModelForImageTextToText.from_pretrained(tiny_smolvlm), args=args,
+                             train_dataset=train, processing_class=processor,
+                             peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        passes = []
+        pass_ = trainer._reference_pass
+        trainer._reference_pass = lambda batch: passes.append(len(batch["input_ids"])) or pass_(batch)
+        trainer.train()
+        return passes, [e for e in trainer.state.log_history if "loss" in e]
+
+    passes, logs = run(False)
+    assert passes == [8, 8], "2 batches of 4 pairs (8 sequences) in epoch 1, none later"
+    _, logs_pre = run(True)
+    assert len(logs) == 6
+    for a, b in zip(logs, logs_pre):
+        for k in ("loss", "rewards/margins", "logps/chosen"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (k, a, b)
+
+
 def test_hybrid_sft_then_dpo_with_the_sft_adapter_as_reference(tiny_smolvlm, tmp_path):
     processor = AutoProcessor.from_pretrained(tiny_smolvlm)
     pairs = load_rows("sigmoid")

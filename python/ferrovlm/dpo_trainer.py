@@ -131,6 +131,19 @@ class DPOTrainer(BaseTrainer):
         ):
             rows = batch["_rows"]
             return [self._precomputed[i][0] for i in rows] + [self._precomputed[i][1] for i in rows]
+        ref = self._reference_pass(batch)
+        rows = batch.get("_rows")
+        if rows:
+            # The reference is frozen: a training row's log-probs are computed once, the first time the row is
+            # seen, and reused in later epochs (TRL recomputes them every time; the numbers are the same).
+            p = len(rows)
+            cache = self._precomputed if self._precomputed is not None else {}
+            cache.update({i: (ref[j], ref[p + j]) for j, i in enumerate(rows)})
+            self._precomputed = cache
+        return ref
+
+    def _reference_pass(self, batch: dict[str, Any]) -> list[float]:
+        """The reference model's summed completion log-probs of the batch: chosen rows, then rejected rows."""
         kw = dict(attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
                   pixel_attention_mask=batch["pixel_attention_mask"])
         core = self.model._core

@@ -28,8 +28,8 @@ pub enum Weight {
     /// [`matmul_bf16_packed::matmul_packed`] (x rounded to bf16, f32 accumulation), used for more than
     /// [`GEMV_MAX_ROWS`] rows. Only built where [`matmul_bf16_packed::available`].
     PackedBf16 { w: Tensor, packed: Arc<matmul_bf16_packed::PackedBf16> },
-    /// `bf16=True` training on a CPU (transformers' CPU autocast): the f32 weight `w` [out, in] stays the
-    /// master copy (merging, saving, the backward to x), and every product x W^T, tracked or not, runs
+    /// `bf16=True` training on a CPU (transformers' CPU autocast): the stored weight `w` [out, in] (f32,
+    /// or bf16 as [`Weight::Bf16`] keeps a bf16 checkpoint's) stays the master copy (merging, saving, the backward to x), and every product x W^T, tracked or not, runs
     /// on `packed`, the weight rounded to bf16 and packed for [`matmul_bf16_packed::matmul_packed`]
     /// (x rounded to bf16, f32 accumulation), as autocast runs `linear` in bf16. Built by
     /// [`Linear::with_bf16_autocast`] for a training session and dropped with it.
@@ -95,21 +95,26 @@ impl Linear {
         Ok(Linear { weight, bias, in_features, out_features, adapter: None })
     }
 
-    /// This layer for `bf16=True` training ([`Weight::Autocast`]): a frozen f32 CPU weight gets a bf16
-    /// packed copy that every product uses, on a CPU with AVX512-BF16. Any other layer is returned as
-    /// it is: trainable weights (autograd `Var`s) and bf16 or quantized weights, and every weight on a
-    /// CPU without AVX512-BF16 (products stay f32 there, more precise than autocast).
+    /// This layer for `bf16=True` training ([`Weight::Autocast`]): a frozen f32 (or bf16-stored) CPU
+    /// weight gets a bf16 packed copy that every product uses, on a CPU with AVX512-BF16. Any other layer
+    /// is returned as it is: trainable weights (autograd `Var`s), the bf16 compute mode's and quantized
+    /// weights, and every weight on a CPU without AVX512-BF16 (products stay f32 there, more precise
+    /// than autocast).
     pub fn with_bf16_autocast(&self) -> Result<Self> {
         let mut lin = self.clone();
-        if let Weight::Dense(w) = &self.weight {
-            if w.dtype() == DType::F32 && w.device().is_cpu() && !w.is_variable() && matmul_bf16_packed::available() {
-                let bits: Vec<half::bf16> = with_f32(w, |v| {
-                    v.par_iter().map(|&x| half::bf16::from_bits(super::bf16::f32_to_bf16_bits(x))).collect()
-                })?;
-                let packed = matmul_bf16_packed::pack(&bits, self.out_features, self.in_features);
-                lin.weight = Weight::Autocast { w: w.clone(), packed: Arc::new(packed) };
-            }
+        let (Weight::Dense(w) | Weight::Bf16(w)) = &self.weight else { return Ok(lin) };
+        if !w.device().is_cpu() || w.is_variable() || !matmul_bf16_packed::available() {
+            return Ok(lin);
         }
+        let bits: Vec<half::bf16> = match w.dtype() {
+            DType::F32 => with_f32(w, |v| {
+                v.par_iter().map(|&x| half::bf16::from_bits(super::bf16::f32_to_bf16_bits(x))).collect()
+            })?,
+            DType::BF16 => w.flatten_all()?.to_vec1::<half::bf16>()?,
+            _ => return Ok(lin),
+        };
+        let packed = matmul_bf16_packed::pack(&bits, self.out_features, self.in_features);
+        lin.weight = Weight::Autocast { w: w.clone(), packed: Arc::new(packed) };
         Ok(lin)
     }
 
@@ -211,7 +216,7 @@ impl Linear {
                     let y = with_f32(&x2, |xs| matmul_bf16_packed::matmul_packed(xs, n, self.in_features, packed))?;
                     (Tensor::from_vec(y, (n, self.out_features), x.device())?, false)
                 }
-                Weight::Autocast { w, .. } => (x2.matmul(&w.t()?)?, false),
+                Weight::Autocast { w, .. } => (x2.matmul(&w.to_dtype(x.dtype())?.t()?)?, false),
                 Weight::Quant { .. } => unreachable!("handled above"),
             };
             match bias {
@@ -264,7 +269,8 @@ impl Linear {
     /// (`Weight::Bf16`) CPU weight, f32 bias.
     fn fused_ok(&self, x: &Tensor) -> bool {
         let w_ok = match &self.weight {
-            Weight::Dense(w) | Weight::Autocast { w, .. } => w.dtype() == DType::F32 && w.device().is_cpu(),
+            Weight::Dense(w) => w.dtype() == DType::F32 && w.device().is_cpu(),
+            Weight::Autocast { w, .. } => matches!(w.dtype(), DType::F32 | DType::BF16) && w.device().is_cpu(),
             Weight::Bf16(w) | Weight::PackedBf16 { w, .. } => w.dtype() == DType::BF16 && w.device().is_cpu(),
             Weight::Quant { .. } => false,
         };
