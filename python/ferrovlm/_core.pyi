@@ -12,7 +12,7 @@ __all__ = [
     "decode_image_bytes", "expand_image_tokens", "linear_names", "add_adapters", "remove_adapters",
     "set_adapters_enabled", "upcast_dense_layers", "set_training", "adapters_enabled", "trainable_shapes",
     "adapter_state", "load_adapter_state", "save_safetensors", "load_safetensors", "TrainSession", "lr_multiplier",
-    "sequence_logps", "module_names", "dpo_loss_types",
+    "sequence_logps", "module_names", "dpo_loss_types", "cpu_features",
 ]
 
 __version__: str
