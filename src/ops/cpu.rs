@@ -40,6 +40,12 @@ pub(crate) fn rows_per_task(n: usize, h: usize) -> usize {
     n.div_ceil(tasks).max(16_384usize.div_ceil(h.max(1))).max(1)
 }
 
+/// y [rows, out] += b [out] on every row (in parallel).
+pub(crate) fn add_bias_rows(y: &mut [f32], b: &[f32]) {
+    use rayon::prelude::*;
+    y.par_chunks_mut(b.len().max(1)).for_each(|r| r.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+}
+
 /// The gemm crate's parallelism over rayon's threads (none on one thread).
 pub(crate) fn parallelism() -> gemm::Parallelism {
     match rayon::current_num_threads() {
