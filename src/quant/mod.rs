@@ -6,6 +6,7 @@
 
 pub mod dynamic;
 pub mod four_bit;
+pub mod ggml;
 pub mod int8;
 pub mod load;
 pub mod serialize;
