@@ -89,6 +89,125 @@ impl GgmlType {
     }
 }
 
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Q4_K / Q5_K: the 6-bit scale and min of sub-block `j` (0..8) from the 12 packed bytes.
+/// Bytes 0..4 hold scales 0..4 (low 6 bits) and the top 2 bits of scales 4..8; bytes 4..8 the same
+/// for the mins; bytes 8..12 the low 4 bits of scales 4..8 (low nibble) and mins 4..8 (high nibble).
+pub fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+/// Decodes one row of `dst.len()` values stored as `ty` in `src` (exactly `ty.row_bytes(dst.len())`
+/// bytes). This is the reference decoding: the float operations are ggml's (`dequantize_row_*`) and
+/// gguf-py's in the same order (`d * q + m`, `(d * sc) * q - dmin * m`), without fused multiply-adds,
+/// so the values equal what llama.cpp and transformers' GGUF loader produce, bit for bit.
+///
+/// Block layouts (little-endian, f16 scales):
+/// - Q8_0 (34 B / 32): d, 32 x i8; x = d q.
+/// - Q4_0 (18 B / 32): d, 16 B; value j < 16 is the low nibble of byte j, j + 16 its high nibble;
+///   x = d (q - 8). Q4_1 (20 B): d, m, nibbles; x = d q + m.
+/// - Q5_0 (22 B / 32): d, qh (u32: bit j is the 5th bit of value j), nibbles; x = d (q - 16).
+///   Q5_1 (24 B): d, m, qh, nibbles; x = d q + m.
+/// - Q4_K (144 B / 256): d, dmin, 12 B of 6-bit scales/mins ([`scale_min_k4`]), 128 B of nibbles; per
+///   64 values, 32 bytes: low nibbles are sub-block 2i, high nibbles 2i + 1; x = (d sc) q - dmin m.
+/// - Q5_K (176 B / 256): as Q4_K plus qh[32] before the nibbles; bit i of qh[l] is the 5th bit of
+///   value l of sub-block i.
+/// - Q6_K (210 B / 256): ql[128], qh[64], i8 scales[16], d; per 128 values (ql 64 B, qh 32 B):
+///   q = (low 4 bits from ql) | (2 bits from qh) << 4, minus 32; 16 sub-blocks of 16; x = (d sc) q.
+pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
+    assert_eq!(ty.row_bytes(dst.len()), Some(src.len()), "{} row of {} values", ty.name(), dst.len());
+    let bs = ty.block_size();
+    let ts = ty.type_size();
+    for (b, y) in src.chunks_exact(ts).zip(dst.chunks_exact_mut(bs)) {
+        match ty {
+            GgmlType::F32 => y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            GgmlType::F16 => y[0] = f16_at(b, 0),
+            GgmlType::Bf16 => y[0] = half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            GgmlType::Q8_0 => {
+                let d = f16_at(b, 0);
+                for (v, &q) in y.iter_mut().zip(&b[2..34]) {
+                    *v = (q as i8) as f32 * d;
+                }
+            }
+            GgmlType::Q4_0 | GgmlType::Q4_1 => {
+                let d = f16_at(b, 0);
+                let (m, qs) = if ty == GgmlType::Q4_1 { (f16_at(b, 2), &b[4..20]) } else { (0.0, &b[2..18]) };
+                for (j, &q) in qs.iter().enumerate() {
+                    let (lo, hi) = ((q & 0xF) as i32, (q >> 4) as i32);
+                    if ty == GgmlType::Q4_1 {
+                        y[j] = d * lo as f32 + m;
+                        y[j + 16] = d * hi as f32 + m;
+                    } else {
+                        y[j] = d * (lo - 8) as f32;
+                        y[j + 16] = d * (hi - 8) as f32;
+                    }
+                }
+            }
+            GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                let d = f16_at(b, 0);
+                let one = ty == GgmlType::Q5_1;
+                let (m, o) = if one { (f16_at(b, 2), 4) } else { (0.0, 2) };
+                let qh = u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+                for (j, &q) in b[o + 4..o + 20].iter().enumerate() {
+                    let lo = (q & 0xF) as i32 | ((((qh >> j) & 1) as i32) << 4);
+                    let hi = (q >> 4) as i32 | ((((qh >> (j + 16)) & 1) as i32) << 4);
+                    if one {
+                        y[j] = d * lo as f32 + m;
+                        y[j + 16] = d * hi as f32 + m;
+                    } else {
+                        y[j] = d * (lo - 16) as f32;
+                        y[j + 16] = d * (hi - 16) as f32;
+                    }
+                }
+            }
+            GgmlType::Q4K | GgmlType::Q5K => {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let scales = &b[4..16];
+                let five = ty == GgmlType::Q5K;
+                let (qh, qs) = if five { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
+                for i in 0..8 {
+                    let (sc, mn) = scale_min_k4(i, scales);
+                    let (dl, ml) = (d * sc as f32, dmin * mn as f32);
+                    let bytes = &qs[(i / 2) * 32..(i / 2) * 32 + 32];
+                    for l in 0..32 {
+                        let mut q = if i % 2 == 0 { bytes[l] & 0xF } else { bytes[l] >> 4 } as u32;
+                        if five {
+                            q |= (((qh[l] >> i) & 1) as u32) << 4;
+                        }
+                        y[i * 32 + l] = dl * q as f32 - ml;
+                    }
+                }
+            }
+            GgmlType::Q6K => {
+                let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+                let d = f16_at(b, 208);
+                for h in 0..2 {
+                    let (ql, qh, sc, y) = (&ql[h * 64..], &qh[h * 32..], &sc[h * 8..], &mut y[h * 128..]);
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        let s = |k: usize| d * (sc[is + k] as i8) as f32;
+                        y[l] = s(0) * q1 as f32;
+                        y[l + 32] = s(2) * q2 as f32;
+                        y[l + 64] = s(4) * q3 as f32;
+                        y[l + 96] = s(6) * q4 as f32;
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
