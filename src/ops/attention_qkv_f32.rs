@@ -34,7 +34,7 @@ pub fn attention_qkv_f32(
     let d = heads * hd;
     let n = out.len() / d.max(1);
     assert!(
-        frames > 0 && n % frames == 0 && qkv.len() == 3 * n * d && out.len() == n * d,
+        frames > 0 && n.is_multiple_of(frames) && qkv.len() == 3 * n * d && out.len() == n * d,
         "attention_qkv_f32: qkv {}, out {}, {frames} frames, {heads} heads x {hd}",
         qkv.len(),
         out.len()

@@ -85,7 +85,7 @@ impl GgmlType {
     /// Bytes of a row of `n` values, or `None` when `n` is not a whole number of blocks.
     pub fn row_bytes(self, n: usize) -> Option<usize> {
         let bs = self.block_size();
-        (n % bs == 0).then(|| n / bs * self.type_size())
+        n.is_multiple_of(bs).then(|| n / bs * self.type_size())
     }
 }
 
