@@ -161,6 +161,13 @@ class Idefics3ForConditionalGeneration:
         resolved = json.loads(_core.load_config_json(path))
         model_type = resolved["model_type"]
         expected = cls.config_class.model_type
+        if issubclass(cls, _AutoBase) and model_type not in cls._model_types:
+            raise ValueError(
+                f"Unrecognized configuration class {CONFIG_CLASSES[model_type].__name__} for this kind of AutoModel: "
+                f"{cls.__name__}. Model type should be one of {', '.join(sorted(cls._model_types))}."
+            )
+        if not issubclass(cls, _AutoBase) and (model_type == "llama") != (expected == "llama"):
+            raise ValueError(f"a '{model_type}' checkpoint cannot be loaded into {cls.__name__} (made for '{expected}')")
         if not issubclass(cls, _AutoBase) and model_type != expected:
             warnings.warn(
                 f"loading a '{model_type}' checkpoint into {cls.__name__} (made for '{expected}'); the math is the "
@@ -256,7 +263,7 @@ class Idefics3ForConditionalGeneration:
         itemsize = 2 if self._core.dtype in ("bfloat16", "float16") else 4
         mem = (self.num_parameters() - qlogical) * itemsize + qbytes
         if return_buffers:
-            text = self.config.text_config
+            text = self.config.get_text_config()
             head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
             mem += 2 * (head_dim // 2) * 4  # the rotary embedding's inv_freq and original_inv_freq (float32)
         return int(mem)
@@ -386,7 +393,7 @@ class Idefics3ForConditionalGeneration:
         ids = to_numpy(input_ids, np.int64, "input_ids")
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {ids.shape}")
-        settings = resolve(cfg, ids.shape[1], self.config.text_config.max_position_embeddings)
+        settings = resolve(cfg, ids.shape[1], self.config.get_text_config().max_position_embeddings)
         on_token = None
         if streamer is not None:
             if ids.shape[0] != 1:
@@ -429,8 +436,20 @@ class SmolVLMForConditionalGeneration(Idefics3ForConditionalGeneration):
     config_class = CONFIG_CLASSES["smolvlm"]
 
 
+class LlamaForCausalLM(Idefics3ForConditionalGeneration):
+    """A Llama language model alone (SmolLM2): the VLM's text model and head, without a vision tower.
+
+    Forward, loss, ``generate``, LoRA and training work as for the VLM, on ``input_ids`` only; its
+    modules have transformers' ``LlamaForCausalLM`` names (``model.layers.0.self_attn.q_proj``).
+    """
+
+    config_class = CONFIG_CLASSES["llama"]
+
+
 class _AutoBase(Idefics3ForConditionalGeneration):
     """Auto classes: ``from_pretrained`` picks the class from the checkpoint's ``model_type``."""
+
+    _model_types: frozenset[str] = frozenset({"idefics3", "smolvlm"})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError(f"{type(self).__name__} is not meant to be instantiated; use from_pretrained()")
@@ -444,4 +463,12 @@ class AutoModelForImageTextToText(_AutoBase):
     pass
 
 
-_MODEL_CLASSES = {"idefics3": Idefics3ForConditionalGeneration, "smolvlm": SmolVLMForConditionalGeneration}
+class AutoModelForCausalLM(_AutoBase):
+    _model_types = frozenset({"llama"})
+
+
+_MODEL_CLASSES = {
+    "idefics3": Idefics3ForConditionalGeneration,
+    "smolvlm": SmolVLMForConditionalGeneration,
+    "llama": LlamaForCausalLM,
+}
