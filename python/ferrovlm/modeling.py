@@ -167,7 +167,9 @@ class Idefics3ForConditionalGeneration:
                 f"{cls.__name__}. Model type should be one of {', '.join(sorted(cls._model_types))}."
             )
         if not issubclass(cls, _AutoBase) and (model_type == "llama") != (expected == "llama"):
-            raise ValueError(f"a '{model_type}' checkpoint cannot be loaded into {cls.__name__} (made for '{expected}')")
+            raise ValueError(
+                f"a '{model_type}' checkpoint cannot be loaded into {cls.__name__} (made for '{expected}')"
+            )
         if not issubclass(cls, _AutoBase) and model_type != expected:
             warnings.warn(
                 f"loading a '{model_type}' checkpoint into {cls.__name__} (made for '{expected}'); the math is the "

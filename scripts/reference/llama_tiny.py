@@ -69,7 +69,9 @@ def main() -> None:
         input_ids=torch.tensor(lids), attention_mask=torch.tensor(lam), max_new_tokens=8, do_sample=False
     )
     OUT.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(OUT / "inputs.npz", input_ids=ids, attention_mask=am, labels=labels, left_ids=lids, left_mask=lam)
+    np.savez_compressed(
+        OUT / "inputs.npz", input_ids=ids, attention_mask=am, labels=labels, left_ids=lids, left_mask=lam
+    )
     np.savez_compressed(
         OUT / "expected.npz",
         logits=out.logits.numpy().astype(np.float32),
