@@ -1,9 +1,14 @@
-//! Weight files: locating a checkpoint (local dir or Hugging Face cache) and reading safetensors.
+//! Weight files: locating a checkpoint (local dir or Hugging Face cache), reading safetensors and
+//! GGUF files, and writing them.
 
+pub mod gguf;
+pub mod gguf_value;
 pub mod hub;
 pub mod peft;
 pub mod safetensors;
 pub mod save;
 
+pub use self::gguf::{GgufFile, GgufTensorInfo};
+pub use self::gguf_value::{GgufArray, GgufValue, GgufValueType};
 pub use self::hub::{resolve_dir, resolve_model_dir, HubCache};
 pub use self::safetensors::WeightStore;
