@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ferrovlm::checkpoint::{GgufArray, GgufFile, GgufValue};
+use ferrovlm::checkpoint::{GgufArray, GgufFile, GgufValue, GgufWriter};
 use ferrovlm::error::CheckpointError;
 use ferrovlm::quant::ggml::GgmlType;
 
@@ -347,4 +347,160 @@ fn typed_getters_name_key_and_types() {
 fn open_reports_missing_files() {
     let e = GgufFile::open(Path::new("/nonexistent/x.gguf")).unwrap_err();
     assert!(matches!(e, CheckpointError::NotFound { .. }), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The writer, read back
+// ---------------------------------------------------------------------------------------------
+
+/// Deterministic bytes (a tiny LCG), for tensor data whose values do not matter.
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 56) as u8
+        })
+        .collect()
+}
+
+fn all_values() -> Vec<(&'static str, GgufValue)> {
+    vec![
+        ("general.architecture", GgufValue::String("llama".into())),
+        ("u8", GgufValue::U8(255)),
+        ("i8", GgufValue::I8(-128)),
+        ("u16", GgufValue::U16(65535)),
+        ("i16", GgufValue::I16(-32768)),
+        ("u32", GgufValue::U32(u32::MAX)),
+        ("i32", GgufValue::I32(i32::MIN)),
+        ("f32", GgufValue::F32(-0.25)),
+        ("bool", GgufValue::Bool(false)),
+        ("string", GgufValue::String("héllo\nwörld <|im_start|>".into())),
+        ("u64", GgufValue::U64(u64::MAX)),
+        ("i64", GgufValue::I64(i64::MIN)),
+        ("f64", GgufValue::F64(std::f64::consts::PI)),
+        ("a.u8", GgufValue::Array(GgufArray::U8(vec![1, 2, 3]))),
+        ("a.i8", GgufValue::Array(GgufArray::I8(vec![-1]))),
+        ("a.u16", GgufValue::Array(GgufArray::U16(vec![7, 8]))),
+        ("a.i16", GgufValue::Array(GgufArray::I16(vec![-7]))),
+        ("a.u32", GgufValue::Array(GgufArray::U32(vec![1, 2]))),
+        ("a.i32", GgufValue::Array(GgufArray::I32(vec![1, 3, 4]))),
+        ("a.f32", GgufValue::Array(GgufArray::F32(vec![0.5, -1.0]))),
+        ("a.bool", GgufValue::Array(GgufArray::Bool(vec![true, false]))),
+        ("a.string", GgufValue::Array(GgufArray::String(vec!["Ġt".into(), String::new(), "日本".into()]))),
+        ("a.u64", GgufValue::Array(GgufArray::U64(vec![u64::MAX]))),
+        ("a.i64", GgufValue::Array(GgufArray::I64(vec![-5, 5]))),
+        ("a.f64", GgufValue::Array(GgufArray::F64(vec![1e300]))),
+        ("a.empty", GgufValue::Array(GgufArray::String(vec![]))),
+        (
+            "a.nested",
+            GgufValue::Array(GgufArray::Array(vec![
+                GgufArray::I32(vec![1, 2]),
+                GgufArray::Array(vec![GgufArray::String(vec!["deep".into()])]),
+                GgufArray::F32(vec![]),
+            ])),
+        ),
+    ]
+}
+
+/// (name, type, shape outermost first) of the tensors the round trip writes.
+const TENSORS: [(&str, GgmlType, &[usize]); 7] = [
+    ("f32", GgmlType::F32, &[3, 5]),
+    ("f16", GgmlType::F16, &[7]),
+    ("bf16", GgmlType::Bf16, &[2, 1, 3]),
+    ("q8_0", GgmlType::Q8_0, &[4, 64]),
+    ("q4_1", GgmlType::Q4_1, &[3, 32]),
+    ("q4_k", GgmlType::Q4K, &[2, 256]),
+    ("q6_k", GgmlType::Q6K, &[1, 1, 1, 256]),
+];
+
+fn tensor_bytes(ty: GgmlType, shape: &[usize], seed: u64) -> Vec<u8> {
+    let row = *shape.last().unwrap();
+    let rows: usize = shape[..shape.len() - 1].iter().product();
+    noise(ty.row_bytes(row).unwrap() * rows, seed)
+}
+
+#[test]
+fn writer_round_trips_every_type() {
+    let mut w = GgufWriter::new();
+    for (k, v) in all_values() {
+        w.add_metadata(k, v).unwrap();
+    }
+    for (i, (name, ty, shape)) in TENSORS.iter().enumerate() {
+        w.add_tensor(*name, *ty, shape, tensor_bytes(*ty, shape, i as u64)).unwrap();
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("out.gguf");
+    w.write_to_path(&path).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), w.to_bytes());
+    let f = GgufFile::open(&path).unwrap();
+    assert_eq!((f.version(), f.alignment()), (3, 32));
+    assert_eq!(f.data_offset() % 32, 0);
+    let got: Vec<(&str, &GgufValue)> = f.metadata_entries().iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let want = all_values();
+    assert_eq!(got, want.iter().map(|(k, v)| (*k, v)).collect::<Vec<_>>());
+    for (i, (name, ty, shape)) in TENSORS.iter().enumerate() {
+        let t = f.tensor(name).unwrap();
+        assert_eq!((t.info.ty, t.info.shape()), (*ty, shape.to_vec()), "{name}");
+        assert_eq!(t.data, tensor_bytes(*ty, shape, i as u64), "{name}");
+        assert_eq!(t.info.offset % 32, 0);
+    }
+    let names: Vec<&str> = f.tensor_infos().iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, TENSORS.iter().map(|t| t.0).collect::<Vec<_>>());
+}
+
+#[test]
+fn writer_matches_the_byte_layout() {
+    // The independent byte builder above and the writer produce the same file.
+    let mut w = GgufWriter::new();
+    w.add_metadata("general.architecture", GgufValue::String("llama".into())).unwrap();
+    w.add_tensor("w", GgmlType::F32, &[2, 3], f32_bytes(&[0., 1., 2., 3., 4., 5.])).unwrap();
+    let mut want = small(3);
+    want.resize(want.len().div_ceil(32) * 32, 0); // the writer pads the last tensor too, as gguf-py does
+    assert_eq!(w.to_bytes(), want);
+}
+
+#[test]
+fn writer_with_alignment_64() {
+    let mut w = GgufWriter::new().with_alignment(64).unwrap();
+    w.add_tensor("a", GgmlType::F32, &[1], f32_bytes(&[1.0])).unwrap();
+    w.add_tensor("b", GgmlType::F16, &[3], noise(6, 1)).unwrap();
+    let f = parse(w.to_bytes()).unwrap();
+    assert_eq!(f.alignment(), 64);
+    assert_eq!(f.metadata("general.alignment"), Some(&GgufValue::U32(64)));
+    assert_eq!(f.tensor_info("b").unwrap().offset, 64);
+    assert!(GgufWriter::new().with_alignment(48).is_err());
+}
+
+#[test]
+fn writer_refuses_inconsistent_tensors() {
+    let mut w = GgufWriter::new();
+    let e = w.add_tensor("x", GgmlType::Q8_0, &[2, 33], vec![0; 68]).unwrap_err().to_string();
+    assert!(e.contains("'x'") && e.contains("block size 32"), "{e}");
+    let e = w.add_tensor("x", GgmlType::Q8_0, &[2, 32], vec![0; 67]).unwrap_err().to_string();
+    assert!(e.contains("takes 68 bytes, 67 given"), "{e}");
+    let e = w.add_tensor("x", GgmlType::F32, &[1, 1, 1, 1, 1], vec![0; 4]).unwrap_err().to_string();
+    assert!(e.contains("5 dimensions"), "{e}");
+    w.add_tensor("x", GgmlType::F32, &[1], vec![0; 4]).unwrap();
+    assert!(w.add_tensor("x", GgmlType::F32, &[1], vec![0; 4]).is_err());
+    w.add_metadata("k", GgufValue::Bool(true)).unwrap();
+    assert!(w.add_metadata("k", GgufValue::Bool(true)).is_err());
+}
+
+#[test]
+fn real_file_rewritten_byte_for_byte() {
+    // Everything read from llama.cpp's file, written again by our writer: the same bytes.
+    let Some(path) = smollm2() else { return };
+    let f = GgufFile::open(&path).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in f.metadata_entries() {
+        w.add_metadata(k.clone(), v.clone()).unwrap();
+    }
+    for t in f.tensor_infos() {
+        w.add_tensor(t.name.clone(), t.ty, &t.shape(), f.data(t).to_vec()).unwrap();
+    }
+    let ours = w.to_bytes();
+    let theirs = std::fs::read(&path).unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    assert!(ours == theirs, "first difference at byte {:?}", ours.iter().zip(&theirs).position(|(a, b)| a != b));
 }

@@ -3,6 +3,7 @@
 
 pub mod gguf;
 pub mod gguf_value;
+pub mod gguf_write;
 pub mod hub;
 pub mod peft;
 pub mod safetensors;
@@ -10,5 +11,6 @@ pub mod save;
 
 pub use self::gguf::{GgufFile, GgufTensorInfo};
 pub use self::gguf_value::{GgufArray, GgufValue, GgufValueType};
+pub use self::gguf_write::GgufWriter;
 pub use self::hub::{resolve_dir, resolve_model_dir, HubCache};
 pub use self::safetensors::WeightStore;
