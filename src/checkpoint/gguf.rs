@@ -14,6 +14,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
+use rayon::prelude::*;
 
 use super::gguf_value::{GgufArray, GgufValue, GgufValueType};
 use crate::error::CheckpointError;
@@ -371,9 +372,9 @@ pub fn dequantize_rows(info: &GgufTensorInfo, data: &[u8], order: &[usize]) -> V
     if n == 0 {
         return out;
     }
-    for (dst, &r) in out.chunks_exact_mut(n).zip(order) {
+    out.par_chunks_exact_mut(n).zip(order.par_iter()).for_each(|(dst, &r)| {
         dequantize_row(info.ty, &data[r * rb..(r + 1) * rb], dst);
-    }
+    });
     out
 }
 

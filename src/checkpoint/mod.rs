@@ -2,15 +2,18 @@
 //! GGUF files, and writing them.
 
 pub mod gguf;
+pub mod gguf_llama;
 pub mod gguf_value;
 pub mod gguf_write;
 pub mod hub;
 pub mod peft;
 pub mod safetensors;
 pub mod save;
+pub mod store;
 
 pub use self::gguf::{GgufFile, GgufTensorInfo};
+pub use self::gguf_llama::{GgufLlama, GgufLlamaConfig, GgufRows};
 pub use self::gguf_value::{GgufArray, GgufValue, GgufValueType};
 pub use self::gguf_write::GgufWriter;
 pub use self::hub::{resolve_dir, resolve_model_dir, HubCache};
-pub use self::safetensors::WeightStore;
+pub use self::store::WeightStore;
