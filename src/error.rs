@@ -37,6 +37,17 @@ pub enum CheckpointError {
     BadShape { name: String, file: PathBuf, expected: Vec<usize>, found: Vec<usize> },
     #[error("tensor '{name}' in {file} has unsupported dtype {dtype} (supported: F32, BF16, F16)")]
     BadDtype { name: String, file: PathBuf, dtype: String },
+    /// A GGUF file whose bytes do not follow the format (truncated, bad magic, counts or offsets
+    /// past the end, a row length that is not whole blocks, duplicate names, ...).
+    #[error("{file}: corrupt or truncated GGUF file: {msg}")]
+    Gguf { file: PathBuf, msg: String },
+    /// A well-formed GGUF file using something ferrovlm does not read (version 1, big-endian, a
+    /// tensor type, an architecture or a tokenizer model).
+    #[error("{file}: unsupported GGUF {what}")]
+    GgufUnsupported { file: PathBuf, what: String },
+    /// A GGUF metadata key that is missing or holds a value of the wrong type or range.
+    #[error("{file}: GGUF metadata '{key}': expected {expected}, found {found}")]
+    GgufMetadata { file: PathBuf, key: String, expected: String, found: String },
 }
 
 /// Problems with the inputs of a call (shapes, token counts, ids).

@@ -23,8 +23,9 @@ struct Entry {
     end: usize,
 }
 
-/// The tensors of a checkpoint, memory-mapped, by name.
-pub struct WeightStore {
+/// The tensors of a safetensors checkpoint, memory-mapped, by name (one backend of
+/// [`super::WeightStore`]).
+pub struct SafetensorsFiles {
     files: Vec<(PathBuf, Mmap)>,
     entries: HashMap<String, Entry>,
 }
@@ -32,7 +33,7 @@ pub struct WeightStore {
 /// A stored tensor as it is on disk: dtype, shape, bytes and the file it is in.
 pub type RawTensor<'a> = (StDtype, Vec<usize>, &'a [u8], &'a Path);
 
-impl WeightStore {
+impl SafetensorsFiles {
     /// Opens `model.safetensors` or the shards of `model.safetensors.index.json` in `dir`.
     pub fn open_dir(dir: &Path) -> Result<Self, CheckpointError> {
         let single = dir.join("model.safetensors");
@@ -97,7 +98,7 @@ impl WeightStore {
             }
             files.push((path.clone(), mmap));
         }
-        Ok(WeightStore { files, entries })
+        Ok(SafetensorsFiles { files, entries })
     }
 
     /// True when `name` is stored as bf16.
@@ -118,7 +119,7 @@ impl WeightStore {
         self.entries.keys().map(String::as_str)
     }
 
-    fn file_list(&self) -> String {
+    pub(crate) fn file_list(&self) -> String {
         let names: Vec<String> = self.files.iter().map(|(p, _)| p.display().to_string()).collect();
         names.join(", ")
     }

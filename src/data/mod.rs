@@ -14,3 +14,4 @@ pub mod resample;
 pub mod tokenizer;
 pub mod tokenizer_batch;
 pub mod tokenizer_config;
+pub mod tokenizer_gguf;

@@ -171,6 +171,27 @@ impl Tokenizer {
         })
     }
 
+    /// A tokenizer assembled elsewhere (e.g. from GGUF metadata, `tokenizer_gguf.rs`): `inner` with
+    /// padding and truncation off, `config` as if read from `tokenizer_config.json`; `path` names
+    /// the source in errors.
+    pub(crate) fn from_parts(
+        inner: tokenizers::Tokenizer,
+        config: TokenizerConfig,
+        path: PathBuf,
+        backend: Backend,
+    ) -> Self {
+        let is_bpe = matches!(inner.get_model(), ModelWrapper::BPE(_));
+        Tokenizer {
+            padding_side: config.padding_side.unwrap_or(Side::Right),
+            truncation_side: config.truncation_side.unwrap_or(Side::Right),
+            inner,
+            config,
+            path,
+            backend,
+            is_bpe,
+        }
+    }
+
     /// The underlying `tokenizers` object.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner

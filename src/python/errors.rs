@@ -57,6 +57,12 @@ pub fn to_py(e: Error) -> PyErr {
     match e {
         Error::Config(_) => ConfigError::new_err(msg),
         Error::Checkpoint(CoreCheckpointError::NotCached { .. }) => ModelNotCachedError::new_err(msg),
+        // Corrupt, unsupported or mistyped GGUF files are checkpoint errors like safetensors ones.
+        Error::Checkpoint(
+            CoreCheckpointError::Gguf { .. }
+            | CoreCheckpointError::GgufUnsupported { .. }
+            | CoreCheckpointError::GgufMetadata { .. },
+        ) => CheckpointError::new_err(msg),
         Error::Checkpoint(_) => CheckpointError::new_err(msg),
         Error::Input(_) => InputError::new_err(msg),
         Error::Data(_) => ProcessorError::new_err(msg),
