@@ -192,12 +192,14 @@ impl PyVlmModel {
                 kind = Some(match &**q {
                     crate::quant::QuantWeight::FourBit(_) => "4bit",
                     crate::quant::QuantWeight::Int8(_) => "8bit",
+                    crate::quant::QuantWeight::Ggml(_) => "gguf",
                 });
                 n += 1;
                 let (o, k) = q.shape();
                 bytes += match &**q {
                     crate::quant::QuantWeight::FourBit(f) => f.packed.len(),
                     crate::quant::QuantWeight::Int8(_) => o * k,
+                    crate::quant::QuantWeight::Ggml(g) => g.data().len(),
                 };
                 logical += o * k;
             }
