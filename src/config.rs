@@ -79,6 +79,34 @@ impl ModelConfig {
         n * n
     }
 
+    /// The `LlamaConfig` transformers builds for a Llama GGUF file (its `llama.*` keys, read by
+    /// `checkpoint::gguf_llama`), as config.json keys so that Python sees the same attributes.
+    pub fn from_gguf_llama(g: &crate::checkpoint::gguf_llama::GgufLlamaConfig, file: &Path) -> Result<Self, ConfigError> {
+        let t = &g.text;
+        let json = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads,
+            "head_dim": t.head_dim,
+            "hidden_act": t.hidden_act,
+            "max_position_embeddings": t.max_position_embeddings,
+            "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_theta,
+            "attention_bias": t.attention_bias,
+            "mlp_bias": t.mlp_bias,
+            "tie_word_embeddings": g.tie_word_embeddings,
+            "bos_token_id": g.bos_token_id,
+            "eos_token_id": g.eos_token_id,
+            "pad_token_id": t.pad_token_id,
+        });
+        Self::from_json_str(&json.to_string(), file)
+    }
+
     /// Reads `<dir>/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, ConfigError> {
         Self::from_file(&dir.join("config.json"))

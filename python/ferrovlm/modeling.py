@@ -138,6 +138,7 @@ class Idefics3ForConditionalGeneration:
         quantization_config: Any = None,
         load_in_4bit: bool = False,
         load_in_8bit: bool = False,
+        gguf_file: Optional[str | os.PathLike[str]] = None,
     ) -> Idefics3ForConditionalGeneration:
         if dtype is not None and torch_dtype is not None:
             raise ValueError("pass only one of dtype= and torch_dtype=")
@@ -151,6 +152,16 @@ class Idefics3ForConditionalGeneration:
             )
         quant = _quantization_config(quantization_config, load_in_4bit, load_in_8bit)
         _check_device_map(device_map)
+        if gguf_file is not None:
+            if quant is not None:
+                raise ValueError("a GGUF file is already quantized; do not pass quantization_config with gguf_file")
+            return cls._from_gguf(
+                pretrained_model_name_or_path,
+                gguf_file,
+                dtype if dtype is not None else torch_dtype,
+                attn,
+                dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token),
+            )
         path = resolve_pretrained(
             pretrained_model_name_or_path,
             revision=revision,
@@ -198,6 +209,32 @@ class Idefics3ForConditionalGeneration:
         target = _MODEL_CLASSES[model_type] if issubclass(cls, _AutoBase) else cls
         return target(core, config, GenerationConfig.from_pretrained(path, config))
 
+    @classmethod
+    def _from_gguf(
+        cls, name_or_path: Any, gguf_file: Any, dtype: Any, attn: Optional[str], hub: dict[str, Any]
+    ) -> Idefics3ForConditionalGeneration:
+        """``from_pretrained(dir, gguf_file=...)``: the Llama text model of a GGUF file, its config read
+        from the file's metadata as transformers does; quantized weights stay in their blocks (the
+        products use their exact dequantized values, which is what transformers computes with)."""
+        gguf_file = os.fspath(gguf_file)
+        if os.path.isabs(gguf_file) and os.path.isfile(gguf_file):
+            path = gguf_file
+        else:
+            folder = resolve_pretrained(name_or_path, marker=gguf_file, **hub)
+            path = os.path.join(folder, gguf_file)
+        auto = issubclass(cls, _AutoBase)
+        if (auto and "llama" not in cls._model_types) or (not auto and cls.config_class.model_type != "llama"):
+            raise ValueError(
+                f"{cls.__name__} cannot load the GGUF file {gguf_file!r} alone: a GGUF file holds a Llama text "
+                "model; load it with AutoModelForCausalLM or LlamaForCausalLM"
+            )
+        core = _core.VlmModel.load_gguf(path, _dtype_name(dtype, {"dtype": "float32"}))
+        resolved = json.loads(core.config_json)
+        config = CONFIG_CLASSES["llama"].from_dict(resolved)
+        config._name_or_path = os.fspath(name_or_path)
+        config._attn_implementation = attn or "eager"
+        return _MODEL_CLASSES["llama"](core, config, GenerationConfig.from_model_config(config))
+
     # -- torch-like surface ------------------------------------------------------------------------
     @property
     def device(self) -> Any:
@@ -243,7 +280,8 @@ class Idefics3ForConditionalGeneration:
     # -- quantization (transformers' bitsandbytes integration) ------------------------------------
     @property
     def is_quantized(self) -> bool:
-        return self._core.quantization[0] is not None
+        """bitsandbytes-quantized (a GGUF model's blocks are not: transformers holds them dequantized)."""
+        return self._core.quantization[0] not in (None, "gguf")
 
     @property
     def is_loaded_in_4bit(self) -> bool:

@@ -106,6 +106,22 @@ impl VlmModel {
         Self::load(config, &store, &ctx)
     }
 
+    /// A language model alone (`LlamaForCausalLM`) from a Llama GGUF file, as transformers'
+    /// `from_pretrained(dir, gguf_file=...)` builds it: the config from the file's `llama.*` keys,
+    /// quantized Linear weights kept in their blocks ([`crate::quant::QuantWeight::Ggml`], exact
+    /// dequantized values), float tensors decoded. A tied output head shares the embedding's blocks.
+    pub fn from_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let store = WeightStore::open_gguf_with_prefix(path, super::modules::TEXT_ONLY)?;
+        let config = match store.gguf() {
+            Some(g) => crate::config::ModelConfig::from_gguf_llama(g.config(), path)?,
+            None => return input_err(format!("{}: not a GGUF file", path.display())),
+        };
+        let bf16_compute = dtype == DType::BF16 && device.is_cpu();
+        let dtype = if bf16_compute { DType::F32 } else { dtype };
+        let ctx = LoadCtx { dtype, device: device.clone(), bf16_storage: false, bf16_compute, quant: None };
+        Self::load(config, &store, &ctx)
+    }
+
     pub fn load(config: ModelConfig, store: &WeightStore, ctx: &LoadCtx) -> Result<Self> {
         let (vision, connector) = if config.text_only() {
             (None, None)
@@ -125,7 +141,16 @@ impl VlmModel {
         // speed: bf16 checkpoints keep their bf16 there (exact). The vision tower is compute-bound: f32.
         let tctx = ctx.with_bf16_storage(true);
         let text = TextModel::load(store, super::modules::text_prefix(&config), &config.text, &tctx)?;
-        let lm_head = if config.tie_word_embeddings && ctx.bf16_compute {
+        let tp = super::modules::text_prefix(&config);
+        let (vocab, hidden) = (config.text.vocab_size, config.text.hidden_size);
+        let tied_gguf = match config.tie_word_embeddings {
+            // a GGUF file's quantized token embedding is also the output head: kept in its blocks
+            true => crate::quant::load::gguf_linear(store, &format!("{tp}.embed_tokens"), (vocab, hidden))?,
+            false => None,
+        };
+        let lm_head = if let Some(q) = tied_gguf {
+            Linear::quantized(q, None, false)
+        } else if config.tie_word_embeddings && ctx.bf16_compute {
             Linear::bf16_compute(text.embed_tokens.clone(), None)?
         } else if config.tie_word_embeddings {
             Linear::with_compute_dtype(text.embed_tokens.clone(), None, ctx.dtype)?
