@@ -576,6 +576,8 @@ OTHER_SETS = """
 | `processor_size_tuple/` | `processor_size_tuple.py` | `expected.npz` + `calls.json`: processor calls after setting `image_processor.size` to a tuple / an int (smol-course's video cell: `size = (384, 384)`, `do_resize = False`) |
 | `generation/` | `generation.py` | `generate()` token ids on `idefics3_gqa`: greedy, left-padded batches, EOS stops, beam search, repetition penalty |
 | `bnb/` | `bnb_quant.py` | bitsandbytes 0.50 on CPU: 4-bit / int8 codes, scales, dequantized weights and layer outputs (`quant.npz`); a tiny base checkpoint quantized and saved by transformers (nf4 + double quant, fp4, int8) with its logits and facts; torch's f32 means |
+| `llama_tiny/` | `llama_tiny.py` | a tiny random `LlamaForCausalLM` (the language model alone, GQA, untied) in hub layout; logits and loss of a right-padded batch, greedy ids of the left-padded rows |
+| `gguf_blocks/` | `gguf_blocks.py` | random blocks of every GGUF tensor type (F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K, Q6_K) and gguf-py's dequantization of them |
 | `qlora/` | `qlora_trajectory.py` | TRL + PEFT + bitsandbytes QLoRA SFT trajectories (nf4 / int8 base; see its README) |
 """  # noqa: E501 - Markdown table rows, one per line
 
@@ -596,6 +598,8 @@ def main() -> None:
     # matters: generation reads the model fixtures above, processor reads tokenizer + image fixtures).
     sys.path.insert(0, str(ROOT / "scripts" / "reference"))
     import generation
+    import gguf_blocks
+    import llama_tiny
     import lora_grads
     import processor
     import processor_images
@@ -609,6 +613,8 @@ def main() -> None:
     processor.main(FIXTURES)
     processor_size_tuple.main(FIXTURES)
     generation.main(FIXTURES)
+    llama_tiny.main()
+    gguf_blocks.main()
     # PEFT / TRL sets (need peft, trl, datasets): LoRA gradients, collation, SFT trajectories.
     lora_grads.main()
     sft_collate.main()

@@ -55,7 +55,8 @@ pub struct TextConfig {
 /// The whole model config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
-    /// `idefics3` or `smolvlm` (same math).
+    /// `idefics3` or `smolvlm` (same math), or `llama` for a language model alone
+    /// (`LlamaForCausalLM`: no vision tower, `vision` keeps its defaults and is not used).
     pub model_type: String,
     pub vision: VisionConfig,
     pub text: TextConfig,
@@ -67,10 +68,43 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// A language model alone (`model_type` "llama"): no vision tower or connector.
+    pub fn text_only(&self) -> bool {
+        self.model_type == "llama"
+    }
+
     /// Image tokens per frame: (N / s)^2.
     pub fn image_seq_len(&self) -> usize {
         let n = self.vision.patches_per_side() / self.scale_factor;
         n * n
+    }
+
+    /// The `LlamaConfig` transformers builds for a Llama GGUF file (its `llama.*` keys, read by
+    /// `checkpoint::gguf_llama`), as config.json keys so that Python sees the same attributes.
+    pub fn from_gguf_llama(g: &crate::checkpoint::gguf_llama::GgufLlamaConfig, file: &Path) -> Result<Self, ConfigError> {
+        let t = &g.text;
+        let json = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads,
+            "head_dim": t.head_dim,
+            "hidden_act": t.hidden_act,
+            "max_position_embeddings": t.max_position_embeddings,
+            "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_theta,
+            "attention_bias": t.attention_bias,
+            "mlp_bias": t.mlp_bias,
+            "tie_word_embeddings": g.tie_word_embeddings,
+            "bos_token_id": g.bos_token_id,
+            "eos_token_id": g.eos_token_id,
+            "pad_token_id": t.pad_token_id,
+        });
+        Self::from_json_str(&json.to_string(), file)
     }
 
     /// Reads `<dir>/config.json`.
@@ -94,7 +128,8 @@ impl ModelConfig {
             None => return Err(ConfigError::MissingKey { file: r.file.clone(), key: "model_type".into() }),
             Some(v) => r.string(v, "model_type")?,
         };
-        if model_type != "idefics3" && model_type != "smolvlm" {
+        let text_only = model_type == "llama";
+        if !text_only && model_type != "idefics3" && model_type != "smolvlm" {
             return Err(ConfigError::UnknownModelType { file: r.file.clone(), model_type });
         }
         let empty = Map::new();
@@ -115,11 +150,13 @@ impl ModelConfig {
         };
         // transformers builds a default LlamaConfig with rms_norm_eps 1e-5 when text_config is absent,
         // and a plain LlamaConfig (eps 1e-6) from whatever dict is given.
-        let (txt, default_eps) = match top.get("text_config") {
-            None | Some(Value::Null) => (&empty, 1e-5),
-            Some(v) => (r.object(v, "text_config")?, 1e-6),
+        // A Llama config has the text model's keys at the top level (LlamaConfig: rms_norm_eps 1e-6).
+        let (txt, default_eps, sec) = match top.get("text_config") {
+            _ if text_only => (top, 1e-6, ""),
+            None | Some(Value::Null) => (&empty, 1e-5, "text_config"),
+            Some(v) => (r.object(v, "text_config")?, 1e-6, "text_config"),
         };
-        if let Some(mt) = txt.get("model_type") {
+        if let Some(mt) = txt.get("model_type").filter(|_| !text_only) {
             let mt = r.string(mt, "text_config.model_type")?;
             if mt != "llama" {
                 return Err(ConfigError::BadValue {
@@ -129,41 +166,41 @@ impl ModelConfig {
                 });
             }
         }
-        let hidden = r.usize_or(txt, "text_config", "hidden_size", 4096)?;
-        let heads = r.usize_or(txt, "text_config", "num_attention_heads", 32)?;
+        let hidden = r.usize_or(txt, sec, "hidden_size", 4096)?;
+        let heads = r.usize_or(txt, sec, "num_attention_heads", 32)?;
         let kv_heads = match txt.get("num_key_value_heads") {
             None | Some(Value::Null) => heads,
-            Some(v) => r.usize(v, "text_config.num_key_value_heads")?,
+            Some(v) => r.usize(v, &Reader::path(sec, "num_key_value_heads"))?,
         };
         let head_dim = match txt.get("head_dim") {
             None | Some(Value::Null) => {
                 if heads == 0 || hidden % heads != 0 {
                     return Err(r.bad(
-                        "text_config.num_attention_heads",
+                        &Reader::path(sec, "num_attention_heads"),
                         format!("hidden_size {hidden} is not a multiple of {heads} heads"),
                     ));
                 }
                 hidden / heads
             }
-            Some(v) => r.usize(v, "text_config.head_dim")?,
+            Some(v) => r.usize(v, &Reader::path(sec, "head_dim"))?,
         };
         let text = TextConfig {
-            vocab_size: r.usize_or(txt, "text_config", "vocab_size", 32000)?,
+            vocab_size: r.usize_or(txt, sec, "vocab_size", 32000)?,
             hidden_size: hidden,
-            intermediate_size: r.usize_or(txt, "text_config", "intermediate_size", 11008)?,
-            num_hidden_layers: r.usize_or(txt, "text_config", "num_hidden_layers", 32)?,
+            intermediate_size: r.usize_or(txt, sec, "intermediate_size", 11008)?,
+            num_hidden_layers: r.usize_or(txt, sec, "num_hidden_layers", 32)?,
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim,
-            hidden_act: r.string_or(txt, "text_config", "hidden_act", "silu")?,
-            max_position_embeddings: r.usize_or(txt, "text_config", "max_position_embeddings", 2048)?,
-            rms_norm_eps: r.f64_or(txt, "text_config", "rms_norm_eps", default_eps)?,
+            hidden_act: r.string_or(txt, sec, "hidden_act", "silu")?,
+            max_position_embeddings: r.usize_or(txt, sec, "max_position_embeddings", 2048)?,
+            rms_norm_eps: r.f64_or(txt, sec, "rms_norm_eps", default_eps)?,
             rope_theta: r.rope_theta(txt)?,
-            attention_bias: r.bool_or(txt, "text_config", "attention_bias", false)?,
-            mlp_bias: r.bool_or(txt, "text_config", "mlp_bias", false)?,
+            attention_bias: r.bool_or(txt, sec, "attention_bias", false)?,
+            mlp_bias: r.bool_or(txt, sec, "mlp_bias", false)?,
             pad_token_id: match txt.get("pad_token_id") {
                 None | Some(Value::Null) => None,
-                Some(v) => Some(r.i64(v, "text_config.pad_token_id")?),
+                Some(v) => Some(r.i64(v, &Reader::path(sec, "pad_token_id"))?),
             },
         };
         let cfg = ModelConfig {

@@ -16,7 +16,7 @@ pub enum ConfigError {
     MissingKey { file: PathBuf, key: String },
     #[error("{file}: key '{key}' has a bad value: {msg}")]
     BadValue { file: PathBuf, key: String, msg: String },
-    #[error("{file}: unsupported model_type '{model_type}' (supported: idefics3, smolvlm)")]
+    #[error("{file}: unsupported model_type '{model_type}' (supported: idefics3, smolvlm, llama)")]
     UnknownModelType { file: PathBuf, model_type: String },
 }
 

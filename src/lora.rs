@@ -351,10 +351,13 @@ pub fn detach(model: &mut crate::model::VlmModel, merge: bool) -> Result<()> {
                 let (w, b) = ad.merged_weight(lin)?;
                 if let Some(q) = lin.quant() {
                     // PEFT on a bitsandbytes layer: the merged weight is quantized again (rounding).
+                    // A GGUF layer (dense f32 in transformers) becomes dense below.
                     let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
-                    let bf16 = matches!(lin.weight, crate::ops::linear::Weight::Quant { bf16: true, .. });
-                    *lin = Linear::quantized(Arc::new(q.requantize(&wv)), b.or(lin.bias.clone()), bf16);
-                    continue;
+                    if let Some(q) = q.requantize(&wv) {
+                        let bf16 = matches!(lin.weight, crate::ops::linear::Weight::Quant { bf16: true, .. });
+                        *lin = Linear::quantized(Arc::new(q), b.or(lin.bias.clone()), bf16);
+                        continue;
+                    }
                 }
                 let dt = lin.weight_tensor().map_or(DType::F32, |w| w.dtype());
                 let w = if dt == DType::BF16 { w } else { w.to_dtype(dt)? };

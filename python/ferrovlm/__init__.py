@@ -13,7 +13,7 @@ _os.environ.setdefault("CANDLE_NUM_THREADS", "1")
 
 from ._core import __version__  # noqa: E402
 from .batch import BatchEncoding, BatchFeature
-from .configuration import Idefics3Config, PretrainedConfig, SmolVLMConfig
+from .configuration import Idefics3Config, LlamaConfig, PretrainedConfig, SmolVLMConfig
 from .data_collator import DataCollatorForVisionLanguageModeling
 from .dpo_collator import DataCollatorForVisionPreference
 from .dpo_config import DPOConfig
@@ -30,9 +30,11 @@ from .errors import (
 from .generation import GenerationConfig, set_seed
 from .image_processing import Idefics3ImageProcessor, load_image
 from .modeling import (
+    AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoModelForVision2Seq,
     Idefics3ForConditionalGeneration,
+    LlamaForCausalLM,
     ModelOutput,
     SmolVLMForConditionalGeneration,
 )
@@ -67,6 +69,9 @@ __all__ = [
     "TrainingError",
     "__version__",
     "AutoModelForImageTextToText",
+    "AutoModelForCausalLM",
+    "LlamaForCausalLM",
+    "LlamaConfig",
     "AutoModelForVision2Seq",
     "Idefics3ForConditionalGeneration",
     "SmolVLMForConditionalGeneration",

@@ -59,4 +59,8 @@ class SmolVLMConfig(PretrainedConfig):
     model_type = "smolvlm"
 
 
-CONFIG_CLASSES = {"idefics3": Idefics3Config, "smolvlm": SmolVLMConfig}
+class LlamaConfig(PretrainedConfig):
+    model_type = "llama"
+
+
+CONFIG_CLASSES = {"idefics3": Idefics3Config, "smolvlm": SmolVLMConfig, "llama": LlamaConfig}

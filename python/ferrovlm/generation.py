@@ -89,7 +89,8 @@ class GenerationConfig:
     def from_model_config(cls, model_config: Any) -> GenerationConfig:
         """Defaults plus the special token ids of the model config's text part."""
         cfg = cls()
-        text = getattr(model_config, "text_config", None)
+        # the VLM's text part, or a Llama config itself
+        text = getattr(model_config, "text_config", model_config)
         for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
             value = getattr(text, key, None) if text is not None else None
             if value is not None:

@@ -138,6 +138,7 @@ class Idefics3ForConditionalGeneration:
         quantization_config: Any = None,
         load_in_4bit: bool = False,
         load_in_8bit: bool = False,
+        gguf_file: Optional[str | os.PathLike[str]] = None,
     ) -> Idefics3ForConditionalGeneration:
         if dtype is not None and torch_dtype is not None:
             raise ValueError("pass only one of dtype= and torch_dtype=")
@@ -151,6 +152,16 @@ class Idefics3ForConditionalGeneration:
             )
         quant = _quantization_config(quantization_config, load_in_4bit, load_in_8bit)
         _check_device_map(device_map)
+        if gguf_file is not None:
+            if quant is not None:
+                raise ValueError("a GGUF file is already quantized; do not pass quantization_config with gguf_file")
+            return cls._from_gguf(
+                pretrained_model_name_or_path,
+                gguf_file,
+                dtype if dtype is not None else torch_dtype,
+                attn,
+                dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token),
+            )
         path = resolve_pretrained(
             pretrained_model_name_or_path,
             revision=revision,
@@ -161,6 +172,15 @@ class Idefics3ForConditionalGeneration:
         resolved = json.loads(_core.load_config_json(path))
         model_type = resolved["model_type"]
         expected = cls.config_class.model_type
+        if issubclass(cls, _AutoBase) and model_type not in cls._model_types:
+            raise ValueError(
+                f"Unrecognized configuration class {CONFIG_CLASSES[model_type].__name__} for this kind of AutoModel: "
+                f"{cls.__name__}. Model type should be one of {', '.join(sorted(cls._model_types))}."
+            )
+        if not issubclass(cls, _AutoBase) and (model_type == "llama") != (expected == "llama"):
+            raise ValueError(
+                f"a '{model_type}' checkpoint cannot be loaded into {cls.__name__} (made for '{expected}')"
+            )
         if not issubclass(cls, _AutoBase) and model_type != expected:
             warnings.warn(
                 f"loading a '{model_type}' checkpoint into {cls.__name__} (made for '{expected}'); the math is the "
@@ -188,6 +208,32 @@ class Idefics3ForConditionalGeneration:
         config._attn_implementation = attn or "eager"
         target = _MODEL_CLASSES[model_type] if issubclass(cls, _AutoBase) else cls
         return target(core, config, GenerationConfig.from_pretrained(path, config))
+
+    @classmethod
+    def _from_gguf(
+        cls, name_or_path: Any, gguf_file: Any, dtype: Any, attn: Optional[str], hub: dict[str, Any]
+    ) -> Idefics3ForConditionalGeneration:
+        """``from_pretrained(dir, gguf_file=...)``: the Llama text model of a GGUF file, its config read
+        from the file's metadata as transformers does; quantized weights stay in their blocks (the
+        products use their exact dequantized values, which is what transformers computes with)."""
+        gguf_file = os.fspath(gguf_file)
+        if os.path.isabs(gguf_file) and os.path.isfile(gguf_file):
+            path = gguf_file
+        else:
+            folder = resolve_pretrained(name_or_path, marker=gguf_file, **hub)
+            path = os.path.join(folder, gguf_file)
+        auto = issubclass(cls, _AutoBase)
+        if (auto and "llama" not in cls._model_types) or (not auto and cls.config_class.model_type != "llama"):
+            raise ValueError(
+                f"{cls.__name__} cannot load the GGUF file {gguf_file!r} alone: a GGUF file holds a Llama text "
+                "model; load it with AutoModelForCausalLM or LlamaForCausalLM"
+            )
+        core = _core.VlmModel.load_gguf(path, _dtype_name(dtype, {"dtype": "float32"}))
+        resolved = json.loads(core.config_json)
+        config = CONFIG_CLASSES["llama"].from_dict(resolved)
+        config._name_or_path = os.fspath(name_or_path)
+        config._attn_implementation = attn or "eager"
+        return _MODEL_CLASSES["llama"](core, config, GenerationConfig.from_model_config(config))
 
     # -- torch-like surface ------------------------------------------------------------------------
     @property
@@ -234,7 +280,8 @@ class Idefics3ForConditionalGeneration:
     # -- quantization (transformers' bitsandbytes integration) ------------------------------------
     @property
     def is_quantized(self) -> bool:
-        return self._core.quantization[0] is not None
+        """bitsandbytes-quantized (a GGUF model's blocks are not: transformers holds them dequantized)."""
+        return self._core.quantization[0] not in (None, "gguf")
 
     @property
     def is_loaded_in_4bit(self) -> bool:
@@ -256,7 +303,7 @@ class Idefics3ForConditionalGeneration:
         itemsize = 2 if self._core.dtype in ("bfloat16", "float16") else 4
         mem = (self.num_parameters() - qlogical) * itemsize + qbytes
         if return_buffers:
-            text = self.config.text_config
+            text = self.config.get_text_config()
             head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
             mem += 2 * (head_dim // 2) * 4  # the rotary embedding's inv_freq and original_inv_freq (float32)
         return int(mem)
@@ -386,7 +433,7 @@ class Idefics3ForConditionalGeneration:
         ids = to_numpy(input_ids, np.int64, "input_ids")
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {ids.shape}")
-        settings = resolve(cfg, ids.shape[1], self.config.text_config.max_position_embeddings)
+        settings = resolve(cfg, ids.shape[1], self.config.get_text_config().max_position_embeddings)
         on_token = None
         if streamer is not None:
             if ids.shape[0] != 1:
@@ -429,8 +476,20 @@ class SmolVLMForConditionalGeneration(Idefics3ForConditionalGeneration):
     config_class = CONFIG_CLASSES["smolvlm"]
 
 
+class LlamaForCausalLM(Idefics3ForConditionalGeneration):
+    """A Llama language model alone (SmolLM2): the VLM's text model and head, without a vision tower.
+
+    Forward, loss, ``generate``, LoRA and training work as for the VLM, on ``input_ids`` only; its
+    modules have transformers' ``LlamaForCausalLM`` names (``model.layers.0.self_attn.q_proj``).
+    """
+
+    config_class = CONFIG_CLASSES["llama"]
+
+
 class _AutoBase(Idefics3ForConditionalGeneration):
     """Auto classes: ``from_pretrained`` picks the class from the checkpoint's ``model_type``."""
+
+    _model_types: frozenset[str] = frozenset({"idefics3", "smolvlm"})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError(f"{type(self).__name__} is not meant to be instantiated; use from_pretrained()")
@@ -444,4 +503,12 @@ class AutoModelForImageTextToText(_AutoBase):
     pass
 
 
-_MODEL_CLASSES = {"idefics3": Idefics3ForConditionalGeneration, "smolvlm": SmolVLMForConditionalGeneration}
+class AutoModelForCausalLM(_AutoBase):
+    _model_types = frozenset({"llama"})
+
+
+_MODEL_CLASSES = {
+    "idefics3": Idefics3ForConditionalGeneration,
+    "smolvlm": SmolVLMForConditionalGeneration,
+    "llama": LlamaForCausalLM,
+}

@@ -48,29 +48,30 @@ fn linear(
 pub fn state_tensors(model: &VlmModel) -> Result<Vec<RawTensor>> {
     let dt = model.reported_dtype();
     let mut out = Vec::new();
-    let v = &model.vision;
-    let vp = "model.vision_model";
-    let (d, c, p) = (v.cfg.hidden_size, v.cfg.num_channels, v.cfg.patch_size);
-    linear(&mut out, &format!("{vp}.embeddings.patch_embedding"), &v.patch_embedding, dt, Some(vec![d, c, p, p]))?;
-    out.push(raw(
-        format!("{vp}.embeddings.position_embedding.weight"),
-        &v.position_embedding,
-        dt,
-        v.position_embedding.dims().to_vec(),
-    )?);
     let ln = |out: &mut Vec<RawTensor>, name: String, n: &crate::model::vision::LayerNorm| -> Result<()> {
         out.push(raw(format!("{name}.weight"), &n.weight, dt, n.weight.dims().to_vec())?);
         out.push(raw(format!("{name}.bias"), &n.bias, dt, n.bias.dims().to_vec())?);
         Ok(())
     };
-    for (i, l) in v.layers.iter().enumerate() {
-        let lp = format!("{vp}.encoder.layers.{i}");
-        ln(&mut out, format!("{lp}.layer_norm1"), &l.layer_norm1)?;
-        ln(&mut out, format!("{lp}.layer_norm2"), &l.layer_norm2)?;
+    if let Some(v) = &model.vision {
+        let vp = "model.vision_model";
+        let (d, c, p) = (v.cfg.hidden_size, v.cfg.num_channels, v.cfg.patch_size);
+        linear(&mut out, &format!("{vp}.embeddings.patch_embedding"), &v.patch_embedding, dt, Some(vec![d, c, p, p]))?;
+        out.push(raw(
+            format!("{vp}.embeddings.position_embedding.weight"),
+            &v.position_embedding,
+            dt,
+            v.position_embedding.dims().to_vec(),
+        )?);
+        for (i, l) in v.layers.iter().enumerate() {
+            let lp = format!("{vp}.encoder.layers.{i}");
+            ln(&mut out, format!("{lp}.layer_norm1"), &l.layer_norm1)?;
+            ln(&mut out, format!("{lp}.layer_norm2"), &l.layer_norm2)?;
+        }
+        ln(&mut out, format!("{vp}.post_layernorm"), &v.post_layernorm)?;
     }
-    ln(&mut out, format!("{vp}.post_layernorm"), &v.post_layernorm)?;
     let t = &model.text;
-    let tp = "model.text_model";
+    let tp = crate::model::modules::text_prefix(&model.config);
     out.push(raw(format!("{tp}.embed_tokens.weight"), &t.embed_tokens, dt, t.embed_tokens.dims().to_vec())?);
     for (i, l) in t.layers.iter().enumerate() {
         let lp = format!("{tp}.layers.{i}");

@@ -6,6 +6,7 @@ pub mod modules;
 pub mod text;
 pub mod vision;
 mod vision_fast;
+mod vision_fast_f32;
 pub mod vlm;
 
 use candle_core::{DType, Device, Tensor};

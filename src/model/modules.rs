@@ -13,6 +13,8 @@ use crate::ops::Linear;
 pub const VISION: &str = "model.vision_model";
 pub const CONNECTOR_PROJ: &str = "model.connector.modality_projection.proj";
 pub const TEXT: &str = "model.text_model";
+/// The language model's prefix in `LlamaForCausalLM` (a text-only model).
+pub const TEXT_ONLY: &str = "model";
 pub const LM_HEAD: &str = "lm_head";
 
 /// `impl $layer { LINEARS, linears(), linears_mut() }` from one `"name" => field` list.
@@ -56,8 +58,17 @@ fn vision_layer(i: usize) -> String {
     format!("{VISION}.encoder.layers.{i}")
 }
 
-fn text_layer(i: usize) -> String {
-    format!("{TEXT}.layers.{i}")
+/// Where the language model lives: `model.text_model` in the VLM, `model` in `LlamaForCausalLM`.
+pub fn text_prefix(config: &crate::config::ModelConfig) -> &'static str {
+    if config.text_only() {
+        TEXT_ONLY
+    } else {
+        TEXT
+    }
+}
+
+fn text_layer(prefix: &str, i: usize) -> String {
+    format!("{prefix}.layers.{i}")
 }
 
 impl VlmModel {
@@ -65,15 +76,18 @@ impl VlmModel {
     /// ..., `lm_head`), in module order. The vision patch embedding is a Conv2d there and is not listed.
     pub fn linears(&self) -> Vec<(String, &Linear)> {
         let mut out = Vec::new();
-        for (i, l) in self.vision.layers.iter().enumerate() {
+        for (i, l) in self.vision.iter().flat_map(|v| v.layers.iter().enumerate()) {
             out.extend(
                 VisionLayer::LINEARS.iter().zip(l.linears()).map(|(n, lin)| (format!("{}.{n}", vision_layer(i)), lin)),
             );
         }
-        out.push((CONNECTOR_PROJ.to_string(), &self.connector.proj));
+        if let Some(c) = &self.connector {
+            out.push((CONNECTOR_PROJ.to_string(), &c.proj));
+        }
+        let tp = text_prefix(&self.config);
         for (i, l) in self.text.layers.iter().enumerate() {
             out.extend(
-                TextLayer::LINEARS.iter().zip(l.linears()).map(|(n, lin)| (format!("{}.{n}", text_layer(i)), lin)),
+                TextLayer::LINEARS.iter().zip(l.linears()).map(|(n, lin)| (format!("{}.{n}", text_layer(tp, i)), lin)),
             );
         }
         out.push((LM_HEAD.to_string(), &self.lm_head));
@@ -83,7 +97,7 @@ impl VlmModel {
     /// [`Self::linears`], mutable.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();
-        for (i, l) in self.vision.layers.iter_mut().enumerate() {
+        for (i, l) in self.vision.iter_mut().flat_map(|v| v.layers.iter_mut().enumerate()) {
             out.extend(
                 VisionLayer::LINEARS
                     .iter()
@@ -91,10 +105,16 @@ impl VlmModel {
                     .map(|(n, lin)| (format!("{}.{n}", vision_layer(i)), lin)),
             );
         }
-        out.push((CONNECTOR_PROJ.to_string(), &mut self.connector.proj));
+        if let Some(c) = &mut self.connector {
+            out.push((CONNECTOR_PROJ.to_string(), &mut c.proj));
+        }
+        let tp = text_prefix(&self.config);
         for (i, l) in self.text.layers.iter_mut().enumerate() {
             out.extend(
-                TextLayer::LINEARS.iter().zip(l.linears_mut()).map(|(n, lin)| (format!("{}.{n}", text_layer(i)), lin)),
+                TextLayer::LINEARS
+                    .iter()
+                    .zip(l.linears_mut())
+                    .map(|(n, lin)| (format!("{}.{n}", text_layer(tp, i)), lin)),
             );
         }
         out.push((LM_HEAD.to_string(), &mut self.lm_head));
@@ -116,13 +136,16 @@ impl VlmModel {
     /// Whether an adapter sits on a Linear of the vision tower or the connector (image features then
     /// depend on the adapter).
     pub fn vision_side_has_adapters(&self) -> bool {
-        self.linears().iter().any(|(n, l)| l.adapter.is_some() && !n.starts_with("model.text_model.") && n != LM_HEAD)
+        let tp = format!("{}.", text_prefix(&self.config));
+        self.vision.is_some()
+            && self.linears().iter().any(|(n, l)| l.adapter.is_some() && !n.starts_with(&tp) && n != LM_HEAD)
     }
 }
 
 /// Every module name of the transformers model (`""`, parents, Linear layers, norms, embeddings), for
-/// PEFT's name matching; a parent comes just before its first child.
-pub fn module_names(vision_layers: usize, text_layers: usize) -> Vec<String> {
+/// PEFT's name matching; a parent comes just before its first child. `vision_layers` None: a
+/// language model alone (`LlamaForCausalLM`, its layers under `model.`).
+pub fn module_names(vision_layers: Option<usize>, text_layers: usize) -> Vec<String> {
     let mut names = vec![String::new()];
     let mut seen = std::collections::HashSet::from([String::new()]);
     let mut add = |n: &str| {
@@ -136,31 +159,34 @@ pub fn module_names(vision_layers: usize, text_layers: usize) -> Vec<String> {
             end += 1; // the dot
         }
     };
-    add(&format!("{VISION}.embeddings.patch_embedding"));
-    add(&format!("{VISION}.embeddings.position_embedding"));
-    for i in 0..vision_layers {
-        let p = vision_layer(i);
-        add(&format!("{p}.layer_norm1"));
-        for n in VisionLayer::LINEARS {
-            add(&format!("{p}.{n}"));
-            if n.ends_with("out_proj") {
-                add(&format!("{p}.layer_norm2"));
+    if let Some(vision_layers) = vision_layers {
+        add(&format!("{VISION}.embeddings.patch_embedding"));
+        add(&format!("{VISION}.embeddings.position_embedding"));
+        for i in 0..vision_layers {
+            let p = vision_layer(i);
+            add(&format!("{p}.layer_norm1"));
+            for n in VisionLayer::LINEARS {
+                add(&format!("{p}.{n}"));
+                if n.ends_with("out_proj") {
+                    add(&format!("{p}.layer_norm2"));
+                }
             }
         }
+        add(&format!("{VISION}.post_layernorm"));
+        add(CONNECTOR_PROJ);
     }
-    add(&format!("{VISION}.post_layernorm"));
-    add(CONNECTOR_PROJ);
-    add(&format!("{TEXT}.embed_tokens"));
+    let tp = if vision_layers.is_some() { TEXT } else { TEXT_ONLY };
+    add(&format!("{tp}.embed_tokens"));
     for i in 0..text_layers {
-        let p = text_layer(i);
+        let p = text_layer(tp, i);
         for n in TextLayer::LINEARS {
             add(&format!("{p}.{n}"));
         }
         add(&format!("{p}.input_layernorm"));
         add(&format!("{p}.post_attention_layernorm"));
     }
-    add(&format!("{TEXT}.norm"));
-    add(&format!("{TEXT}.rotary_emb"));
+    add(&format!("{tp}.norm"));
+    add(&format!("{tp}.rotary_emb"));
     add(LM_HEAD);
     names
 }
@@ -171,7 +197,7 @@ mod tests {
 
     #[test]
     fn module_tree_has_parents_before_children_and_every_linear() {
-        let names = module_names(1, 1);
+        let names = module_names(Some(1), 1);
         assert_eq!(&names[..4], ["", "model", "model.vision_model", "model.vision_model.embeddings"]);
         for n in VisionLayer::LINEARS {
             assert!(names.contains(&format!("model.vision_model.encoder.layers.0.{n}")), "{n}");
@@ -184,5 +210,14 @@ mod tests {
         assert_eq!(names.last().map(String::as_str), Some("lm_head"));
         let unique: std::collections::HashSet<_> = names.iter().collect();
         assert_eq!(unique.len(), names.len());
+    }
+
+    #[test]
+    fn a_language_model_alone_has_llama_names() {
+        let names = module_names(None, 2);
+        assert_eq!(&names[..4], ["", "model", "model.embed_tokens", "model.layers"]);
+        assert!(names.contains(&"model.layers.1.mlp.down_proj".to_string()));
+        assert!(!names.iter().any(|n| n.contains("vision") || n.contains("connector") || n.contains("text_model")));
+        assert_eq!(names.last().map(String::as_str), Some("lm_head"));
     }
 }

@@ -132,6 +132,10 @@ impl VisionModel {
             // bf16 compute mode, inference: the fused layers (see vision_fast.rs)
             let kv = mask.key_valid.as_deref().map(|v| v.as_slice());
             hs = super::vision_fast::encoder_layers(&self.layers, heads, &hs, kv, interrupt, false)?;
+        } else if super::vision_fast_f32::usable(&self.layers, &hs, heads) {
+            // f32 inference: the fused f32 layers (see vision_fast_f32.rs)
+            let kv = mask.key_valid.as_deref().map(|v| v.as_slice());
+            hs = super::vision_fast_f32::encoder_layers(&self.layers, heads, &hs, kv, interrupt)?;
         } else {
             for layer in &self.layers {
                 check(interrupt)?;

@@ -21,8 +21,9 @@ use crate::quant::QuantConfig;
 #[derive(Clone)]
 pub struct VlmModel {
     pub config: ModelConfig,
-    pub vision: VisionModel,
-    pub connector: Connector,
+    /// The vision tower and connector; None for a language model alone (`LlamaForCausalLM`).
+    pub vision: Option<VisionModel>,
+    pub connector: Option<Connector>,
     pub text: TextModel,
     pub lm_head: Linear,
     pub dtype: DType,
@@ -105,21 +106,51 @@ impl VlmModel {
         Self::load(config, &store, &ctx)
     }
 
+    /// A language model alone (`LlamaForCausalLM`) from a Llama GGUF file, as transformers'
+    /// `from_pretrained(dir, gguf_file=...)` builds it: the config from the file's `llama.*` keys,
+    /// quantized Linear weights kept in their blocks ([`crate::quant::QuantWeight::Ggml`], exact
+    /// dequantized values), float tensors decoded. A tied output head shares the embedding's blocks.
+    pub fn from_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let store = WeightStore::open_gguf_with_prefix(path, super::modules::TEXT_ONLY)?;
+        let config = match store.gguf() {
+            Some(g) => crate::config::ModelConfig::from_gguf_llama(g.config(), path)?,
+            None => return input_err(format!("{}: not a GGUF file", path.display())),
+        };
+        let bf16_compute = dtype == DType::BF16 && device.is_cpu();
+        let dtype = if bf16_compute { DType::F32 } else { dtype };
+        let ctx = LoadCtx { dtype, device: device.clone(), bf16_storage: false, bf16_compute, quant: None };
+        Self::load(config, &store, &ctx)
+    }
+
     pub fn load(config: ModelConfig, store: &WeightStore, ctx: &LoadCtx) -> Result<Self> {
-        let vision = VisionModel::load(store, "model.vision_model", &config.vision, ctx)?;
-        let connector = Connector::load(
-            store,
-            "model.connector",
-            config.vision.hidden_size,
-            config.text.hidden_size,
-            config.scale_factor,
-            ctx,
-        )?;
+        let (vision, connector) = if config.text_only() {
+            (None, None)
+        } else {
+            let vision = VisionModel::load(store, "model.vision_model", &config.vision, ctx)?;
+            let connector = Connector::load(
+                store,
+                "model.connector",
+                config.vision.hidden_size,
+                config.text.hidden_size,
+                config.scale_factor,
+                ctx,
+            )?;
+            (Some(vision), Some(connector))
+        };
         // The text model and head run token by token when decoding, where bytes read per token set the
         // speed: bf16 checkpoints keep their bf16 there (exact). The vision tower is compute-bound: f32.
         let tctx = ctx.with_bf16_storage(true);
-        let text = TextModel::load(store, "model.text_model", &config.text, &tctx)?;
-        let lm_head = if config.tie_word_embeddings && ctx.bf16_compute {
+        let text = TextModel::load(store, super::modules::text_prefix(&config), &config.text, &tctx)?;
+        let tp = super::modules::text_prefix(&config);
+        let (vocab, hidden) = (config.text.vocab_size, config.text.hidden_size);
+        let tied_gguf = match config.tie_word_embeddings {
+            // a GGUF file's quantized token embedding is also the output head: kept in its blocks
+            true => crate::quant::load::gguf_linear(store, &format!("{tp}.embed_tokens"), (vocab, hidden))?,
+            false => None,
+        };
+        let lm_head = if let Some(q) = tied_gguf {
+            Linear::quantized(q, None, false)
+        } else if config.tie_word_embeddings && ctx.bf16_compute {
             Linear::bf16_compute(text.embed_tokens.clone(), None)?
         } else if config.tie_word_embeddings {
             Linear::with_compute_dtype(text.embed_tokens.clone(), None, ctx.dtype)?
@@ -149,7 +180,9 @@ impl VlmModel {
             }
             Ok(())
         };
-        upcast(&mut self.vision.patch_embedding)?;
+        if let Some(v) = &mut self.vision {
+            upcast(&mut v.patch_embedding)?;
+        }
         for (_, l) in self.linears_mut() {
             upcast(l)?;
         }
@@ -189,6 +222,9 @@ impl VlmModel {
         pixel_attention_mask: Option<&[bool]>,
         interrupt: Interrupt,
     ) -> Result<ImageFeatures> {
+        let (Some(vision), Some(connector)) = (&self.vision, &self.connector) else {
+            return input_err("pixel_values given to a language model without a vision tower");
+        };
         let dims = pixel_values.dims().to_vec();
         if dims.len() != 5 {
             return input_err(format!(
@@ -233,8 +269,8 @@ impl VlmModel {
             &self.device,
         )?;
         let px = pixel_values.reshape((b * f, c, h, w))?.index_select(&idx, 0)?.to_dtype(self.dtype)?; // [Fr, C, H, W]
-        let vision_hidden = self.vision.forward(&px, &patch_mask, interrupt)?; // [Fr, Np, D]
-        let connector = self.connector.forward(&vision_hidden)?; // [Fr, T, Ht]
+        let vision_hidden = vision.forward(&px, &patch_mask, interrupt)?; // [Fr, Np, D]
+        let connector = connector.forward(&vision_hidden)?; // [Fr, T, Ht]
         Ok(ImageFeatures { real_frames, vision_hidden, connector })
     }
 
@@ -366,14 +402,21 @@ impl VlmModel {
     /// Number of parameters, tied weights counted once (like `model.num_parameters()`).
     pub fn num_parameters(&self) -> usize {
         let lin = |l: &Linear| l.in_features * l.out_features + l.bias.as_ref().map_or(0, |b| b.elem_count());
-        let v = &self.vision;
         let ln = |n: &super::vision::LayerNorm| n.weight.elem_count() + n.bias.elem_count();
-        let mut n = lin(&v.patch_embedding) + v.position_embedding.elem_count() + ln(&v.post_layernorm);
-        for l in &v.layers {
-            n += ln(&l.layer_norm1) + ln(&l.layer_norm2);
-            n += [&l.q_proj, &l.k_proj, &l.v_proj, &l.out_proj, &l.fc1, &l.fc2].iter().map(|x| lin(x)).sum::<usize>();
+        let mut n = 0;
+        if let Some(v) = &self.vision {
+            n += lin(&v.patch_embedding) + v.position_embedding.elem_count() + ln(&v.post_layernorm);
+            for l in &v.layers {
+                n += ln(&l.layer_norm1) + ln(&l.layer_norm2);
+                n += [&l.q_proj, &l.k_proj, &l.v_proj, &l.out_proj, &l.fc1, &l.fc2]
+                    .iter()
+                    .map(|x| lin(x))
+                    .sum::<usize>();
+            }
         }
-        n += lin(&self.connector.proj);
+        if let Some(c) = &self.connector {
+            n += lin(&c.proj);
+        }
         let t = &self.text;
         n += t.embed_tokens.elem_count() + t.norm.elem_count();
         for l in &t.layers {

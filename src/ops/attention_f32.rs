@@ -421,7 +421,7 @@ fn softmax_row(row: &mut [f32], mask: &Mask, b: usize, i: usize, l: usize) {
 }
 
 /// [`softmax_row`] for any mask, one key at a time.
-fn softmax_row_masked(row: &mut [f32], allowed: impl Fn(usize) -> bool) {
+pub(crate) fn softmax_row_masked(row: &mut [f32], allowed: impl Fn(usize) -> bool) {
     let mut max = f32::NEG_INFINITY;
     for (j, x) in row.iter_mut().enumerate() {
         if !allowed(j) {
@@ -439,7 +439,7 @@ fn softmax_row_masked(row: &mut [f32], allowed: impl Fn(usize) -> bool) {
 
 /// row <- exp(row - max) / sum, vectorised with AVX512 or AVX2 when the CPU has it (the same exp in
 /// every case, see `simd.rs`; only the order of the sum differs).
-fn exp_normalize(row: &mut [f32], max: f32) {
+pub(crate) fn exp_normalize(row: &mut [f32], max: f32) {
     #[cfg(target_arch = "x86_64")]
     if super::simd::avx512() {
         // SAFETY: the CPU supports avx512f (checked just above).

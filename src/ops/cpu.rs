@@ -74,3 +74,84 @@ pub(crate) struct SendPtr<T>(pub *mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 // SAFETY: as for Send: tasks never touch the same elements.
 unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so that closures capture the whole `SendPtr`, not its field).
+    pub fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// A read-only f32 matrix view for [`gemm_into`]: element (i, j) is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// Row-major rows of length >= cols, `rs` apart.
+    pub fn rows(data: &'a [f32], rs: usize) -> Self {
+        Mat { data, rs, cs: 1 }
+    }
+    /// The transpose of row-major rows `rs` apart: element (i, j) is row j's value i (x W^T reads
+    /// the weight [out, in] this way).
+    pub fn transposed(data: &'a [f32], rs: usize) -> Self {
+        Mat { data, rs: 1, cs: rs }
+    }
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// dst [m, n] (rows `dst_rs` apart) = a [m, k] b [k, n], or += when `accumulate`: the gemm crate
+/// with the given parallelism. Panics when a view is too short for its shape (a caller bug).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_into(
+    dst: &mut [f32],
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+    par: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        dst_rs >= n && (m - 1) * dst_rs + n <= dst.len() && a.fits(m, k) && b.fits(k, n),
+        "gemm_into: views too short for [{m}, {k}] x [{k}, {n}]"
+    );
+    if k == 0 {
+        if !accumulate {
+            dst.chunks_mut(dst_rs).take(m).for_each(|r| r[..n].fill(0.0));
+        }
+        return;
+    }
+    // SAFETY: every index the gemm reads or writes lies inside the slices (checked above).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}

@@ -148,6 +148,9 @@ impl Linear {
         ctx: &crate::model::LoadCtx,
     ) -> std::result::Result<Self, CheckpointError> {
         let b = if bias { Some(ctx.get(store, &format!("{prefix}.bias"), &[out_features])?) } else { None };
+        if let Some(q) = crate::quant::load::gguf_linear(store, prefix, (out_features, in_features))? {
+            return Ok(Linear::quantized(q, b, false));
+        }
         if let Some(q) = crate::quant::load::linear(store, prefix, (out_features, in_features), ctx)? {
             // bnb_4bit_compute_dtype applies to 4-bit layers; int8 layers compute as bitsandbytes does.
             let bf16 = ctx.quant.as_ref().is_some_and(|c| c.compute_bf16)

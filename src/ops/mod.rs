@@ -34,6 +34,7 @@ pub mod activation;
 pub mod attention;
 pub mod attention_bf16;
 mod attention_f32;
+pub mod attention_qkv_f32;
 pub mod bf16;
 pub(crate) mod cpu;
 pub mod cross_entropy;

@@ -199,8 +199,15 @@ fn ln_stats(x: &[f32], eps: f32) -> (f32, f32) {
 
 /// Forward: y = (x - mu) r w + b.   x, y: [N, D], w, b: [D]
 fn layer_norm_fwd(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
-    let h = w.len();
     let mut y = vec![0f32; x.len()]; // [N, D]
+    layer_norm_into(x, w, b, eps, &mut y);
+    y
+}
+
+/// The forward of [`layer_norm`] (same arithmetic) on x [N, D] f32 into y [N, D] (in parallel).
+pub fn layer_norm_into(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
+    let h = w.len();
+    assert!(b.len() == h && x.len() == y.len(), "layer_norm_into: x {}, y {}, w {h}, b {}", x.len(), y.len(), b.len());
     let chunk = rows_per_task(x.len() / h.max(1), h) * h;
     y.par_chunks_mut(chunk.max(1)).zip(x.par_chunks(chunk.max(1))).for_each(|(y, x)| {
         for (y, x) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
@@ -210,7 +217,6 @@ fn layer_norm_fwd(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
             }
         }
     });
-    y
 }
 
 /// The forward of [`layer_norm`] (same arithmetic) on x [N, D] f32, written rounded to bf16 as the

@@ -38,6 +38,9 @@ pub fn resolved_json(c: &ModelConfig) -> String {
         ("hidden_act", json!(vis.hidden_act)),
         ("layer_norm_eps", json!(vis.layer_norm_eps)),
     ] {
+        if c.text_only() {
+            break; // LlamaConfig: no vision_config
+        }
         let o = v.as_object_mut().map(|o| o.entry("vision_config").or_insert(json!({})));
         if let Some(o) = o {
             fill(o, k, val);
@@ -57,6 +60,10 @@ pub fn resolved_json(c: &ModelConfig) -> String {
         ("rope_theta", json!(txt.rope_theta)),
         ("pad_token_id", json!(txt.pad_token_id)),
     ] {
+        if c.text_only() {
+            fill(&mut v, k, val); // LlamaConfig: the text keys at the top level
+            continue;
+        }
         let o = v.as_object_mut().map(|o| o.entry("text_config").or_insert(json!({})));
         if let Some(o) = o {
             fill(o, k, val);
@@ -68,7 +75,9 @@ pub fn resolved_json(c: &ModelConfig) -> String {
         ("tie_word_embeddings", json!(c.tie_word_embeddings)),
         ("use_cache", json!(true)),
     ] {
-        fill(&mut v, k, val);
+        if !c.text_only() || matches!(k, "tie_word_embeddings" | "use_cache") {
+            fill(&mut v, k, val);
+        }
     }
     v.to_string()
 }

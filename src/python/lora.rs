@@ -23,7 +23,7 @@ fn linear_names(model: &PyVlmModel) -> Vec<String> {
 #[pyfunction]
 fn module_names(model: &PyVlmModel) -> Vec<String> {
     let m = model.get();
-    crate::model::modules::module_names(m.vision.layers.len(), m.text.layers.len())
+    crate::model::modules::module_names(m.vision.as_ref().map(|v| v.layers.len()), m.text.layers.len())
 }
 
 /// Attaches LoRA adapters to `targets` and trainable copies to `modules_to_save`, replacing any adapters.

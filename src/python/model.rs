@@ -180,6 +180,16 @@ impl PyVlmModel {
         Ok(PyVlmModel::new(m))
     }
 
+    /// A Llama language model alone from a GGUF file (`from_pretrained(dir, gguf_file=...)`):
+    /// quantized weights stay in their blocks, float tensors are decoded to `dtype`.
+    #[staticmethod]
+    #[pyo3(signature = (path, dtype="float32"))]
+    fn load_gguf(py: Python<'_>, path: PathBuf, dtype: &str) -> PyResult<Self> {
+        let dtype = guard(|| parse_dtype(dtype))?;
+        let m = detached(py, |_| VlmModel::from_gguf(&path, dtype, &Device::Cpu))?;
+        Ok(PyVlmModel::new(m))
+    }
+
     /// Quantized Linear layers: (method or None, their count, bytes of their quantized weights as
     /// transformers counts them, their number of logical weights).
     #[getter]
@@ -192,12 +202,14 @@ impl PyVlmModel {
                 kind = Some(match &**q {
                     crate::quant::QuantWeight::FourBit(_) => "4bit",
                     crate::quant::QuantWeight::Int8(_) => "8bit",
+                    crate::quant::QuantWeight::Ggml(_) => "gguf",
                 });
                 n += 1;
                 let (o, k) = q.shape();
                 bytes += match &**q {
                     crate::quant::QuantWeight::FourBit(f) => f.packed.len(),
                     crate::quant::QuantWeight::Int8(_) => o * k,
+                    crate::quant::QuantWeight::Ggml(g) => g.data().len(),
                 };
                 logical += o * k;
             }

@@ -1,5 +1,10 @@
 //! GGML block types (the tensor types of GGUF files, llama.cpp's `ggml_type`): ids, block sizes and
-//! bytes per block. The block layouts themselves are documented where they are decoded.
+//! bytes per block, the reference decoding ([`dequantize_row`]), and [`GgmlWeight`], a Linear weight
+//! kept in its GGUF blocks (a kind of [`super::QuantWeight`]; kernels in `ops::matmul_ggml`). The
+//! block layouts are documented where they are decoded; the quantizers are in `ggml_quantize`.
+
+use std::ops::Range;
+use std::sync::Arc;
 
 /// A GGUF tensor type. The discriminants are ggml's type ids as stored in GGUF tensor infos.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -85,7 +90,130 @@ impl GgmlType {
     /// Bytes of a row of `n` values, or `None` when `n` is not a whole number of blocks.
     pub fn row_bytes(self, n: usize) -> Option<usize> {
         let bs = self.block_size();
-        (n % bs == 0).then(|| n / bs * self.type_size())
+        n.is_multiple_of(bs).then(|| n / bs * self.type_size())
+    }
+
+    /// The type llama.cpp's quantizer writes for a row of `n` values when `self` cannot hold it
+    /// (`tensor_type_fallback` in llama-quant.cpp): Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and F16
+    /// when even that does not fit. `self` when it fits.
+    pub fn fallback_for_row(self, n: usize) -> GgmlType {
+        if n.is_multiple_of(self.block_size()) {
+            return self;
+        }
+        let t = match self {
+            GgmlType::Q4K => GgmlType::Q5_0,
+            GgmlType::Q5K => GgmlType::Q5_1,
+            GgmlType::Q6K => GgmlType::Q8_0,
+            t => t,
+        };
+        if n.is_multiple_of(t.block_size()) {
+            t
+        } else {
+            GgmlType::F16
+        }
+    }
+}
+
+/// Bad GGML data: a row length the type cannot hold, or data of the wrong size.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GgmlError {
+    #[error("{} cannot hold rows of {n} values (blocks of {} values)", ty.name(), ty.block_size())]
+    RowLength { ty: GgmlType, n: usize },
+    #[error("{} data of {found} bytes where the shape needs {expected}", ty.name())]
+    DataSize { ty: GgmlType, expected: usize, found: usize },
+    #[error("data range {start}..{end} is outside its buffer of {len} bytes")]
+    Range { start: usize, end: usize, len: usize },
+}
+
+/// Bytes owned by the weight or shared with their source (a memory-mapped GGUF file: no copy).
+#[derive(Clone)]
+pub struct GgmlData {
+    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    range: Range<usize>,
+}
+
+impl GgmlData {
+    pub fn from_vec(v: Vec<u8>) -> Self {
+        let range = 0..v.len();
+        GgmlData { owner: Arc::new(v), range }
+    }
+
+    /// `range` of `owner`'s bytes (e.g. a tensor inside an `Arc<memmap2::Mmap>`), checked.
+    pub fn shared(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, range: Range<usize>) -> Result<Self, GgmlError> {
+        let len = (*owner).as_ref().len();
+        if range.start > range.end || range.end > len {
+            return Err(GgmlError::Range { start: range.start, end: range.end, len });
+        }
+        Ok(GgmlData { owner, range })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &(*self.owner).as_ref()[self.range.clone()]
+    }
+}
+
+impl std::fmt::Debug for GgmlData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GgmlData({} bytes)", self.range.len())
+    }
+}
+
+/// A Linear weight [out, in] in GGML blocks: row o is `row_bytes` bytes at o * row_bytes, blocks of
+/// `ty.block_size()` consecutive values of the row (GGUF's layout of a 2-D tensor with ne = [in, out]).
+#[derive(Debug, Clone)]
+pub struct GgmlWeight {
+    pub ty: GgmlType,
+    /// [out, in]
+    pub shape: (usize, usize),
+    data: GgmlData,
+}
+
+impl GgmlWeight {
+    /// Checks that `data` holds exactly `out` rows of `in` values of `ty`.
+    pub fn new(ty: GgmlType, shape: (usize, usize), data: GgmlData) -> Result<Self, GgmlError> {
+        let rb = ty.row_bytes(shape.1).ok_or(GgmlError::RowLength { ty, n: shape.1 })?;
+        let expected = rb.checked_mul(shape.0).ok_or(GgmlError::DataSize { ty, expected: usize::MAX, found: 0 })?;
+        let found = data.bytes().len();
+        if found != expected {
+            return Err(GgmlError::DataSize { ty, expected, found });
+        }
+        Ok(GgmlWeight { ty, shape, data })
+    }
+
+    pub fn from_vec(ty: GgmlType, shape: (usize, usize), data: Vec<u8>) -> Result<Self, GgmlError> {
+        Self::new(ty, shape, GgmlData::from_vec(data))
+    }
+
+    /// `w` ([out, in] row-major f32) quantized to `ty` (`ggml_quantize::quantize`).
+    pub fn quantize(ty: GgmlType, w: &[f32], shape: (usize, usize)) -> Result<Self, GgmlError> {
+        if w.len() != shape.0 * shape.1 {
+            return Err(GgmlError::RowLength { ty, n: shape.1 });
+        }
+        Self::from_vec(ty, shape, super::ggml_quantize::quantize(ty, w, shape.1)?)
+    }
+
+    /// All rows' blocks (out * row_bytes bytes).
+    pub fn data(&self) -> &[u8] {
+        self.data.bytes()
+    }
+
+    /// The shared bytes (to write them out, or build another weight on them).
+    pub fn shared_data(&self) -> &GgmlData {
+        &self.data
+    }
+
+    /// Bytes per row.
+    pub fn row_bytes(&self) -> usize {
+        self.shape.1 / self.ty.block_size() * self.ty.type_size()
+    }
+
+    /// Rows r0..r0 + rows dequantized into dst ([rows, in]) by the reference [`dequantize_row`].
+    pub fn decode_rows(&self, r0: usize, rows: usize, dst: &mut [f32]) {
+        let (k, rb) = (self.shape.1, self.row_bytes());
+        let src = &self.data()[r0 * rb..(r0 + rows) * rb];
+        for (s, d) in src.chunks_exact(rb.max(1)).zip(dst[..rows * k].chunks_exact_mut(k.max(1))) {
+            dequantize_row(self.ty, s, d);
+        }
     }
 }
 

@@ -47,6 +47,37 @@ pub fn linear(
     Ok(Some(QuantWeight::quantize(&w, shape, cfg, name)))
 }
 
+/// The Linear `prefix`'s weight ([out, in] = `shape`) of a GGUF file when it is stored quantized:
+/// kept in its blocks as [`QuantWeight::Ggml`] (products decode it tile by tile, with the exact
+/// dequantized values). None for a safetensors store or a float type (those load dense).
+pub fn gguf_linear(
+    store: &WeightStore,
+    prefix: &str,
+    shape: (usize, usize),
+) -> Result<Option<Arc<QuantWeight>>, CheckpointError> {
+    use crate::quant::ggml::{GgmlType, GgmlWeight};
+    let Some(g) = store.gguf() else { return Ok(None) };
+    let name = format!("{prefix}.weight");
+    let Some(info) = g.info(&name) else { return Ok(None) }; // missing: the dense path reports it
+    if matches!(info.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16) {
+        return Ok(None);
+    }
+    let file = g.file().path().to_path_buf();
+    if info.shape() != [shape.0, shape.1] {
+        return Err(CheckpointError::BadShape {
+            name,
+            file,
+            expected: vec![shape.0, shape.1],
+            found: info.shape(),
+        });
+    }
+    let rows = g.rows(&name)?;
+    g.release(&name);
+    let w = GgmlWeight::from_vec(rows.ty, shape, rows.data)
+        .map_err(|e| CheckpointError::Gguf { file, msg: format!("tensor '{name}': {e}") })?;
+    Ok(Some(Arc::new(QuantWeight::Ggml(w))))
+}
+
 /// Whether a checkpoint holds bitsandbytes-quantized tensors.
 pub fn store_is_prequantized(store: &WeightStore) -> bool {
     store.names().any(|n| n.ends_with(".SCB") || n.contains(".weight.quant_state.bitsandbytes__"))

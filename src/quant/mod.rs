@@ -1,5 +1,6 @@
-//! Quantized base weights (bitsandbytes' 4-bit NF4/FP4 and 8-bit LLM.int8), bit for bit with
-//! bitsandbytes: quantizing while loading, reading and writing its serialized form.
+//! Quantized base weights: bitsandbytes' 4-bit NF4/FP4 and 8-bit LLM.int8, bit for bit with
+//! bitsandbytes (quantizing while loading, reading and writing its serialized form), and GGUF's GGML
+//! blocks ([`ggml::GgmlWeight`], kept as read from the file).
 //!
 //! A [`QuantWeight`] never holds a full-size f32 copy of its weight: the matmul kernels in
 //! `ops::matmul_quant` decode it tile by tile ([`QuantWeight::decode_rows`]).
@@ -7,6 +8,7 @@
 pub mod dynamic;
 pub mod four_bit;
 pub mod ggml;
+pub mod ggml_quantize;
 pub mod int8;
 pub mod load;
 pub mod serialize;
@@ -15,6 +17,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 pub use four_bit::{Absmax, FourBitType};
+pub use ggml::{GgmlType, GgmlWeight};
 
 /// What `BitsAndBytesConfig` asks for, as the core needs it.
 #[derive(Debug, Clone, Default)]
@@ -100,6 +103,8 @@ pub struct Int8 {
 pub enum QuantWeight {
     FourBit(FourBit),
     Int8(Int8),
+    /// GGUF blocks (frozen: training reaches x only, as with the others).
+    Ggml(GgmlWeight),
 }
 
 impl FourBit {
@@ -142,6 +147,7 @@ impl QuantWeight {
         match self {
             QuantWeight::FourBit(q) => q.shape,
             QuantWeight::Int8(q) => q.shape,
+            QuantWeight::Ggml(q) => q.shape,
         }
     }
 
@@ -150,6 +156,7 @@ impl QuantWeight {
         match self {
             QuantWeight::FourBit(q) => q.decode_rows(r0, rows, dst),
             QuantWeight::Int8(q) => q.decode_rows(r0, rows, dst),
+            QuantWeight::Ggml(q) => q.decode_rows(r0, rows, dst),
         }
     }
 
@@ -166,6 +173,7 @@ impl QuantWeight {
         match self {
             QuantWeight::FourBit(q) => q.packed.len() + q.absmax.nbytes() + 4 * 16,
             QuantWeight::Int8(q) => q.cb.len() + 4 * q.scb.len(),
+            QuantWeight::Ggml(q) => q.data().len(),
         }
     }
 
@@ -183,9 +191,12 @@ impl QuantWeight {
         })
     }
 
-    /// `w` (same shape) quantized with this weight's settings (PEFT's merge into a quantized layer).
-    pub fn requantize(&self, w: &[f32]) -> Self {
-        match self {
+    /// `w` (same shape) quantized with this weight's settings (PEFT's merge into a bitsandbytes
+    /// layer), or None when a merged layer is dense: a GGUF weight, which transformers holds
+    /// dequantized (f32), so that its merge is a dense weight too.
+    pub fn requantize(&self, w: &[f32]) -> Option<Self> {
+        Some(match self {
+            QuantWeight::Ggml(_) => return None,
             QuantWeight::FourBit(q) => QuantWeight::FourBit(FourBit::quantize(
                 w,
                 q.shape,
@@ -198,7 +209,7 @@ impl QuantWeight {
                 n.training = q.training.clone();
                 QuantWeight::Int8(n)
             }
-        }
+        })
     }
 
     /// The quantization settings of this weight as a short description (errors, repr).
@@ -206,6 +217,19 @@ impl QuantWeight {
         match self {
             QuantWeight::FourBit(q) => q.ty.name(),
             QuantWeight::Int8(_) => "int8",
+            QuantWeight::Ggml(q) => match q.ty {
+                GgmlType::F32 => "gguf F32",
+                GgmlType::F16 => "gguf F16",
+                GgmlType::Bf16 => "gguf BF16",
+                GgmlType::Q8_0 => "gguf Q8_0",
+                GgmlType::Q4_0 => "gguf Q4_0",
+                GgmlType::Q4_1 => "gguf Q4_1",
+                GgmlType::Q5_0 => "gguf Q5_0",
+                GgmlType::Q5_1 => "gguf Q5_1",
+                GgmlType::Q4K => "gguf Q4_K",
+                GgmlType::Q5K => "gguf Q5_K",
+                GgmlType::Q6K => "gguf Q6_K",
+            },
         }
     }
 }

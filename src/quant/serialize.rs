@@ -146,9 +146,13 @@ fn le_f32(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// The tensors bitsandbytes writes for the quantized Linear `prefix`.
+/// The tensors bitsandbytes writes for the quantized Linear `prefix`. A GGUF weight is written as
+/// transformers holds it: `{prefix}.weight` dequantized, F32.
 pub fn write(prefix: &str, w: &QuantWeight) -> Vec<RawTensor> {
     match w {
+        QuantWeight::Ggml(q) => {
+            vec![(format!("{prefix}.weight"), St::F32, vec![q.shape.0, q.shape.1], le_f32(&w.dequantize()))]
+        }
         QuantWeight::Int8(q) => vec![
             (format!("{prefix}.weight"), St::I8, vec![q.shape.0, q.shape.1], q.cb.iter().map(|&c| c as u8).collect()),
             (format!("{prefix}.SCB"), St::F32, vec![q.shape.0], le_f32(&q.scb)),

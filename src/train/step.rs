@@ -146,7 +146,7 @@ pub fn run_objective(
     let vision_trains =
         opts.backward && names.iter().any(|n| n.contains(".model.vision_model.") || n.contains(".model.connector."));
     let lowest_text_layer = (0..text.layers.len()).find(|i| {
-        let tag = format!(".model.text_model.layers.{i}.");
+        let tag = format!(".{}.layers.{i}.", crate::model::modules::text_prefix(&model.config));
         names.iter().any(|n| n.contains(&tag))
     });
 
