@@ -1,5 +1,6 @@
 //! Target: GGUF files, through the reader, the Llama mapping (config, names, Q/K rows, the text
-//! model loaded from them) and the tokenizer rebuilt from their metadata.
+//! model loaded from them, dequantized or with its quantized weights kept) and the tokenizer rebuilt
+//! from their metadata.
 
 use super::checkpoint::read_store;
 use super::*;
@@ -267,7 +268,10 @@ pub(crate) fn apply_edits(seed: &Desc, edits: &[GgufEdit]) -> Desc {
 
 /// Everything a loader does with a parsed file: typed getters, every tensor decoded, the
 /// tokenizer built and used, the Llama mapping, every mapped tensor read and the text model loaded.
-pub(crate) fn exercise_gguf(bytes: Vec<u8>) -> Result<(), TestCaseError> {
+/// `path` is where the bytes are also written, for `VlmModel::from_gguf` (the model loader that keeps
+/// quantized weights in their blocks).
+pub(crate) fn exercise_gguf(bytes: Vec<u8>, path: &Path) -> Result<(), TestCaseError> {
+    std::fs::write(path, &bytes).unwrap();
     let Some(f) = check("GgufFile::from_bytes", GgufFile::from_bytes(bytes, "fuzz.gguf"))? else { return Ok(()) };
     for (_, v) in f.metadata_entries() {
         let _ = (v.as_u32(), v.as_u64(), v.as_i64(), v.as_f64(), v.as_bool(), v.as_str(), v.as_str_array());
@@ -299,6 +303,7 @@ pub(crate) fn exercise_gguf(bytes: Vec<u8>) -> Result<(), TestCaseError> {
         let ctx =
             LoadCtx { dtype: DType::F32, device: Device::Cpu, bf16_storage: false, bf16_compute: false, quant: None };
         check("TextModel::load", TextModel::load(&store, "model", &cfg, &ctx))?;
+        check("VlmModel::from_gguf", VlmModel::from_gguf(path, DType::F32, &Device::Cpu))?;
     }
     Ok(())
 }
@@ -322,10 +327,15 @@ pub(crate) fn fuzz_gguf() {
     let cfg = store.gguf().unwrap().config().text.clone();
     let ctx = LoadCtx { dtype: DType::F32, device: Device::Cpu, bf16_storage: false, bf16_compute: false, quant: None };
     TextModel::load(&store, "model", &cfg, &ctx).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("seed.gguf"), &valid).unwrap();
+    VlmModel::from_gguf(&tmp.path().join("seed.gguf"), DType::F32, &Device::Cpu).unwrap();
 
     let head = GgufFile::from_bytes(valid, "seed.gguf").unwrap().data_offset();
     let strategy = (prop::collection::vec(gguf_edit(), 0..=3), prop::option::weighted(0.5, byte_ops(4)))
         .prop_map(|(edits, bytes)| GgufCase { edits, bytes });
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("model.gguf");
     fuzz("gguf", 12, strategy, |case| {
         let d = apply_edits(&seed, &case.edits);
         let mut bytes = write_desc(&d, &seed);
@@ -333,6 +343,6 @@ pub(crate) fn fuzz_gguf() {
             // "head" byte positions fall in the metadata and tensor infos.
             bytes = mutate_bytes(bytes, ops, head);
         }
-        exercise_gguf(bytes)
+        exercise_gguf(bytes, &path)
     });
 }
