@@ -242,6 +242,14 @@ fn add_bos_token_adds_bos() {
     assert!(g.add_bos_token);
     assert_eq!(g.tokenizer.encode("ab", true).unwrap(), [0, id(&g, "ab")]);
     assert_eq!(g.tokenizer.encode("ab", false).unwrap(), [id(&g, "ab")]);
+    // Any token text works as BOS/EOS, even one with a space (" odd", id 261).
+    let g = build(|m| {
+        set(m, "tokenizer.ggml.add_bos_token", GgufValue::Bool(true));
+        set(m, "tokenizer.ggml.add_eos_token", GgufValue::Bool(true));
+        set(m, "tokenizer.ggml.bos_token_id", GgufValue::U32(261));
+    })
+    .unwrap();
+    assert_eq!(g.tokenizer.encode("ab", true).unwrap(), [261, id(&g, "ab"), 1]);
 }
 
 #[test]
@@ -270,4 +278,18 @@ fn bad_tokenizer_metadata_is_a_typed_error() {
         let e = build(edit).unwrap_err().to_string();
         assert!(e.contains(want) && e.contains("tok.gguf"), "{want}: {e}");
     }
+}
+
+#[test]
+fn odd_control_tokens_do_not_break_the_build() {
+    // Empty, whitespace-only and duplicate tokens, all marked control: built, and usable.
+    let tokens = ["", " ", "a", "a", "<s>", "\u{0}"].map(|s| s.to_string()).to_vec();
+    let g = build(|m| {
+        set(m, "tokenizer.ggml.tokens", GgufValue::Array(GgufArray::String(tokens)));
+        set(m, "tokenizer.ggml.token_type", GgufValue::Array(GgufArray::I32(vec![3; 6])));
+        set(m, "tokenizer.ggml.merges", GgufValue::Array(GgufArray::String(vec![])));
+    })
+    .unwrap();
+    let ids = g.tokenizer.encode("a <s> b", true).unwrap();
+    g.tokenizer.decode(&ids, false, None).unwrap();
 }

@@ -206,11 +206,12 @@ impl GgufValue {
             GgufValue::I16(x) => x.to_string(),
             GgufValue::U32(x) => x.to_string(),
             GgufValue::I32(x) => x.to_string(),
-            GgufValue::F32(x) => x.to_string(),
+            // {:?}: 1e300 stays short, NaN reads NaN.
+            GgufValue::F32(x) => format!("{x:?}"),
             GgufValue::Bool(x) => x.to_string(),
             GgufValue::U64(x) => x.to_string(),
             GgufValue::I64(x) => x.to_string(),
-            GgufValue::F64(x) => x.to_string(),
+            GgufValue::F64(x) => format!("{x:?}"),
             GgufValue::String(_) | GgufValue::Array(_) => String::new(),
         }
     }
@@ -329,6 +330,7 @@ mod tests {
     fn float_bool_string_and_array_getters() {
         assert_eq!(GgufValue::F32(1e-5).as_f64(), Ok(1e-5f32 as f64));
         assert!(GgufValue::U32(1).as_f64().is_err());
+        assert_eq!(GgufValue::F64(1e300).as_u64().unwrap_err().found, "FLOAT64 1e300");
         assert_eq!(GgufValue::Bool(true).as_bool(), Ok(true));
         let a = GgufValue::Array(GgufArray::String(vec!["a".into(), "b".into()]));
         assert_eq!(a.as_str_array().unwrap().len(), 2);

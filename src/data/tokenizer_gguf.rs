@@ -22,13 +22,14 @@
 use std::collections::HashSet;
 use std::path::Path;
 
+use serde_json::{json, Value};
+
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, DecoderWrapper, PostProcessorWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use crate::checkpoint::{GgufFile, GgufValue};
@@ -186,6 +187,7 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
     let mut config = TokenizerConfig::default();
     let mut known: HashSet<String> = control.iter().map(|t| t.content.clone()).collect();
     let mut extra = Vec::new();
+    let mut ids: Vec<(&str, String, u32)> = Vec::new();
     for (name, key) in [
         ("bos_token", "tokenizer.ggml.bos_token_id"),
         ("eos_token", "tokenizer.ggml.eos_token_id"),
@@ -200,6 +202,7 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
             found: id.to_string(),
         })?;
         config.named_special.push((name.to_string(), token.clone()));
+        ids.push((name, token.clone(), id as u32));
         if known.insert(token.clone()) {
             extra.push(AddedToken::from(token.clone(), true));
         }
@@ -212,7 +215,7 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
 
     let flag = |key: &str| file.get_opt(key, GgufValue::as_bool).map(|b| b.unwrap_or(false));
     let (add_bos_token, add_eos_token) = (flag("tokenizer.ggml.add_bos_token")?, flag("tokenizer.ggml.add_eos_token")?);
-    if let Some(post) = post_processor(&config, &vocab, add_bos_token, add_eos_token) {
+    if let Some(post) = post_processor(&ids, add_bos_token, add_eos_token)? {
         inner.with_post_processor(Some(post));
     }
     let chat_template = file.get_opt("tokenizer.chat_template", GgufValue::as_str)?.map(str::to_string);
@@ -237,34 +240,29 @@ fn spec(id: u32, content: &str, special: bool) -> AddedTokenSpec {
 }
 
 /// `<bos> $A <eos>` (each part only when asked for and the token is known), as transformers'
-/// `update_post_processor` writes it; `None` when nothing is added.
-fn post_processor(
-    config: &TokenizerConfig,
-    vocab: &Vocab,
-    add_bos: bool,
-    add_eos: bool,
-) -> Option<PostProcessorWrapper> {
+/// `update_post_processor` writes it; `None` when nothing is added. Built through serde rather than
+/// the template strings, so that any token text (spaces, ':' or '$' in it) is taken literally.
+fn post_processor(named: &[(&str, String, u32)], add_bos: bool, add_eos: bool) -> Result<Option<PostProcessorWrapper>> {
     let token = |name: &str, on: bool| {
-        let t = config.named_special.iter().find(|(k, _)| k == name).map(|(_, t)| t.clone())?;
-        (on && vocab.contains_key(&t)).then(|| (t.clone(), vocab[&t]))
+        let (_, t, id) = named.iter().find(|(k, _, _)| *k == name)?;
+        on.then(|| (t.clone(), *id))
     };
     let (bos, eos) = (token("bos_token", add_bos), token("eos_token", add_eos));
     if bos.is_none() && eos.is_none() {
-        return None;
+        return Ok(None);
     }
-    let part = |t: &Option<(String, u32)>, ty: u32| t.as_ref().map(|(s, _)| format!("{s}:{ty} ")).unwrap_or_default();
-    let single = format!("{}$A:0 {}", part(&bos, 0), part(&eos, 0));
-    let pair = format!("{single}{}$B:1 {}", part(&bos, 1), part(&eos, 1));
-    let specials: Vec<(String, u32)> = bos.iter().chain(eos.iter()).cloned().collect();
-    let t = TemplateProcessing::builder()
-        .try_single(single.trim_end())
-        .ok()?
-        .try_pair(pair.trim_end())
-        .ok()?
-        .special_tokens(specials)
-        .build()
-        .ok()?;
-    Some(PostProcessorWrapper::Template(t))
+    let special = |t: &Option<(String, u32)>, ty: u32| {
+        t.iter().map(move |(s, _)| json!({"SpecialToken": {"id": s, "type_id": ty}})).collect::<Vec<_>>()
+    };
+    let seq = |id: &str, ty: u32| json!({"Sequence": {"id": id, "type_id": ty}});
+    let single: Vec<Value> = [special(&bos, 0), vec![seq("A", 0)], special(&eos, 0)].concat();
+    let pair: Vec<Value> = [single.clone(), special(&bos, 1), vec![seq("B", 1)], special(&eos, 1)].concat();
+    let specials: serde_json::Map<String, Value> =
+        bos.iter().chain(eos.iter()).map(|(s, id)| (s.clone(), json!({"id": s, "ids": [id], "tokens": [s]}))).collect();
+    let v = json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials});
+    serde_json::from_value(v)
+        .map(Some)
+        .map_err(|e| Error::Data(DataError::Tokenizer(format!("cannot build the BOS/EOS post-processor: {e}"))))
 }
 
 impl Tokenizer {

@@ -1,7 +1,8 @@
 //! Fuzzing of every parser that reads user files (proptest): safetensors headers, sharded checkpoints
-//! and their index, config.json (parsed and loaded into a model), PEFT adapter weights, tokenizer
-//! files, chat templates (compiled and rendered with arbitrary messages), image decoding and the image
-//! processor (its preprocessor_config.json and arbitrary images).
+//! and their index, GGUF files (the reader, the Llama mapping and the tokenizer built from them),
+//! config.json (parsed and loaded into a model), PEFT adapter weights, tokenizer files, chat
+//! templates (compiled and rendered with arbitrary messages), image decoding and the image processor
+//! (its preprocessor_config.json and arbitrary images).
 //!
 //! Every target starts from VALID seeds (fixtures or files written here) and mutates them: bytes
 //! flipped / inserted / deleted / truncated, words overwritten with edge values, JSON values replaced
@@ -56,6 +57,7 @@ use serde_json::{json, Value};
 
 mod chat_template;
 mod checkpoint;
+mod gguf;
 mod harness;
 mod images;
 mod mutate;
