@@ -58,10 +58,18 @@ class PreTrainedTokenizerFast:
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike[str], **kwargs: Any
     ) -> PreTrainedTokenizerFast:
-        path = resolve_pretrained_kwargs(pretrained_model_name_or_path, kwargs, marker="tokenizer.json")
-        core = _core.Tokenizer.from_dir(path, _model_type(path))
-        templates = _core.load_chat_templates(path, "tokenizer")
-        tok = cls(core, os.fspath(pretrained_model_name_or_path), _templates_value(templates))
+        gguf_file = kwargs.pop("gguf_file", None)
+        if gguf_file is not None:
+            # the tokenizer of a GGUF file (tokenizer.ggml.*), as transformers rebuilds it
+            gguf_file = os.fspath(gguf_file)
+            path = resolve_pretrained_kwargs(pretrained_model_name_or_path, kwargs, marker=gguf_file)
+            core, template = _core.Tokenizer.from_gguf(os.path.join(path, gguf_file))
+            tok = cls(core, os.fspath(pretrained_model_name_or_path), template)
+        else:
+            path = resolve_pretrained_kwargs(pretrained_model_name_or_path, kwargs, marker="tokenizer.json")
+            core = _core.Tokenizer.from_dir(path, _model_type(path))
+            templates = _core.load_chat_templates(path, "tokenizer")
+            tok = cls(core, os.fspath(pretrained_model_name_or_path), _templates_value(templates))
         if "padding_side" in kwargs:
             tok.padding_side = kwargs.pop("padding_side")
         return tok

@@ -36,6 +36,15 @@ impl PyTokenizer {
         guard(|| Ok(PyTokenizer { inner: Tokenizer::from_dir_with_model_type(&dir, model_type)? }))
     }
 
+    /// The tokenizer of a GGUF file (`tokenizer.ggml.*`) and its `tokenizer.chat_template`.
+    #[staticmethod]
+    fn from_gguf(path: PathBuf) -> PyResult<(Self, Option<String>)> {
+        guard(|| {
+            let g = Tokenizer::from_gguf(&path)?;
+            Ok((PyTokenizer { inner: g.tokenizer }, g.chat_template))
+        })
+    }
+
     #[pyo3(signature = (text, add_special_tokens=true))]
     fn encode(&self, text: &str, add_special_tokens: bool) -> PyResult<Vec<u32>> {
         guard(|| self.inner.encode(text, add_special_tokens))
