@@ -15,6 +15,9 @@
 //! exact in f32) and the output rounded to bf16; backward: the output gradient is rounded to bf16,
 //! multiplied by the bf16 weight, and dx rounded to bf16. Activations stay f32 between layers.
 //!
+//! GGUF weights (`QuantWeight::Ggml`) take `matmul_ggml`'s kernels: its few-rows product for
+//! decoding, its vectorised tile decoding for the tile kernels and the backward.
+//!
 //! The frozen quantized weight never gets a gradient: [`QuantLinearOp`] is an op of x alone.
 
 use std::sync::Arc;
@@ -52,6 +55,13 @@ fn with_tile<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 
 /// Decodes rows r0..r0+rows of w into dst, rounded to bf16 when `bf16`.
 fn decode(w: &QuantWeight, r0: usize, rows: usize, dst: &mut [f32], bf16: bool) {
+    if let QuantWeight::Ggml(g) = w {
+        super::matmul_ggml::decode_rows(g, r0, rows, dst);
+        if bf16 {
+            dst[..rows * g.shape.1].iter_mut().for_each(|v| *v = round_to_bf16(*v));
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if let QuantWeight::FourBit(q) = w {
         if q.blocksize == 64 && q.shape.1 % 64 == 0 && super::simd::avx512() {
@@ -99,6 +109,12 @@ pub fn forward(x: &[f32], n: usize, w: &QuantWeight, bias: Option<&[f32]>, bf16:
     if let Some(b) = bias {
         y.chunks_mut(out)
             .for_each(|r| r.iter_mut().zip(b).for_each(|(y, &b)| *y = if bf16 { round_to_bf16(b) } else { b }));
+    }
+    if let QuantWeight::Ggml(g) = w {
+        // GGUF blocks, f32 compute: read straight from the blocks (decoding)
+        if n <= FEW_ROWS && !bf16 && super::matmul_ggml::few_rows(x, n, g, &mut y) {
+            return y;
+        }
     }
     let yp = SendPtr(y.as_mut_ptr());
     if n <= FEW_ROWS {

@@ -1,0 +1,377 @@
+//! y = x W^T for a weight kept in GGML blocks (`quant::ggml::GgmlWeight`): the fast kernels behind
+//! `matmul_quant`'s dispatch for `QuantWeight::Ggml`.
+//!
+//! Activations stay f32 and every weight is decoded to exactly its reference value
+//! (`ggml::dequantize_row`, see `ggml_simd`), so results equal the dequantized math up to the order of
+//! the f32 sums (llama.cpp instead quantizes x to 8 bits and takes integer dot products).
+//! * few rows of x (decoding, [`few_rows`]): each task owns a range of output rows and reads their
+//!   blocks straight from the packed bytes, decoding them in registers and taking their dot products
+//!   with up to 4 rows of x at once (4 weight rows at once for one x row, 2 for two, so that x is loaded
+//!   once for several rows and 8 accumulator chains hide the multiply-add latency); more rows of x go
+//!   in groups of 4 over the same (cached) blocks;
+//! * many rows (prefill, training, backward): [`decode_rows`] decodes a tile of W into f32, and
+//!   `matmul_quant` runs gemm on it.
+//!
+//! Types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, with AVX-512 (16 lanes) or AVX2+FMA (8
+//! lanes) chosen at run time; other types and other CPUs take `matmul_quant`'s generic path (the
+//! reference decoding row by row, then f32 dot products). [`reference`]: dequantize all, then a plain
+//! matmul (tests).
+
+use rayon::prelude::*;
+
+use super::cpu::SendPtr;
+#[cfg(target_arch = "x86_64")]
+use super::ggml_simd::{Avx2, Avx512};
+use super::ggml_simd::{Block, Simd, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0};
+use crate::quant::ggml::{GgmlType, GgmlWeight};
+
+/// The instruction set the kernels run with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Avx512,
+    Avx2,
+}
+
+/// The best [`Isa`] of this CPU, None without AVX2+FMA+F16C.
+pub(crate) fn isa() -> Option<Isa> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if !has!("f16c") {
+            return None;
+        }
+        if has!("avx512f") && has!("avx2") && has!("fma") {
+            return Some(Isa::Avx512);
+        }
+        if has!("avx2") && has!("fma") {
+            return Some(Isa::Avx2);
+        }
+    }
+    None
+}
+
+/// Whether `ty` has fast kernels here.
+pub fn fast(ty: GgmlType) -> bool {
+    isa().is_some() && block_type(ty)
+}
+
+fn block_type(ty: GgmlType) -> bool {
+    matches!(
+        ty,
+        GgmlType::Q8_0
+            | GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
+            | GgmlType::Q4K
+            | GgmlType::Q5K
+            | GgmlType::Q6K
+    )
+}
+
+/// Calls `$f::<Block type>` for a GGML type with fast kernels, else evaluates `$else`.
+macro_rules! with_block {
+    ($ty:expr, $f:ident, ($($arg:expr),*), $else:expr) => {
+        match $ty {
+            GgmlType::Q8_0 => $f::<Q8_0>($($arg),*),
+            GgmlType::Q4_0 => $f::<Q4_0>($($arg),*),
+            GgmlType::Q4_1 => $f::<Q4_1>($($arg),*),
+            GgmlType::Q5_0 => $f::<Q5_0>($($arg),*),
+            GgmlType::Q5_1 => $f::<Q5_1>($($arg),*),
+            GgmlType::Q4K => $f::<Q4K>($($arg),*),
+            GgmlType::Q5K => $f::<Q5K>($($arg),*),
+            GgmlType::Q6K => $f::<Q6K>($($arg),*),
+            _ => $else,
+        }
+    };
+}
+
+/// y [n, out] += x [n, in] W^T, read straight from the blocks (n of any size; meant for few rows).
+/// Returns false, touching nothing, when there is no fast kernel for the type on this CPU.
+pub fn few_rows(x: &[f32], n: usize, w: &GgmlWeight, y: &mut [f32]) -> bool {
+    match isa() {
+        Some(i) if block_type(w.ty) => {
+            few_rows_with(i, x, n, w, y);
+            true
+        }
+        _ => false,
+    }
+}
+
+pub(crate) fn few_rows_with(isa: Isa, x: &[f32], n: usize, w: &GgmlWeight, y: &mut [f32]) {
+    let (out, k) = w.shape;
+    assert!(x.len() >= n * k && y.len() >= n * out && block_type(w.ty));
+    if n == 0 || out == 0 {
+        return;
+    }
+    // A few tasks per thread (balance), each a multiple of 4 rows, at least 16.
+    let per_task = out.div_ceil(8 * rayon::current_num_threads()).max(16).next_multiple_of(4);
+    let (wp, xp, yp) =
+        (SendPtr(w.data().as_ptr() as *mut u8), SendPtr(x.as_ptr() as *mut f32), SendPtr(y.as_mut_ptr()));
+    let rb = w.row_bytes();
+    let ty = w.ty;
+    (0..out.div_ceil(per_task)).into_par_iter().for_each(move |t| {
+        let (wp, xp, yp) = (wp, xp, yp);
+        let (o0, o1) = (t * per_task, ((t + 1) * per_task).min(out));
+        let a = Args { w: wp.0, rb, x: xp.0, n, k, out, y: yp.0, o0, o1 };
+        // SAFETY: the CPU has the features of `isa` (checked by the caller); W holds out rows of rb
+        // bytes (GgmlWeight::new), x n rows of k, y n rows of out; this task writes only the columns
+        // o0..o1 of y.
+        unsafe {
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => with_block!(ty, task_avx512, (a), ()),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => with_block!(ty, task_avx2, (a), ()),
+                #[cfg(not(target_arch = "x86_64"))]
+                _ => {}
+            }
+        }
+    });
+}
+
+/// One task's share of [`few_rows`]: output rows o0..o1.
+#[derive(Clone, Copy)]
+struct Args {
+    w: *const u8,
+    rb: usize,
+    x: *const f32,
+    n: usize,
+    k: usize,
+    out: usize,
+    y: *mut f32,
+    o0: usize,
+    o1: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn task_avx512<B: Block>(a: Args) {
+    task::<Avx512, B>(a)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn task_avx2<B: Block>(a: Args) {
+    task::<Avx2, B>(a)
+}
+
+/// Weight rows decoded together for one row of x.
+const ROWS_N1: usize = 1;
+
+#[inline(always)]
+unsafe fn task<S: Simd, B: Block>(a: Args) {
+    let mut r0 = 0;
+    while r0 < a.n {
+        let g = (a.n - r0).min(4);
+        let mut o = a.o0;
+        match g {
+            1 => {
+                while o + ROWS_N1 <= a.o1 {
+                    dot::<S, B, ROWS_N1, 1>(&a, o, r0);
+                    o += ROWS_N1;
+                }
+                (o..a.o1).for_each(|o| dot::<S, B, 1, 1>(&a, o, r0));
+            }
+            2 => (o..a.o1).for_each(|o| dot::<S, B, 1, 2>(&a, o, r0)),
+            3 => (o..a.o1).for_each(|o| dot::<S, B, 1, 3>(&a, o, r0)),
+            _ => (o..a.o1).for_each(|o| dot::<S, B, 1, 4>(&a, o, r0)),
+        }
+        r0 += g;
+    }
+}
+
+/// y[r0 + r, o + j] += x[r0 + r] . W[o + j] for j < R, r < N: the blocks of R weight rows decoded in
+/// registers, two accumulators per (j, r) (even and odd chunks).
+#[inline(always)]
+unsafe fn dot<S: Simd, B: Block, const R: usize, const N: usize>(a: &Args, o: usize, r0: usize) {
+    let mut acc = [[[S::zero(); 2]; N]; R];
+    let x = a.x.add(r0 * a.k);
+    for bi in 0..a.k / B::BS {
+        for (j, accj) in acc.iter_mut().enumerate() {
+            B::decode::<S>(a.w.add((o + j) * a.rb + bi * B::TS), |c, v| {
+                for (r, accr) in accj.iter_mut().enumerate() {
+                    let xv = S::load(x.add(r * a.k + bi * B::BS + c * S::LANES));
+                    accr[c & 1] = S::fma(v, xv, accr[c & 1]);
+                }
+            });
+        }
+    }
+    for (j, accj) in acc.iter().enumerate() {
+        for (r, accr) in accj.iter().enumerate() {
+            *a.y.add((r0 + r) * a.out + o + j) += S::sum(S::add(accr[0], accr[1]));
+        }
+    }
+}
+
+/// Rows r0..r0 + rows of W dequantized into dst ([rows, in]): vectorised where the type has fast
+/// kernels (the same values bit for bit), else the reference decoding.
+pub fn decode_rows(w: &GgmlWeight, r0: usize, rows: usize, dst: &mut [f32]) {
+    match isa() {
+        Some(i) if block_type(w.ty) => decode_rows_with(i, w, r0, rows, dst),
+        _ => w.decode_rows(r0, rows, dst),
+    }
+}
+
+pub(crate) fn decode_rows_with(isa: Isa, w: &GgmlWeight, r0: usize, rows: usize, dst: &mut [f32]) {
+    let (out, k) = w.shape;
+    assert!(r0 + rows <= out && dst.len() >= rows * k && block_type(w.ty));
+    let rb = w.row_bytes();
+    let src = w.data()[r0 * rb..(r0 + rows) * rb].as_ptr();
+    let ty = w.ty;
+    // SAFETY: the CPU has the features of `isa` (checked by the caller); src holds `rows` rows of rb
+    // bytes, dst `rows` rows of k values.
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => with_block!(ty, decode_avx512, (src, rb, k, rows, dst.as_mut_ptr()), ()),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => with_block!(ty, decode_avx2, (src, rb, k, rows, dst.as_mut_ptr()), ()),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => {}
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn decode_avx512<B: Block>(src: *const u8, rb: usize, k: usize, rows: usize, dst: *mut f32) {
+    decode::<Avx512, B>(src, rb, k, rows, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_avx2<B: Block>(src: *const u8, rb: usize, k: usize, rows: usize, dst: *mut f32) {
+    decode::<Avx2, B>(src, rb, k, rows, dst)
+}
+
+#[inline(always)]
+unsafe fn decode<S: Simd, B: Block>(src: *const u8, rb: usize, k: usize, rows: usize, dst: *mut f32) {
+    for r in 0..rows {
+        for bi in 0..k / B::BS {
+            let d = dst.add(r * k + bi * B::BS);
+            B::decode::<S>(src.add(r * rb + bi * B::TS), |c, v| S::store(d.add(c * S::LANES), v));
+        }
+    }
+}
+
+/// The reference: W dequantized whole (`GgmlWeight::decode_rows`), then y [n, out] = x W^T with f64
+/// sums. Tests and benchmarks only.
+pub fn reference(x: &[f32], n: usize, w: &GgmlWeight) -> Vec<f32> {
+    let (out, k) = w.shape;
+    let mut wd = vec![0f32; out * k]; // [out, k]
+    w.decode_rows(0, out, &mut wd);
+    let mut y = vec![0f32; n * out];
+    for r in 0..n {
+        for o in 0..out {
+            let s: f64 =
+                x[r * k..(r + 1) * k].iter().zip(&wd[o * k..(o + 1) * k]).map(|(a, b)| *a as f64 * *b as f64).sum();
+            y[r * out + o] = s as f32;
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TYPES: [GgmlType; 8] = [
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
+
+    fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(7);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32 - 0.5) * scale
+            })
+            .collect()
+    }
+
+    /// Random blocks: every byte random except finite f16 scales of realistic size.
+    fn random_weight(ty: GgmlType, o: usize, k: usize, seed: u32) -> GgmlWeight {
+        let w = values(o * k, seed, 0.3);
+        let mut data = crate::quant::ggml_quantize::quantize(ty, &w, k).unwrap();
+        let noise = values(data.len(), seed + 1, 2.0);
+        let scale_at: &[usize] = match ty {
+            GgmlType::Q6K => &[208],
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+            _ => &[0],
+        };
+        let ts = ty.type_size();
+        for (i, b) in data.iter_mut().enumerate() {
+            let off = i % ts;
+            if !scale_at.iter().any(|&s| off == s || off == s + 1) {
+                *b = ((noise[i] + 1.0) * 127.9) as u8; // every quant bit pattern, scales kept
+            }
+        }
+        GgmlWeight::from_vec(ty, (o, k), data).unwrap()
+    }
+
+    fn isas() -> Vec<Isa> {
+        match isa() {
+            Some(Isa::Avx512) => vec![Isa::Avx512, Isa::Avx2],
+            Some(Isa::Avx2) => vec![Isa::Avx2],
+            None => vec![],
+        }
+    }
+
+    #[test]
+    fn vectorised_decoding_equals_the_reference_bit_for_bit() {
+        for isa in isas() {
+            for ty in TYPES {
+                let k = if ty.block_size() == 256 { 512 } else { 96 };
+                let w = random_weight(ty, 5, k, ty as u32);
+                let mut want = vec![0f32; 3 * k];
+                w.decode_rows(1, 3, &mut want);
+                let mut got = vec![f32::NAN; 3 * k];
+                decode_rows_with(isa, &w, 1, 3, &mut got);
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{isa:?} {} value {i}: {a} vs {b}", ty.name());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn few_rows_kernels_equal_the_reference_up_to_summation_order() {
+        for isa in isas() {
+            for ty in TYPES {
+                let k = if ty.block_size() == 256 { 768 } else { 160 };
+                for o in [1, 6, 37] {
+                    let w = random_weight(ty, o, k, 3 + o as u32);
+                    let mut wd = vec![0f32; o * k];
+                    w.decode_rows(0, o, &mut wd);
+                    for n in [1, 2, 3, 4, 5, 7, 16] {
+                        let x = values(n * k, 11 + n as u32, 4.0);
+                        let want = reference(&x, n, &w);
+                        let mut got = vec![0.5f32; n * o]; // the kernels add to y (the bias)
+                        few_rows_with(isa, &x, n, &w, &mut got);
+                        for r in 0..n {
+                            for j in 0..o {
+                                let scale: f32 = (0..k).map(|c| (x[r * k + c] * wd[j * k + c]).abs()).sum();
+                                let (g, e) = (got[r * o + j] - 0.5, want[r * o + j]);
+                                assert!(
+                                    (g - e).abs() <= 1e-5 * scale + 1e-6,
+                                    "{isa:?} {} [{o}x{k}] n={n} y[{r}, {j}]: {g} vs {e} (scale {scale})",
+                                    ty.name()
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
