@@ -207,6 +207,32 @@ pub fn position_ids(patch_mask: &[Vec<bool>], nh: usize, nw: usize, n: usize) ->
     ids
 }
 
+/// A random encoder layer for tests: weights ~ N(0, 1/in), biases ~ N(0, 0.1), LayerNorm weights
+/// ~ N(1, 0.1); `linear(w, b)` builds each Linear in the representation under test.
+#[cfg(test)]
+pub(crate) fn rand_layer(d: usize, inter: usize, linear: impl Fn(Tensor, Tensor) -> Linear) -> VisionLayer {
+    let dev = candle_core::Device::Cpu;
+    let lin = |o: usize, i: usize| {
+        let w = Tensor::randn(0f32, (i as f32).powf(-0.5), (o, i), &dev).unwrap();
+        linear(w, Tensor::randn(0f32, 0.1, o, &dev).unwrap())
+    };
+    let ln = || LayerNorm {
+        weight: Tensor::randn(1f32, 0.1, d, &dev).unwrap(),
+        bias: Tensor::randn(0f32, 0.1, d, &dev).unwrap(),
+        eps: 1e-6,
+    };
+    VisionLayer {
+        layer_norm1: ln(),
+        q_proj: lin(d, d),
+        k_proj: lin(d, d),
+        v_proj: lin(d, d),
+        out_proj: lin(d, d),
+        layer_norm2: ln(),
+        fc1: lin(inter, d),
+        fc2: lin(d, inter),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

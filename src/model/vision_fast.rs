@@ -148,32 +148,12 @@ pub(crate) fn encoder_layers(
 mod tests {
     use super::*;
     use crate::model::no_interrupt;
-    use crate::model::vision::LayerNorm;
     use crate::ops::{matmul_bf16_packed, Mask};
     use candle_core::Device;
     use std::sync::Arc;
 
     fn rand_layer(d: usize, inter: usize) -> VisionLayer {
-        let dev = Device::Cpu;
-        let lin = |o: usize, i: usize| {
-            let w = Tensor::randn(0f32, (i as f32).powf(-0.5), (o, i), &dev).unwrap();
-            Linear::bf16_compute(w, Some(Tensor::randn(0f32, 0.1, o, &dev).unwrap())).unwrap()
-        };
-        let ln = || LayerNorm {
-            weight: Tensor::randn(1f32, 0.1, d, &dev).unwrap(),
-            bias: Tensor::randn(0f32, 0.1, d, &dev).unwrap(),
-            eps: 1e-6,
-        };
-        VisionLayer {
-            layer_norm1: ln(),
-            q_proj: lin(d, d),
-            k_proj: lin(d, d),
-            v_proj: lin(d, d),
-            out_proj: lin(d, d),
-            layer_norm2: ln(),
-            fc1: lin(inter, d),
-            fc2: lin(d, inter),
-        }
+        crate::model::vision::rand_layer(d, inter, |w, b| Linear::bf16_compute(w, Some(b)).unwrap())
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> (f32, f32) {

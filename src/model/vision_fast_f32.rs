@@ -130,37 +130,18 @@ pub(crate) fn encoder_layers(
 mod tests {
     use super::*;
     use crate::model::no_interrupt;
-    use crate::model::vision::LayerNorm;
     use crate::ops::Mask;
     use candle_core::Device;
     use std::sync::Arc;
 
     fn rand_layer(d: usize, inter: usize, bf16_stored: bool) -> VisionLayer {
-        let dev = Device::Cpu;
-        let lin = |o: usize, i: usize| {
-            let w = Tensor::randn(0f32, (i as f32).powf(-0.5), (o, i), &dev).unwrap();
-            let b = Some(Tensor::randn(0f32, 0.1, o, &dev).unwrap());
-            let mut l = Linear::new(w.clone(), b).unwrap();
+        crate::model::vision::rand_layer(d, inter, |w, b| {
+            let mut l = Linear::new(w.clone(), Some(b)).unwrap();
             if bf16_stored {
                 l.weight = Weight::Bf16(w.to_dtype(DType::BF16).unwrap());
             }
             l
-        };
-        let ln = || LayerNorm {
-            weight: Tensor::randn(1f32, 0.1, d, &dev).unwrap(),
-            bias: Tensor::randn(0f32, 0.1, d, &dev).unwrap(),
-            eps: 1e-6,
-        };
-        VisionLayer {
-            layer_norm1: ln(),
-            q_proj: lin(d, d),
-            k_proj: lin(d, d),
-            v_proj: lin(d, d),
-            out_proj: lin(d, d),
-            layer_norm2: ln(),
-            fc1: lin(inter, d),
-            fc2: lin(d, inter),
-        }
+        })
     }
 
     #[test]
