@@ -1,6 +1,7 @@
 //! GGUF-block matmuls (`ops::matmul_ggml` through `matmul_quant::forward`) against the dense f32 and bf16
 //! kernels, on SmolLM2-135M's shapes (dev only):
-//! `cargo run --release --example bench_ggml [-- --quick] [--model]` (--model: part 2 only)
+//! `cargo run --release --example bench_ggml [-- --quick] [--model] [--outside]` (--model: part 2 only;
+//! --outside: the calls from the main thread rather than from a thread of rayon's pool)
 //!
 //! Part 1: each shape alone, decode-like (n = 1) and prefill-like (n = 79): time per call, GB/s of
 //! weight bytes read, GFLOP/s. One weight repeated stays in the caches, so these are upper bounds.
@@ -86,6 +87,17 @@ fn report(what: &str, secs: f64, bytes: usize, flops: f64) {
 }
 
 fn main() {
+    // Called from outside rayon's pool, every parallel kernel hands its work to the pool and sleeps
+    // until it is done (tens of us per call on this machine); inside the pool a call costs well under
+    // a us. `--outside` measures the first, the default the second (the calls run on a pool thread).
+    if std::env::args().any(|a| a == "--outside") {
+        run();
+    } else {
+        rayon::scope(|_| run());
+    }
+}
+
+fn run() {
     let quick = std::env::args().any(|a| a == "--quick");
     let budget = if quick { 0.1 } else { 0.5 };
     let model_only = std::env::args().any(|a| a == "--model");

@@ -43,6 +43,11 @@ pub(crate) unsafe trait Simd: Copy {
     unsafe fn sub_i(a: Self::I, c: i32) -> Self::I;
     /// lane l: bit `first + l` of `bits`
     unsafe fn bits(bits: u32, first: u32) -> Self::I;
+    /// lane l: q | 16 where bit `first + l` of `bits` is set (Q5's 5th bit)
+    #[inline(always)]
+    unsafe fn with_bit4(q: Self::I, bits: u32, first: u32) -> Self::I {
+        Self::or(q, Self::shl(Self::bits(bits, first), 4))
+    }
     /// Whether [`Simd::lut16`] / [`Simd::lut32`] are single instructions (AVX-512's `vpermps`,
     /// `vpermt2ps`): 4- and 5-bit types then look their values up in a table of the block's 16 / 32
     /// possible values (computed with the reference's operations) instead of converting each.
@@ -161,6 +166,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn bits(bits: u32, first: u32) -> __m512i {
             _mm512_maskz_mov_epi32((bits >> first) as u16, _mm512_set1_epi32(1))
+        }
+        #[inline(always)]
+        unsafe fn with_bit4(q: __m512i, bits: u32, first: u32) -> __m512i {
+            _mm512_mask_or_epi32(q, (bits >> first) as u16, q, _mm512_set1_epi32(16))
         }
         const LUT: bool = true;
         #[inline(always)]
@@ -404,7 +413,7 @@ unsafe fn five<S: Simd>(d: S::F, m: Option<S::F>, qh: *const u8, qs: *const u8, 
     };
     for c in 0..32 / S::LANES {
         let j0 = c * S::LANES;
-        let q = S::or(nibbles::<S>(qs, j0), S::shl(S::bits(h, j0 as u32), 4));
+        let q = S::with_bit4(nibbles::<S>(qs, j0), h, j0 as u32);
         f(
             c,
             match (tables, m) {

@@ -104,8 +104,8 @@ pub(crate) fn few_rows_with(isa: Isa, x: &[f32], n: usize, w: &GgmlWeight, y: &m
     if n == 0 || out == 0 {
         return;
     }
-    // A few tasks per thread (balance), each a multiple of 4 rows, at least 16.
-    let per_task = out.div_ceil(8 * rayon::current_num_threads()).max(16).next_multiple_of(4);
+    // A few tasks per thread (balance when a thread is held up), each at least 16 rows.
+    let per_task = out.div_ceil(4 * rayon::current_num_threads()).max(16).next_multiple_of(4);
     let (wp, xp, yp) =
         (SendPtr(w.data().as_ptr() as *mut u8), SendPtr(x.as_ptr() as *mut f32), SendPtr(y.as_mut_ptr()));
     let rb = w.row_bytes();
