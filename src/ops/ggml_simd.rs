@@ -468,9 +468,9 @@ unsafe fn k4_sub<S: Simd, K: Sink<S>, const FIVE: bool, const I: usize>(
         let l0 = c * S::LANES;
         let raw = S::u8s(qs.add((I / 2) * 32 + l0));
         let v = if S::LUT && !FIVE {
-            S::lut16(S::sub(S::mul(dl, S::iota()), ml), if I % 2 == 0 { raw } else { S::shr(raw, 4) })
+            S::lut16(S::sub(S::mul(dl, S::iota()), ml), if I.is_multiple_of(2) { raw } else { S::shr(raw, 4) })
         } else {
-            let mut q = if I % 2 == 0 { S::and(raw, 0xF) } else { S::shr(raw, 4) };
+            let mut q = if I.is_multiple_of(2) { S::and(raw, 0xF) } else { S::shr(raw, 4) };
             if FIVE {
                 q = S::or(q, S::shl(S::and(S::shr(S::u8s(qh.add(l0)), I as i32), 1), 4));
             }
