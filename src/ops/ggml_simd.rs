@@ -569,6 +569,9 @@ impl Block for Q6K {
         for c in 0..16 / S::LANES {
             S::store(s.as_mut_ptr().add(c * S::LANES), S::mul(d, S::cvt(S::i8s(b.add(192 + c * S::LANES)))));
         }
+        // kept in memory: a lane broadcast from memory is one load, from a register two shuffles
+        // (measured: 15% faster here; slower for Q4_K's tables)
+        let s = std::hint::black_box(s);
         q6_part::<S, K, 0, 0>(b, &s, k);
         q6_part::<S, K, 0, 1>(b, &s, k);
         q6_part::<S, K, 0, 2>(b, &s, k);
