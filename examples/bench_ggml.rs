@@ -1,6 +1,7 @@
 //! GGUF-block matmuls (`ops::matmul_ggml` through `matmul_quant::forward`) against the dense f32 and bf16
 //! kernels, on SmolLM2-135M's shapes (dev only):
-//! `cargo run --release --example bench_ggml [-- --quick] [--model]` (--model: part 2 only)
+//! `cargo run --release --example bench_ggml [-- --quick] [--model] [--outside] [--crossover] [--rows N]` (--model: part 2 only;
+//! --outside: the calls from the main thread rather than from a thread of rayon's pool)
 //!
 //! Part 1: each shape alone, decode-like (n = 1) and prefill-like (n = 79): time per call, GB/s of
 //! weight bytes read, GFLOP/s. One weight repeated stays in the caches, so these are upper bounds.
@@ -86,9 +87,24 @@ fn report(what: &str, secs: f64, bytes: usize, flops: f64) {
 }
 
 fn main() {
+    // Called from outside rayon's pool, every parallel kernel hands its work to the pool and sleeps
+    // until it is done (tens of us per call on this machine); inside the pool a call costs well under
+    // a us. `--outside` measures the first, the default the second (the calls run on a pool thread).
+    if std::env::args().any(|a| a == "--outside") {
+        run();
+    } else {
+        rayon::scope(|_| run());
+    }
+}
+
+fn run() {
     let quick = std::env::args().any(|a| a == "--quick");
     let budget = if quick { 0.1 } else { 0.5 };
     let model_only = std::env::args().any(|a| a == "--model");
+    if std::env::args().any(|a| a == "--crossover") {
+        crossover(budget);
+        return;
+    }
     println!("threads: {}, cpu: {:?}", rayon::current_num_threads(), ferrovlm::ops::simd::CpuFeatures::detect());
     let types = [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q4K, GgmlType::Q6K];
     // (out, in): q/o, k/v, gate/up, down, head
@@ -127,8 +143,10 @@ fn main() {
     }
     println!("== part 2: a decoding step of SmolLM2-135M's Linears (30 layers, distinct weights, streamed)");
     let layer = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)];
-    let x576 = values(576, 5, 2.0);
-    let x1536 = values(1536, 6, 2.0);
+    // rows of x (--rows N: a batch of N sequences decoding together)
+    let nx: usize = std::env::args().skip_while(|a| a != "--rows").nth(1).and_then(|v| v.parse().ok()).unwrap_or(1);
+    let x576 = values(576 * nx, 5, 2.0);
+    let x1536 = values(1536 * nx, 6, 2.0);
     let head_w = values(49152 * 576, 9, 0.1);
     let head = QuantWeight::Ggml(GgmlWeight::quantize(GgmlType::Q8_0, &head_w, (49152, 576)).unwrap());
     for (name, ty) in [
@@ -164,14 +182,14 @@ fn main() {
                 let (o, k) = layer[i % 7];
                 let x = if k == 576 { &x576 } else { &x1536 };
                 drop(match w {
-                    Ok(q) => matmul_quant::forward(x, 1, q, None, false),
-                    Err(b) => gemv_bf16(x, 1, k, b, o),
+                    Ok(q) => matmul_quant::forward(x, nx, q, None, false),
+                    Err(b) => gemv_bf16(x, nx, k, b, o),
                 });
             }
             drop(if ty.is_some() {
-                matmul_quant::forward(&x576, 1, &head, None, false)
+                matmul_quant::forward(&x576, nx, &head, None, false)
             } else {
-                gemv_bf16(&x576, 1, 576, &head_bf16, 49152)
+                gemv_bf16(&x576, nx, 576, &head_bf16, 49152)
             });
         });
         let total = bytes + head_bytes;
@@ -183,5 +201,35 @@ fn main() {
             total as f64 / 1e6,
             total as f64 / secs / 1e9
         );
+    }
+}
+
+/// `--crossover`: the few-rows kernel against matmul_quant's tile path (tiles decoded, then gemm) for
+/// growing n, to place `matmul_quant::FEW_ROWS`.
+fn crossover(budget: f64) {
+    use ferrovlm::ops::matmul_ggml;
+    let (o, k) = (1536, 576);
+    let w = values(o * k, 1, 0.1);
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::Q4_0, GgmlType::Q5_0] {
+        let g = GgmlWeight::quantize(ty, &w, (o, k)).unwrap();
+        for n in [1usize, 2, 4, 8, 12, 16, 24, 32] {
+            let x = values(n * k, 3, 2.0);
+            let few = time(budget, || {
+                let mut y = vec![0f32; n * o];
+                matmul_ggml::few_rows(&x, n, &g, &mut y);
+                drop(y)
+            });
+            let tile = time(budget, || {
+                let mut wd = vec![0f32; o * k];
+                matmul_ggml::decode_rows(&g, 0, o, &mut wd);
+                drop(f32_matmul(&x, n, k, &wd, o))
+            });
+            println!(
+                "[{o} x {k}] {} n={n}: few rows {:.1} us, decode + gemm {:.1} us",
+                ty.name(),
+                few * 1e6,
+                tile * 1e6
+            );
+        }
     }
 }

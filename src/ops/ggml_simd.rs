@@ -10,8 +10,6 @@
 //! The trait methods are `#[inline(always)]` without target features of their own: they are only ever
 //! inlined into the `#[target_feature]` kernels of `matmul_ggml`, whose callers checked the CPU.
 
-use crate::quant::ggml::scale_min_k4;
-
 /// Vector operations over `LANES` f32 / i32 lanes.
 ///
 /// # Safety
@@ -43,6 +41,11 @@ pub(crate) unsafe trait Simd: Copy {
     unsafe fn sub_i(a: Self::I, c: i32) -> Self::I;
     /// lane l: bit `first + l` of `bits`
     unsafe fn bits(bits: u32, first: u32) -> Self::I;
+    /// lane l: q | 16 where bit `first + l` of `bits` is set (Q5's 5th bit)
+    #[inline(always)]
+    unsafe fn with_bit4(q: Self::I, bits: u32, first: u32) -> Self::I {
+        Self::or(q, Self::shl(Self::bits(bits, first), 4))
+    }
     /// Whether [`Simd::lut16`] / [`Simd::lut32`] are single instructions (AVX-512's `vpermps`,
     /// `vpermt2ps`): 4- and 5-bit types then look their values up in a table of the block's 16 / 32
     /// possible values (computed with the reference's operations) instead of converting each.
@@ -162,6 +165,10 @@ mod x86 {
         unsafe fn bits(bits: u32, first: u32) -> __m512i {
             _mm512_maskz_mov_epi32((bits >> first) as u16, _mm512_set1_epi32(1))
         }
+        #[inline(always)]
+        unsafe fn with_bit4(q: __m512i, bits: u32, first: u32) -> __m512i {
+            _mm512_mask_or_epi32(q, (bits >> first) as u16, q, _mm512_set1_epi32(16))
+        }
         const LUT: bool = true;
         #[inline(always)]
         unsafe fn iota() -> __m512 {
@@ -279,16 +286,25 @@ mod x86 {
     }
 }
 
+/// Where a decoder puts its values: `put(c, v)` gets the values c * LANES..(c + 1) * LANES of the
+/// block. A trait with `#[inline(always)]` methods rather than a closure: closures are not always
+/// inlined, and out of line they lose the kernels' target features (a call per vector).
+pub(crate) trait Sink<S: Simd> {
+    /// # Safety
+    /// The CPU has `S`'s features; whatever the sink writes to is valid for chunk c.
+    unsafe fn put(&mut self, c: usize, v: S::F);
+}
+
 /// One GGML block type: `BS` values in `TS` bytes.
 pub(crate) trait Block {
     const BS: usize;
     const TS: usize;
-    /// Calls `f(c, v)` for every chunk c in 0..BS / LANES (in any order) with v the values
+    /// Calls `k.put(c, v)` for every chunk c in 0..BS / LANES (in any order) with v the values
     /// c * LANES.. (c + 1) * LANES of the block at `b`, decoded.
     ///
     /// # Safety
     /// `b` points at `TS` readable bytes; the CPU has `S`'s features.
-    unsafe fn decode<S: Simd>(b: *const u8, f: impl FnMut(usize, S::F));
+    unsafe fn decode<S: Simd, K: Sink<S>>(b: *const u8, k: &mut K);
 }
 
 /// The 32 nibbles at `qs` in order (value j < 16: low nibble of byte j, j + 16 its high nibble):
@@ -336,30 +352,30 @@ impl Block for Q8_0 {
     const BS: usize = 32;
     const TS: usize = 34;
     #[inline(always)]
-    unsafe fn decode<S: Simd>(b: *const u8, mut f: impl FnMut(usize, S::F)) {
+    unsafe fn decode<S: Simd, K: Sink<S>>(b: *const u8, k: &mut K) {
         let d = S::splat(S::f16(b));
         for c in 0..32 / S::LANES {
-            f(c, S::mul(S::cvt(S::i8s(b.add(2 + c * S::LANES))), d)); // q * d
+            k.put(c, S::mul(S::cvt(S::i8s(b.add(2 + c * S::LANES))), d)); // q * d
         }
     }
 }
 
 /// Q4_0 (`m` None: d * (q - 8)) and Q4_1 (d * q + m) at `qs`.
 #[inline(always)]
-unsafe fn four<S: Simd>(d: S::F, m: Option<S::F>, qs: *const u8, mut f: impl FnMut(usize, S::F)) {
+unsafe fn four<S: Simd, K: Sink<S>>(d: S::F, m: Option<S::F>, qs: *const u8, k: &mut K) {
     if S::LUT {
         let t = match m {
             Some(m) => table16::<S>(d, m),
             None => S::mul(d, S::sub(S::iota(), S::splat(8.0))), // d * (q - 8), q - 8 exact
         };
         for c in 0..32 / S::LANES {
-            f(c, S::lut16(t, nibbles_raw::<S>(qs, c * S::LANES)));
+            k.put(c, S::lut16(t, nibbles_raw::<S>(qs, c * S::LANES)));
         }
         return;
     }
     for c in 0..32 / S::LANES {
         let q = nibbles::<S>(qs, c * S::LANES);
-        f(
+        k.put(
             c,
             match m {
                 Some(m) => S::add(S::mul(d, S::cvt(q)), m),
@@ -373,8 +389,8 @@ impl Block for Q4_0 {
     const BS: usize = 32;
     const TS: usize = 18;
     #[inline(always)]
-    unsafe fn decode<S: Simd>(b: *const u8, f: impl FnMut(usize, S::F)) {
-        four::<S>(S::splat(S::f16(b)), None, b.add(2), f)
+    unsafe fn decode<S: Simd, K: Sink<S>>(b: *const u8, k: &mut K) {
+        four::<S, K>(S::splat(S::f16(b)), None, b.add(2), k)
     }
 }
 
@@ -382,15 +398,15 @@ impl Block for Q4_1 {
     const BS: usize = 32;
     const TS: usize = 20;
     #[inline(always)]
-    unsafe fn decode<S: Simd>(b: *const u8, f: impl FnMut(usize, S::F)) {
+    unsafe fn decode<S: Simd, K: Sink<S>>(b: *const u8, k: &mut K) {
         let (d, m) = S::f16x2(b);
-        four::<S>(d, Some(m), b.add(4), f)
+        four::<S, K>(d, Some(m), b.add(4), k)
     }
 }
 
 /// Q5_0 (`m` None: d * (q - 16)) and Q5_1 (d * q + m): nibbles at `qs`, 5th bits in the u32 at `qh`.
 #[inline(always)]
-unsafe fn five<S: Simd>(d: S::F, m: Option<S::F>, qh: *const u8, qs: *const u8, mut f: impl FnMut(usize, S::F)) {
+unsafe fn five<S: Simd, K: Sink<S>>(d: S::F, m: Option<S::F>, qh: *const u8, qs: *const u8, k: &mut K) {
     let h = u32::from_le_bytes([*qh, *qh.add(1), *qh.add(2), *qh.add(3)]);
     // (no closure here: it would not be inlined into the target-feature kernel)
     let tables = if S::LUT {
@@ -404,8 +420,8 @@ unsafe fn five<S: Simd>(d: S::F, m: Option<S::F>, qh: *const u8, qs: *const u8, 
     };
     for c in 0..32 / S::LANES {
         let j0 = c * S::LANES;
-        let q = S::or(nibbles::<S>(qs, j0), S::shl(S::bits(h, j0 as u32), 4));
-        f(
+        let q = S::with_bit4(nibbles::<S>(qs, j0), h, j0 as u32);
+        k.put(
             c,
             match (tables, m) {
                 (Some((t0, t1)), _) => S::lut32(t0, t1, q),
@@ -420,8 +436,8 @@ impl Block for Q5_0 {
     const BS: usize = 32;
     const TS: usize = 22;
     #[inline(always)]
-    unsafe fn decode<S: Simd>(b: *const u8, f: impl FnMut(usize, S::F)) {
-        five::<S>(S::splat(S::f16(b)), None, b.add(2), b.add(6), f)
+    unsafe fn decode<S: Simd, K: Sink<S>>(b: *const u8, k: &mut K) {
+        five::<S, K>(S::splat(S::f16(b)), None, b.add(2), b.add(6), k)
     }
 }
 
@@ -429,58 +445,91 @@ impl Block for Q5_1 {
     const BS: usize = 32;
     const TS: usize = 24;
     #[inline(always)]
-    unsafe fn decode<S: Simd>(b: *const u8, f: impl FnMut(usize, S::F)) {
+    unsafe fn decode<S: Simd, K: Sink<S>>(b: *const u8, k: &mut K) {
         let (d, m) = S::f16x2(b);
-        five::<S>(d, Some(m), b.add(4), b.add(8), f)
+        five::<S, K>(d, Some(m), b.add(4), b.add(8), k)
     }
 }
 
-/// Q4_K / Q5_K: sub-block i (32 values) is `(d * sc) * q - dmin * m`; its nibbles are the low
-/// (i even) or high (i odd) halves of the 32 bytes (i / 2) * 32.. of the quants; Q5_K's 5th bit is
-/// bit i of qh[l].
+/// Q4_K / Q5_K: sub-block I (32 values) is `(d * sc) * q - dmin * m`; its nibbles are the low
+/// (I even) or high (I odd) halves of the 32 bytes (I / 2) * 32.. of the quants; Q5_K's 5th bit is
+/// bit I of qh[l]. `dl[I]` = d * sc, `ml[8 + I]` = dmin * m. I is a constant so that every chunk
+/// index is one after inlining (the kernels' accumulators then stay in registers).
 #[inline(always)]
-unsafe fn k4<S: Simd, const FIVE: bool>(b: *const u8, mut f: impl FnMut(usize, S::F)) {
-    let (d, dmin) = (S::f16(b), S::f16(b.add(2)));
-    let scales = std::slice::from_raw_parts(b.add(4), 12);
+unsafe fn k4_sub<S: Simd, K: Sink<S>, const FIVE: bool, const I: usize>(
+    b: *const u8,
+    dl: &[f32; 16],
+    ml: &[f32; 16],
+    k: &mut K,
+) {
+    let (dl, ml) = (S::splat(dl[I]), S::splat(ml[8 + I]));
     let (qh, qs) = if FIVE { (b.add(16), b.add(48)) } else { (b, b.add(16)) };
-    for i in 0..8 {
-        let (sc, mn) = scale_min_k4(i, scales);
-        let (dl, ml) = (S::splat(d * sc as f32), S::splat(dmin * mn as f32));
-        let tables = if S::LUT {
-            let t0 = S::sub(S::mul(dl, S::iota()), ml);
-            Some((t0, if FIVE { S::sub(S::mul(dl, S::add(S::iota(), S::splat(16.0))), ml) } else { t0 }))
+    for c in 0..32 / S::LANES {
+        let l0 = c * S::LANES;
+        let raw = S::u8s(qs.add((I / 2) * 32 + l0));
+        let v = if S::LUT && !FIVE {
+            S::lut16(S::sub(S::mul(dl, S::iota()), ml), if I.is_multiple_of(2) { raw } else { S::shr(raw, 4) })
         } else {
-            None
+            let mut q = if I.is_multiple_of(2) { S::and(raw, 0xF) } else { S::shr(raw, 4) };
+            if FIVE {
+                q = S::or(q, S::shl(S::and(S::shr(S::u8s(qh.add(l0)), I as i32), 1), 4));
+            }
+            if S::LUT {
+                let t0 = S::sub(S::mul(dl, S::iota()), ml);
+                let t1 = S::sub(S::mul(dl, S::add(S::iota(), S::splat(16.0))), ml);
+                S::lut32(t0, t1, q)
+            } else {
+                S::sub(S::mul(dl, S::cvt(q)), ml)
+            }
         };
-        for c in 0..32 / S::LANES {
-            let l0 = c * S::LANES;
-            let raw = S::u8s(qs.add((i / 2) * 32 + l0));
-            let hi = S::shr(S::u8s(qh.add(l0)), i as i32);
-            let v = match tables {
-                Some((t, _)) if !FIVE => S::lut16(t, if i % 2 == 0 { raw } else { S::shr(raw, 4) }),
-                Some((t0, t1)) => {
-                    let q = if i % 2 == 0 { S::and(raw, 0xF) } else { S::shr(raw, 4) };
-                    S::lut32(t0, t1, S::or(q, S::shl(S::and(hi, 1), 4)))
-                }
-                None => {
-                    let mut q = if i % 2 == 0 { S::and(raw, 0xF) } else { S::shr(raw, 4) };
-                    if FIVE {
-                        q = S::or(q, S::shl(S::and(hi, 1), 4));
-                    }
-                    S::sub(S::mul(dl, S::cvt(q)), ml)
-                }
-            };
-            f(i * (32 / S::LANES) + c, v);
-        }
+        k.put(I * (32 / S::LANES) + c, v);
     }
+}
+
+/// The 8 6-bit scales then the 8 mins of a Q4_K / Q5_K block (`ggml::scale_min_k4` for all j at once,
+/// on 32-bit words).
+#[inline(always)]
+unsafe fn scales_mins_k4(q: *const u8) -> [u8; 16] {
+    let w = |i: usize| u32::from_le_bytes([*q.add(i), *q.add(i + 1), *q.add(i + 2), *q.add(i + 3)]);
+    let (a, b, c) = (w(0), w(4), w(8));
+    let sc_lo = a & 0x3f3f_3f3f;
+    let m_lo = b & 0x3f3f_3f3f;
+    let sc_hi = (c & 0x0f0f_0f0f) | (((a >> 6) & 0x0303_0303) << 4);
+    let m_hi = ((c >> 4) & 0x0f0f_0f0f) | (((b >> 6) & 0x0303_0303) << 4);
+    let mut out = [0u8; 16];
+    for (i, v) in [sc_lo, sc_hi, m_lo, m_hi].into_iter().enumerate() {
+        out[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+#[inline(always)]
+unsafe fn k4<S: Simd, K: Sink<S>, const FIVE: bool>(b: *const u8, k: &mut K) {
+    let (d, dmin) = (S::f16(b), S::f16(b.add(2)));
+    // d * sc for the 8 sub-blocks (lanes 0..8 of dl) and dmin * m (lanes 8..16 of ml), vectorised
+    let sm = scales_mins_k4(b.add(4));
+    let (mut dl, mut ml) = ([0f32; 16], [0f32; 16]);
+    for c in 0..16 / S::LANES {
+        let v = S::cvt(S::u8s(sm.as_ptr().add(c * S::LANES)));
+        S::store(dl.as_mut_ptr().add(c * S::LANES), S::mul(S::splat(d), v));
+        S::store(ml.as_mut_ptr().add(c * S::LANES), S::mul(S::splat(dmin), v));
+    }
+    k4_sub::<S, K, FIVE, 0>(b, &dl, &ml, k);
+    k4_sub::<S, K, FIVE, 1>(b, &dl, &ml, k);
+    k4_sub::<S, K, FIVE, 2>(b, &dl, &ml, k);
+    k4_sub::<S, K, FIVE, 3>(b, &dl, &ml, k);
+    k4_sub::<S, K, FIVE, 4>(b, &dl, &ml, k);
+    k4_sub::<S, K, FIVE, 5>(b, &dl, &ml, k);
+    k4_sub::<S, K, FIVE, 6>(b, &dl, &ml, k);
+    k4_sub::<S, K, FIVE, 7>(b, &dl, &ml, k);
 }
 
 impl Block for Q4K {
     const BS: usize = 256;
     const TS: usize = 144;
     #[inline(always)]
-    unsafe fn decode<S: Simd>(b: *const u8, f: impl FnMut(usize, S::F)) {
-        k4::<S, false>(b, f)
+    unsafe fn decode<S: Simd, K: Sink<S>>(b: *const u8, k: &mut K) {
+        k4::<S, K, false>(b, k)
     }
 }
 
@@ -488,34 +537,48 @@ impl Block for Q5K {
     const BS: usize = 256;
     const TS: usize = 176;
     #[inline(always)]
-    unsafe fn decode<S: Simd>(b: *const u8, f: impl FnMut(usize, S::F)) {
-        k4::<S, true>(b, f)
+    unsafe fn decode<S: Simd, K: Sink<S>>(b: *const u8, k: &mut K) {
+        k4::<S, K, true>(b, k)
     }
 }
 
-// Q6_K: per half h (128 values; ql 64 B, qh 32 B, 8 scales), value l + 32 k (l < 32, k < 4) is
-// (d * sc[l / 16 + 2 k]) * (q - 32), q = 4 bits of ql[l + 32 (k % 2)] (low for k < 2, high after) |
-// bits 2k, 2k + 1 of qh[l] << 4.
+// Q6_K: per half H (128 values; ql 64 B, qh 32 B, 8 scales), value l + 32 J (l < 32, J < 4) is
+// (d * sc[l / 16 + 2 J]) * (q - 32), q = 4 bits of ql[l + 32 (J % 2)] (low for J < 2, high after) |
+// bits 2J, 2J + 1 of qh[l] << 4. H and J are constants (see `k4_sub`).
+#[inline(always)]
+unsafe fn q6_part<S: Simd, K: Sink<S>, const H: usize, const J: usize>(b: *const u8, s: &[f32; 16], k: &mut K) {
+    let (ql, qh) = (b.add(64 * H + 32 * (J % 2)), b.add(128 + 32 * H));
+    for c in 0..32 / S::LANES {
+        let l0 = c * S::LANES;
+        let src = S::u8s(ql.add(l0));
+        let low = if J < 2 { S::and(src, 0xF) } else { S::shr(src, 4) };
+        let q = S::or(low, S::shl(S::and(S::shr(S::u8s(qh.add(l0)), 2 * J as i32), 3), 4));
+        let s = S::splat(s[8 * H + l0 / 16 + 2 * J]);
+        k.put((128 * H + l0 + 32 * J) / S::LANES, S::mul(s, S::cvt(S::sub_i(q, 32))));
+    }
+}
+
 impl Block for Q6K {
     const BS: usize = 256;
     const TS: usize = 210;
     #[inline(always)]
-    unsafe fn decode<S: Simd>(b: *const u8, mut f: impl FnMut(usize, S::F)) {
-        let d = S::f16(b.add(208));
-        for h in 0..2 {
-            let (ql, qh, sc) = (b.add(64 * h), b.add(128 + 32 * h), b.add(192 + 8 * h));
-            for c in 0..32 / S::LANES {
-                let l0 = c * S::LANES;
-                let hb = S::u8s(qh.add(l0));
-                let (lo, hi) = (S::u8s(ql.add(l0)), S::u8s(ql.add(l0 + 32)));
-                for k in 0..4 {
-                    let src = if k % 2 == 0 { lo } else { hi };
-                    let low = if k < 2 { S::and(src, 0xF) } else { S::shr(src, 4) };
-                    let q = S::or(low, S::shl(S::and(S::shr(hb, 2 * k as i32), 3), 4));
-                    let s = S::splat(d * (*sc.add(l0 / 16 + 2 * k) as i8) as f32);
-                    f((128 * h + l0 + 32 * k) / S::LANES, S::mul(s, S::cvt(S::sub_i(q, 32))));
-                }
-            }
+    unsafe fn decode<S: Simd, K: Sink<S>>(b: *const u8, k: &mut K) {
+        // the 16 scales d * sc, vectorised
+        let d = S::splat(S::f16(b.add(208)));
+        let mut s = [0f32; 16];
+        for c in 0..16 / S::LANES {
+            S::store(s.as_mut_ptr().add(c * S::LANES), S::mul(d, S::cvt(S::i8s(b.add(192 + c * S::LANES)))));
         }
+        // kept in memory: a lane broadcast from memory is one load, from a register two shuffles
+        // (measured: 15% faster here; slower for Q4_K's tables)
+        let s = std::hint::black_box(s);
+        q6_part::<S, K, 0, 0>(b, &s, k);
+        q6_part::<S, K, 0, 1>(b, &s, k);
+        q6_part::<S, K, 0, 2>(b, &s, k);
+        q6_part::<S, K, 0, 3>(b, &s, k);
+        q6_part::<S, K, 1, 0>(b, &s, k);
+        q6_part::<S, K, 1, 1>(b, &s, k);
+        q6_part::<S, K, 1, 2>(b, &s, k);
+        q6_part::<S, K, 1, 3>(b, &s, k);
     }
 }

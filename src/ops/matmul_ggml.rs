@@ -5,10 +5,9 @@
 //! (`ggml::dequantize_row`, see `ggml_simd`), so results equal the dequantized math up to the order of
 //! the f32 sums (llama.cpp instead quantizes x to 8 bits and takes integer dot products).
 //! * few rows of x (decoding, [`few_rows`]): each task owns a range of output rows and reads their
-//!   blocks straight from the packed bytes, decoding them in registers and taking their dot products
-//!   with up to 4 rows of x at once (4 weight rows at once for one x row, 2 for two, so that x is loaded
-//!   once for several rows and 8 accumulator chains hide the multiply-add latency); more rows of x go
-//!   in groups of 4 over the same (cached) blocks;
+//!   blocks straight from the packed bytes, one row after the other, decoding them in registers and
+//!   taking their dot products with up to 4 rows of x at once; more rows of x go in groups of 4 over
+//!   the same (cached) blocks;
 //! * many rows (prefill, training, backward): [`decode_rows`] decodes a tile of W into f32, and
 //!   `matmul_quant` runs gemm on it.
 //!
@@ -22,7 +21,7 @@ use rayon::prelude::*;
 use super::cpu::SendPtr;
 #[cfg(target_arch = "x86_64")]
 use super::ggml_simd::{Avx2, Avx512};
-use super::ggml_simd::{Block, Simd, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0};
+use super::ggml_simd::{Block, Simd, Sink, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0};
 use crate::quant::ggml::{GgmlType, GgmlWeight};
 
 /// The instruction set the kernels run with.
@@ -104,13 +103,13 @@ pub(crate) fn few_rows_with(isa: Isa, x: &[f32], n: usize, w: &GgmlWeight, y: &m
     if n == 0 || out == 0 {
         return;
     }
-    // A few tasks per thread (balance), each a multiple of 4 rows, at least 16.
-    let per_task = out.div_ceil(8 * rayon::current_num_threads()).max(16).next_multiple_of(4);
+    // A few tasks per thread (balance when a thread is held up), each at least 16 rows.
+    let per_task = out.div_ceil(4 * rayon::current_num_threads()).max(16).next_multiple_of(4);
     let (wp, xp, yp) =
         (SendPtr(w.data().as_ptr() as *mut u8), SendPtr(x.as_ptr() as *mut f32), SendPtr(y.as_mut_ptr()));
     let rb = w.row_bytes();
     let ty = w.ty;
-    (0..out.div_ceil(per_task)).into_par_iter().for_each(move |t| {
+    par_tasks(out.div_ceil(per_task), &move |t| {
         let (wp, xp, yp) = (wp, xp, yp);
         let (o0, o1) = (t * per_task, ((t + 1) * per_task).min(out));
         let a = Args { w: wp.0, rb, x: xp.0, n, k, out, y: yp.0, o0, o1 };
@@ -128,6 +127,72 @@ pub(crate) fn few_rows_with(isa: Isa, x: &[f32], n: usize, w: &GgmlWeight, y: &m
             }
         }
     });
+}
+
+/// Runs `f(t)` for t in 0..tasks on the calling thread and rayon's threads, each task once.
+///
+/// On a thread of rayon's pool this is a plain parallel loop. From outside the pool (how the model
+/// calls its kernels), a parallel loop hands the whole job to the pool and sleeps until it is done,
+/// ~8 us per call (measured with examples/bench_ggml.rs --outside: 1.8 ms of a 4.3 ms decoding step
+/// of SmolLM2-135M's matmuls); here the calling thread works too and the pool's threads join in
+/// through `rayon::spawn`: every participant claims tasks from one counter, and the caller waits,
+/// spinning, until all claimed tasks are done. A helper that starts late finds no task left and
+/// touches nothing but the shared counters (on the heap). `f` must not panic (a helper's panic would
+/// leave the caller waiting).
+fn par_tasks(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let threads = rayon::current_num_threads();
+    if tasks <= 1 || threads <= 1 {
+        (0..tasks).for_each(f);
+        return;
+    }
+    if rayon::current_thread_index().is_some() {
+        (0..tasks).into_par_iter().for_each(f);
+        return;
+    }
+    struct Shared {
+        next: AtomicUsize,
+        done: AtomicUsize,
+        tasks: usize,
+        f: *const (dyn Fn(usize) + Sync + 'static),
+    }
+    // SAFETY: `f` is Sync, and dereferenced only for a claimed task, while the caller (which keeps
+    // it alive) waits for that task to be done; the counters are atomics.
+    unsafe impl Send for Shared {}
+    // SAFETY: as for Send.
+    unsafe impl Sync for Shared {}
+    impl Shared {
+        fn work(&self) {
+            loop {
+                let t = self.next.fetch_add(1, Ordering::Relaxed);
+                if t >= self.tasks {
+                    return;
+                }
+                // SAFETY: t was claimed before all tasks were done, so the caller still waits and
+                // `f` is alive (see `par_tasks`).
+                unsafe { (*self.f)(t) };
+                self.done.fetch_add(1, Ordering::Release);
+            }
+        }
+    }
+    // SAFETY: only the lifetime is erased; see Shared.
+    let f: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(f) };
+    let shared = Arc::new(Shared { next: AtomicUsize::new(0), done: AtomicUsize::new(0), tasks, f });
+    for _ in 1..threads.min(tasks) {
+        let s = shared.clone();
+        rayon::spawn(move || s.work());
+    }
+    shared.work();
+    let mut spins = 0u32;
+    while shared.done.load(Ordering::Acquire) < tasks {
+        spins += 1;
+        if spins < 1 << 14 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
 }
 
 /// One task's share of [`few_rows`]: output rows o0..o1.
@@ -156,51 +221,84 @@ unsafe fn task_avx2<B: Block>(a: Args) {
     task::<Avx2, B>(a)
 }
 
-/// Weight rows decoded together for one row of x.
-const ROWS_N1: usize = 1;
-
 #[inline(always)]
 unsafe fn task<S: Simd, B: Block>(a: Args) {
     let mut r0 = 0;
     while r0 < a.n {
         let g = (a.n - r0).min(4);
-        let mut o = a.o0;
-        match g {
-            1 => {
-                while o + ROWS_N1 <= a.o1 {
-                    dot::<S, B, ROWS_N1, 1>(&a, o, r0);
-                    o += ROWS_N1;
-                }
-                (o..a.o1).for_each(|o| dot::<S, B, 1, 1>(&a, o, r0));
+        for o in a.o0..a.o1 {
+            match g {
+                1 => dot::<S, B, 1>(&a, o, r0),
+                2 => dot::<S, B, 2>(&a, o, r0),
+                3 => dot::<S, B, 3>(&a, o, r0),
+                _ => dot::<S, B, 4>(&a, o, r0),
             }
-            2 => (o..a.o1).for_each(|o| dot::<S, B, 1, 2>(&a, o, r0)),
-            3 => (o..a.o1).for_each(|o| dot::<S, B, 1, 3>(&a, o, r0)),
-            _ => (o..a.o1).for_each(|o| dot::<S, B, 1, 4>(&a, o, r0)),
         }
         r0 += g;
     }
 }
 
-/// y[r0 + r, o + j] += x[r0 + r] . W[o + j] for j < R, r < N: the blocks of R weight rows decoded in
-/// registers, two accumulators per (j, r) (even and odd chunks).
-#[inline(always)]
-unsafe fn dot<S: Simd, B: Block, const R: usize, const N: usize>(a: &Args, o: usize, r0: usize) {
-    let mut acc = [[[S::zero(); 2]; N]; R];
-    let x = a.x.add(r0 * a.k);
-    for bi in 0..a.k / B::BS {
-        for (j, accj) in acc.iter_mut().enumerate() {
-            B::decode::<S>(a.w.add((o + j) * a.rb + bi * B::TS), |c, v| {
-                for (r, accr) in accj.iter_mut().enumerate() {
-                    let xv = S::load(x.add(r * a.k + bi * B::BS + c * S::LANES));
-                    accr[c & 1] = S::fma(v, xv, accr[c & 1]);
-                }
-            });
+/// The dot products of decoded chunks with N rows of x: `acc[r][chain]` += v x[r, base + c LANES..].
+struct Dot<S: Simd, const N: usize, const CHAINS: usize> {
+    acc: [[S::F; 4]; N],
+    x: *const f32,
+    k: usize,
+    base: usize,
+    /// chain of chunk c: (first + c) % CHAINS
+    first: usize,
+}
+
+impl<S: Simd, const N: usize, const CHAINS: usize> Sink<S> for Dot<S, N, CHAINS> {
+    #[inline(always)]
+    unsafe fn put(&mut self, c: usize, v: S::F) {
+        let chain = (self.first + c) % CHAINS;
+        for (r, acc) in self.acc.iter_mut().enumerate() {
+            let xv = S::load(self.x.add(r * self.k + self.base + c * S::LANES));
+            acc[chain] = S::fma(v, xv, acc[chain]);
         }
     }
-    for (j, accj) in acc.iter().enumerate() {
-        for (r, accr) in accj.iter().enumerate() {
-            *a.y.add((r0 + r) * a.out + o + j) += S::sum(S::add(accr[0], accr[1]));
+}
+
+/// y[r0 + r, o] += x[r0 + r] . W[o] for r < N: the blocks of weight row o decoded in registers, with
+/// 4 accumulator chains per row of x for N <= 2 (the multiply-add latency), 2 above (registers); the
+/// 32-value blocks go two at a time so that each chain gets every fourth chunk. Every chain index is
+/// a constant after inlining (the decoders' chunk loops unroll), so the accumulators stay in
+/// registers. One weight row at a time: the task reads its rows as one sequential stream (decoding
+/// two or four rows side by side, so that x is loaded once for them, was 2-4x slower on weights
+/// streamed from memory: measured with examples/bench_ggml.rs).
+#[inline(always)]
+unsafe fn dot<S: Simd, B: Block, const N: usize>(a: &Args, o: usize, r0: usize) {
+    if N <= 2 {
+        dot_chains::<S, B, N, 4>(a, o, r0)
+    } else {
+        dot_chains::<S, B, N, 2>(a, o, r0)
+    }
+}
+
+#[inline(always)]
+unsafe fn dot_chains<S: Simd, B: Block, const N: usize, const CHAINS: usize>(a: &Args, o: usize, r0: usize) {
+    let per_block = B::BS / S::LANES; // chunks per block
+    let unroll = if B::BS == 32 { 2 } else { 1 };
+    let mut d = Dot::<S, N, CHAINS> { acc: [[S::zero(); 4]; N], x: a.x.add(r0 * a.k), k: a.k, base: 0, first: 0 };
+    let row = a.w.add(o * a.rb);
+    let blocks = a.k / B::BS;
+    let mut bi = 0;
+    while bi + unroll <= blocks {
+        for u in 0..unroll {
+            d.base = (bi + u) * B::BS;
+            d.first = u * per_block;
+            B::decode::<S, _>(row.add((bi + u) * B::TS), &mut d);
         }
+        bi += unroll;
+    }
+    if bi < blocks {
+        d.base = bi * B::BS;
+        d.first = 0;
+        B::decode::<S, _>(row.add(bi * B::TS), &mut d);
+    }
+    for (r, acc) in d.acc.iter().enumerate() {
+        let s = S::add(S::add(acc[0], acc[1]), S::add(acc[2], acc[3]));
+        *a.y.add((r0 + r) * a.out + o) += S::sum(s);
     }
 }
 
@@ -245,12 +343,21 @@ unsafe fn decode_avx2<B: Block>(src: *const u8, rb: usize, k: usize, rows: usize
     decode::<Avx2, B>(src, rb, k, rows, dst)
 }
 
+/// Stores decoded chunks at `d`.
+struct Store(*mut f32);
+
+impl<S: Simd> Sink<S> for Store {
+    #[inline(always)]
+    unsafe fn put(&mut self, c: usize, v: S::F) {
+        S::store(self.0.add(c * S::LANES), v)
+    }
+}
+
 #[inline(always)]
 unsafe fn decode<S: Simd, B: Block>(src: *const u8, rb: usize, k: usize, rows: usize, dst: *mut f32) {
     for r in 0..rows {
         for bi in 0..k / B::BS {
-            let d = dst.add(r * k + bi * B::BS);
-            B::decode::<S>(src.add(r * rb + bi * B::TS), |c, v| S::store(d.add(c * S::LANES), v));
+            B::decode::<S, _>(src.add(r * rb + bi * B::TS), &mut Store(dst.add(r * k + bi * B::BS)));
         }
     }
 }
@@ -324,6 +431,23 @@ mod tests {
             Some(Isa::Avx512) => vec![Isa::Avx512, Isa::Avx2],
             Some(Isa::Avx2) => vec![Isa::Avx2],
             None => vec![],
+        }
+    }
+
+    #[test]
+    fn par_tasks_runs_every_task_once_inside_and_outside_the_pool() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        for tasks in [0, 1, 2, 7, 100] {
+            let counts: Vec<AtomicUsize> = (0..tasks).map(|_| AtomicUsize::new(0)).collect();
+            par_tasks(tasks, &|t| {
+                counts[t].fetch_add(1, Ordering::Relaxed);
+            });
+            rayon::scope(|_| {
+                par_tasks(tasks, &|t| {
+                    counts[t].fetch_add(1, Ordering::Relaxed);
+                })
+            });
+            assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 2), "{tasks} tasks");
         }
     }
 
