@@ -81,7 +81,10 @@ impl ModelConfig {
 
     /// The `LlamaConfig` transformers builds for a Llama GGUF file (its `llama.*` keys, read by
     /// `checkpoint::gguf_llama`), as config.json keys so that Python sees the same attributes.
-    pub fn from_gguf_llama(g: &crate::checkpoint::gguf_llama::GgufLlamaConfig, file: &Path) -> Result<Self, ConfigError> {
+    pub fn from_gguf_llama(
+        g: &crate::checkpoint::gguf_llama::GgufLlamaConfig,
+        file: &Path,
+    ) -> Result<Self, ConfigError> {
         let t = &g.text;
         let json = serde_json::json!({
             "architectures": ["LlamaForCausalLM"],

@@ -64,12 +64,7 @@ pub fn gguf_linear(
     }
     let file = g.file().path().to_path_buf();
     if info.shape() != [shape.0, shape.1] {
-        return Err(CheckpointError::BadShape {
-            name,
-            file,
-            expected: vec![shape.0, shape.1],
-            found: info.shape(),
-        });
+        return Err(CheckpointError::BadShape { name, file, expected: vec![shape.0, shape.1], found: info.shape() });
     }
     let rows = g.rows(&name)?;
     g.release(&name);
