@@ -36,6 +36,7 @@ fn opts(case: &str, method: GgufQuantMethod) -> GgufExportOptions {
         name_or_path: format!("/tmp/converter/{case}"),
         assets_dir: Some(fixtures().join("processor/config")),
         tokenizer_gguf: None,
+        mmproj_gguf: None,
     }
 }
 
@@ -402,4 +403,67 @@ fn tokenizer_keys_equal_the_converters_for_smolvlms_vocabulary() {
     for t in ["<fake_token_around_image>", "<global-img>", "<row_1_col_1>", "<image>"] {
         assert!(tokens.iter().any(|x| x == t), "{t}");
     }
+}
+
+#[test]
+fn bad_mmproj_files_and_mismatched_configs_give_typed_errors() {
+    use ferrovlm::checkpoint::gguf_mmproj::GgufClip;
+    use ferrovlm::checkpoint::GgufWriter;
+    use ferrovlm::error::{CheckpointError, ConfigError, Error};
+    let clip = |edit: &dyn Fn(&mut Vec<(&str, GgufValue)>)| {
+        let s = |x: &str| GgufValue::String(x.into());
+        let mut kv: Vec<(&str, GgufValue)> = vec![
+            ("general.architecture", s("clip")),
+            ("clip.projector_type", s("idefics3")),
+            ("clip.vision.embedding_length", GgufValue::U32(32)),
+            ("clip.vision.feed_forward_length", GgufValue::U32(64)),
+            ("clip.vision.block_count", GgufValue::U32(1)),
+            ("clip.vision.attention.head_count", GgufValue::U32(2)),
+            ("clip.vision.image_size", GgufValue::U32(32)),
+            ("clip.vision.patch_size", GgufValue::U32(8)),
+            ("clip.vision.projector.scale_factor", GgufValue::U32(2)),
+            ("clip.vision.projection_dim", GgufValue::U32(32)),
+        ];
+        edit(&mut kv);
+        let mut w = GgufWriter::new();
+        for (k, v) in kv {
+            w.add_metadata(k, v).unwrap();
+        }
+        GgufClip::from_file(GgufFile::from_bytes(w.to_bytes(), "bad.gguf").unwrap())
+    };
+    assert!(clip(&|_| {}).is_ok());
+    let e = clip(&|kv| kv[1].1 = GgufValue::String("llava".into())).unwrap_err();
+    assert!(matches!(&e, CheckpointError::GgufUnsupported { what, .. } if what.contains("'llava'")), "{e}");
+    let e = clip(&|kv| kv[0].1 = GgufValue::String("llama".into())).unwrap_err();
+    assert!(matches!(&e, CheckpointError::GgufUnsupported { .. }), "{e}");
+    let e = clip(&|kv| {
+        kv.remove(4);
+    })
+    .unwrap_err();
+    assert!(matches!(&e, CheckpointError::GgufMetadata { key, .. } if key == "clip.vision.block_count"), "{e}");
+    let e = clip(&|kv| kv[6].1 = GgufValue::U32(0)).unwrap_err();
+    assert!(matches!(&e, CheckpointError::GgufMetadata { key, .. } if key == "clip.vision.image_size"), "{e}");
+    let e = clip(&|kv| kv[3].1 = GgufValue::String("64".into())).unwrap_err();
+    assert!(matches!(&e, CheckpointError::GgufMetadata { key, .. } if key == "clip.vision.feed_forward_length"), "{e}");
+
+    // files that do not belong to the config.json they are read with
+    let dir = tempfile::tempdir().unwrap();
+    let files = export(&load("idefics3_gqa"), dir.path(), &opts("idefics3_gqa", GgufQuantMethod::F32)).unwrap();
+    let other = fixtures().join("smolvlm_tied/checkpoint");
+    let mm = files.mmproj.unwrap();
+    let e =
+        VlmModel::from_gguf_mmproj(&files.text, &mm, Some(&other), "idefics3", DType::F32, &Device::Cpu).err().unwrap();
+    assert!(matches!(&e, Error::Config(ConfigError::BadValue { key, .. }) if key == "text_config.hidden_size"), "{e}");
+    let e = VlmModel::from_dir_gguf_text(&other, &files.text, DType::F32, &Device::Cpu).err().unwrap();
+    assert!(e.to_string().contains("text_config."), "{e}");
+    // without a config.json the image token must be in the vocabulary (this file has none)
+    let e = VlmModel::from_gguf_mmproj(&files.text, &mm, None, "idefics3", DType::F32, &Device::Cpu).err().unwrap();
+    assert!(
+        matches!(&e, Error::Checkpoint(CheckpointError::GgufMetadata { key, .. }) if key == "tokenizer.ggml.tokens"),
+        "{e}"
+    );
+    // a text file given as the mmproj file
+    let e =
+        VlmModel::from_gguf_mmproj(&files.text, &files.text, None, "idefics3", DType::F32, &Device::Cpu).err().unwrap();
+    assert!(e.to_string().contains("architecture 'llama'"), "{e}");
 }

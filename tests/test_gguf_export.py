@@ -204,6 +204,19 @@ def test_unknown_quantization_method_lists_the_allowed_ones(tmp_path):
     with pytest.raises(ValueError, match="f16, q8_0, q4_k_m, f32"):
         model.save_pretrained_gguf(tmp_path, quantization_method="q4_0")
     assert ferrovlm.gguf.QUANTIZATION_METHODS == ("f16", "q8_0", "q4_k_m", "f32")
+    with pytest.raises(NotImplementedError, match="push_to_hub"):
+        model.save_pretrained_gguf(tmp_path, push_to_hub=True)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_unsloths_method_names_and_lists(tmp_path):
+    model = Idefics3ForConditionalGeneration.from_pretrained(IDEFICS3 / "checkpoint")
+    with pytest.warns(UserWarning, match="no tokenizer"):
+        paths = model.save_pretrained_gguf(tmp_path, quantization_method=["quantized", "fast_quantized", "q8_0"])
+    names = [Path(p).name for p in paths]
+    # the model is named after the folder it was loaded from (tests/fixtures/idefics3_gqa/checkpoint)
+    assert names == ["Checkpoint-79K-Q4_K_M.gguf", "mmproj-Checkpoint-F16.gguf", "Checkpoint-79K-Q8_0.gguf",
+                     "mmproj-Checkpoint-Q8_0.gguf"]
 
 
 def test_k_quants_fall_back_on_short_rows(fullvocab, tmp_path):
@@ -222,7 +235,15 @@ def test_k_quants_fall_back_on_short_rows(fullvocab, tmp_path):
 
 def test_a_model_read_from_gguf_exports_its_own_vocabulary(fullvocab, tmp_path):
     model = Idefics3ForConditionalGeneration.from_pretrained(fullvocab)
-    text, _ = model.save_pretrained_gguf(tmp_path / "a", quantization_method="f16")
+    text, mmproj = model.save_pretrained_gguf(tmp_path / "a", quantization_method="f16")
+    # the VLM read from the two files writes the same files again (vocabulary and image settings kept)
+    vlm = Idefics3ForConditionalGeneration.from_pretrained(tmp_path / "a", gguf_file=Path(text).name,
+                                                           mmproj_file=Path(mmproj).name)
+    text2, mmproj2 = vlm.save_pretrained_gguf(tmp_path / "c", quantization_method="f16")
+    for x, y in ((text, text2), (mmproj, mmproj2)):
+        a, b = read_gguf(Path(x)), read_gguf(Path(y))
+        assert [k for k in a["keys"] if k[0] != "general.name"] == [k for k in b["keys"] if k[0] != "general.name"]
+        assert [(t["name"], t["data"]) for t in a["tensors"]] == [(t["name"], t["data"]) for t in b["tensors"]]
     llama = LlamaForCausalLM.from_pretrained(tmp_path / "a", gguf_file=Path(text).name)
     (again,) = llama.save_pretrained_gguf(tmp_path / "b", quantization_method="f16")
     a, b = read_gguf(Path(text)), read_gguf(Path(again))

@@ -53,6 +53,7 @@ class VlmModel:
         assets_dir: str | None = None,
         tokenizer_gguf: str | None = None,
         merge_adapters: bool = False,
+        mmproj_gguf: str | None = None,
     ) -> tuple[str, str | None]: ...
     @property
     def quantization(self) -> tuple[str | None, int, int, int]: ...

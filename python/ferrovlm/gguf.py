@@ -24,6 +24,8 @@ from .errors import CheckpointError, ConfigError
 from .hub import resolve_pretrained
 
 QUANTIZATION_METHODS: tuple[str, ...] = tuple(_core.GGUF_QUANTIZATION_METHODS)
+# Unsloth's names for the same methods.
+ALIASES: dict[str, str] = {"not_quantized": "f16", "fast_quantized": "q8_0", "quantized": "q4_k_m"}
 
 
 def _local_dir(name: Any, marker: str) -> Optional[str]:
@@ -71,33 +73,48 @@ def save_pretrained_gguf(
     model: Any,
     save_directory: str | os.PathLike[str],
     tokenizer: Any = None,
-    quantization_method: str = "f16",
+    quantization_method: Any = "f16",
     merge_adapters: bool = False,
+    **kwargs: Any,
 ) -> list[str]:
     """Writes ``model`` as GGUF files into ``save_directory``; returns their paths (text file first).
 
     ``tokenizer``: a tokenizer, a processor (whose image settings then go into the mmproj file) or a
     folder; by default the files of the folder the model was loaded from (or the vocabulary of the GGUF
-    file it was read from). ``quantization_method``: one of ``QUANTIZATION_METHODS``."""
-    method = str(quantization_method).lower()
-    if method not in QUANTIZATION_METHODS:
-        raise ValueError(
-            f"unknown quantization_method {quantization_method!r}; allowed: {', '.join(QUANTIZATION_METHODS)}"
-        )
+    file it was read from). ``quantization_method``: one of ``QUANTIZATION_METHODS`` (or Unsloth's
+    ``ALIASES``), or a list of them (one text file each; the mmproj file once per type)."""
+    if kwargs.pop("push_to_hub", False):
+        raise NotImplementedError("push_to_hub is not supported: upload the files with huggingface_hub")
+    if kwargs:
+        warnings.warn(f"save_pretrained_gguf: {sorted(kwargs)} change nothing in ferrovlm", stacklevel=3)
+    methods = list(quantization_method) if isinstance(quantization_method, (list, tuple)) else [quantization_method]
+    resolved = []
+    for m in methods:
+        name = ALIASES.get(str(m).lower(), str(m).lower())
+        if name not in QUANTIZATION_METHODS:
+            allowed = ", ".join(QUANTIZATION_METHODS) + " (Unsloth's " + ", ".join(ALIASES) + ")"
+            raise ValueError(f"unknown quantization_method {m!r}; allowed: {allowed}")
+        resolved.append(name)
     if os.path.isfile(os.fspath(save_directory)):
         raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file, not a folder")
     assets, tokenizer_gguf = _sources(model, tokenizer)
     name = getattr(model.config, "_name_or_path", None) or os.path.basename(os.path.abspath(save_directory))
-    text, mmproj = model._core.save_gguf(
-        os.fspath(save_directory), method, os.fspath(name), assets, tokenizer_gguf, bool(merge_adapters)
-    )
+    paths: list[str] = []
+    for method in dict.fromkeys(resolved):
+        text, mmproj = model._core.save_gguf(
+            os.fspath(save_directory), method, os.fspath(name), assets, tokenizer_gguf, bool(merge_adapters),
+            getattr(model, "_mmproj_file", None),
+        )
+        paths.append(text)
+        if mmproj is not None and mmproj not in paths:
+            paths.append(mmproj)
     if assets is None and tokenizer_gguf is None:
         warnings.warn(
-            f"no tokenizer found (pass tokenizer=...): {os.path.basename(text)} has no vocabulary and llama.cpp "
+            f"no tokenizer found (pass tokenizer=...): {os.path.basename(paths[0])} has no vocabulary and llama.cpp "
             "cannot load it",
             stacklevel=3,
         )
-    return [text] if mmproj is None else [text, mmproj]
+    return paths
 
 
 def _resolve_file(name_or_path: Any, file: Any, hub: dict[str, Any]) -> str:
@@ -111,9 +128,10 @@ def _resolve_file(name_or_path: Any, file: Any, hub: dict[str, Any]) -> str:
 def load_gguf_core(
     name_or_path: Any, gguf_file: Any, mmproj_file: Any, dtype: str, want_vlm: bool, model_type: str,
     hub: dict[str, Any],
-) -> tuple[Any, Optional[str], str]:
+) -> tuple[Any, Optional[str], str, Optional[str]]:
     """The core model of ``from_pretrained(name_or_path, gguf_file=..., mmproj_file=...)``, the folder whose
-    config.json it used (None when the config came from the GGUF files) and the text GGUF file's path.
+    config.json it used (None when the config came from the GGUF files), and the paths of the text and
+    mmproj GGUF files.
 
     A language model: the GGUF file alone. A VLM: with ``mmproj_file`` the two GGUF files (a config.json
     in ``name_or_path`` or next to the text file is used when there is one); without it, the hub-layout
@@ -122,13 +140,13 @@ def load_gguf_core(
     if not want_vlm:
         if mmproj_file is not None:
             raise ValueError("mmproj_file holds a vision tower: load it with Idefics3ForConditionalGeneration")
-        return _core.VlmModel.load_gguf(path, dtype), None, path
+        return _core.VlmModel.load_gguf(path, dtype), None, path, None
     if mmproj_file is not None:
         mm = _resolve_file(name_or_path, mmproj_file, hub)
         folders = [os.fspath(name_or_path)] if os.path.isdir(os.fspath(name_or_path)) else []
         folders.append(os.path.dirname(path))
         config_dir = next((f for f in folders if os.path.isfile(os.path.join(f, "config.json"))), None)
-        return _core.VlmModel.load_gguf(path, dtype, mm, config_dir, model_type), config_dir, path
+        return _core.VlmModel.load_gguf(path, dtype, mm, config_dir, model_type), config_dir, path, mm
     folder = _local_dir(name_or_path, "config.json")
     if folder is None:
         if os.path.isdir(os.fspath(name_or_path)):
@@ -138,7 +156,7 @@ def load_gguf_core(
                 "AutoModelForCausalLM"
             )
         folder = resolve_pretrained(name_or_path, **hub)
-    return _core.VlmModel.load_gguf(path, dtype, None, folder), folder, path
+    return _core.VlmModel.load_gguf(path, dtype, None, folder), folder, path, None
 
 
-__all__ = ["QUANTIZATION_METHODS", "save_pretrained_gguf", "load_gguf_core"]
+__all__ = ["QUANTIZATION_METHODS", "ALIASES", "save_pretrained_gguf", "load_gguf_core"]

@@ -229,7 +229,7 @@ class Idefics3ForConditionalGeneration:
         kinds = cls._model_types if auto else frozenset({cls.config_class.model_type})
         want_vlm = "llama" not in kinds
         model_type = "smolvlm" if kinds == {"smolvlm"} else "idefics3"
-        core, folder, path = load_gguf_core(
+        core, folder, path, mmproj = load_gguf_core(
             name_or_path, gguf_file, mmproj_file, _dtype_name(dtype, {"dtype": "float32"}), want_vlm, model_type, hub
         )
         resolved = json.loads(core.config_json)
@@ -242,22 +242,24 @@ class Idefics3ForConditionalGeneration:
         target = _MODEL_CLASSES[model_type] if auto else cls
         gen = GenerationConfig.from_pretrained(folder, config) if folder else GenerationConfig.from_model_config(config)
         model = target(core, config, gen)
-        model._gguf_file = path
+        model._gguf_file, model._mmproj_file = path, mmproj
         return model
 
+    # The GGUF files a model was read from (an export reuses their vocabulary and image settings).
     _gguf_file: Optional[str] = None
+    _mmproj_file: Optional[str] = None
 
     def save_pretrained_gguf(
-        self, save_directory: str | os.PathLike[str], tokenizer: Any = None, quantization_method: str = "f16",
+        self, save_directory: str | os.PathLike[str], tokenizer: Any = None, quantization_method: Any = "f16",
         **kwargs: Any,
     ) -> list[str]:
         """Writes the model as GGUF files for llama.cpp (Unsloth's API): the text model and, for a VLM, the
         ``mmproj`` file; returns their paths (see ``ferrovlm.gguf`` for the names). ``quantization_method``:
-        "f16", "q8_0", "q4_k_m" or "f32". Adapters must be merged first (``merge_and_unload()``), or call
-        this on the ``PeftModel``, which exports a merged copy."""
+        "f16", "q8_0", "q4_k_m" or "f32" (or a list of them). Adapters must be merged first
+        (``merge_and_unload()``), or call this on the ``PeftModel``, which exports a merged copy."""
         from .gguf import save_pretrained_gguf
 
-        return save_pretrained_gguf(self, save_directory, tokenizer, quantization_method)
+        return save_pretrained_gguf(self, save_directory, tokenizer, quantization_method, **kwargs)
 
     # -- torch-like surface ------------------------------------------------------------------------
     @property

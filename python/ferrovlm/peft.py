@@ -199,14 +199,15 @@ class PeftModel:
         return model
 
     def save_pretrained_gguf(
-        self, save_directory: str | os.PathLike[str], tokenizer: Any = None, quantization_method: str = "f16",
+        self, save_directory: str | os.PathLike[str], tokenizer: Any = None, quantization_method: Any = "f16",
         **kwargs: Any,
     ) -> list[str]:
         """The base model with the adapter merged, as GGUF files for llama.cpp (Unsloth's API): a merged
         copy is exported, this model keeps its adapter. Returns the paths written."""
         from .gguf import save_pretrained_gguf
 
-        return save_pretrained_gguf(self.base_model.model, save_directory, tokenizer, quantization_method, True)
+        model = self.base_model.model
+        return save_pretrained_gguf(model, save_directory, tokenizer, quantization_method, True, **kwargs)
 
     def unload(self) -> Any:
         model = self.base_model.model

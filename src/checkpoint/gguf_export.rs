@@ -129,6 +129,10 @@ pub struct GgufExportOptions {
     /// A GGUF file whose `tokenizer.*` keys are copied (a model read from GGUF); used when
     /// `assets_dir` has no `tokenizer.json`.
     pub tokenizer_gguf: Option<PathBuf>,
+    /// An mmproj file whose image settings (`clip.vision.image_mean`, `image_std`,
+    /// `preproc_image_size`) are kept where `assets_dir` has no processor config (a model read from
+    /// GGUF files).
+    pub mmproj_gguf: Option<PathBuf>,
 }
 
 /// Where an exported tensor's values come from.

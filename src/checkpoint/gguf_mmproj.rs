@@ -21,8 +21,9 @@
 //! `clip.vision.attention.layer_norm_epsilon`, `clip.vision.projector.scale_factor`, `clip.use_gelu`,
 //! `clip.vision.preproc_image_size` (the processor's `size.longest_edge`, else `image_size`),
 //! `general.quantization_version`. `image_mean` / `image_std` and the size come from
-//! `preprocessor_config.json` (and `processor_config.json`'s `image_processor`) in the assets folder;
-//! without them Idefics3's defaults (0.5) are written where the converter would stop.
+//! `preprocessor_config.json` (and `processor_config.json`'s `image_processor`) in the assets folder,
+//! else from the mmproj file the model was read from; without either, Idefics3's defaults (0.5, and
+//! `image_size`) are written where the converter would stop.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -154,8 +155,9 @@ fn mmproj_items(model: &VlmModel) -> Result<Vec<Item>> {
     Ok(items)
 }
 
-/// The image processor values the mmproj file carries: (image_mean, image_std, longest edge).
-fn preprocessor(assets: Option<&Path>) -> (Vec<f32>, Vec<f32>, Option<usize>) {
+/// The image processor values the mmproj file carries: (image_mean, image_std, longest edge), from
+/// the processor configs in `assets`, else from the mmproj file `source`, else Idefics3's defaults.
+fn preprocessor(assets: Option<&Path>, source: Option<&Path>) -> Result<(Vec<f32>, Vec<f32>, Option<usize>)> {
     let mut cfg = serde_json::Map::new();
     for file in ["preprocessor_config.json", "processor_config.json"] {
         let Some(v) = assets
@@ -172,13 +174,31 @@ fn preprocessor(assets: Option<&Path>) -> (Vec<f32>, Vec<f32>, Option<usize>) {
         }
         cfg.extend(o);
     }
-    let floats = |k: &str| -> Vec<f32> {
+    let src = source.map(GgufFile::open).transpose()?;
+    let floats = |k: &str| -> Result<Vec<f32>> {
         let v: Option<Vec<f32>> =
             cfg.get(k).and_then(Value::as_array).and_then(|a| a.iter().map(|x| x.as_f64().map(|f| f as f32)).collect());
-        v.unwrap_or_else(|| vec![0.5; 3])
+        if let Some(v) = v {
+            return Ok(v);
+        }
+        let key = format!("clip.vision.{k}");
+        let from_src = match &src {
+            Some(f) => f.get_opt(&key, GgufValue::as_array)?.and_then(|a| match a {
+                super::gguf_value::GgufArray::F32(v) => Some(v.clone()),
+                _ => None,
+            }),
+            None => None,
+        };
+        Ok(from_src.unwrap_or_else(|| vec![0.5; 3]))
     };
-    let size = cfg.get("size").and_then(|s| s.get("longest_edge")).and_then(Value::as_u64).map(|x| x as usize);
-    (floats("image_mean"), floats("image_std"), size)
+    let size = match cfg.get("size").and_then(|s| s.get("longest_edge")).and_then(Value::as_u64) {
+        Some(x) => Some(x as usize),
+        None => match &src {
+            Some(f) => f.get_opt("clip.vision.preproc_image_size", GgufValue::as_usize)?,
+            None => None,
+        },
+    };
+    Ok((floats("image_mean")?, floats("image_std")?, size))
 }
 
 /// The mmproj GGUF file of a VLM (see the module doc).
@@ -191,7 +211,7 @@ pub fn mmproj_gguf(model: &VlmModel, opts: &GgufExportOptions) -> Result<GgufWri
     let mut kv = Kv::default();
     kv.set("general.architecture", GgufValue::String("clip".into()));
     general_keys(&mut kv, "mmproj", opts, total);
-    let (mean, std, size) = preprocessor(opts.assets_dir.as_deref());
+    let (mean, std, size) = preprocessor(opts.assets_dir.as_deref(), opts.mmproj_gguf.as_deref())?;
     let u = |x: usize| GgufValue::U32(x as u32);
     let keys = [
         ("general.file_type", u(method.file_type() as usize)),

@@ -207,8 +207,9 @@ impl PyVlmModel {
     /// Writes the text GGUF file (and for a VLM the mmproj file) into `directory` for llama.cpp, as
     /// its converter does (`checkpoint::gguf_export`); returns (text path, mmproj path or None).
     /// `merge_adapters`: export a copy with the adapters merged (the model keeps them); otherwise a
-    /// model with adapters is refused.
-    #[pyo3(signature = (directory, quantization_method="f16", name_or_path="", assets_dir=None, tokenizer_gguf=None, merge_adapters=false))]
+    /// model with adapters is refused. `tokenizer_gguf` / `mmproj_gguf`: the files a model read from
+    /// GGUF came from (its vocabulary and image settings, where `assets_dir` has none).
+    #[pyo3(signature = (directory, quantization_method="f16", name_or_path="", assets_dir=None, tokenizer_gguf=None, merge_adapters=false, mmproj_gguf=None))]
     #[allow(clippy::too_many_arguments)]
     fn save_gguf(
         &self,
@@ -219,11 +220,12 @@ impl PyVlmModel {
         assets_dir: Option<PathBuf>,
         tokenizer_gguf: Option<PathBuf>,
         merge_adapters: bool,
+        mmproj_gguf: Option<PathBuf>,
     ) -> PyResult<(String, Option<String>)> {
         use crate::checkpoint::gguf_export::{export, GgufExportOptions, GgufQuantMethod};
         let method = guard(|| GgufQuantMethod::parse(quantization_method))?;
         let name = if name_or_path.is_empty() { directory.display().to_string() } else { name_or_path.to_string() };
-        let opts = GgufExportOptions { method, name_or_path: name, assets_dir, tokenizer_gguf };
+        let opts = GgufExportOptions { method, name_or_path: name, assets_dir, tokenizer_gguf, mmproj_gguf };
         let model = self.get();
         let files = detached(py, |_| {
             if merge_adapters {
