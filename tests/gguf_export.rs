@@ -410,9 +410,10 @@ fn bad_mmproj_files_and_mismatched_configs_give_typed_errors() {
     use ferrovlm::checkpoint::gguf_mmproj::GgufClip;
     use ferrovlm::checkpoint::GgufWriter;
     use ferrovlm::error::{CheckpointError, ConfigError, Error};
-    let clip = |edit: &dyn Fn(&mut Vec<(&str, GgufValue)>)| {
+    type Kv = Vec<(&'static str, GgufValue)>;
+    let clip = |edit: &dyn Fn(&mut Kv)| {
         let s = |x: &str| GgufValue::String(x.into());
-        let mut kv: Vec<(&str, GgufValue)> = vec![
+        let mut kv: Kv = vec![
             ("general.architecture", s("clip")),
             ("clip.projector_type", s("idefics3")),
             ("clip.vision.embedding_length", GgufValue::U32(32)),
