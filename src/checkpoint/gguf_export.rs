@@ -426,6 +426,11 @@ fn tokenizer_keys(model: &VlmModel, opts: &GgufExportOptions) -> Result<Kv> {
 
 /// The text GGUF file of `model` (see the module doc).
 pub fn text_gguf(model: &VlmModel, opts: &GgufExportOptions) -> Result<GgufWriter> {
+    Ok(text_gguf_counted(model, opts)?.0)
+}
+
+/// [`text_gguf`] and the number of values it holds (the size label's count).
+fn text_gguf_counted(model: &VlmModel, opts: &GgufExportOptions) -> Result<(GgufWriter, usize)> {
     check_no_adapters(model)?;
     let mut items = text_items(model)?;
     let method = opts.method;
@@ -477,7 +482,7 @@ pub fn text_gguf(model: &VlmModel, opts: &GgufExportOptions) -> Result<GgufWrite
     for (item, ty) in items.iter().zip(types) {
         w.add_tensor(item.gguf.clone(), ty, &item.shape, encode(item, ty)?)?;
     }
-    Ok(w)
+    Ok((w, total))
 }
 
 /// Writes `w` to `path` through a temporary file next to it.
@@ -500,8 +505,7 @@ pub struct ExportedFiles {
 /// and `mmproj-<Name>[-<finetune>][-<version>]-<TYPE>.gguf` (`gguf_naming`).
 pub fn export(model: &VlmModel, dir: &Path, opts: &GgufExportOptions) -> Result<ExportedFiles> {
     std::fs::create_dir_all(dir).map_err(|e| CheckpointError::Io { file: dir.to_path_buf(), msg: e.to_string() })?;
-    let text = text_gguf(model, opts)?;
-    let total: usize = text_items(model)?.iter().map(Item::n_elements).sum();
+    let (text, total) = text_gguf_counted(model, opts)?;
     let names = GeneralNames::from_name_or_path(&opts.name_or_path, total as u64);
     let text_path = dir.join(format!("{}.gguf", names.file_stem(true, opts.method.output_type())));
     write_file(&text, &text_path)?;
