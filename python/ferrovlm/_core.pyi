@@ -12,7 +12,7 @@ __all__ = [
     "decode_image_bytes", "expand_image_tokens", "linear_names", "add_adapters", "remove_adapters",
     "set_adapters_enabled", "upcast_dense_layers", "set_training", "adapters_enabled", "trainable_shapes",
     "adapter_state", "load_adapter_state", "save_safetensors", "load_safetensors", "TrainSession", "lr_multiplier",
-    "sequence_logps", "module_names", "dpo_loss_types", "cpu_features",
+    "sequence_logps", "module_names", "dpo_loss_types", "cpu_features", "GGUF_QUANTIZATION_METHODS",
 ]
 
 __version__: str
@@ -25,6 +25,8 @@ class InputError(FerroVLMError): ...
 class ProcessorError(FerroVLMError): ...
 class InternalError(FerroVLMError): ...
 
+GGUF_QUANTIZATION_METHODS: tuple[str, ...]
+
 def resolve_model_dir(
     id_or_path: str, revision: str | None = None, cache_dir: str | None = None, marker: str = "config.json"
 ) -> str: ...
@@ -36,7 +38,23 @@ class VlmModel:
     @staticmethod
     def load(dir: str, dtype: str = "float32", quantization_config: str | None = None) -> VlmModel: ...
     @staticmethod
-    def load_gguf(path: str, dtype: str = "float32") -> VlmModel: ...
+    def load_gguf(
+        path: str,
+        dtype: str = "float32",
+        mmproj: str | None = None,
+        config_dir: str | None = None,
+        model_type: str = "idefics3",
+    ) -> VlmModel: ...
+    def save_gguf(
+        self,
+        directory: str,
+        quantization_method: str = "f16",
+        name_or_path: str = "",
+        assets_dir: str | None = None,
+        tokenizer_gguf: str | None = None,
+        merge_adapters: bool = False,
+        mmproj_gguf: str | None = None,
+    ) -> tuple[str, str | None]: ...
     @property
     def quantization(self) -> tuple[str | None, int, int, int]: ...
     def save_weights(self, dir: str) -> None: ...

@@ -139,6 +139,7 @@ class Idefics3ForConditionalGeneration:
         load_in_4bit: bool = False,
         load_in_8bit: bool = False,
         gguf_file: Optional[str | os.PathLike[str]] = None,
+        mmproj_file: Optional[str | os.PathLike[str]] = None,
     ) -> Idefics3ForConditionalGeneration:
         if dtype is not None and torch_dtype is not None:
             raise ValueError("pass only one of dtype= and torch_dtype=")
@@ -152,6 +153,8 @@ class Idefics3ForConditionalGeneration:
             )
         quant = _quantization_config(quantization_config, load_in_4bit, load_in_8bit)
         _check_device_map(device_map)
+        if mmproj_file is not None and gguf_file is None:
+            raise ValueError("mmproj_file needs the text model's gguf_file too")
         if gguf_file is not None:
             if quant is not None:
                 raise ValueError("a GGUF file is already quantized; do not pass quantization_config with gguf_file")
@@ -161,6 +164,7 @@ class Idefics3ForConditionalGeneration:
                 dtype if dtype is not None else torch_dtype,
                 attn,
                 dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token),
+                mmproj_file,
             )
         path = resolve_pretrained(
             pretrained_model_name_or_path,
@@ -211,29 +215,51 @@ class Idefics3ForConditionalGeneration:
 
     @classmethod
     def _from_gguf(
-        cls, name_or_path: Any, gguf_file: Any, dtype: Any, attn: Optional[str], hub: dict[str, Any]
+        cls, name_or_path: Any, gguf_file: Any, dtype: Any, attn: Optional[str], hub: dict[str, Any],
+        mmproj_file: Any = None,
     ) -> Idefics3ForConditionalGeneration:
-        """``from_pretrained(dir, gguf_file=...)``: the Llama text model of a GGUF file, its config read
-        from the file's metadata as transformers does; quantized weights stay in their blocks (the
-        products use their exact dequantized values, which is what transformers computes with)."""
-        gguf_file = os.fspath(gguf_file)
-        if os.path.isabs(gguf_file) and os.path.isfile(gguf_file):
-            path = gguf_file
-        else:
-            folder = resolve_pretrained(name_or_path, marker=gguf_file, **hub)
-            path = os.path.join(folder, gguf_file)
+        """``from_pretrained(dir, gguf_file=..., mmproj_file=...)``: a Llama language model from its GGUF
+        file (config from the file's metadata, as transformers does), or a SmolVLM from the text GGUF file
+        plus the ``mmproj`` GGUF file (llama.cpp's pair), or from the hub-layout folder ``dir`` with its
+        text model replaced by the GGUF file. Quantized weights stay in their blocks (the products use
+        their exact dequantized values, which is what transformers computes with)."""
+        from .gguf import load_gguf_core
+
         auto = issubclass(cls, _AutoBase)
-        if (auto and "llama" not in cls._model_types) or (not auto and cls.config_class.model_type != "llama"):
-            raise ValueError(
-                f"{cls.__name__} cannot load the GGUF file {gguf_file!r} alone: a GGUF file holds a Llama text "
-                "model; load it with AutoModelForCausalLM or LlamaForCausalLM"
-            )
-        core = _core.VlmModel.load_gguf(path, _dtype_name(dtype, {"dtype": "float32"}))
+        kinds = cls._model_types if auto else frozenset({cls.config_class.model_type})
+        want_vlm = "llama" not in kinds
+        model_type = "smolvlm" if kinds == {"smolvlm"} else "idefics3"
+        core, folder, path, mmproj = load_gguf_core(
+            name_or_path, gguf_file, mmproj_file, _dtype_name(dtype, {"dtype": "float32"}), want_vlm, model_type, hub
+        )
         resolved = json.loads(core.config_json)
-        config = CONFIG_CLASSES["llama"].from_dict(resolved)
+        model_type = resolved["model_type"]
+        if auto and model_type not in kinds:
+            raise ValueError(f"{cls.__name__} cannot hold a '{model_type}' model (config of {folder})")
+        config = CONFIG_CLASSES[model_type].from_dict(resolved)
         config._name_or_path = os.fspath(name_or_path)
         config._attn_implementation = attn or "eager"
-        return _MODEL_CLASSES["llama"](core, config, GenerationConfig.from_model_config(config))
+        target = _MODEL_CLASSES[model_type] if auto else cls
+        gen = GenerationConfig.from_pretrained(folder, config) if folder else GenerationConfig.from_model_config(config)
+        model = target(core, config, gen)
+        model._gguf_file, model._mmproj_file = path, mmproj
+        return model
+
+    # The GGUF files a model was read from (an export reuses their vocabulary and image settings).
+    _gguf_file: Optional[str] = None
+    _mmproj_file: Optional[str] = None
+
+    def save_pretrained_gguf(
+        self, save_directory: str | os.PathLike[str], tokenizer: Any = None, quantization_method: Any = "f16",
+        **kwargs: Any,
+    ) -> list[str]:
+        """Writes the model as GGUF files for llama.cpp (Unsloth's API): the text model and, for a VLM, the
+        ``mmproj`` file; returns their paths (see ``ferrovlm.gguf`` for the names). ``quantization_method``:
+        "f16", "q8_0", "q4_k_m" or "f32" (or a list of them). Adapters must be merged first
+        (``merge_and_unload()``), or call this on the ``PeftModel``, which exports a merged copy."""
+        from .gguf import save_pretrained_gguf
+
+        return save_pretrained_gguf(self, save_directory, tokenizer, quantization_method, **kwargs)
 
     # -- torch-like surface ------------------------------------------------------------------------
     @property

@@ -198,6 +198,17 @@ class PeftModel:
         model._peft_model = None
         return model
 
+    def save_pretrained_gguf(
+        self, save_directory: str | os.PathLike[str], tokenizer: Any = None, quantization_method: Any = "f16",
+        **kwargs: Any,
+    ) -> list[str]:
+        """The base model with the adapter merged, as GGUF files for llama.cpp (Unsloth's API): a merged
+        copy is exported, this model keeps its adapter. Returns the paths written."""
+        from .gguf import save_pretrained_gguf
+
+        model = self.base_model.model
+        return save_pretrained_gguf(model, save_directory, tokenizer, quantization_method, True, **kwargs)
+
     def unload(self) -> Any:
         model = self.base_model.model
         _core.remove_adapters(model._core, False)

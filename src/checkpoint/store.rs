@@ -1,5 +1,6 @@
-//! [`WeightStore`]: the tensors the model loaders read, by Hugging Face name, from safetensors files
-//! or from a Llama GGUF file (dequantized on request, or as raw quantized rows).
+//! [`WeightStore`]: the tensors the model loaders read, by Hugging Face name, from safetensors files,
+//! a Llama GGUF file (dequantized on request, or as raw quantized rows), an mmproj GGUF file (the
+//! vision tower and connector, dequantized), or layers of these (the first that holds a name).
 
 use std::path::{Path, PathBuf};
 
@@ -7,12 +8,15 @@ use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 
 use super::gguf_llama::{GgufLlama, GgufRows};
+use super::gguf_mmproj::GgufClip;
 use super::safetensors::{RawTensor, SafetensorsFiles};
 use crate::error::CheckpointError;
 
 enum Backend {
     Safetensors(SafetensorsFiles),
     Gguf(Box<GgufLlama>),
+    Clip(Box<GgufClip>),
+    Layered(Vec<WeightStore>),
 }
 
 /// The tensors of a checkpoint by Hugging Face name, memory-mapped.
@@ -46,19 +50,41 @@ impl WeightStore {
         WeightStore { backend: Backend::Gguf(Box::new(g)) }
     }
 
-    /// The GGUF file and its config, when the store reads one.
+    /// An mmproj GGUF file, its tensors named as in `Idefics3ForConditionalGeneration`.
+    pub fn from_clip(c: GgufClip) -> Self {
+        WeightStore { backend: Backend::Clip(Box::new(c)) }
+    }
+
+    /// Several stores read as one: a name comes from the first store that holds it.
+    pub fn layered(stores: Vec<WeightStore>) -> Self {
+        WeightStore { backend: Backend::Layered(stores) }
+    }
+
+    /// The store that holds `name` (a layer of a layered store, or this one).
+    fn owner(&self, name: &str) -> &WeightStore {
+        match &self.backend {
+            Backend::Layered(l) => l.iter().find(|s| s.contains(name)).map_or(self, |s| s.owner(name)),
+            _ => self,
+        }
+    }
+
+    /// The Llama GGUF file and its config, when the store reads one (the first layer that does).
     pub fn gguf(&self) -> Option<&GgufLlama> {
         match &self.backend {
             Backend::Gguf(g) => Some(g),
-            Backend::Safetensors(_) => None,
+            Backend::Layered(l) => l.iter().find_map(WeightStore::gguf),
+            Backend::Safetensors(_) | Backend::Clip(_) => None,
         }
     }
 
     /// True when `name` is stored as bf16.
     pub fn is_bf16(&self, name: &str) -> bool {
-        match &self.backend {
+        use crate::quant::ggml::GgmlType;
+        match &self.owner(name).backend {
             Backend::Safetensors(s) => s.is_bf16(name),
-            Backend::Gguf(g) => g.info(name).is_some_and(|i| i.ty == crate::quant::ggml::GgmlType::Bf16),
+            Backend::Gguf(g) => g.info(name).is_some_and(|i| i.ty == GgmlType::Bf16),
+            Backend::Clip(c) => c.info(name).is_some_and(|i| i.ty == GgmlType::Bf16),
+            Backend::Layered(_) => false,
         }
     }
 
@@ -66,14 +92,18 @@ impl WeightStore {
         match &self.backend {
             Backend::Safetensors(s) => s.contains(name),
             Backend::Gguf(g) => g.contains(name),
+            Backend::Clip(c) => c.contains(name),
+            Backend::Layered(l) => l.iter().any(|s| s.contains(name)),
         }
     }
 
     /// The stored shape of `name` (outermost first).
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        match &self.backend {
+        match &self.owner(name).backend {
             Backend::Safetensors(s) => s.shape(name),
             Backend::Gguf(g) => g.info(name).map(|i| i.shape()),
+            Backend::Clip(c) => c.info(name).map(|i| i.shape()),
+            Backend::Layered(_) => None,
         }
     }
 
@@ -81,14 +111,23 @@ impl WeightStore {
         match &self.backend {
             Backend::Safetensors(s) => Box::new(s.names()),
             Backend::Gguf(g) => Box::new(g.names()),
+            Backend::Clip(c) => Box::new(c.names()),
+            Backend::Layered(l) => Box::new(l.iter().flat_map(|s| s.names())),
         }
     }
 
     /// The stored bytes of `name` with its safetensors dtype and shape (quantized weights, byte
     /// blobs). Safetensors only: a GGUF store gives [`Self::gguf_rows`] instead.
     pub fn raw(&self, name: &str) -> Result<RawTensor<'_>, CheckpointError> {
-        match &self.backend {
+        match &self.owner(name).backend {
             Backend::Safetensors(s) => s.raw(name),
+            Backend::Layered(_) => {
+                Err(CheckpointError::MissingTensor { name: name.into(), files: "the layered weight store".into() })
+            }
+            Backend::Clip(c) => Err(CheckpointError::GgufUnsupported {
+                file: c.file().path().to_path_buf(),
+                what: format!("access to tensor '{name}' as safetensors bytes (read it dequantized)"),
+            }),
             Backend::Gguf(g) => Err(match g.info(name) {
                 None => {
                     CheckpointError::MissingTensor { name: name.into(), files: g.file().path().display().to_string() }
@@ -107,8 +146,8 @@ impl WeightStore {
     /// `name`'s rows in their GGUF encoding, in Hugging Face order (Q/K un-permuted), so that a
     /// loader can keep a quantized weight quantized. `Ok(None)` for a safetensors store.
     pub fn gguf_rows(&self, name: &str) -> Result<Option<GgufRows>, CheckpointError> {
-        match &self.backend {
-            Backend::Safetensors(_) => Ok(None),
+        match &self.owner(name).backend {
+            Backend::Safetensors(_) | Backend::Clip(_) | Backend::Layered(_) => Ok(None),
             Backend::Gguf(g) => g.rows(name).map(Some),
         }
     }
@@ -116,12 +155,18 @@ impl WeightStore {
     /// Loads `name`, checking it has `shape`, converted to `dtype` on `device`. From a GGUF file the
     /// tensor is dequantized to f32 (as transformers does) and then converted.
     pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor, CheckpointError> {
-        let g = match &self.backend {
+        let owner = self.owner(name);
+        let (file, found) = match &owner.backend {
             Backend::Safetensors(s) => return s.get(name, shape, dtype, device),
-            Backend::Gguf(g) => g,
+            Backend::Layered(_) => {
+                return Err(CheckpointError::MissingTensor {
+                    name: name.into(),
+                    files: "the layered weight store".into(),
+                })
+            }
+            Backend::Gguf(g) => (g.file().path().to_path_buf(), g.info(name).map(|i| i.shape())),
+            Backend::Clip(c) => (c.file().path().to_path_buf(), c.info(name).map(|i| i.shape())),
         };
-        let file = g.file().path().to_path_buf();
-        let found = g.info(name).map(|i| i.shape());
         if found.as_deref().is_some_and(|f| f != shape) {
             return Err(CheckpointError::BadShape {
                 name: name.into(),
@@ -130,8 +175,15 @@ impl WeightStore {
                 found: found.unwrap_or_default(),
             });
         }
-        let (values, _) = g.dequantize(name)?;
-        g.release(name);
+        let values = match &owner.backend {
+            Backend::Gguf(g) => {
+                let (v, _) = g.dequantize(name)?;
+                g.release(name);
+                v
+            }
+            Backend::Clip(c) => c.dequantize(name)?.0,
+            _ => Vec::new(),
+        };
         let t = match dtype {
             DType::F32 => Tensor::from_vec(values, shape, device),
             DType::BF16 => Tensor::from_vec(values.into_iter().map(bf16::from_f32).collect(), shape, device),

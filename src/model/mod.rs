@@ -8,6 +8,7 @@ pub mod vision;
 mod vision_fast;
 mod vision_fast_f32;
 pub mod vlm;
+mod vlm_gguf;
 
 use candle_core::{DType, Device, Tensor};
 

@@ -180,14 +180,64 @@ impl PyVlmModel {
         Ok(PyVlmModel::new(m))
     }
 
-    /// A Llama language model alone from a GGUF file (`from_pretrained(dir, gguf_file=...)`):
-    /// quantized weights stay in their blocks, float tensors are decoded to `dtype`.
+    /// A model from GGUF files (`from_pretrained(dir, gguf_file=..., mmproj_file=...)`): a Llama
+    /// language model alone from `path`; with `mmproj`, SmolVLM from the text file and the mmproj file
+    /// (`config_dir`'s config.json when given, else the files' metadata with `model_type`); with
+    /// `config_dir` alone, SmolVLM from that hub-layout folder with its text model from `path`.
+    /// Quantized weights stay in their blocks, float tensors are decoded to `dtype`.
     #[staticmethod]
-    #[pyo3(signature = (path, dtype="float32"))]
-    fn load_gguf(py: Python<'_>, path: PathBuf, dtype: &str) -> PyResult<Self> {
+    #[pyo3(signature = (path, dtype="float32", mmproj=None, config_dir=None, model_type="idefics3"))]
+    fn load_gguf(
+        py: Python<'_>,
+        path: PathBuf,
+        dtype: &str,
+        mmproj: Option<PathBuf>,
+        config_dir: Option<PathBuf>,
+        model_type: &str,
+    ) -> PyResult<Self> {
         let dtype = guard(|| parse_dtype(dtype))?;
-        let m = detached(py, |_| VlmModel::from_gguf(&path, dtype, &Device::Cpu))?;
+        let m = detached(py, |_| match (&mmproj, &config_dir) {
+            (Some(mm), dir) => VlmModel::from_gguf_mmproj(&path, mm, dir.as_deref(), model_type, dtype, &Device::Cpu),
+            (None, Some(dir)) => VlmModel::from_dir_gguf_text(dir, &path, dtype, &Device::Cpu),
+            (None, None) => VlmModel::from_gguf(&path, dtype, &Device::Cpu),
+        })?;
         Ok(PyVlmModel::new(m))
+    }
+
+    /// Writes the text GGUF file (and for a VLM the mmproj file) into `directory` for llama.cpp, as
+    /// its converter does (`checkpoint::gguf_export`); returns (text path, mmproj path or None).
+    /// `merge_adapters`: export a copy with the adapters merged (the model keeps them); otherwise a
+    /// model with adapters is refused. `tokenizer_gguf` / `mmproj_gguf`: the files a model read from
+    /// GGUF came from (its vocabulary and image settings, where `assets_dir` has none).
+    #[pyo3(signature = (directory, quantization_method="f16", name_or_path="", assets_dir=None, tokenizer_gguf=None, merge_adapters=false, mmproj_gguf=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn save_gguf(
+        &self,
+        py: Python<'_>,
+        directory: PathBuf,
+        quantization_method: &str,
+        name_or_path: &str,
+        assets_dir: Option<PathBuf>,
+        tokenizer_gguf: Option<PathBuf>,
+        merge_adapters: bool,
+        mmproj_gguf: Option<PathBuf>,
+    ) -> PyResult<(String, Option<String>)> {
+        use crate::checkpoint::gguf_export::{export, GgufExportOptions, GgufQuantMethod};
+        let method = guard(|| GgufQuantMethod::parse(quantization_method))?;
+        let name = if name_or_path.is_empty() { directory.display().to_string() } else { name_or_path.to_string() };
+        let opts = GgufExportOptions { method, name_or_path: name, assets_dir, tokenizer_gguf, mmproj_gguf };
+        let model = self.get();
+        let files = detached(py, |_| {
+            if merge_adapters {
+                let mut copy = VlmModel::clone(&model);
+                crate::lora::detach(&mut copy, true)?;
+                export(&copy, &directory, &opts)
+            } else {
+                export(&model, &directory, &opts)
+            }
+        })?;
+        let s = |p: &std::path::Path| p.display().to_string();
+        Ok((s(&files.text), files.mmproj.as_deref().map(s)))
     }
 
     /// Quantized Linear layers: (method or None, their count, bytes of their quantized weights as
@@ -292,6 +342,8 @@ fn quantized_linear_names(model: &PyVlmModel) -> Vec<String> {
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyVlmModel>()?;
+    let methods = crate::checkpoint::GgufQuantMethod::ALL.map(|q| q.name());
+    m.add("GGUF_QUANTIZATION_METHODS", pyo3::types::PyTuple::new(m.py(), methods)?)?;
     m.add_function(wrap_pyfunction!(quantized_linear_names, m)?)?;
     Ok(())
 }
