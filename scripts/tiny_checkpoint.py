@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -164,3 +165,47 @@ def write_checkpoint(folder: str | Path, cfg: dict, seed: int = 0, dtype: str = 
     cfg["torch_dtype"] = dtype
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     return folder
+
+
+def write_lora_adapter(folder: str | Path, modules: dict[str, tuple[int, int]], r: int, lora_alpha: float,
+                       target_modules: list[str], seed: int, b_std: float = 0.02,
+                       base_model_name_or_path: str = "base") -> Path:
+    """A PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) with random weights:
+    for each module (name -> (in_features, out_features)), in sorted name order, ``lora_A ~ N(0, 1/in)`` [r, in]
+    then ``lora_B ~ N(0, b_std^2)`` [out, r] (B non-zero, so both get gradients), from one
+    ``np.random.default_rng(seed)``. Keys are PEFT's (``base_model.model.<module>.lora_A.weight``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name in sorted(modules):
+        fan_in, fan_out = modules[name]
+        tensors[f"base_model.model.{name}.lora_A.weight"] = (rng.standard_normal((r, fan_in)) / np.sqrt(fan_in)
+                                                            ).astype(np.float32)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = (b_std * rng.standard_normal((fan_out, r))
+                                                            ).astype(np.float32)
+    write_safetensors(folder / "adapter_model.safetensors", tensors)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": r, "lora_alpha": lora_alpha, "lora_dropout": 0.0, "target_modules": sorted(target_modules),
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False, "use_rslora": False,
+        "modules_to_save": None, "inference_mode": False,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def llama_lora_modules(config: Any, target_modules: list[str]) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each ``model.layers.<i>.{self_attn,mlp}.<name>`` Linear of a Llama model
+    (``config``: an object with transformers' LlamaConfig attributes) whose name is in ``target_modules``."""
+    h, inter = config.hidden_size, config.intermediate_size
+    hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    io = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, inter),
+          "up_proj": (h, inter), "down_proj": (inter, h)}
+    out = {}
+    for i in range(config.num_hidden_layers):
+        for m in target_modules:
+            part = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            out[f"model.layers.{i}.{part}.{m}"] = io[m]
+    return out

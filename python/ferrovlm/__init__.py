@@ -14,7 +14,7 @@ _os.environ.setdefault("CANDLE_NUM_THREADS", "1")
 from ._core import __version__  # noqa: E402
 from .batch import BatchEncoding, BatchFeature
 from .configuration import Idefics3Config, LlamaConfig, PretrainedConfig, SmolVLMConfig
-from .data_collator import DataCollatorForVisionLanguageModeling
+from .data_collator import DataCollatorForLanguageModeling, DataCollatorForVisionLanguageModeling
 from .dpo_collator import DataCollatorForVisionPreference
 from .dpo_config import DPOConfig
 from .dpo_trainer import DPOTrainer
@@ -64,6 +64,7 @@ __all__ = [
     "DPOTrainer",
     "DataCollatorForVisionPreference",
     "DataCollatorForVisionLanguageModeling",
+    "DataCollatorForLanguageModeling",
     "TrainerState",
     "TrainOutput",
     "TrainingError",

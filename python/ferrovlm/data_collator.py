@@ -163,6 +163,112 @@ def flush_left(mask: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(a[:, :cut] for a in rolled)
 
 
+class DataCollatorForLanguageModeling:
+    """TRL 1.16's language-modeling collator: rows of token ids (``{"input_ids": [...], "labels": [...]}``, labels
+    optional, ``seq_lengths`` for packed rows) padded on the right into a batch (numpy by default,
+    ``return_tensors="pt"`` gives torch tensors).
+
+    * ``input_ids`` padded with ``pad_token_id``; ``labels`` (the row's ``labels``, else a copy of its
+      ``input_ids``) padded with -100; ``attention_mask`` 1 on the row's tokens, 0 on padding. Tokens that take no
+      loss must already be -100 in the rows' labels (``SFTTrainer`` prepares them so).
+    * ``pad_to_multiple_of``: the padded length is rounded up to a multiple.
+    * ``padding_free=True``: the rows are concatenated into one row; ``position_ids`` restart at 0 at each row
+      (each packed sequence with ``seq_lengths``) and replace ``attention_mask``; labels are -100 wherever the
+      position is 0; ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (int32 cumulative sequence starts), ``max_length_q`` /
+      ``max_length_k`` (the longest sequence) and ``seq_idx`` (int32 sequence index of each token) are added.
+    * ``return_position_ids=True`` (without ``padding_free``): ``position_ids`` as well as ``attention_mask``.
+    """
+
+    def __init__(self, pad_token_id: int, padding_free: bool = False, return_position_ids: bool = False,
+                 pad_to_multiple_of: Optional[int] = None, return_tensors: str = "np") -> None:
+        self.pad_token_id = pad_token_id
+        self.padding_free = padding_free
+        self.return_position_ids = return_position_ids
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.return_tensors = return_tensors
+
+    def __call__(self, examples: Sequence[dict[str, Any]], return_tensors: Optional[str] = None) -> dict[str, Any]:
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        rt = return_tensors or self.return_tensors
+        if rt not in ("np", "pt"):
+            raise ValueError(f"return_tensors must be 'np' or 'pt', got {rt!r}")
+        input_ids = [_int_row(ex["input_ids"], "input_ids") for ex in examples]
+        labels = [_int_row(ex["labels"], "labels") if ex.get("labels") is not None else ids.copy()
+                  for ex, ids in zip(examples, input_ids)]
+        for i, (a, b) in enumerate(zip(input_ids, labels)):
+            if a.shape != b.shape:
+                raise ValueError(f"row {i}: labels has {b.shape[0]} entries for {a.shape[0]} input_ids")
+        seq_lengths = [ex["seq_lengths"] for ex in examples] if "seq_lengths" in examples[0] else None
+        position_ids = None
+        if self.padding_free or self.return_position_ids:
+            if seq_lengths is not None:
+                position_ids = self.get_position_ids_from_packed_seq_lengths(seq_lengths)
+            else:
+                position_ids = [np.arange(len(ids), dtype=np.int64) for ids in input_ids]
+        out: dict[str, Any] = {}
+        if self.padding_free:
+            input_ids = [np.concatenate(input_ids)]
+            labels = [np.concatenate(labels)]
+            position_ids = [np.concatenate(position_ids)]
+        m = self.pad_to_multiple_of
+        out["input_ids"] = pad(input_ids, self.pad_token_id, "right", m)
+        out["labels"] = pad(labels, -100, "right", m)
+        if self.padding_free:
+            pos = pad(position_ids, 0, "right", m)
+            out["position_ids"] = pos
+            out["labels"][pos == 0] = -100
+            starts = np.flatnonzero(pos[0] == 0)
+            cu = np.concatenate([starts, [pos.shape[1]]]).astype(np.int32)
+            out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = cu
+            out["max_length_q"] = out["max_length_k"] = int(np.diff(cu).max())
+            out["seq_idx"] = np.repeat(np.arange(len(cu) - 1, dtype=np.int32), np.diff(cu))[None]
+        else:
+            if self.return_position_ids:
+                out["position_ids"] = pad(position_ids, 0, "right", m)
+            out["attention_mask"] = pad([np.ones_like(ids) for ids in input_ids], 0, "right", m)
+        if rt == "pt":
+            import torch
+
+            out = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+                   for k, v in out.items()}
+        return out
+
+    @staticmethod
+    def get_position_ids_from_packed_seq_lengths(batch_seq_lengths: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Position ids restarting at 0 at each packed sequence, one array per row."""
+        return [np.concatenate([np.arange(int(n), dtype=np.int64) for n in lens]) if len(lens) else
+                np.zeros(0, dtype=np.int64) for lens in batch_seq_lengths]
+
+
+def _int_row(value: Any, name: str) -> np.ndarray:
+    from ._tensors import is_torch_tensor
+
+    if is_torch_tensor(value):
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"'{name}' must be a flat list of token ids, got an array of shape {arr.shape} "
+                         f"and dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def pad(rows: Sequence[np.ndarray], padding_value: int = 0, padding_side: str = "right",
+        pad_to_multiple_of: Optional[int] = None) -> np.ndarray:
+    """TRL's ``pad``: rows of different lengths into one [n, L] array (L = the longest, rounded up to a multiple
+    of ``pad_to_multiple_of``)."""
+    n = max(len(r) for r in rows)
+    if pad_to_multiple_of:
+        n += (-n) % int(pad_to_multiple_of)
+    out = np.full((len(rows), n), padding_value, dtype=rows[0].dtype)
+    for i, r in enumerate(rows):
+        if padding_side == "left":
+            out[i, n - len(r):] = r
+        else:
+            out[i, : len(r)] = r
+    return out
+
+
 class DataCollatorForVisionLanguageModeling:
     """Collates vision-language rows into a batch like TRL's collator of the same name (numpy by default)."""
 
@@ -488,5 +594,6 @@ def skip_prepare_dataset(args: Any, sample: dict[str, Any]) -> bool:
     return bool(dk.get("skip_prepare_dataset", False)) or is_vision_dataset(sample)
 
 
-__all__ = ["DataCollatorForVisionLanguageModeling", "prepare_multimodal_messages", "is_conversational", "flush_left",
+__all__ = ["DataCollatorForLanguageModeling", "DataCollatorForVisionLanguageModeling",
+           "prepare_multimodal_messages", "is_conversational", "flush_left",
            "is_vision_dataset", "signature_columns", "skip_prepare_dataset"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -244,8 +245,16 @@ class PreTrainedTokenizerFast:
         max_length: Optional[int] = None,
         return_tensors: Optional[str] = None,
         return_dict: bool = True,
+        return_assistant_tokens_mask: bool = False,
         **kwargs: Any,
     ) -> Any:
+        if not tokenize:
+            return_dict = False
+        if return_assistant_tokens_mask and not (return_dict and tokenize):
+            raise ValueError("`return_assistant_tokens_mask=True` requires `return_dict=True` and `tokenize=True`")
+        if continue_final_message and return_assistant_tokens_mask:
+            raise ValueError("continue_final_message is not compatible with return_assistant_tokens_mask.")
+        spans: Optional[list[list[tuple[int, int]]]] = [] if return_assistant_tokens_mask else None
         texts, batched = render_conversations(
             self,
             conversation,
@@ -256,12 +265,28 @@ class PreTrainedTokenizerFast:
             continue_final_message,
             normalize_image_urls=False,
             kwargs=kwargs,
+            generation_spans=spans,
         )
         if not tokenize:
             return texts if batched else texts[0]
         enc = self(texts if batched else texts[0], add_special_tokens=False, padding=padding, truncation=truncation,
-                   max_length=max_length, return_tensors=return_tensors)
-        return enc if return_dict else enc["input_ids"]
+                   max_length=max_length, return_tensors=None if spans is not None else return_tensors)
+        if not return_dict:
+            return enc["input_ids"]
+        if spans is not None:
+            rows = enc["input_ids"] if batched else [enc["input_ids"]]
+            masks = []
+            for text, row_spans, row in zip(texts, spans, rows):
+                full = list(self._core.encode(text, False))
+                full_mask = assistant_tokens_mask(self, text, full, row_spans)
+                cut = max_length if truncation and truncation != "do_not_truncate" else None
+                if cut is None and truncation and truncation != "do_not_truncate":
+                    cut = self.model_max_length
+                masks.append(_align_mask(full, full_mask, list(row), cut, self.truncation_side, self.padding_side))
+            enc["assistant_masks"] = masks if batched else masks[0]
+            if return_tensors is not None:
+                enc.convert_to_tensors(return_tensors)
+        return enc
 
 
 def _templates_value(templates: Optional[list[Any]]) -> Any:
@@ -312,8 +337,12 @@ _COMPILED: dict[str, Any] = {}
 
 def render_conversations(owner: Any, conversation: Any, chat_template: Optional[str], tools: Any, documents: Any,
                          add_generation_prompt: bool, continue_final_message: bool, normalize_image_urls: bool,
-                         kwargs: dict[str, Any]):
-    """Renders one conversation (list of messages) or a batch of them. Returns (texts, batched)."""
+                         kwargs: dict[str, Any], generation_spans: Optional[list[Any]] = None):
+    """Renders one conversation (list of messages) or a batch of them. Returns (texts, batched).
+
+    With ``generation_spans`` (a list), the character spans ``(start, end)`` of what each conversation's
+    ``{% generation %}...{% endgeneration %}`` blocks rendered are appended to it, one list per conversation
+    (transformers' ``AssistantTracker``)."""
     if conversation is None or (isinstance(conversation, (list, tuple)) and len(conversation) == 0):
         raise ValueError("apply_chat_template needs a non-empty conversation")
     batched = isinstance(conversation, (list, tuple)) and isinstance(conversation[0], (list, tuple))
@@ -321,27 +350,138 @@ def render_conversations(owner: Any, conversation: Any, chat_template: Optional[
     if add_generation_prompt and continue_final_message:
         raise ValueError("continue_final_message and add_generation_prompt are not compatible")
     source = pick_template(owner, chat_template, tools is not None)
-    compiled = _COMPILED.get(source)
-    if compiled is None:
-        compiled = _COMPILED.setdefault(source, _core.ChatTemplate(source))
     tokenizer = getattr(owner, "tokenizer", owner)
     variables = dict(tokenizer._core.special_tokens_map)
     variables.update(kwargs)
+    variables_json = json.dumps(_jsonable(variables), ensure_ascii=False, default=str)
+    tools_json = None if tools is None else json.dumps(tools, default=str)
+    documents_json = None if documents is None else json.dumps(documents, default=str)
     texts = []
     for i, conv in enumerate(convs):
         if not isinstance(conv, (list, tuple)) or not all(isinstance(m, dict) for m in conv):
             raise TypeError(f"conversation {i}: expected a list of {{'role': ..., 'content': ...}} dicts")
         messages = [{k: v for k, v in m.items() if v is not None} for m in conv]
-        texts.append(compiled.render(
-            json.dumps(_jsonable(messages), ensure_ascii=False),
+        messages_json = json.dumps(_jsonable(messages), ensure_ascii=False)
+        markers = None
+        if generation_spans is not None:
+            markers = _free_markers(source, messages_json, variables_json, tools_json or "", documents_json or "")
+        src = source if markers is None else _tracking_source(source, markers)
+        compiled = _COMPILED.get(src)
+        if compiled is None:
+            compiled = _COMPILED.setdefault(src, _core.ChatTemplate(src))
+        text = compiled.render(
+            messages_json,
             add_generation_prompt,
             "content" if continue_final_message is True else (continue_final_message or None),
             normalize_image_urls,
-            json.dumps(_jsonable(variables), ensure_ascii=False, default=str),
-            None if tools is None else json.dumps(tools, default=str),
-            None if documents is None else json.dumps(documents, default=str),
-        ))
+            variables_json,
+            tools_json,
+            documents_json,
+        )
+        if markers is not None:
+            text, spans = _strip_markers(text, markers)
+            generation_spans.append(spans)
+        texts.append(text)
     return texts, batched
+
+
+_GENERATION_TAG = re.compile(r"\{%([-+]?)\s*(generation|endgeneration)\s*([-+]?)%\}")
+
+
+def has_generation_markers(chat_template: Any) -> bool:
+    """Whether a chat template has ``{% generation %}`` markers (whitespace-control variants included; for named
+    templates, the ``default`` one), as TRL checks it."""
+    if isinstance(chat_template, dict):
+        chat_template = chat_template["default"]
+    return re.search(r"\{%-?\s*generation\s*-?%\}", chat_template) is not None
+
+
+def _free_markers(*texts: str) -> tuple[str, str]:
+    """Two private-use characters that occur in none of the texts."""
+    joined = "".join(texts)
+    free = [c for c in map(chr, range(0xE000, 0xF900)) if c not in joined]
+    return free[0], free[1]
+
+
+def _tracking_source(source: str, markers: tuple[str, str]) -> str:
+    """The template with each ``{% generation %}`` / ``{% endgeneration %}`` tag made into a block that prints a
+    marker character at the point where the tag's body starts / ends (whitespace control kept on the outside)."""
+    start, end = markers
+
+    def repl(m: re.Match[str]) -> str:
+        lead, kind, trail = m.group(1), m.group(2), m.group(3)
+        if kind == "generation":
+            return f"{{%{lead} if true %}}{{{{ '{start}' }}}}{{% if true {trail}%}}"
+        return f"{{%{lead} endif %}}{{{{ '{end}' }}}}{{% endif {trail}%}}"
+
+    return _GENERATION_TAG.sub(repl, source)
+
+
+def _strip_markers(text: str, markers: tuple[str, str]) -> tuple[str, list[tuple[int, int]]]:
+    """Removes the markers; returns the text and the generation spans in the order their blocks closed."""
+    start, end = markers
+    out: list[str] = []
+    n = 0
+    stack: list[int] = []
+    spans: list[tuple[int, int]] = []
+    for ch in text:
+        if ch == start:
+            stack.append(n)
+        elif ch == end:
+            spans.append((stack.pop(), n))
+        else:
+            out.append(ch)
+            n += 1
+    return "".join(out), spans
+
+
+def _boundary(tokenizer: Any, text: str, full: list[int], pos: int) -> tuple[int, bool]:
+    """(number of tokens of ``full`` = encode(text) that end at or before character ``pos``, whether a token
+    boundary lies at ``pos``), found by encoding ``text[:pos]``."""
+    if pos <= 0:
+        return 0, True
+    if pos >= len(text):
+        return len(full), True
+    head = list(tokenizer._core.encode(text[:pos], False))
+    n = 0
+    for a, b in zip(head, full):
+        if a != b:
+            break
+        n += 1
+    return n, n == len(head)
+
+
+def assistant_tokens_mask(tokenizer: Any, text: str, full: list[int], spans: list[tuple[int, int]]) -> list[int]:
+    """1 on the tokens of ``full`` (``text`` encoded without special tokens) that overlap one of the character
+    spans (a token ``[a, b)`` overlaps ``[s, e)`` when ``b > s`` and ``a < e``), as transformers builds
+    ``assistant_masks`` from the token offsets."""
+    mask = [0] * len(full)
+    for s, e in spans:
+        first, _ = _boundary(tokenizer, text, full, s)
+        last, at = _boundary(tokenizer, text, full, e)
+        if not at:
+            last += 1  # the token that straddles e overlaps the span
+        for t in range(first, min(last, len(full))):
+            mask[t] = 1
+    return mask
+
+
+def _align_mask(full: list[int], full_mask: list[int], row: list[int], truncate_to: Optional[int],
+                truncation_side: str, padding_side: str) -> list[int]:
+    """``full_mask`` (for the untruncated, unpadded ``full``) cut like the tokenizer cut ``full`` to ``truncate_to``
+    tokens on ``truncation_side``, then padded with 0 on ``padding_side`` to the length of ``row`` (the tokenizer's
+    output for the same text)."""
+    keep, kmask = full, full_mask
+    if truncate_to is not None and len(full) > truncate_to:
+        sl = slice(len(full) - truncate_to, None) if truncation_side == "left" else slice(0, truncate_to)
+        keep, kmask = full[sl], full_mask[sl]
+    extra = len(row) - len(keep)
+    b = extra if padding_side == "left" else 0
+    if extra < 0 or row[b : b + len(keep)] != keep:
+        raise ValueError("assistant mask: the tokenized text does not line up with its rendering")
+    out = [0] * len(row)
+    out[b : b + len(keep)] = kmask
+    return out
 
 
 class AutoTokenizer:
