@@ -109,6 +109,20 @@ fn run() {
     let types = [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q4K, GgmlType::Q6K];
     // (out, in): q/o, k/v, gate/up, down, head
     let shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)];
+    if !model_only {
+        // the quantizers of the GGUF export (all rows in parallel)
+        let (o, k) = (1536, 1536);
+        let w = values(o * k, 4, 0.1);
+        print!("== quantizers, [{o} x {k}]:");
+        for ty in [GgmlType::F16, GgmlType::Bf16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0]
+            .into_iter()
+            .chain([GgmlType::Q5_1, GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K])
+        {
+            let t = time(budget, || drop(ferrovlm::quant::ggml_quantize::quantize(ty, &w, k)));
+            print!(" {} {:.0} M/s", ty.name(), (o * k) as f64 / t / 1e6);
+        }
+        println!(" (values per second)");
+    }
     println!("== part 1: one weight, repeated (cache-warm for the small ones)");
     for (o, k) in shapes {
         if model_only {
