@@ -19,7 +19,7 @@ from .dpo_collator import DataCollatorForVisionPreference
 from .dpo_config import DPOConfig
 from .generation import set_seed
 from .peft import PeftModel, get_peft_model
-from .trainer import BaseTrainer, _batch_arrays
+from .trainer import BaseTrainer, _batch_arrays, full_training_names
 
 
 def _labels_from_completion(batch: Any) -> Any:
@@ -82,11 +82,16 @@ class DPOTrainer(BaseTrainer):
             model = get_peft_model(model, peft_config)
             self._ref_mode = "disabled"
         else:
-            raise NotImplementedError(
-                "DPOTrainer trains LoRA adapters: pass peft_config= or a model from get_peft_model()"
-            )
+            # Full-parameter training: TRL's reference is the starting model (it reloads the checkpoint); here a
+            # handle on the weights as they are now, which training leaves untouched (it trains copies).
+            self._ref_mode = "frozen"
         if ref_model is not None:
             self._ref_mode = "model"
+        # The starting weights, as a copy whose trained parameters are autograd Vars like the policy's: the same
+        # kernels run, so before the first step the reference equals the policy exactly (TRL: rewards 0).
+        self._ref_core = (
+            model._core.trainable_copy(full_training_names(model)) if self._ref_mode == "frozen" else None
+        )
         self.ref_model = ref_model
         super().__init__(model, args, train_dataset, eval_dataset, callbacks)
         self.processing_class = processing_class
@@ -149,6 +154,8 @@ class DPOTrainer(BaseTrainer):
         core = self.model._core
         if self._ref_mode == "model":
             return _core.sequence_logps(self.ref_model._core, batch["input_ids"], batch["labels"], **kw)
+        if self._ref_mode == "frozen":
+            return _core.sequence_logps(self._ref_core, batch["input_ids"], batch["labels"], **kw)
         if self._ref_mode == "disabled":
             _core.set_adapters_enabled(core, False)
             try:

@@ -20,6 +20,7 @@ from ._tensors import is_torch_tensor, like_inputs, to_numpy
 from .configuration import CONFIG_CLASSES, PretrainedConfig
 from .generation import GenerationConfig, resolve
 from .hub import resolve_pretrained
+from .parameters import ParametersMixin
 
 _DTYPE_NAMES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
@@ -104,7 +105,7 @@ class ModelOutput(dict):
         return tuple(v for v in self.values() if v is not None)
 
 
-class Idefics3ForConditionalGeneration:
+class Idefics3ForConditionalGeneration(ParametersMixin):
     """Idefics3 vision-language model for causal LM, as in transformers."""
 
     config_class = CONFIG_CLASSES["idefics3"]

@@ -94,6 +94,8 @@ class PeftModel:
         if _attach_now:
             _attach(model, peft_config)
         peft_config.inference_mode = not is_trainable
+        if hasattr(model, "requires_grad_"):
+            model.requires_grad_(False)  # PEFT freezes the base model
         model._peft_model = self
 
     # -- delegation -----------------------------------------------------------------------------

@@ -158,9 +158,19 @@ def num_label_tokens(labels: np.ndarray) -> int:
 
 
 def no_decay_names(names: Sequence[str]) -> list[str]:
-    """transformers' decay groups: biases and norm weights get no weight decay."""
-    pat = re.compile(r"(bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.))")
+    """transformers' decay groups: biases, norm weights (by name) and the parameters of LayerNorm modules
+    (the vision tower's ``layer_norm1`` / ``layer_norm2``) get no weight decay."""
+    pat = re.compile(r"(bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)|\.layer_norm\d*\.)")
     return [n for n in names if pat.search(n.lower())]
+
+
+def full_training_names(model: Any) -> list[str]:
+    """The model's own parameters a trainer trains (``requires_grad`` True): every parameter of a plain
+    model unless frozen; none of a PEFT model's base unless unfrozen (PEFT freezes it)."""
+    inner = getattr(model, "_peft_model", None)
+    base = inner.base_model.model if inner is not None else model
+    names = getattr(base, "trainable_parameter_names", None)
+    return list(names()) if names is not None else []
 
 
 def _atomic_dir(final: Path) -> Path:
@@ -178,7 +188,7 @@ class BaseTrainer:
 
     def __init__(self, model: Any, args: Any, train_dataset: Any, eval_dataset: Any, callbacks: Any = None) -> None:
         core = getattr(model, "_core", None)
-        if core is not None and core.quantization[0] is not None and not _core.trainable_shapes(core):
+        if core is not None and core.quantization[0] not in (None, "gguf") and not _core.trainable_shapes(core):
             # transformers' Trainer: a quantized base cannot be trained itself (its weights are frozen codes).
             raise ValueError(
                 "You cannot perform fine-tuning on purely quantized models. Please attach trainable adapters on top of"
@@ -208,10 +218,13 @@ class BaseTrainer:
     def session(self) -> Any:
         if self._session is None:
             core = self.model._core
-            names = [n for n, _ in _core.trainable_shapes(core)]
+            adapters = [n for n, _ in _core.trainable_shapes(core)]
+            base = full_training_names(self.model)  # transformers: every parameter with requires_grad
+            names = adapters + [("base_model.model." if adapters else "") + n for n in base]
             if not names:
                 raise TrainingError(
-                    "the model has no trainable parameters: pass peft_config= or a model from get_peft_model()"
+                    "the model has no trainable parameters: every parameter has requires_grad=False; pass"
+                    " peft_config= or a model from get_peft_model(), or unfreeze some (requires_grad_())"
                 )
             a = self.args
             self._session = _core.TrainSession(
@@ -222,6 +235,7 @@ class BaseTrainer:
                 float(a.adam_epsilon),
                 no_decay_names(names),
                 bf16=bool(a.bf16),  # transformers' CPU autocast: frozen weights' products in bf16
+                trainable=base,
             )
         return self._session
 
@@ -333,8 +347,17 @@ class BaseTrainer:
     def _load_checkpoint(self, ckpt: Path) -> None:
         from .peft import WEIGHTS_NAME
 
-        state = _core.load_safetensors(ckpt / WEIGHTS_NAME)
-        _core.load_adapter_state(self.model._core, state, True)
+        if _core.trainable_shapes(self.model._core):  # adapters
+            state = _core.load_safetensors(ckpt / WEIGHTS_NAME)
+            _core.load_adapter_state(self.model._core, state, True)
+        if full_training_names(self.model):  # the model's own trained parameters (saved as a whole model)
+            files = sorted(ckpt.glob("model*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"{ckpt}: no model.safetensors to resume full-parameter training from")
+            state = {}
+            for f in files:
+                state.update(_core.load_safetensors(f))
+            self.session.load_parameters(state)
         opt = dict(_core.load_safetensors(ckpt / OPTIMIZER_NAME))
         sched = json.loads((ckpt / SCHEDULER_NAME).read_text())
         opt["step"] = int(sched["optimizer_step"])

@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod connector;
 pub mod modules;
+pub mod params;
 pub mod text;
 pub mod vision;
 mod vision_fast;

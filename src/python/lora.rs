@@ -111,7 +111,7 @@ fn adapter_state<'py>(py: Python<'py>, model: &PyVlmModel) -> PyResult<Bound<'py
     Ok(d)
 }
 
-fn tensors_from_dict(state: &Bound<'_, PyDict>) -> PyResult<Vec<(String, Tensor)>> {
+pub(crate) fn tensors_from_dict(state: &Bound<'_, PyDict>) -> PyResult<Vec<(String, Tensor)>> {
     let mut out = Vec::new();
     for (k, v) in state.iter() {
         let name: String = k.extract()?;

@@ -332,6 +332,34 @@ impl PyVlmModel {
     fn num_parameters(&self) -> usize {
         self.get().num_parameters()
     }
+
+    /// (name, checkpoint shape, storage, trainable) of every parameter in transformers'
+    /// `named_parameters()` order (a tied head once, as the embedding). `storage`: "float32",
+    /// "bfloat16", "bnb4bit", "bnb8bit" or "gguf"; `trainable`: being trained by a session now.
+    fn named_parameters(&self) -> Vec<(String, Vec<usize>, &'static str, bool)> {
+        self.get().param_infos().into_iter().map(|p| (p.name, p.shape, p.storage, p.trainable)).collect()
+    }
+
+    /// The parameter `name` as a float32 array of its checkpoint shape.
+    fn parameter<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let t = guard(|| self.get().param_value(name))?;
+        to_numpy(py, &t)
+    }
+
+    /// A frozen copy for a reference pass that computes exactly as a training session over the same
+    /// `trainable` parameters does (they are autograd `Var`s here too, never updated): DPO's reference
+    /// model in full-parameter training, whose log-probabilities then equal the policy's bit for bit
+    /// before the first step, as TRL's do.
+    fn trainable_copy(&self, trainable: Vec<String>) -> PyResult<PyVlmModel> {
+        let m = guard(|| self.get().with_trainable(&trainable))?;
+        Ok(PyVlmModel::new(m))
+    }
+
+    /// Another handle on the model as it is now: attaching adapters to either, or training either's
+    /// own parameters (which copies them first), leaves the other as it was (a frozen reference).
+    fn snapshot(&self) -> PyVlmModel {
+        PyVlmModel { inner: std::sync::RwLock::new(self.get()) }
+    }
 }
 
 /// The Linear modules stored quantized, in module order (transformers' names).

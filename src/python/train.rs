@@ -54,9 +54,11 @@ fn owned<'py>(
 impl PyTrainSession {
     /// `no_decay`: names of the tensors without weight decay. `feature_cache_mb` = 0 turns the
     /// frozen-vision cache off. `bf16`: TrainingArguments' `bf16=True` on a CPU (autocast: products
-    /// with frozen weights in bf16).
+    /// with frozen weights in bf16). `trainable`: the model's own parameters to train as well
+    /// (full-parameter training, transformers' names): the session trains copies of them, and `model`
+    /// sees every update (it then holds views of the same storage).
     #[new]
-    #[pyo3(signature = (model, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8, no_decay=vec![], feature_cache_mb=1024, bf16=false))]
+    #[pyo3(signature = (model, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8, no_decay=vec![], feature_cache_mb=1024, bf16=false, trainable=vec![]))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         model: &PyVlmModel,
@@ -67,6 +69,7 @@ impl PyTrainSession {
         no_decay: Vec<String>,
         feature_cache_mb: usize,
         bf16: bool,
+        trainable: Vec<String>,
     ) -> PyResult<Self> {
         let cfg = SessionConfig {
             adam: AdamWConfig { beta1, beta2, eps, weight_decay },
@@ -74,7 +77,16 @@ impl PyTrainSession {
             feature_cache_bytes: feature_cache_mb << 20,
             bf16_autocast: bf16,
         };
-        let session = guard(|| TrainSession::new(model.get(), &cfg))?;
+        let session = guard(|| {
+            let tracked = std::sync::Arc::new(model.get().with_trainable(&trainable)?);
+            let session = TrainSession::new(tracked.clone(), &cfg)?;
+            let view = tracked.detached()?;
+            model.update(|m| {
+                *m = view;
+                Ok(())
+            })?;
+            Ok::<_, Error>(session)
+        })?;
         Ok(PyTrainSession { inner: Mutex::new(session) })
     }
 
@@ -186,8 +198,11 @@ impl PyTrainSession {
     /// The accumulated gradients by PEFT key (tensors without a gradient are left out).
     fn grads<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        for (name, g) in lock(&self.inner).grads() {
-            d.set_item(name, to_numpy(py, g)?)?;
+        let s = lock(&self.inner);
+        for (p, g) in s.params().iter().zip(s.grad_slots()) {
+            if let Some(g) = g {
+                d.set_item(&p.name, to_numpy(py, &guard(|| Ok(g.reshape(p.shape.as_slice())?))?)?)?;
+            }
         }
         Ok(d)
     }
@@ -214,6 +229,13 @@ impl PyTrainSession {
             }
         }
         Ok(d)
+    }
+
+    /// Sets the model's own trained parameters from `state` (name -> array, e.g. a checkpoint's
+    /// model.safetensors): all or nothing.
+    fn load_parameters(&self, state: &Bound<'_, PyDict>) -> PyResult<()> {
+        let values = crate::python::lora::tensors_from_dict(state)?;
+        guard(|| lock(&self.inner).load_param_values(&values))
     }
 
     /// Restores what `optimizer_state` returned.

@@ -153,6 +153,11 @@ impl TrainSession {
         self.params.iter().zip(&self.grads).filter_map(|(p, g)| g.as_ref().map(|g| (p.name.as_str(), g))).collect()
     }
 
+    /// The accumulated gradients aligned with [`Self::params`] (None: no gradient yet).
+    pub fn grad_slots(&self) -> &[Option<Tensor>] {
+        &self.grads
+    }
+
     pub fn zero_grad(&mut self) {
         self.grads.iter_mut().for_each(|g| *g = None);
     }
@@ -164,6 +169,27 @@ impl TrainSession {
         self.opt.step(lr, &self.grads)?;
         self.zero_grad();
         Ok(norm)
+    }
+
+    /// Sets the model's own trainable parameters (full-parameter training) from `values` (transformers'
+    /// names, any shape with the right number of values, e.g. a saved checkpoint's): every one must be
+    /// there; nothing changes when one is missing or does not fit. Adapters are not touched.
+    pub fn load_param_values(&mut self, values: &[(String, Tensor)]) -> Result<()> {
+        let mut plan = Vec::new();
+        for p in self.params.iter().filter(|p| !p.name.contains(".lora_") && !p.name.contains(".modules_to_save")) {
+            let key = p.name.strip_prefix("base_model.model.").unwrap_or(&p.name);
+            let Some((_, v)) = values.iter().find(|(n, _)| n == key) else {
+                return input_err(format!("the checkpoint lacks the trained parameter '{key}'"));
+            };
+            if v.elem_count() != p.var.elem_count() {
+                return input_err(format!("the checkpoint's '{key}' has shape {:?}, expected {:?}", v.dims(), p.shape));
+            }
+            plan.push((&p.var, v.to_dtype(candle_core::DType::F32)?.reshape(p.var.shape())?));
+        }
+        for (var, v) in plan {
+            var.set(&v)?;
+        }
+        Ok(())
     }
 
     pub fn optimizer_state(&self) -> OptimizerState {

@@ -22,17 +22,26 @@ use crate::ops::rms_norm;
 pub struct Trainable {
     pub name: String,
     pub var: Var,
+    /// The checkpoint's shape (the patch embedding's Conv2d weight is [D, C, P, P], its Var [D, C*P*P]).
+    pub shape: Vec<usize>,
 }
 
-/// Every trainable tensor of the model's adapters, in module order.
+/// Every trainable tensor of the model: its adapters' (PEFT keys, in module order), then its own
+/// trainable parameters (full-parameter training, transformers' names; under `base_model.model.` when
+/// the model also has adapters, as PEFT names them).
 pub fn trainable_params(model: &VlmModel) -> Vec<Trainable> {
     let mut out = Vec::new();
     for (name, lin) in model.linears() {
         if let Some(ad) = &lin.adapter {
             for (suffix, var) in ad.params() {
-                out.push(Trainable { name: format!("base_model.model.{name}.{suffix}"), var: var.clone() });
+                let shape = var.dims().to_vec();
+                out.push(Trainable { name: format!("base_model.model.{name}.{suffix}"), var: var.clone(), shape });
             }
         }
+    }
+    let prefix = if out.is_empty() { "" } else { "base_model.model." };
+    for (name, var, shape) in model.param_vars() {
+        out.push(Trainable { name: format!("{prefix}{name}"), var, shape });
     }
     out
 }
@@ -142,11 +151,17 @@ pub fn run_objective(
         None => return input_err("training needs labels".to_string()),
     };
     let text = &model.text;
-    let names: Vec<String> = params.iter().map(|p| p.name.clone()).collect();
-    let vision_trains =
-        opts.backward && names.iter().any(|n| n.contains(".model.vision_model.") || n.contains(".model.connector."));
+    // Names with a leading dot, so that a pattern ".model.x." matches `model.x.y` (full-parameter
+    // training) and `base_model.model.model.x.y` (PEFT) alike.
+    let names: Vec<String> = params.iter().map(|p| format!(".{}", p.name)).collect();
+    let tp = crate::model::modules::text_prefix(&model.config);
+    let embed_tag = format!(".{tp}.embed_tokens.");
+    // Something below the text layers trains (vision tower, connector, token embeddings): the gradient
+    // goes all the way down to the merged embeddings.
+    let vision_side = names.iter().any(|n| n.contains(".model.vision_model.") || n.contains(".model.connector."));
+    let vision_trains = opts.backward && (vision_side || names.iter().any(|n| n.contains(&embed_tag)));
     let lowest_text_layer = (0..text.layers.len()).find(|i| {
-        let tag = format!(".{}.layers.{i}.", crate::model::modules::text_prefix(&model.config));
+        let tag = format!(".{tp}.layers.{i}.");
         names.iter().any(|n| n.contains(&tag))
     });
 
@@ -163,8 +178,8 @@ pub fn run_objective(
     // An int8 vision tower computes differently in training and inference mode (LLM.int8 vs
     // dequantize-then-matmul), which a cache keyed by pixels cannot tell apart either.
     let int8 = model.quant.as_ref().is_some_and(|q| q.method == crate::quant::QuantMethod::Int8);
-    let x0 = match (vision_trains, cache) {
-        (false, Some(c)) if !model.vision_side_has_adapters() && !int8 => {
+    let x0 = match (opts.backward && vision_side, cache) {
+        (false, Some(c)) if !model.vision_side_has_adapters() && !model.vision_side_trains() && !int8 => {
             model.merged_embeddings_with(input, &|px, pam| c.features(model, px, pam, interrupt))?
         }
         _ => model.merged_embeddings(input, interrupt)?,
