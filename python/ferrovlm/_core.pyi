@@ -8,7 +8,8 @@ import numpy.typing as npt
 __all__ = [
     "__version__", "FerroVLMError", "ConfigError", "CheckpointError", "ModelNotCachedError", "InputError",
     "ProcessorError", "InternalError", "resolve_model_dir", "hub_cache_dir", "load_config_json", "VlmModel",
-    "quantized_linear_names", "generate_ids", "Tokenizer", "ChatTemplate", "load_chat_templates", "process_images",
+    "quantized_linear_names", "compose_vlm", "resize_embeddings", "generate_ids", "Tokenizer", "ChatTemplate",
+    "load_chat_templates", "process_images",
     "decode_image_bytes", "expand_image_tokens", "linear_names", "add_adapters", "remove_adapters",
     "set_adapters_enabled", "upcast_dense_layers", "set_training", "adapters_enabled", "trainable_shapes",
     "adapter_state", "load_adapter_state", "save_safetensors", "load_safetensors", "TrainSession", "lr_multiplier",
@@ -83,6 +84,28 @@ class VlmModel:
         pixel_attention_mask: npt.NDArray[np.bool_] | None = None,
     ) -> tuple[list[int], npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
 
+def compose_vlm(
+    text_model: VlmModel,
+    image_token_id: int,
+    vocab_size: int,
+    vision_config_json: str | None = None,
+    vision_dir: str | None = None,
+    vision_model: VlmModel | None = None,
+    model_type: str = "idefics3",
+    scale_factor: int = 2,
+    reuse_connector: bool | None = None,
+    pad_to_multiple_of: int | None = None,
+    mean_resizing: bool = True,
+    seed: int = 0,
+) -> VlmModel: ...
+def resize_embeddings(
+    model: VlmModel,
+    new_num_tokens: int | None = None,
+    pad_to_multiple_of: int | None = None,
+    mean_resizing: bool = True,
+    seed: int = 0,
+) -> int: ...
+
 def generate_ids(
     model: VlmModel,
     input_ids: npt.NDArray[np.int64],
@@ -142,6 +165,11 @@ class Tokenizer:
     def model_max_length(self) -> int | None: ...
     @property
     def clean_up_tokenization_spaces(self) -> bool: ...
+    def copy(self) -> Tokenizer: ...
+    def add_tokens(self, tokens: list[str], special: bool = False) -> int: ...
+    def add_special_tokens(self, named: list[tuple[str, str]], extra: list[str], replace_extra: bool = True) -> int: ...
+    def save_tokenizer_json(self, dir: str) -> None: ...
+    def config_json(self, processor_class: str | None = None) -> str: ...
 
 @final
 class ChatTemplate:

@@ -215,6 +215,37 @@ class Idefics3ForConditionalGeneration(ParametersMixin):
         return target(core, config, GenerationConfig.from_pretrained(path, config))
 
     @classmethod
+    def from_text_model(
+        cls, text_model: Any, processor: Any = None, *, vision_config: Any = None, vision_model: Any = None,
+        scale_factor: Optional[int] = None, image_size: Optional[int] = None, reuse_connector: Optional[bool] = None,
+        mean_resizing: bool = True, pad_to_multiple_of: Optional[int] = None, seed: Optional[int] = None,
+    ) -> Idefics3ForConditionalGeneration:
+        """A VLM from a language model (``LlamaForCausalLM``, from a folder or GGUF; or its folder) and a vision
+        tower: new, from ``vision_config`` (a dict of ``Idefics3VisionConfig`` keys, transformers' defaults for
+        the others; ``image_size`` from the processor, ``patch_size`` so that the processor's ``image_seq_len``
+        fits), or the tower of ``vision_model`` (a checkpoint folder, hub id or loaded model) with its connector
+        when it fits (``reuse_connector``). ``processor``: from ``Idefics3Processor.from_text_model`` (or a
+        tokenizer holding ``<image>``); the embeddings grow to its tokenizer's length as
+        ``resize_token_embeddings(len(tokenizer), pad_to_multiple_of, mean_resizing)`` does. ``seed`` seeds the
+        new weights (default: ``ferrovlm.set_seed``'s stream). See ``ferrovlm.composition``."""
+        from .composition import model_from_text_model
+
+        return model_from_text_model(
+            cls, text_model, processor, vision_config=vision_config, vision_model=vision_model,
+            scale_factor=scale_factor, image_size=image_size, reuse_connector=reuse_connector,
+            mean_resizing=mean_resizing, pad_to_multiple_of=pad_to_multiple_of, seed=seed,
+        )
+
+    def resize_token_embeddings(
+        self, new_num_tokens: Optional[int] = None, pad_to_multiple_of: Optional[int] = None, mean_resizing: bool = True
+    ) -> int:
+        """transformers' ``resize_token_embeddings`` (mean resizing, tied or untied head, ``pad_to_multiple_of``);
+        returns the new number of rows (transformers returns the embedding module)."""
+        from .composition import resize_token_embeddings
+
+        return resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of, mean_resizing)
+
+    @classmethod
     def _from_gguf(
         cls, name_or_path: Any, gguf_file: Any, dtype: Any, attn: Optional[str], hub: dict[str, Any],
         mmproj_file: Any = None,

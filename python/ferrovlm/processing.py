@@ -62,6 +62,32 @@ class Idefics3Processor:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
         return cls(image_processor, tokenizer, image_seq_len, chat_template)
 
+    @classmethod
+    def from_text_model(cls, tokenizer: Any, image_size: int, *, patch_size: int = 16, scale_factor: int = 2,
+                        image_seq_len: Optional[int] = None, do_image_splitting: bool = False,
+                        longest_edge: Optional[int] = None, chat_template: Optional[str] = None,
+                        **image_processor_kwargs: Any) -> Idefics3Processor:
+        """The processor of a VLM built from a language model (``Idefics3ForConditionalGeneration.from_text_model``):
+        a copy of ``tokenizer`` with SmolVLM's image tokens added as transformers adds them and
+        ``<end_of_utterance>`` as EOS, SmolVLM's chat template (or ``chat_template``), and an image processor for
+        ``image_size`` x ``image_size`` tiles (``max_image_size``; ``size`` is ``longest_edge``, by default
+        ``image_size``, or 4x that with ``do_image_splitting``) of ``(image_size // patch_size)**2 //
+        scale_factor**2`` image tokens each. See ``ferrovlm.composition``."""
+        from .composition import processor_from_text_model
+
+        return processor_from_text_model(
+            cls, tokenizer, image_size, patch_size=patch_size, scale_factor=scale_factor,
+            image_seq_len=image_seq_len, do_image_splitting=do_image_splitting, longest_edge=longest_edge,
+            chat_template=chat_template, **image_processor_kwargs,
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> list[str]:
+        """The tokenizer's files, ``processor_config.json`` (image processor nested, ``image_seq_len``) and
+        ``chat_template.jinja``, as transformers 5 writes them; returns the paths."""
+        from .composition import save_processor
+
+        return save_processor(self, os.fspath(save_directory))
+
     # -- main call -------------------------------------------------------------------------------
     def __call__(self, images: Any = None, text: Any = None, *args: Any, return_tensors: Optional[str] = None,
                  padding: Any = False, truncation: Any = None, max_length: Optional[int] = None,

@@ -4,6 +4,7 @@ Special tokens, padding, truncation, decoding and chat templates behave as in tr
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -150,6 +151,45 @@ class PreTrainedTokenizerFast:
         n = len(self)
         return {t: i for i, t in enumerate(self._core.convert_ids_to_tokens(list(range(n)), False)) if t is not None}
 
+    # -- changing and saving ---------------------------------------------------------------------
+    def copy(self) -> PreTrainedTokenizerFast:
+        """An independent copy (tokens added to it leave this tokenizer as it is)."""
+        out = type(self)(self._core.copy(), self.name_or_path, copy.deepcopy(self.chat_template))
+        out.init_kwargs = {k: v for k, v in self.init_kwargs.items() if k != "gguf_file"}
+        return out
+
+    def add_tokens(self, new_tokens: Any, special_tokens: bool = False) -> int:
+        """Appends the tokens not in the vocabulary yet (ids from ``len(tokenizer)`` on); returns how many."""
+        items = [new_tokens] if isinstance(new_tokens, str) or hasattr(new_tokens, "content") else list(new_tokens)
+        return self._core.add_tokens([_token_text(t, "new_tokens") for t in items], bool(special_tokens))
+
+    def add_special_tokens(self, special_tokens_dict: dict[str, Any], replace_extra_special_tokens: bool = True) -> int:
+        """transformers' ``add_special_tokens``: named tokens (``eos_token``, ...) and ``extra_special_tokens`` /
+        ``additional_special_tokens`` (replacing the list, or extending it); new ones are appended as special
+        tokens. Returns how many tokens were new."""
+        d = dict(special_tokens_dict or {})
+        if "additional_special_tokens" in d and not d.get("extra_special_tokens"):
+            d["extra_special_tokens"] = d.pop("additional_special_tokens")
+        named, extra = [], []
+        for key, value in d.items():
+            if key == "extra_special_tokens":
+                if not isinstance(value, (list, tuple)):
+                    raise ValueError(f"Tokens {value} for key {key} should all be str or AddedToken instances")
+                extra = [_token_text(t, key) for t in value]
+            elif key in _SPECIAL_TOKEN_NAMES:
+                named.append((key, _token_text(value, key)))
+            else:
+                valid = set(_SPECIAL_TOKEN_NAMES) | {"extra_special_tokens"}
+                raise ValueError(f"Key {key} is not a valid special token. Valid keys are: {valid}")
+        return self._core.add_special_tokens(named, extra, bool(replace_extra_special_tokens))
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> tuple[str, ...]:
+        """``tokenizer.json``, ``tokenizer_config.json`` and ``chat_template.jinja``, as transformers 5 writes
+        them; returns the paths."""
+        from .composition import save_tokenizer
+
+        return tuple(save_tokenizer(self, os.fspath(save_directory)))
+
     # -- encoding ------------------------------------------------------------------------------
     def __call__(
         self,
@@ -287,6 +327,17 @@ class PreTrainedTokenizerFast:
             if return_tensors is not None:
                 enc.convert_to_tensors(return_tensors)
         return enc
+
+
+_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _token_text(token: Any, key: str) -> str:
+    """A token given as a string or an ``AddedToken`` (its ``content``)."""
+    text = getattr(token, "content", token)
+    if not isinstance(text, str):
+        raise ValueError(f"Token {token!r} for key {key} should be a str or an AddedToken instance")
+    return text
 
 
 def _templates_value(templates: Optional[list[Any]]) -> Any:

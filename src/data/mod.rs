@@ -14,4 +14,5 @@ pub mod resample;
 pub mod tokenizer;
 pub mod tokenizer_batch;
 pub mod tokenizer_config;
+pub mod tokenizer_edit;
 pub mod tokenizer_gguf;

@@ -1,9 +1,12 @@
 //! The SmolVLM / Idefics3 model: SigLIP vision tower, pixel-shuffle connector, Llama text model.
 
 pub mod cache;
+pub mod compose;
 pub mod connector;
+pub mod init;
 pub mod modules;
 pub mod params;
+pub mod resize;
 pub mod text;
 pub mod vision;
 mod vision_fast;

@@ -3,6 +3,7 @@
 use pyo3::prelude::*;
 
 mod checkpoint;
+mod compose;
 mod config;
 mod data;
 mod errors;
@@ -19,6 +20,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     checkpoint::register(m)?;
     config::register(m)?;
     model::register(m)?;
+    compose::register(m)?;
     ops::register(m)?;
     generate::register(m)?;
     data::register(m)?;

@@ -196,6 +196,41 @@ impl PyTokenizer {
     fn clean_up_tokenization_spaces(&self) -> bool {
         self.inner.clean_up_tokenization_spaces()
     }
+
+    /// An independent copy (tokens added to it do not change this one).
+    fn copy(&self) -> Self {
+        PyTokenizer { inner: self.inner.clone() }
+    }
+
+    /// `add_tokens`: appends the tokens not in the vocabulary yet; returns how many were new.
+    #[pyo3(signature = (tokens, special=false))]
+    fn add_tokens(&mut self, tokens: Vec<String>, special: bool) -> usize {
+        self.inner.add_tokens(&tokens, special)
+    }
+
+    /// `add_special_tokens`: (name, token) pairs for bos_token, eos_token, ...; `extra` replaces (or,
+    /// without `replace_extra`, extends) the extra special tokens. Returns how many tokens were new.
+    #[pyo3(signature = (named, extra, replace_extra=true))]
+    fn add_special_tokens(
+        &mut self,
+        named: Vec<(String, String)>,
+        extra: Vec<String>,
+        replace_extra: bool,
+    ) -> PyResult<usize> {
+        guard(|| self.inner.add_special_tokens(&named, &extra, replace_extra))
+    }
+
+    /// Writes `tokenizer.json` into `dir`.
+    fn save_tokenizer_json(&self, dir: PathBuf) -> PyResult<()> {
+        guard(|| self.inner.save_tokenizer_json(&dir))
+    }
+
+    /// The `tokenizer_config.json` object transformers writes, as JSON (`model_max_length` null when
+    /// unbounded).
+    #[pyo3(signature = (processor_class=None))]
+    fn config_json(&self, processor_class: Option<&str>) -> String {
+        self.inner.config_json(processor_class).to_string()
+    }
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
