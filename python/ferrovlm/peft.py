@@ -128,9 +128,12 @@ class PeftModel:
     # -- parameters -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple:
         """(trainable, all): all = base parameters + adapter tensors (PEFT counts both)."""
-        core = self.base_model.model._core
+        base = self.base_model.model
+        core = base._core
         adapter = sum(_prod(s) for _, s in _core.trainable_shapes(core))
-        trainable = adapter if self._trainable else 0
+        # base parameters unfrozen after PEFT froze them (requires_grad_(True)) train too
+        unfrozen = sum(p.numel() for p in base.parameters() if p.requires_grad) if hasattr(base, "parameters") else 0
+        trainable = adapter + unfrozen if self._trainable else 0
         return trainable, core.num_parameters + adapter
 
     def print_trainable_parameters(self) -> None:

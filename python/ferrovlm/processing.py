@@ -212,7 +212,8 @@ def _images_in(conversation: Any) -> list[Any]:
             continue
         for item in content:
             if isinstance(item, dict) and item.get("type") in ("image", "image_url"):
-                src = item.get("image") or item.get("url") or item.get("path")
+                # the first key present (an image may be a numpy array, which has no truth value)
+                src = next((item[k] for k in ("image", "url", "path") if item.get(k) is not None), None)
                 if src is None and isinstance(item.get("image_url"), dict):
                     src = item["image_url"].get("url")
                 if src is not None:
