@@ -121,6 +121,20 @@ impl ModelConfig {
         Self::from_json_str(&text, file)
     }
 
+    /// [`Self::from_file`] of a vision-language model: a language model alone (`model_type` "llama") is
+    /// refused, the message saying it has no vision tower `for_what`.
+    pub fn vlm_from_file(file: &Path, for_what: &str) -> Result<Self, ConfigError> {
+        let cfg = Self::from_file(file)?;
+        if cfg.text_only() {
+            return Err(ConfigError::BadValue {
+                file: file.to_path_buf(),
+                key: "model_type".into(),
+                msg: format!("'llama' is a language model alone: it has no vision tower {for_what}"),
+            });
+        }
+        Ok(cfg)
+    }
+
     /// Parses config JSON; `file` is only used in error messages.
     pub fn from_json_str(text: &str, file: &Path) -> Result<Self, ConfigError> {
         let raw: Value = serde_json::from_str(text)

@@ -45,15 +45,7 @@ impl VisionSource {
     /// The vision tower and connector of the hub-layout checkpoint in `dir` (only those weights are read).
     pub fn from_dir(dir: &Path, ctx: &LoadCtx) -> Result<Self> {
         let file = dir.join("config.json");
-        let cfg = ModelConfig::from_file(&file)?;
-        if cfg.text_only() {
-            return Err(ConfigError::BadValue {
-                file,
-                key: "model_type".into(),
-                msg: "'llama' is a language model alone: it has no vision tower to take".into(),
-            }
-            .into());
-        }
+        let cfg = ModelConfig::vlm_from_file(&file, "to take")?;
         let store = WeightStore::open_dir(dir)?;
         let vision = VisionModel::load(&store, super::modules::VISION, &cfg.vision, ctx)?;
         let connector = Connector::load(

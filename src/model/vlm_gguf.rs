@@ -176,15 +176,7 @@ impl VlmModel {
         let config = match config_dir {
             Some(dir) => {
                 let file = dir.join("config.json");
-                let cfg = ModelConfig::from_file(&file)?;
-                if cfg.text_only() {
-                    return Err(ConfigError::BadValue {
-                        file,
-                        key: "model_type".into(),
-                        msg: "'llama' is a language model alone: it has no vision tower for an mmproj file".into(),
-                    }
-                    .into());
-                }
+                let cfg = ModelConfig::vlm_from_file(&file, "for an mmproj file")?;
                 check_text(&cfg, &file, g.config(), text)?;
                 check_vision(&cfg, &file, clip.config(), mmproj)?;
                 cfg
