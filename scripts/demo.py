@@ -92,7 +92,7 @@ def make_scene(rng: np.random.Generator, size: int) -> Scene:
     img = np.full((size, size, 3), 245, np.uint8)
     img += rng.integers(0, 10, size=(size, size, 1), dtype=np.uint8)  # a little paper texture
     kind = ("color", "shape", "count", "position")[int(rng.integers(4))]
-    r = size * 0.16
+    r = size * 0.22
     if kind == "count":
         n = int(rng.integers(1, 4))
         cells = rng.permutation(4)[:n]  # quadrants, so that shapes never overlap
@@ -182,10 +182,10 @@ class Settings:
     out: str = "demo-out"
     image_size: int = 64
     patch_size: int = 8
-    train_rows: int = 2400
-    eval_rows: int = 96
-    stage1_steps: int = 120
-    stage2_steps: int = 80
+    train_rows: int = 3000
+    eval_rows: int = 64
+    stage1_steps: int = 80
+    stage2_steps: int = 100
     batch_size: int = 16
     stage1_lr: float = 3e-3
     stage2_lr: float = 1e-3
@@ -329,6 +329,7 @@ def main(settings: Settings | None = None) -> dict:
         print(f"  Q: {sc.question} (truth: {sc.answer})\n  A: ", end="", flush=True)
         model.generate(**inputs, max_new_tokens=6, streamer=streamer)
     results["seconds"] = time.perf_counter() - t_start
+    results["model"], results["processor"] = model, processor
     _log(f"done in {results['seconds'] / 60:.1f} min: held-out accuracy {acc0:.1%} -> {acc1:.1%} (stage 1) -> "
          f"{acc2:.1%} (stage 2), chance {base:.1%}")
     return results
