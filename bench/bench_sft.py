@@ -1,7 +1,8 @@
 """SFT with LoRA on a SmolVLM-256M-shaped checkpoint (random weights, bf16 on disk like the real one):
 ferrovlm vs TRL + PEFT + transformers, fp32 on CPU (or `--bf16`: `bf16=True` in SFTConfig on both sides,
 as the tutorials set it, which TRL runs under CPU autocast to bf16), in the same run, each side in its own
-process.
+process. `--full`: full fine-tuning instead (no `peft_config` on either side: every parameter of the
+model trains, vision tower and embeddings included, with AdamW over all ~256M of them).
 
 8 prompt-completion rows with one 512x512 image each (splitting off: one 64-token frame), batch 4,
 LoRA r=8 alpha=16 on the text model's q/k/v/o/gate/up/down, 4 optimizer steps (2 epochs), constant lr.
@@ -9,7 +10,7 @@ Reports samples/s of the training loop (model loading excluded), peak RSS, each 
 how far apart the first ones are) and the achieved GFLOP/s (matmul FLOPs counted by bench/flops.py from the
 config and the collated batches). Dev only (needs torch, transformers, peft, trl in the same environment):
 
-    python bench/bench_sft.py [--steps 4] [--bf16] [--out bench/out/sft.json]
+    python bench/bench_sft.py [--steps 4] [--bf16] [--full] [--out bench/out/sft.json]
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def make_rows(n: int = 8) -> list:
     return noise_rows("completion", n)
 
 
-def run_side(side: str, ckpt: str, steps: int, bf16: bool = False) -> dict:
+def run_side(side: str, ckpt: str, steps: int, bf16: bool = False, full: bool = False) -> dict:
     add_processor(Path(ckpt))
     rows = raw_rows = make_rows()
     base = rss_mb()
@@ -87,7 +88,9 @@ def run_side(side: str, ckpt: str, steps: int, bf16: bool = False) -> dict:
 
         rows = Dataset.from_list(rows)  # TRL refuses plain lists
     processor = AutoProcessor.from_pretrained(ckpt)
-    peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    peft_config = None if full else LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"
+    )
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=rows, processing_class=processor, peft_config=peft_config
     )
@@ -101,7 +104,7 @@ def run_side(side: str, ckpt: str, steps: int, bf16: bool = False) -> dict:
         "peak_rss_mb": peak,
         "rss_base_mb": base,
         "losses": logged_losses(trainer),
-        "flops": step_flops(trainer, ckpt, raw_rows, steps, dpo=False),
+        "flops": step_flops(trainer, ckpt, raw_rows, steps, dpo=False, full=full),
     }
 
 
@@ -110,13 +113,13 @@ def logged_losses(trainer) -> list:
     return [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
 
-def step_flops(trainer, ckpt: str, rows: list, steps: int, dpo: bool) -> dict:
+def step_flops(trainer, ckpt: str, rows: list, steps: int, dpo: bool, full: bool = False) -> dict:
     """Matmul FLOPs of the run (bench/flops.py), from this side's own collator over the rows the steps see
     (counted after the peak RSS was read). Each batch gets fresh copies of its rows: TRL's collators rewrite
     a row's messages in place (the image placeholders), and a run sees a row again in its next epoch."""
     config = json.loads((Path(ckpt) / "config.json").read_text())
     counts = [batch_counts(trainer.data_collator(copy.deepcopy(b))) for b in run_batches(rows, 4, steps)]
-    return run_flops(config, counts, dpo=dpo)
+    return run_flops(config, counts, dpo=dpo, full=full)
 
 
 def compare(results: dict, per_s: str) -> None:
@@ -144,18 +147,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--bf16", action="store_true", help="bf16=True in SFTConfig on both sides (TRL: CPU autocast)")
+    ap.add_argument("--full", action="store_true", help="full fine-tuning on both sides (no peft_config)")
     ap.add_argument("--out", default=str(HERE / "out" / "sft.json"))
     ap.add_argument("--baseline", help=BASELINE_HELP)
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
-        print(json.dumps(run_side(args.side, args.ckpt, args.steps, args.bf16)))
+        print(json.dumps(run_side(args.side, args.ckpt, args.steps, args.bf16, args.full)))
         return
-    extra = ["--steps", str(args.steps)] + (["--bf16"] if args.bf16 else [])
+    extra = ["--steps", str(args.steps)] + (["--bf16"] if args.bf16 else []) + (["--full"] if args.full else [])
     results = run_both_sides(__file__, extra, baseline=args.baseline)
     f, t = results["ferrovlm"], results["transformers"]
     results["bf16"] = args.bf16
+    results["full"] = args.full
     results["ratios"] = {
         "speedup": f["samples_per_s"] / t["samples_per_s"],
         "peak_rss_ratio": f["peak_rss_mb"] / t["peak_rss_mb"],
@@ -167,7 +172,7 @@ def main() -> None:
     compare(results, "samples_per_s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"{'':16}{'ferrovlm':>12}{'TRL+PEFT':>12}{'ratio':>10}")
+    print(f"{'':16}{'ferrovlm':>12}{'TRL' if args.full else 'TRL+PEFT':>12}{'ratio':>10}")
     speedup = results["ratios"]["speedup"]
     print(f"{'samples/s':16}{f['samples_per_s']:12.3f}{t['samples_per_s']:12.3f}{speedup:9.2f}x (speedup)")
     ratio = results["ratios"]["peak_rss_ratio"]

@@ -1,5 +1,6 @@
-"""Matmul FLOPs of the LoRA training benchmarks (bench_sft.py, bench_dpo.py), counted from the checkpoint's
-config.json and the collated batches, so that each side's wall time becomes an achieved GFLOP/s.
+"""Matmul FLOPs of the training benchmarks (bench_sft.py, bench_dpo.py; LoRA, or full fine-tuning), counted
+from the checkpoint's config.json and the collated batches, so that each side's wall time becomes an achieved
+GFLOP/s.
 
 Only matrix products are counted (2 FLOPs per multiply-add); norms, activations, softmax, RoPE, the loss and
 the optimizer are left out, and so is the forward that gradient checkpointing recomputes (model FLOPs, the
@@ -25,6 +26,11 @@ backward through the vision tower or the connector, and through the text tower o
 1x the forward of each frozen linear and of the head (dX = dY W; no dW), 2x the forward of attention (dQ, dK,
 dV and the score gradient are all products of activations), 2x the forward of LoRA (input gradients and the
 A and B weight gradients).
+
+Full fine-tuning (``full=True``: every parameter trains, no adapters) back-propagates through everything:
+2x the forward of every linear and of the head (dX and dW), of attention and of the vision tower and the
+connector, except the patch embedding (1x: its input is the pixels, only dW). Nothing is redundant then (the
+vision features change every step), so ``distinct`` is ``nominal``.
 
 A DPO step runs the policy (forward + backward) and the reference (the base model, adapter disabled: forward
 only, no LoRA) over the batch's 2B sequences (chosen rows, then the rejected rows of the same prompts), each
@@ -88,12 +94,13 @@ def batch_counts(batch: Any) -> dict[str, Any]:
 
 
 def run_flops(config: dict[str, Any], batches: Sequence[dict[str, Any]], dpo: bool = False, lora_r: int = 8,
-              lora_modules: Sequence[str] = LORA_TEXT_MODULES) -> dict[str, Any]:
+              lora_modules: Sequence[str] = LORA_TEXT_MODULES, full: bool = False) -> dict[str, Any]:
     """Matmul FLOPs of a LoRA training run (adapters on the text model's ``lora_modules``, everything else
-    frozen) whose optimizer steps see ``batches`` (``batch_counts`` of each), ``dpo`` for DPO steps (policy and
-    reference passes). Returns ``{"nominal": parts, "distinct": parts, "steps": n}``, parts being FLOPs by
-    kind (``vision``, ``connector``, ``text``, ``lora``, ``head``, ``backward``) and their ``total``, over
-    the whole run; see the module docstring."""
+    frozen; with ``full``, full fine-tuning: no adapters, everything trains) whose optimizer steps see
+    ``batches`` (``batch_counts`` of each), ``dpo`` for DPO steps (policy and reference passes). Returns
+    ``{"nominal": parts, "distinct": parts, "steps": n}``, parts being FLOPs by kind (``vision``, ``connector``,
+    ``text``, ``lora``, ``head``, ``backward``) and their ``total``, over the whole run; see the module
+    docstring."""
     v, t = config["vision_config"], config["text_config"]
     d, i_v, n_v = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]
     patch, chans = v["patch_size"], v.get("num_channels", 3)
@@ -108,7 +115,8 @@ def run_flops(config: dict[str, Any], batches: Sequence[dict[str, Any]], dpo: bo
     dims = {"q_proj": (h, q), "k_proj": (h, k), "v_proj": (h, k), "o_proj": (q, h),
             "gate_proj": (h, i_t), "up_proj": (h, i_t), "down_proj": (i_t, h)}
     w_text = n_t * sum(a * b for a, b in dims.values())
-    w_lora = n_t * lora_r * sum(sum(dims[m]) for m in lora_modules)
+    w_lora = 0 if full else n_t * lora_r * sum(sum(dims[m]) for m in lora_modules)
+    patch_embed = 2 * p * d * chans * patch * patch  # per frame
 
     def text(rows: Sequence[tuple[int, int]], lora: bool) -> dict[str, float]:
         """Forward of the text layers over (tokens, keys each attends to) blocks."""
@@ -124,7 +132,7 @@ def run_flops(config: dict[str, Any], batches: Sequence[dict[str, Any]], dpo: bo
 
     out: dict[str, Any] = {"steps": len(batches)}
     for mode in ("nominal", "distinct"):
-        share = mode == "distinct"
+        share = mode == "distinct" and not full
         parts = dict.fromkeys(("vision", "connector", "text", "lora", "head", "backward"), 0.0)
         seen: set[str] = set()
         for c in batches:
@@ -140,9 +148,12 @@ def run_flops(config: dict[str, Any], batches: Sequence[dict[str, Any]], dpo: bo
             parts["text"] += fwd["text"]
             parts["lora"] += fwd["lora"]
             parts["head"] += head
-            # backward: input gradients of the frozen linears and head (1x), attention and LoRA (2x)
             attn = sum(4 * n_t * n * keys * q for n, keys in rows)
-            parts["backward"] += (fwd["text"] - attn) + 2 * attn + 2 * fwd["lora"] + head
+            if full:  # dX and dW of everything, but no dX of the patch embedding
+                vis = frames * (2 * (frame_vision + frame_connector) - patch_embed)
+                parts["backward"] += vis + 2 * fwd["text"] + 2 * head
+            else:  # input gradients of the frozen linears and head (1x), attention and LoRA (2x)
+                parts["backward"] += (fwd["text"] - attn) + 2 * attn + 2 * fwd["lora"] + head
             if dpo:  # the reference: base model, forward only
                 parts["text"] += text(rows, lora=False)["text"]
                 parts["head"] += head

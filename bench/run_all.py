@@ -9,10 +9,10 @@ It prints the CPU model and its instruction-set extensions, measures the machine
 matmul GFLOP/s with torch, memory copy and read bandwidth), then runs each workload script `--repeats` times
 (each run is ferrovlm then the PyTorch stack, so the sides alternate: A B A B ...) and reports the median of
 each ratio. Decode is also given as bytes of weights read per second, as a fraction of the copy and of the
-read bandwidth. Each training workload (SFT and DPO with LoRA, fp32 and with `bf16=True`) is also given as
-achieved GFLOP/s per side (matmul FLOPs counted by bench/flops.py) and as a fraction of the machine's matmul
-peak in its precision (ours with `--kernels`, torch's otherwise), with how far apart the two sides' logged
-losses are. Writes `<out>.json` and `<out>.md` (markdown tables with the machine and the date).
+read bandwidth. Each training workload (SFT and DPO with LoRA, fp32 and with `bf16=True`; SFT with full
+fine-tuning, fp32) is also given as achieved GFLOP/s per side (matmul FLOPs counted by bench/flops.py) and as a
+fraction of the machine's matmul peak in its precision (ours with `--kernels`, torch's otherwise), with how far
+apart the two sides' logged losses are. Writes `<out>.json` and `<out>.md` (markdown tables with the machine and the date).
 """
 
 from __future__ import annotations
@@ -132,6 +132,8 @@ WORKLOADS = [
     ("SFT fp32, LoRA", "bench_sft.py", ["--steps", "4"],
      [("speedup", "samples/s", "higher"), ("peak_rss_ratio", "peak RSS, ours / theirs", "lower")]),
     ("SFT bf16, LoRA", "bench_sft.py", ["--steps", "4", "--bf16"],
+     [("speedup", "samples/s", "higher"), ("peak_rss_ratio", "peak RSS, ours / theirs", "lower")]),
+    ("SFT fp32, full fine-tuning", "bench_sft.py", ["--steps", "4", "--full"],
      [("speedup", "samples/s", "higher"), ("peak_rss_ratio", "peak RSS, ours / theirs", "lower")]),
     ("DPO fp32, LoRA", "bench_dpo.py", ["--steps", "2"],
      [("speedup", "pairs/s", "higher"), ("peak_rss_ratio", "peak RSS, ours / theirs", "lower")]),

@@ -15,7 +15,7 @@ use super::step::{
 use super::FeatureCache;
 use crate::error::{input_err, Result};
 use crate::model::{ForwardInput, Interrupt, VlmModel};
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::optim::{clip_coefficient, global_norm, AdamW, AdamWConfig};
 
 /// How a session is set up.
 #[derive(Debug, Clone, Default)]
@@ -165,8 +165,9 @@ impl TrainSession {
     /// Clips the accumulated gradients to `max_grad_norm` (global L2; <= 0 turns clipping off), takes
     /// one AdamW step with `lr` and clears the gradients. Returns the norm before clipping.
     pub fn optimizer_step(&mut self, lr: f64, max_grad_norm: f64) -> Result<f64> {
-        let norm = clip_grad_norm(&mut self.grads, max_grad_norm)?;
-        self.opt.step(lr, &self.grads)?;
+        // clip_grad_norm's scaling is applied inside the update (no scaled copy of every gradient)
+        let norm = global_norm(&self.grads)?;
+        self.opt.step_scaled(lr, &self.grads, clip_coefficient(norm, max_grad_norm))?;
         self.zero_grad();
         Ok(norm)
     }
