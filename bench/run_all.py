@@ -12,7 +12,8 @@ each ratio. Decode is also given as bytes of weights read per second, as a fract
 read bandwidth. Each training workload (SFT and DPO with LoRA, fp32 and with `bf16=True`; SFT with full
 fine-tuning, fp32) is also given as achieved GFLOP/s per side (matmul FLOPs counted by bench/flops.py) and as a
 fraction of the machine's matmul peak in its precision (ours with `--kernels`, torch's otherwise), with how far
-apart the two sides' logged losses are. Writes `<out>.json` and `<out>.md` (markdown tables with the machine and the date).
+apart the two sides' logged losses are. Writes `<out>.json` and `<out>.md` (markdown tables with the machine and
+the date).
 """
 
 from __future__ import annotations

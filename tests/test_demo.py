@@ -34,7 +34,7 @@ def test_demo_path_learns_the_answer_format(tmp_path):
     held_out = demo.make_split(48, 77, s.image_size)
     got = demo.answer(r["model"], r["processor"], held_out)
     valid = [demo.normalize(g) in VOCAB[sc.kind] for g, sc in zip(got, held_out)]
-    assert sum(valid) >= 0.7 * len(valid), list(zip(got, [sc.question for sc in held_out]))
+    assert sum(valid) >= 0.6 * len(valid), list(zip(got, [sc.question for sc in held_out]))
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
 
