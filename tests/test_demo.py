@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-import demo
+from ferrovlm import demo
 
 pytestmark = pytest.mark.skipif(not os.environ.get("SMOLLM2_GGUF"), reason="SMOLLM2_GGUF is not set")
 

