@@ -1,0 +1,5 @@
+"""``python -m ferrovlm``: the ``ferrovlm`` command."""
+
+from .cli import main
+
+raise SystemExit(main())
