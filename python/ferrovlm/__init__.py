@@ -13,6 +13,7 @@ _os.environ.setdefault("CANDLE_NUM_THREADS", "1")
 
 from ._core import __version__  # noqa: E402
 from .batch import BatchEncoding, BatchFeature
+from .cli import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 from .configuration import Idefics3Config, LlamaConfig, PretrainedConfig, SmolVLMConfig
 from .data_collator import DataCollatorForLanguageModeling, DataCollatorForVisionLanguageModeling
 from .dpo_collator import DataCollatorForVisionPreference
@@ -65,6 +66,11 @@ __all__ = [
     "DataCollatorForVisionPreference",
     "DataCollatorForVisionLanguageModeling",
     "DataCollatorForLanguageModeling",
+    "TrlParser",
+    "ScriptArguments",
+    "ModelConfig",
+    "get_peft_config",
+    "get_quantization_config",
     "TrainerState",
     "TrainOutput",
     "TrainingError",
