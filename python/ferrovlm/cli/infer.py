@@ -119,11 +119,14 @@ def run_generate(argv: list[str], prog: str) -> int:
         messages.append({"role": "system", "content": [{"type": "text", "text": args.system}]})
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
     messages.append({"role": "user", "content": content if is_vlm else args.prompt})
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     if is_vlm:
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = processor(text=prompt, images=images or None, return_tensors="np")
-    else:
+    elif getattr(processor, "chat_template", None):
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = processor(prompt, return_tensors="np", add_special_tokens=False)
+    else:  # a base language model without a chat template continues the text
+        inputs = processor((args.system + "\n" if args.system else "") + args.prompt, return_tensors="np")
     if args.seed is not None:
         set_seed(args.seed)
     model.eval()

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import sys
+import types
 import typing
 from collections.abc import Iterable
 from enum import Enum
@@ -130,10 +131,16 @@ def _choice_converter(choices: list[Any]) -> Callable[[str], Any]:
     return choice
 
 
+def _is_union(tp: Any) -> bool:
+    """``Union[...]`` / ``Optional[...]``, or ``X | Y`` on Python >= 3.10."""
+    origin = typing.get_origin(tp)
+    return origin is Union or (sys.version_info >= (3, 10) and origin is getattr(types, "UnionType", None))
+
+
 def _narrow(tp: Any) -> tuple[Any, bool]:
     """The one type a field's flag parses (HfArgumentParser's reading of a ``Union``) and whether ``none``
     means None."""
-    if typing.get_origin(tp) is not Union:
+    if not _is_union(tp):
         return tp, False
     members = typing.get_args(tp)
     if type(None) not in members:  # Union[X, str]: X (as transformers reads `Union[IntervalStrategy, str]`)
@@ -145,7 +152,7 @@ def _narrow(tp: Any) -> tuple[Any, bool]:
 
 
 def _is_bool(tp: Any) -> bool:
-    return tp is bool or (typing.get_origin(tp) is Union and set(typing.get_args(tp)) == {bool, type(None)})
+    return tp is bool or (_is_union(tp) and set(typing.get_args(tp)) == {bool, type(None)})
 
 
 def _default(f: dataclasses.Field) -> Any:
