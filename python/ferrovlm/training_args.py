@@ -71,7 +71,7 @@ SCHEDULER_TYPES = (
 NO_EFFECT_FIELDS = frozenset({
     "tf32", "torch_compile", "torch_compile_backend", "torch_compile_mode", "use_liger_kernel", "liger_kernel_config",
     "torch_empty_cache_steps", "auto_find_batch_size", "log_on_each_node", "log_level", "log_level_replica",
-    "disable_tqdm", "run_name", "project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id",
+    "run_name", "project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id",
     "eval_use_gather_object", "eval_do_concat_batches", "save_on_each_node", "enable_jit_checkpoint",
     "full_determinism", "use_cpu", "accelerator_config", "parallelism_config", "dataloader_drop_last",
     "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
