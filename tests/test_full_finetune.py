@@ -46,8 +46,18 @@ def _rel_err(got, want, floor=1e-12):
     return float(np.abs(got - want).max() / max(float(np.abs(want).max()), floor))
 
 
+def _forward_backward(session, inputs, n, checkpointing=False):
+    return session.forward_backward(
+        inputs["input_ids"], inputs["labels"], attention_mask=inputs["attention_mask"],
+        pixel_values=inputs["pixel_values"].astype(np.float32),
+        pixel_attention_mask=inputs["pixel_attention_mask"].astype(bool), loss_scale=1.0 / n,
+        gradient_checkpointing=checkpointing,
+    )
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_every_parameter_gradient_matches_transformers(tiny_smolvlm, tiny_untied, case):
+def test_every_parameter_gradient_matches_transformers(tiny_smolvlm, tiny_untied, case, checkpointing):
     spec = CASES[case]
     model = _load(tiny_untied if case == "untied" else tiny_smolvlm)
     _freeze(model, spec.get("freeze"))
@@ -56,11 +66,7 @@ def test_every_parameter_gradient_matches_transformers(tiny_smolvlm, tiny_untied
     expected = dict(np.load(FULL / "grads" / case / "expected.npz"))
     session = _core.TrainSession(model._core, trainable=model.trainable_parameter_names())
     n = spec["num_label_tokens"]
-    stats = session.forward_backward(
-        inputs["input_ids"], inputs["labels"], attention_mask=inputs["attention_mask"],
-        pixel_values=inputs["pixel_values"].astype(np.float32),
-        pixel_attention_mask=inputs["pixel_attention_mask"].astype(bool), loss_scale=1.0 / n,
-    )
+    stats = _forward_backward(session, inputs, n, checkpointing)
     assert stats["num_label_tokens"] == n
     np.testing.assert_allclose(stats["loss_sum"] / n, spec["loss"], rtol=1e-5)
     grads = session.grads()
@@ -80,6 +86,30 @@ def test_every_parameter_gradient_matches_transformers(tiny_smolvlm, tiny_untied
                                        rtol=1e-4, atol=1e-6 * np.abs(g).max())
         np.testing.assert_allclose(np.linalg.norm(g.astype(np.float64)), float(expected[f"grad_norm/{name}"]),
                                    rtol=1e-4, atol=1e-4 * floor)
+
+
+@pytest.mark.parametrize("freeze", [
+    None,
+    "model.model.vision_model.embeddings.requires_grad_(False)\n"
+    "model.model.vision_model.encoder.layers[0].requires_grad_(False)",
+    "model.model.vision_model.encoder.requires_grad_(False)",
+])
+def test_vision_checkpointing_gives_the_same_gradients(tiny_smolvlm, freeze):
+    """gradient_checkpointing recomputes the training vision tower's layers in the backward (and stops
+    below the lowest one that trains): the gradients are bit for bit those of the kept graph."""
+    inputs = dict(np.load(FULL / "grads" / "all" / "inputs.npz"))
+    n = int((inputs["labels"][:, 1:] != -100).sum())
+    grads, losses = [], []
+    for checkpointing in (False, True):
+        model = _load(tiny_smolvlm)
+        _freeze(model, freeze)
+        session = _core.TrainSession(model._core, trainable=model.trainable_parameter_names())
+        losses.append(_forward_backward(session, inputs, n, checkpointing)["loss_sum"])
+        grads.append(session.grads())
+    assert losses[0] == losses[1]
+    assert sorted(grads[0]) == sorted(grads[1])
+    for name, g in grads[0].items():
+        np.testing.assert_array_equal(grads[1][name], g, err_msg=name)
 
 
 def test_freezing_the_transformers_way(tiny_smolvlm):
