@@ -267,10 +267,20 @@ impl PyVlmModel {
         (kind, n, bytes, logical)
     }
 
-    /// Writes `model.safetensors` (transformers' keys; quantized layers in bitsandbytes' form) to `dir`.
-    fn save_weights(&self, py: Python<'_>, dir: PathBuf) -> PyResult<()> {
+    /// Writes the weights to `dir` as transformers' `save_pretrained(max_shard_size=...)` does
+    /// (transformers' keys; quantized layers in bitsandbytes' form): `model.safetensors`, or shards and
+    /// `model.safetensors.index.json`. `max_shard_size`: bytes, or a string such as "5GB" / "500MB".
+    /// Returns the weight files written.
+    #[pyo3(signature = (dir, max_shard_size=None))]
+    fn save_weights(&self, py: Python<'_>, dir: PathBuf, max_shard_size: Option<ShardSize>) -> PyResult<Vec<String>> {
+        use crate::checkpoint::shard;
+        let max = guard(|| match &max_shard_size {
+            Some(ShardSize::Bytes(n)) => Ok(*n),
+            Some(ShardSize::Text(s)) => shard::parse_size(s),
+            None => shard::parse_size(shard::DEFAULT_MAX_SHARD_SIZE),
+        })?;
         let model = self.get();
-        detached(py, |_| crate::checkpoint::save::save_model(&model, &dir))
+        detached(py, |_| crate::checkpoint::save::save_model(&model, &dir, max))
     }
 
     /// The config as JSON (file keys plus defaults).
@@ -374,4 +384,11 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("GGUF_QUANTIZATION_METHODS", pyo3::types::PyTuple::new(m.py(), methods)?)?;
     m.add_function(wrap_pyfunction!(quantized_linear_names, m)?)?;
     Ok(())
+}
+
+/// `max_shard_size`: bytes (an int) or a size string ("5GB").
+#[derive(FromPyObject)]
+pub enum ShardSize {
+    Bytes(i64),
+    Text(String),
 }
