@@ -36,6 +36,9 @@ pub struct VlmModel {
     pub bf16_compute: bool,
     /// How the Linear weights were quantized while loading, if they were (bitsandbytes).
     pub quant: Option<Arc<QuantConfig>>,
+    /// PEFT `modules_to_save` outside Linear adapters: the original tensors of the parameters whose
+    /// trainable copies the model now holds (see `saved.rs`).
+    pub saved: Arc<super::saved::SavedModules>,
 }
 
 /// Inputs of one forward, shapes as in transformers. Integer inputs are plain vectors (row-major),
@@ -172,6 +175,7 @@ impl VlmModel {
             switch: Arc::default(),
             bf16_compute: ctx.bf16_compute,
             quant: ctx.quant.clone(),
+            saved: Arc::default(),
         })
     }
 

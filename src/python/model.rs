@@ -145,6 +145,13 @@ impl PyVlmModel {
         }
     }
 
+    /// The model a pass runs: with the adapters off, the `modules_to_save` originals in place
+    /// ([`VlmModel::active`]).
+    pub(crate) fn get_active(&self) -> PyResult<Arc<VlmModel>> {
+        let m = self.get();
+        Ok(guard(|| m.active())?.map(Arc::new).unwrap_or(m))
+    }
+
     /// Replaces the model by `f(copy of the current one)`.
     pub(crate) fn update(&self, f: impl FnOnce(&mut VlmModel) -> Result<(), Error>) -> Result<(), Error> {
         let mut g = match self.inner.write() {
@@ -316,7 +323,7 @@ impl PyVlmModel {
                 labels.as_ref(),
             )
         })?;
-        let model = self.get();
+        let model = self.get_active()?;
         let out = detached(py, |interrupt| model.forward(&inputs.view(logits_to_keep), interrupt))?;
         Ok((to_numpy(py, &out.logits)?, out.loss, out.num_label_tokens))
     }
@@ -332,7 +339,7 @@ impl PyVlmModel {
     ) -> PyResult<ShapeAndArrays<'py>> {
         let px = guard(|| pixels(&pixel_values))?;
         let pam: Option<Vec<bool>> = pixel_attention_mask.map(|a| a.as_array().iter().copied().collect());
-        let model = self.get();
+        let model = self.get_active()?;
         let f = detached(py, |interrupt| model.image_features(&px, pam.as_deref(), interrupt))?;
         Ok((f.real_frames, to_numpy(py, &f.vision_hidden)?, to_numpy(py, &f.connector)?))
     }

@@ -33,7 +33,7 @@ pub struct Trainable {
 
 /// Every trainable tensor of the model: its adapters' (PEFT keys, in module order), then its own
 /// trainable parameters (full-parameter training, transformers' names; under `base_model.model.` when
-/// the model also has adapters, as PEFT names them).
+/// the model also has adapters or `modules_to_save` copies, as PEFT names them).
 pub fn trainable_params(model: &VlmModel) -> Vec<Trainable> {
     let mut out = Vec::new();
     for (name, lin) in model.linears() {
@@ -44,7 +44,7 @@ pub fn trainable_params(model: &VlmModel) -> Vec<Trainable> {
             }
         }
     }
-    let prefix = if out.is_empty() { "" } else { "base_model.model." };
+    let prefix = if out.is_empty() && model.saved.is_empty() { "" } else { "base_model.model." };
     for (name, var, shape) in model.param_vars() {
         out.push(Trainable { name: format!("{prefix}{name}"), var, shape });
     }
