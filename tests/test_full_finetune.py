@@ -5,6 +5,7 @@ transformers way, and SFTTrainer / DPOTrainer without peft_config reproduce TRL'
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -240,3 +241,38 @@ def test_full_finetuning_resumes_from_a_checkpoint(tiny_smolvlm, tmp_path):
     np.testing.assert_allclose(t2.state.log_history[-2]["loss"], t.state.log_history[-2]["loss"], rtol=1e-6)
     for n, p in straight.named_parameters():
         np.testing.assert_allclose(resumed.get_parameter(n).data, p.data, rtol=1e-6, atol=1e-7, err_msg=n)
+
+
+def test_load_parameters_names_a_missing_or_misshapen_parameter(tiny_smolvlm):
+    """TrainSession.load_parameters (resuming full-parameter training) is all or nothing, and its errors name
+    the parameter (and the shapes)."""
+    model = _load(tiny_smolvlm)
+    names = ["model.text_model.norm.weight", "model.connector.modality_projection.proj.weight"]
+    session = _core.TrainSession(model._core, trainable=names)
+    before = {n: model.get_parameter(n).data for n in names}
+    good = {n: np.full_like(v, 0.5) for n, v in before.items()}
+    with pytest.raises(ferrovlm.InputError, match=r"lacks the trained parameter 'model\.text_model\.norm\.weight'"):
+        session.load_parameters({names[1]: good[names[1]]})
+    bad = {**good, names[0]: np.zeros((7,), np.float32)}
+    shapes = r"'model\.text_model\.norm\.weight' has shape \[7\], expected \[32\]"
+    with pytest.raises(ferrovlm.InputError, match=shapes):
+        session.load_parameters(bad)
+    for n in names:  # nothing changed
+        np.testing.assert_array_equal(model.get_parameter(n).data, before[n])
+    session.load_parameters({**good, "model.unrelated.weight": np.zeros(3, np.float32)})
+    for n in names:
+        assert (model.get_parameter(n).data == 0.5).all()
+
+
+def test_resume_without_model_safetensors_names_the_checkpoint(tiny_smolvlm, tmp_path):
+    d = FULL / "sft" / "full"
+    args = {**json.loads((d / "args.json").read_text()), "save_strategy": "steps", "save_steps": 2}
+    processor = ferrovlm.AutoProcessor.from_pretrained(tiny_smolvlm)
+    cfg = ferrovlm.SFTConfig(output_dir=str(tmp_path / "out"), **args)
+    ferrovlm.SFTTrainer(model=_load(tiny_smolvlm), args=cfg, train_dataset=_rows(d), processing_class=processor).train()
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    (ckpt / "model.safetensors").unlink()
+    t = ferrovlm.SFTTrainer(model=_load(tiny_smolvlm), args=cfg, train_dataset=_rows(d), processing_class=processor)
+    msg = re.escape(str(ckpt)) + r": no model\.safetensors to resume full-parameter training"
+    with pytest.raises(FileNotFoundError, match=msg):
+        t.train(resume_from_checkpoint=str(ckpt))
