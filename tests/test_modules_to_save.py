@@ -181,3 +181,28 @@ def test_modules_to_save_resumes_from_a_checkpoint(tiny_smolvlm, tmp_path):
     assert sorted(a) == sorted(b) and "base_model.model.model.text_model.norm.weight" in a
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_a_whole_decoder_layer_in_modules_to_save(tiny_smolvlm, tmp_path):
+    """A module holding Linear layers and norms: the Linears' copies are their adapters, the norms' copies are
+    in the model; PEFT saves every parameter of the layer under its name; the adapter off gives the base."""
+    base = ferrovlm.AutoModelForImageTextToText.from_pretrained(tiny_smolvlm)
+    model = ferrovlm.AutoModelForImageTextToText.from_pretrained(tiny_smolvlm)
+    layer = "model.text_model.layers.1"
+    peft = ferrovlm.get_peft_model(model, ferrovlm.LoraConfig(r=4, target_modules=["q_proj"],
+                                                              modules_to_save=["text_model.layers.1"]))
+    state = peft.named_trainable_parameters()
+    copies = sorted(k.removeprefix("base_model.model.") for k in state if ".lora_" not in k)
+    assert copies == sorted(n for n, _ in base.named_parameters() if n.startswith(layer + "."))
+    assert not any(k.startswith(f"base_model.model.{layer}.") and ".lora_" in k for k in state)  # not targeted
+    processor = ferrovlm.AutoProcessor.from_pretrained(tiny_smolvlm)
+    rows = _rows()
+    args = {**json.loads((DATA / "args.json").read_text()), "max_steps": 1}
+    ferrovlm.SFTTrainer(model=peft, args=ferrovlm.SFTConfig(output_dir=str(tmp_path / "out"), **args),
+                        train_dataset=rows, processing_class=processor).train()
+    after = peft.named_trainable_parameters()
+    for k in copies:
+        assert not np.array_equal(after[f"base_model.model.{k}"], base.get_parameter(k).data), k  # trained
+    batch = _batch(processor, rows)
+    with peft.disable_adapter():
+        np.testing.assert_allclose(peft(**batch).logits, base(**batch).logits, rtol=1e-5, atol=1e-5)
