@@ -156,7 +156,8 @@ def test_sft_with_modules_to_save_matches_trl_peft(tiny_smolvlm, tmp_path, case)
     np.testing.assert_allclose(merged(**batch).logits, on, rtol=1e-5, atol=1e-5)
     assert _core.saved_module_params(merged._core) == []
     plain = ferrovlm.PeftModel.from_pretrained(ferrovlm.AutoModelForImageTextToText.from_pretrained(tiny_smolvlm),
-                                               tmp_path / "final").unload()
+                                               tmp_path / "final", is_trainable=True).unload()
+    assert not any(p.requires_grad for p in plain.parameters())
     np.testing.assert_allclose(plain(**batch).logits, off, rtol=1e-5, atol=1e-5)
 
 

@@ -244,7 +244,10 @@ class PeftModel:
 
     def unload(self) -> Any:
         model = self.base_model.model
+        saved = _core.saved_module_params(model._core)
         _core.remove_adapters(model._core, False)
+        if saved and hasattr(model, "_set_param_requires_grad"):
+            model._set_param_requires_grad(saved, False)  # the originals are back, frozen as PEFT left them
         model._peft_model = None
         return model
 
