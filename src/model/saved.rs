@@ -193,12 +193,12 @@ mod tests {
         assert!(m.active().unwrap().is_none());
         // the tied head keeps the original embedding
         let head = m.lm_head.dense_weight().unwrap();
-        let row = Tensor::ones((1, 32), DType::F32, &candle_core::Device::Cpu).unwrap();
+        let dt = m.text.embed_tokens.dtype(); // bf16 as stored in the fixture
+        let row = Tensor::ones((1, 32), dt, &candle_core::Device::Cpu).unwrap();
         m.text.embed_tokens.slice_set(&row, 0, 0).unwrap(); // [1, H] into row 0 of the copy
-        assert_ne!(
-            m.text.embed_tokens.get(0).unwrap().to_vec1::<f32>().unwrap(),
-            head.get(0).unwrap().to_vec1::<f32>().unwrap()
-        );
+        let row0 = |t: &Tensor| t.get(0).unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(row0(&m.text.embed_tokens), vec![1.0; 32]);
+        assert_ne!(row0(&m.text.embed_tokens), row0(&head));
         let err = m.set_saved_value(&norm, &Tensor::ones(3, DType::F32, &candle_core::Device::Cpu).unwrap());
         assert!(err.unwrap_err().to_string().contains("[3]"));
         m.restore_originals().unwrap();
