@@ -25,7 +25,8 @@ fn main() {
         init: LoraInit::Random,
         seed: 1,
     };
-    attach(&mut m, &AdapterPlan { lora_targets: targets, spec, modules_to_save: vec![] }).unwrap();
+    attach(&mut m, &AdapterPlan { lora_targets: targets, spec, modules_to_save: vec![], saved_params: vec![] })
+        .unwrap();
     let params = trainable_params(&m);
     // 4 pairs: an 88-token prompt, completions of 14 and 10 tokens, right-padded to 102.
     let (p, lp, l) = (4usize, 88usize, 102usize);

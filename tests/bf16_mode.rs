@@ -220,7 +220,8 @@ fn bf16_mode_with_adapters_runs_one_arithmetic() {
         init: LoraInit::Default,
         seed: 1,
     };
-    lora::attach(&mut m, &AdapterPlan { lora_targets: targets, spec, modules_to_save: vec![] }).unwrap();
+    lora::attach(&mut m, &AdapterPlan { lora_targets: targets, spec, modules_to_save: vec![], saved_params: vec![] })
+        .unwrap();
     for (name, lin) in m.linears() {
         assert!(matches!(lin.weight, Weight::Bf16(_)), "{name}: packed while adapters are attached");
     }

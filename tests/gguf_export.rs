@@ -364,6 +364,7 @@ fn models_with_adapters_are_refused_and_llama_models_have_no_mmproj() {
         lora_targets: vec!["model.text_model.layers.0.self_attn.q_proj".into()],
         spec,
         modules_to_save: vec![],
+        saved_params: vec![],
     };
     ferrovlm::lora::attach(&mut m, &plan).unwrap();
     let e = text_gguf(&m, &opts("x", GgufQuantMethod::F16)).err().unwrap().to_string();

@@ -37,7 +37,8 @@ fn with_adapters(mut m: VlmModel, dora: bool) -> VlmModel {
     let targets = m.linears().into_iter().map(|(n, _)| n).filter(|n| n != "lm_head").collect();
     let spec =
         LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, use_dora: dora, use_rslora: false, init: LoraInit::Random, seed: 7 };
-    attach(&mut m, &AdapterPlan { lora_targets: targets, spec, modules_to_save: vec![] }).unwrap();
+    attach(&mut m, &AdapterPlan { lora_targets: targets, spec, modules_to_save: vec![], saved_params: vec![] })
+        .unwrap();
     m
 }
 

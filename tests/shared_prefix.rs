@@ -85,7 +85,8 @@ fn model(vision_too: bool) -> VlmModel {
         init: LoraInit::Random,
         seed: 7,
     };
-    attach(&mut m, &AdapterPlan { lora_targets: targets, spec, modules_to_save: vec![] }).unwrap();
+    attach(&mut m, &AdapterPlan { lora_targets: targets, spec, modules_to_save: vec![], saved_params: vec![] })
+        .unwrap();
     m
 }
 

@@ -5,6 +5,7 @@ transformers way, and SFTTrainer / DPOTrainer without peft_config reproduce TRL'
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -46,8 +47,18 @@ def _rel_err(got, want, floor=1e-12):
     return float(np.abs(got - want).max() / max(float(np.abs(want).max()), floor))
 
 
+def _forward_backward(session, inputs, n, checkpointing=False):
+    return session.forward_backward(
+        inputs["input_ids"], inputs["labels"], attention_mask=inputs["attention_mask"],
+        pixel_values=inputs["pixel_values"].astype(np.float32),
+        pixel_attention_mask=inputs["pixel_attention_mask"].astype(bool), loss_scale=1.0 / n,
+        gradient_checkpointing=checkpointing,
+    )
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_every_parameter_gradient_matches_transformers(tiny_smolvlm, tiny_untied, case):
+def test_every_parameter_gradient_matches_transformers(tiny_smolvlm, tiny_untied, case, checkpointing):
     spec = CASES[case]
     model = _load(tiny_untied if case == "untied" else tiny_smolvlm)
     _freeze(model, spec.get("freeze"))
@@ -56,11 +67,7 @@ def test_every_parameter_gradient_matches_transformers(tiny_smolvlm, tiny_untied
     expected = dict(np.load(FULL / "grads" / case / "expected.npz"))
     session = _core.TrainSession(model._core, trainable=model.trainable_parameter_names())
     n = spec["num_label_tokens"]
-    stats = session.forward_backward(
-        inputs["input_ids"], inputs["labels"], attention_mask=inputs["attention_mask"],
-        pixel_values=inputs["pixel_values"].astype(np.float32),
-        pixel_attention_mask=inputs["pixel_attention_mask"].astype(bool), loss_scale=1.0 / n,
-    )
+    stats = _forward_backward(session, inputs, n, checkpointing)
     assert stats["num_label_tokens"] == n
     np.testing.assert_allclose(stats["loss_sum"] / n, spec["loss"], rtol=1e-5)
     grads = session.grads()
@@ -80,6 +87,30 @@ def test_every_parameter_gradient_matches_transformers(tiny_smolvlm, tiny_untied
                                        rtol=1e-4, atol=1e-6 * np.abs(g).max())
         np.testing.assert_allclose(np.linalg.norm(g.astype(np.float64)), float(expected[f"grad_norm/{name}"]),
                                    rtol=1e-4, atol=1e-4 * floor)
+
+
+@pytest.mark.parametrize("freeze", [
+    None,
+    "model.model.vision_model.embeddings.requires_grad_(False)\n"
+    "model.model.vision_model.encoder.layers[0].requires_grad_(False)",
+    "model.model.vision_model.encoder.requires_grad_(False)",
+])
+def test_vision_checkpointing_gives_the_same_gradients(tiny_smolvlm, freeze):
+    """gradient_checkpointing recomputes the training vision tower's layers in the backward (and stops
+    below the lowest one that trains): the gradients are bit for bit those of the kept graph."""
+    inputs = dict(np.load(FULL / "grads" / "all" / "inputs.npz"))
+    n = int((inputs["labels"][:, 1:] != -100).sum())
+    grads, losses = [], []
+    for checkpointing in (False, True):
+        model = _load(tiny_smolvlm)
+        _freeze(model, freeze)
+        session = _core.TrainSession(model._core, trainable=model.trainable_parameter_names())
+        losses.append(_forward_backward(session, inputs, n, checkpointing)["loss_sum"])
+        grads.append(session.grads())
+    assert losses[0] == losses[1]
+    assert sorted(grads[0]) == sorted(grads[1])
+    for name, g in grads[0].items():
+        np.testing.assert_array_equal(grads[1][name], g, err_msg=name)
 
 
 def test_freezing_the_transformers_way(tiny_smolvlm):
@@ -210,3 +241,38 @@ def test_full_finetuning_resumes_from_a_checkpoint(tiny_smolvlm, tmp_path):
     np.testing.assert_allclose(t2.state.log_history[-2]["loss"], t.state.log_history[-2]["loss"], rtol=1e-6)
     for n, p in straight.named_parameters():
         np.testing.assert_allclose(resumed.get_parameter(n).data, p.data, rtol=1e-6, atol=1e-7, err_msg=n)
+
+
+def test_load_parameters_names_a_missing_or_misshapen_parameter(tiny_smolvlm):
+    """TrainSession.load_parameters (resuming full-parameter training) is all or nothing, and its errors name
+    the parameter (and the shapes)."""
+    model = _load(tiny_smolvlm)
+    names = ["model.text_model.norm.weight", "model.connector.modality_projection.proj.weight"]
+    session = _core.TrainSession(model._core, trainable=names)
+    before = {n: model.get_parameter(n).data for n in names}
+    good = {n: np.full_like(v, 0.5) for n, v in before.items()}
+    with pytest.raises(ferrovlm.InputError, match=r"lacks the trained parameter 'model\.text_model\.norm\.weight'"):
+        session.load_parameters({names[1]: good[names[1]]})
+    bad = {**good, names[0]: np.zeros((7,), np.float32)}
+    shapes = r"'model\.text_model\.norm\.weight' has shape \[7\], expected \[32\]"
+    with pytest.raises(ferrovlm.InputError, match=shapes):
+        session.load_parameters(bad)
+    for n in names:  # nothing changed
+        np.testing.assert_array_equal(model.get_parameter(n).data, before[n])
+    session.load_parameters({**good, "model.unrelated.weight": np.zeros(3, np.float32)})
+    for n in names:
+        assert (model.get_parameter(n).data == 0.5).all()
+
+
+def test_resume_without_model_safetensors_names_the_checkpoint(tiny_smolvlm, tmp_path):
+    d = FULL / "sft" / "full"
+    args = {**json.loads((d / "args.json").read_text()), "save_strategy": "steps", "save_steps": 2}
+    processor = ferrovlm.AutoProcessor.from_pretrained(tiny_smolvlm)
+    cfg = ferrovlm.SFTConfig(output_dir=str(tmp_path / "out"), **args)
+    ferrovlm.SFTTrainer(model=_load(tiny_smolvlm), args=cfg, train_dataset=_rows(d), processing_class=processor).train()
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    (ckpt / "model.safetensors").unlink()
+    t = ferrovlm.SFTTrainer(model=_load(tiny_smolvlm), args=cfg, train_dataset=_rows(d), processing_class=processor)
+    msg = re.escape(str(ckpt)) + r": no model\.safetensors to resume full-parameter training"
+    with pytest.raises(FileNotFoundError, match=msg):
+        t.train(resume_from_checkpoint=str(ckpt))

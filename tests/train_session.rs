@@ -29,7 +29,8 @@ fn session_with(bf16_autocast: bool) -> TrainSession {
         init: LoraInit::Default,
         seed: 1,
     };
-    attach(&mut m, &AdapterPlan { lora_targets: targets, spec, modules_to_save: vec![] }).unwrap();
+    attach(&mut m, &AdapterPlan { lora_targets: targets, spec, modules_to_save: vec![], saved_params: vec![] })
+        .unwrap();
     let cfg = SessionConfig {
         adam: AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() },
         no_decay: vec![],

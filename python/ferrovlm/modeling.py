@@ -367,12 +367,19 @@ class Idefics3ForConditionalGeneration(ParametersMixin):
         return int(mem)
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike[str], safe_serialization: bool = True, **kwargs: Any
+        self,
+        save_directory: str | os.PathLike[str],
+        safe_serialization: bool = True,
+        max_shard_size: int | str = "50GB",
+        **kwargs: Any,
     ) -> None:
-        """``config.json``, ``generation_config.json`` and ``model.safetensors`` (transformers' keys; a
-        quantized model in bitsandbytes' serialized form, which transformers + bitsandbytes load)."""
+        """``config.json``, ``generation_config.json`` and the weights (transformers' keys; a quantized model
+        in bitsandbytes' serialized form, which transformers + bitsandbytes load): ``model.safetensors``, or,
+        past ``max_shard_size`` (bytes, or "5GB", "500MB", ...; transformers' default "50GB"),
+        ``model-00001-of-0000N.safetensors`` shards and ``model.safetensors.index.json`` split as
+        transformers splits them."""
         os.makedirs(save_directory, exist_ok=True)
-        self._core.save_weights(os.fspath(save_directory))
+        self._core.save_weights(os.fspath(save_directory), max_shard_size)
         cfg = self.config.to_dict()
         cfg.pop("_name_or_path", None)
         cfg.pop("_attn_implementation", None)

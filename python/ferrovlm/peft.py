@@ -9,6 +9,7 @@ import contextlib
 import copy
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -34,19 +35,38 @@ def module_names(core: _core.VlmModel) -> list[str]:
     return list(_core.module_names(core))
 
 
-def _linear_under(names: list[str], linear: list[str], core_linear: set) -> list[str]:
-    out = []
-    for m in names:
-        if m in core_linear:
-            out.append(m)
-            continue
-        under = [n for n in linear if n.startswith(m + ".")]
-        if not under:
-            raise NotImplementedError(
-                f"modules_to_save: module '{m}' has no Linear layer; ferrovlm trains copies of Linear layers only"
-            )
-        out.extend(under)
-    return out
+def _split_modules_to_save(to_save: list[str], linear: list[str], params: list[str]) -> tuple[list[str], list[str]]:
+    """PEFT wraps each module of ``to_save`` in a trainable copy. Its Linear layers get their copy as their
+    adapter; its other parameters (norms, embeddings, the patch convolution, ...) get theirs in the model,
+    the originals kept for ``disable_adapter()`` (``model/saved.rs``). Returns (Linear names, parameter
+    names)."""
+    save_linear = [n for n in linear if any(n == m or n.startswith(m + ".") for m in to_save)]
+    owned = {f"{n}.{s}" for n in save_linear for s in ("weight", "bias")}
+    save_params = [p for p in params if p not in owned and any(p.startswith(m + ".") for m in to_save)]
+    return save_linear, save_params
+
+
+_TIED_WARNING = (
+    "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but `ensure_weight_tying` is not"
+    " set to True. This can lead to complications, for example when merging the adapter or converting your model to"
+    " formats other than safetensors. Check the discussion here: https://github.com/huggingface/peft/issues/2777"
+)
+
+
+def _check_tying(model: Any, config: LoraConfig) -> None:
+    """PEFT's handling of a tied embedding / head in ``modules_to_save``: a warning (the copy of the embedding
+    is the input side's only; the head keeps the original weight), or, with ``ensure_weight_tying``, one
+    trained copy for both (not implemented here)."""
+    cfg = getattr(model, "config", None)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False)) if cfg is not None else False
+    if not tied or not any(m.split(".")[-1] in ("embed_tokens", "lm_head") for m in config.modules_to_save or []):
+        return
+    if getattr(config, "ensure_weight_tying", False):
+        raise NotImplementedError(
+            "ensure_weight_tying=True with a tied embedding in modules_to_save is not supported yet: leave it False"
+            " (the embedding's copy then trains the input side only, as PEFT does)"
+        )
+    warnings.warn(_TIED_WARNING, UserWarning, stacklevel=4)
 
 
 def _attach(model: Any, config: LoraConfig, seed: Optional[int] = None) -> None:
@@ -57,7 +77,9 @@ def _attach(model: Any, config: LoraConfig, seed: Optional[int] = None) -> None:
     to_save = resolve_modules_to_save(config, all_names)
     # A parent listed in modules_to_save covers its children: keep the outermost matches only.
     to_save = [m for m in to_save if not any(m.startswith(o + ".") for o in to_save if o != m)]
-    save_linear = _linear_under(to_save, linear, set(linear))
+    save_linear, save_params = _split_modules_to_save(to_save, linear, [p[0] for p in core.named_parameters()])
+    if to_save:
+        _check_tying(model, config)
     targets = [t for t in targets if t not in save_linear]
     init = config.init_lora_weights
     init_s = "gaussian" if init == "gaussian" else ("true" if init is True else "false" if init is False else str(init))
@@ -66,6 +88,7 @@ def _attach(model: Any, config: LoraConfig, seed: Optional[int] = None) -> None:
     _core.add_adapters(
         core, targets, int(config.r), float(config.lora_alpha), float(config.lora_dropout or 0.0),
         bool(config.use_dora), bool(config.use_rslora), init_s, _next_seed() if seed is None else seed, save_linear,
+        save_params,
     )
     config.target_modules = saved_target_modules(config, targets, all_names)
 
@@ -96,6 +119,8 @@ class PeftModel:
         peft_config.inference_mode = not is_trainable
         if hasattr(model, "requires_grad_"):
             model.requires_grad_(False)  # PEFT freezes the base model
+            if is_trainable:  # ... but trains the copies of modules_to_save
+                model._set_param_requires_grad(_core.saved_module_params(model._core), True)
         model._peft_model = self
 
     # -- delegation -----------------------------------------------------------------------------
@@ -131,10 +156,13 @@ class PeftModel:
         base = self.base_model.model
         core = base._core
         adapter = sum(_prod(s) for _, s in _core.trainable_shapes(core))
-        # base parameters unfrozen after PEFT froze them (requires_grad_(True)) train too
+        # base parameters unfrozen after PEFT froze them (requires_grad_(True)) train too, and so do the copies
+        # of modules_to_save (PEFT counts the copy and the original in all params)
         unfrozen = sum(p.numel() for p in base.parameters() if p.requires_grad) if hasattr(base, "parameters") else 0
+        saved = set(_core.saved_module_params(core))
+        copies = sum(p.numel() for n, p in base.named_parameters() if n in saved) if saved else 0
         trainable = adapter + unfrozen if self._trainable else 0
-        return trainable, core.num_parameters + adapter
+        return trainable, core.num_parameters + adapter + copies
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -216,7 +244,10 @@ class PeftModel:
 
     def unload(self) -> Any:
         model = self.base_model.model
+        saved = _core.saved_module_params(model._core)
         _core.remove_adapters(model._core, False)
+        if saved and hasattr(model, "_set_param_requires_grad"):
+            model._set_param_requires_grad(saved, False)  # the originals are back, frozen as PEFT left them
         model._peft_model = None
         return model
 

@@ -220,7 +220,8 @@ class BaseTrainer:
             core = self.model._core
             adapters = [n for n, _ in _core.trainable_shapes(core)]
             base = full_training_names(self.model)  # transformers: every parameter with requires_grad
-            names = adapters + [("base_model.model." if adapters else "") + n for n in base]
+            peft = bool(adapters or _core.saved_module_params(core))  # PEFT's names (the core's rule)
+            names = adapters + [("base_model.model." if peft else "") + n for n in base]
             if not names:
                 raise TrainingError(
                     "the model has no trainable parameters: every parameter has requires_grad=False; pass"
@@ -347,10 +348,12 @@ class BaseTrainer:
     def _load_checkpoint(self, ckpt: Path) -> None:
         from .peft import WEIGHTS_NAME
 
-        if _core.trainable_shapes(self.model._core):  # adapters
+        saved = set(_core.saved_module_params(self.model._core))  # modules_to_save copies: in the adapter file
+        if _core.trainable_shapes(self.model._core) or saved:  # adapters
             state = _core.load_safetensors(ckpt / WEIGHTS_NAME)
             _core.load_adapter_state(self.model._core, state, True)
-        if full_training_names(self.model):  # the model's own trained parameters (saved as a whole model)
+        # the model's own trained parameters (saved as a whole model)
+        if [n for n in full_training_names(self.model) if n not in saved]:
             files = sorted(ckpt.glob("model*.safetensors"))
             if not files:
                 raise FileNotFoundError(f"{ckpt}: no model.safetensors to resume full-parameter training from")

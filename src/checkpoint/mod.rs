@@ -13,6 +13,7 @@ pub mod hub;
 pub mod peft;
 pub mod safetensors;
 pub mod save;
+pub mod shard;
 pub mod store;
 
 pub use self::gguf::{GgufFile, GgufTensorInfo};

@@ -1,4 +1,4 @@
-//! Writing a whole model as a transformers checkpoint (`model.safetensors`, transformers' keys):
+//! Writing a whole model as a transformers checkpoint (`model.safetensors` or shards, transformers' keys):
 //! dense tensors in the model's dtype, quantized Linears in bitsandbytes' serialized form
 //! (`crate::quant::serialize`), so transformers + bitsandbytes load it. Written atomically.
 
@@ -11,7 +11,6 @@ use safetensors::Dtype as St;
 
 use crate::error::{CheckpointError, Result};
 use crate::model::VlmModel;
-use crate::ops::Linear;
 use crate::quant::serialize::{self, RawTensor};
 
 fn raw(name: String, t: &Tensor, dtype: DType, shape: Vec<usize>) -> Result<RawTensor> {
@@ -23,78 +22,42 @@ fn raw(name: String, t: &Tensor, dtype: DType, shape: Vec<usize>) -> Result<RawT
     })
 }
 
-fn linear(
-    out: &mut Vec<RawTensor>,
-    prefix: &str,
-    l: &Linear,
-    dtype: DType,
-    weight_shape: Option<Vec<usize>>,
-) -> Result<()> {
-    match l.quant() {
-        Some(q) => out.extend(serialize::write(prefix, q)),
-        None => {
-            let w = l.dense_weight()?;
-            let shape = weight_shape.unwrap_or_else(|| w.dims().to_vec());
-            out.push(raw(format!("{prefix}.weight"), &w, dtype, shape)?);
-        }
-    }
-    if let Some(b) = &l.bias {
-        out.push(raw(format!("{prefix}.bias"), b, dtype, b.dims().to_vec())?);
-    }
-    Ok(())
-}
-
-/// Every tensor of `model` under transformers' names (adapters excluded: merge them first).
+/// Every tensor of `model` under transformers' names, in transformers' `state_dict()` order (the order
+/// its shards are filled in); adapters excluded (merge them first), a tied head left out as transformers
+/// leaves it out. A quantized Linear's extra tensors (bitsandbytes' scales and quant state) follow its
+/// bias, as `Linear4bit` / `Linear8bitLt` write them.
 pub fn state_tensors(model: &VlmModel) -> Result<Vec<RawTensor>> {
     let dt = model.reported_dtype();
+    let mut m = model.clone();
     let mut out = Vec::new();
-    let ln = |out: &mut Vec<RawTensor>, name: String, n: &crate::model::vision::LayerNorm| -> Result<()> {
-        out.push(raw(format!("{name}.weight"), &n.weight, dt, n.weight.dims().to_vec())?);
-        out.push(raw(format!("{name}.bias"), &n.bias, dt, n.bias.dims().to_vec())?);
+    // The extra tensors of the last quantized Linear, written after its bias (if any).
+    let mut pending: Option<(String, Vec<RawTensor>)> = None;
+    crate::model::params::visit(&mut m, &mut |name, shape, slot| {
+        if let Some((bias, _)) = &pending {
+            if name != bias {
+                out.extend(pending.take().map(|(_, x)| x).unwrap_or_default());
+            }
+        }
+        match slot {
+            crate::model::params::Slot::Tensor(t) => {
+                out.push(raw(name.to_string(), t, dt, shape)?);
+                if pending.as_ref().is_some_and(|(b, _)| b == name) {
+                    out.extend(pending.take().map(|(_, x)| x).unwrap_or_default());
+                }
+            }
+            crate::model::params::Slot::Weight(l) => match l.quant() {
+                Some(q) => {
+                    let prefix = name.strip_suffix(".weight").unwrap_or(name);
+                    let mut all = serialize::write(prefix, q).into_iter();
+                    out.extend(all.next());
+                    pending = Some((format!("{prefix}.bias"), all.collect()));
+                }
+                None => out.push(raw(name.to_string(), &l.dense_weight()?, dt, shape)?),
+            },
+        }
         Ok(())
-    };
-    if let Some(v) = &model.vision {
-        let vp = "model.vision_model";
-        let (d, c, p) = (v.cfg.hidden_size, v.cfg.num_channels, v.cfg.patch_size);
-        linear(&mut out, &format!("{vp}.embeddings.patch_embedding"), &v.patch_embedding, dt, Some(vec![d, c, p, p]))?;
-        out.push(raw(
-            format!("{vp}.embeddings.position_embedding.weight"),
-            &v.position_embedding,
-            dt,
-            v.position_embedding.dims().to_vec(),
-        )?);
-        for (i, l) in v.layers.iter().enumerate() {
-            let lp = format!("{vp}.encoder.layers.{i}");
-            ln(&mut out, format!("{lp}.layer_norm1"), &l.layer_norm1)?;
-            ln(&mut out, format!("{lp}.layer_norm2"), &l.layer_norm2)?;
-        }
-        ln(&mut out, format!("{vp}.post_layernorm"), &v.post_layernorm)?;
-    }
-    let t = &model.text;
-    let tp = crate::model::modules::text_prefix(&model.config);
-    out.push(raw(format!("{tp}.embed_tokens.weight"), &t.embed_tokens, dt, t.embed_tokens.dims().to_vec())?);
-    for (i, l) in t.layers.iter().enumerate() {
-        let lp = format!("{tp}.layers.{i}");
-        out.push(raw(
-            format!("{lp}.input_layernorm.weight"),
-            &l.input_layernorm,
-            dt,
-            l.input_layernorm.dims().to_vec(),
-        )?);
-        out.push(raw(
-            format!("{lp}.post_attention_layernorm.weight"),
-            &l.post_attention_layernorm,
-            dt,
-            l.post_attention_layernorm.dims().to_vec(),
-        )?);
-    }
-    out.push(raw(format!("{tp}.norm.weight"), &t.norm, dt, t.norm.dims().to_vec())?);
-    for (name, lin) in model.linears() {
-        if name == "lm_head" && model.config.tie_word_embeddings {
-            continue;
-        }
-        linear(&mut out, &name, lin, dt, None)?;
-    }
+    })?;
+    out.extend(pending.take().map(|(_, x)| x).unwrap_or_default());
     Ok(out)
 }
 
@@ -114,8 +77,12 @@ pub fn write_safetensors(path: &Path, tensors: &[RawTensor]) -> Result<()> {
     Ok(())
 }
 
-/// `model.safetensors` of `model` in `dir` (created if needed).
-pub fn save_model(model: &VlmModel, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| CheckpointError::Io { file: dir.to_path_buf(), msg: e.to_string() })?;
-    write_safetensors(&dir.join("model.safetensors"), &state_tensors(model)?)
+/// `model` in `dir` (created if needed) as transformers' `save_pretrained(max_shard_size=max_shard_size)`
+/// writes it after `from_pretrained` (tensors sorted by transformers' `dot_natural_key`): `model.safetensors`,
+/// or shards and `model.safetensors.index.json` (see [`super::shard`]).
+/// Returns the weight files written.
+pub fn save_model(model: &VlmModel, dir: &Path, max_shard_size: i64) -> Result<Vec<String>> {
+    let mut tensors = state_tensors(model)?;
+    super::shard::sort_like_transformers(&mut tensors);
+    super::shard::save_sharded(dir, &tensors, max_shard_size, model.num_parameters())
 }

@@ -258,6 +258,7 @@ pub fn compose(text: &VlmModel, vision: VisionSource, opts: &ComposeOptions) -> 
         switch: Arc::default(),
         bf16_compute: ctx.bf16_compute,
         quant: None,
+        saved: Arc::default(),
     };
     let rows = resize_token_embeddings(&mut model, &opts.resize)?;
     if opts.image_token_id < 0 || opts.image_token_id as usize >= rows {

@@ -7,6 +7,7 @@ pub mod init;
 pub mod modules;
 pub mod params;
 pub mod resize;
+pub mod saved;
 pub mod text;
 pub mod vision;
 mod vision_fast;

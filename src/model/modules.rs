@@ -133,12 +133,14 @@ impl VlmModel {
         Ok(m)
     }
 
-    /// Whether an adapter sits on a Linear of the vision tower or the connector (image features then
-    /// depend on the adapter).
+    /// Whether an adapter sits on a Linear of the vision tower or the connector, or a `modules_to_save`
+    /// copy replaces one of their parameters (image features then depend on the adapter).
     pub fn vision_side_has_adapters(&self) -> bool {
         let tp = format!("{}.", text_prefix(&self.config));
+        let vision_side = |n: &str| !n.starts_with(&tp) && n != LM_HEAD && !n.starts_with("lm_head.");
         self.vision.is_some()
-            && self.linears().iter().any(|(n, l)| l.adapter.is_some() && !n.starts_with(&tp) && n != LM_HEAD)
+            && (self.linears().iter().any(|(n, l)| l.adapter.is_some() && vision_side(n))
+                || self.saved.originals.iter().any(|(n, _)| vision_side(n)))
     }
 }
 

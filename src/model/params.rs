@@ -184,7 +184,10 @@ impl VlmModel {
         if let Some(missing) = names.iter().find(|n| !seen.contains(n.as_str())) {
             return input_err(format!("the model has no parameter '{missing}' (see named_parameters())"));
         }
-        if m.config.tie_word_embeddings && m.text.embed_tokens.is_variable() {
+        // A tied head follows the trained embedding, unless the embedding is a `modules_to_save` copy: PEFT
+        // copies the embedding module alone, the head keeps the original weight.
+        let embed = format!("{}.embed_tokens.weight", text_prefix(&m.config));
+        if m.config.tie_word_embeddings && m.text.embed_tokens.is_variable() && !m.saved.contains(&embed) {
             let (out, inp) = (m.lm_head.out_features, m.lm_head.in_features);
             m.lm_head.weight = Weight::Dense(m.text.embed_tokens.clone());
             (m.lm_head.out_features, m.lm_head.in_features) = (out, inp);

@@ -100,6 +100,28 @@ impl VisionModel {
     /// pixel_values: [F, C, H, W] (real frames only); patch_mask: per frame, row-major
     /// (H/P) x (W/P) validity. Returns last_hidden_state [F, Np, D].
     pub fn forward(&self, pixel_values: &Tensor, patch_mask: &[Vec<bool>], interrupt: Interrupt) -> Result<Tensor> {
+        let (mut hs, mask) = self.embed(pixel_values, patch_mask)?;
+        let heads = self.cfg.num_attention_heads;
+        if super::vision_fast::usable(&self.layers, &hs, heads) {
+            // bf16 compute mode, inference: the fused layers (see vision_fast.rs)
+            let kv = mask.key_valid.as_deref().map(|v| v.as_slice());
+            hs = super::vision_fast::encoder_layers(&self.layers, heads, &hs, kv, interrupt, false)?;
+        } else if super::vision_fast_f32::usable(&self.layers, &hs, heads) {
+            // f32 inference: the fused f32 layers (see vision_fast_f32.rs)
+            let kv = mask.key_valid.as_deref().map(|v| v.as_slice());
+            hs = super::vision_fast_f32::encoder_layers(&self.layers, heads, &hs, kv, interrupt)?;
+        } else {
+            for layer in &self.layers {
+                check(interrupt)?;
+                hs = layer.forward(&hs, &mask, heads)?;
+            }
+        }
+        Ok(self.post_layernorm.forward(&hs)?)
+    }
+
+    /// The embeddings (patch embedding + position embedding) [F, Np, D] of the frames of `forward`,
+    /// and the encoder layers' attention mask (masked patches hidden as keys).
+    pub fn embed(&self, pixel_values: &Tensor, patch_mask: &[Vec<bool>]) -> Result<(Tensor, Mask)> {
         let (f, c, h, w) = pixel_values.dims4()?;
         let p = self.cfg.patch_size;
         if c != self.cfg.num_channels {
@@ -120,29 +142,14 @@ impl VisionModel {
         let ids = position_ids(patch_mask, nh, nw, self.cfg.patches_per_side()); // [F * Np]
         let ids = Tensor::from_vec(ids, f * nh * nw, pixel_values.device())?;
         let pos = self.position_embedding.index_select(&ids, 0)?.reshape((f, nh * nw, ()))?; // [F, Np, D]
-        let mut hs = (emb + pos)?;
+        let hs = (emb + pos)?;
         let mask = if patch_mask.iter().all(|m| m.iter().all(|&v| v)) {
             Mask::none()
         } else {
             // Masked patches stay queries (their outputs feed the connector) but are hidden as keys.
             Mask { causal: false, key_valid: Some(Arc::new(patch_mask.iter().flatten().copied().collect())) }
         };
-        let heads = self.cfg.num_attention_heads;
-        if super::vision_fast::usable(&self.layers, &hs, heads) {
-            // bf16 compute mode, inference: the fused layers (see vision_fast.rs)
-            let kv = mask.key_valid.as_deref().map(|v| v.as_slice());
-            hs = super::vision_fast::encoder_layers(&self.layers, heads, &hs, kv, interrupt, false)?;
-        } else if super::vision_fast_f32::usable(&self.layers, &hs, heads) {
-            // f32 inference: the fused f32 layers (see vision_fast_f32.rs)
-            let kv = mask.key_valid.as_deref().map(|v| v.as_slice());
-            hs = super::vision_fast_f32::encoder_layers(&self.layers, heads, &hs, kv, interrupt)?;
-        } else {
-            for layer in &self.layers {
-                check(interrupt)?;
-                hs = layer.forward(&hs, &mask, heads)?;
-            }
-        }
-        Ok(self.post_layernorm.forward(&hs)?)
+        Ok((hs, mask))
     }
 }
 

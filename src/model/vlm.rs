@@ -36,6 +36,9 @@ pub struct VlmModel {
     pub bf16_compute: bool,
     /// How the Linear weights were quantized while loading, if they were (bitsandbytes).
     pub quant: Option<Arc<QuantConfig>>,
+    /// PEFT `modules_to_save` outside Linear adapters: the original tensors of the parameters whose
+    /// trainable copies the model now holds (see `saved.rs`).
+    pub saved: Arc<super::saved::SavedModules>,
 }
 
 /// Inputs of one forward, shapes as in transformers. Integer inputs are plain vectors (row-major),
@@ -78,6 +81,10 @@ pub struct ImageFeatures {
 
 /// Computes connector features `[F_real, T, H]` from pixel values and the pixel attention mask.
 pub type FeatureFn<'a> = &'a dyn Fn(&Tensor, Option<&[bool]>) -> Result<Tensor>;
+
+/// Runs the vision tower: (tower, pixel_values [F, C, H, W] of the real frames, their patch masks) ->
+/// last_hidden_state [F, Np, D] (`VisionModel::forward`, or a training step's checkpointed run).
+pub type VisionEncoder<'a> = &'a dyn Fn(&VisionModel, &Tensor, &[Vec<bool>]) -> Result<Tensor>;
 
 impl VlmModel {
     /// Loads config and weights from a checkpoint directory in `dtype` on `device`.
@@ -168,6 +175,7 @@ impl VlmModel {
             switch: Arc::default(),
             bf16_compute: ctx.bf16_compute,
             quant: ctx.quant.clone(),
+            saved: Arc::default(),
         })
     }
 
@@ -222,6 +230,16 @@ impl VlmModel {
         pixel_attention_mask: Option<&[bool]>,
         interrupt: Interrupt,
     ) -> Result<ImageFeatures> {
+        self.image_features_with(pixel_values, pixel_attention_mask, &|v, px, pm| v.forward(px, pm, interrupt))
+    }
+
+    /// [`Self::image_features`] with the vision tower run by `encoder`.
+    pub fn image_features_with(
+        &self,
+        pixel_values: &Tensor,
+        pixel_attention_mask: Option<&[bool]>,
+        encoder: VisionEncoder,
+    ) -> Result<ImageFeatures> {
         let (Some(vision), Some(connector)) = (&self.vision, &self.connector) else {
             return input_err("pixel_values given to a language model without a vision tower");
         };
@@ -269,7 +287,7 @@ impl VlmModel {
             &self.device,
         )?;
         let px = pixel_values.reshape((b * f, c, h, w))?.index_select(&idx, 0)?.to_dtype(self.dtype)?; // [Fr, C, H, W]
-        let vision_hidden = vision.forward(&px, &patch_mask, interrupt)?; // [Fr, Np, D]
+        let vision_hidden = encoder(vision, &px, &patch_mask)?; // [Fr, Np, D]
         let connector = connector.forward(&vision_hidden)?; // [Fr, T, Ht]
         Ok(ImageFeatures { real_frames, vision_hidden, connector })
     }

@@ -70,7 +70,7 @@ fn generate_ids<'py>(
             None,
         )
     })?;
-    let model = model.get();
+    let model = model.get_active()?;
     // A Python error raised by the callback is kept and re-raised after the GIL comes back.
     let mut callback_err: Option<PyErr> = None;
     let seqs = {

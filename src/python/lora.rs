@@ -26,9 +26,10 @@ fn module_names(model: &PyVlmModel) -> Vec<String> {
     crate::model::modules::module_names(m.vision.as_ref().map(|v| v.layers.len()), m.text.layers.len())
 }
 
-/// Attaches LoRA adapters to `targets` and trainable copies to `modules_to_save`, replacing any adapters.
+/// Attaches LoRA adapters to `targets` and trainable copies to the Linear layers `modules_to_save` and to
+/// the other parameters `saved_params` (transformers' names: norms, embeddings, ...), replacing any adapters.
 #[pyfunction]
-#[pyo3(signature = (model, targets, r, lora_alpha, lora_dropout=0.0, use_dora=false, use_rslora=false, init_lora_weights="true", seed=0, modules_to_save=vec![]))]
+#[pyo3(signature = (model, targets, r, lora_alpha, lora_dropout=0.0, use_dora=false, use_rslora=false, init_lora_weights="true", seed=0, modules_to_save=vec![], saved_params=vec![]))]
 #[allow(clippy::too_many_arguments)]
 fn add_adapters(
     model: &PyVlmModel,
@@ -41,6 +42,7 @@ fn add_adapters(
     init_lora_weights: &str,
     seed: u64,
     modules_to_save: Vec<String>,
+    saved_params: Vec<String>,
 ) -> PyResult<()> {
     guard(|| {
         if r == 0 {
@@ -58,7 +60,7 @@ fn add_adapters(
             init: LoraInit::parse(init_lora_weights)?,
             seed,
         };
-        let plan = AdapterPlan { lora_targets: targets, spec, modules_to_save };
+        let plan = AdapterPlan { lora_targets: targets, spec, modules_to_save, saved_params };
         model.update(|m| lora::attach(m, &plan))
     })
 }
@@ -95,6 +97,12 @@ fn adapters_enabled(model: &PyVlmModel) -> bool {
     model.get().switch.enabled()
 }
 
+/// The parameters (transformers' names) that `modules_to_save` copies replace, outside Linear adapters.
+#[pyfunction]
+fn saved_module_params(model: &PyVlmModel) -> Vec<String> {
+    model.get().saved.names()
+}
+
 /// (PEFT key, shape) of every trainable tensor.
 #[pyfunction]
 fn trainable_shapes(model: &PyVlmModel) -> Vec<(String, Vec<usize>)> {
@@ -105,7 +113,7 @@ fn trainable_shapes(model: &PyVlmModel) -> Vec<(String, Vec<usize>)> {
 #[pyfunction]
 fn adapter_state<'py>(py: Python<'py>, model: &PyVlmModel) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
-    for (k, t) in lora::state(&model.get()) {
+    for (k, t) in guard(|| lora::state(&model.get()))? {
         d.set_item(k, to_numpy(py, &t)?)?;
     }
     Ok(d)
@@ -159,6 +167,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(upcast_dense_layers, m)?)?;
     m.add_function(wrap_pyfunction!(set_training, m)?)?;
     m.add_function(wrap_pyfunction!(adapters_enabled, m)?)?;
+    m.add_function(wrap_pyfunction!(saved_module_params, m)?)?;
     m.add_function(wrap_pyfunction!(trainable_shapes, m)?)?;
     m.add_function(wrap_pyfunction!(adapter_state, m)?)?;
     m.add_function(wrap_pyfunction!(load_adapter_state, m)?)?;

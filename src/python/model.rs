@@ -145,6 +145,13 @@ impl PyVlmModel {
         }
     }
 
+    /// The model a pass runs: with the adapters off, the `modules_to_save` originals in place
+    /// ([`VlmModel::active`]).
+    pub(crate) fn get_active(&self) -> PyResult<Arc<VlmModel>> {
+        let m = self.get();
+        Ok(guard(|| m.active())?.map(Arc::new).unwrap_or(m))
+    }
+
     /// Replaces the model by `f(copy of the current one)`.
     pub(crate) fn update(&self, f: impl FnOnce(&mut VlmModel) -> Result<(), Error>) -> Result<(), Error> {
         let mut g = match self.inner.write() {
@@ -267,10 +274,20 @@ impl PyVlmModel {
         (kind, n, bytes, logical)
     }
 
-    /// Writes `model.safetensors` (transformers' keys; quantized layers in bitsandbytes' form) to `dir`.
-    fn save_weights(&self, py: Python<'_>, dir: PathBuf) -> PyResult<()> {
+    /// Writes the weights to `dir` as transformers' `save_pretrained(max_shard_size=...)` does
+    /// (transformers' keys; quantized layers in bitsandbytes' form): `model.safetensors`, or shards and
+    /// `model.safetensors.index.json`. `max_shard_size`: bytes, or a string such as "5GB" / "500MB".
+    /// Returns the weight files written.
+    #[pyo3(signature = (dir, max_shard_size=None))]
+    fn save_weights(&self, py: Python<'_>, dir: PathBuf, max_shard_size: Option<ShardSize>) -> PyResult<Vec<String>> {
+        use crate::checkpoint::shard;
+        let max = guard(|| match &max_shard_size {
+            Some(ShardSize::Bytes(n)) => Ok(*n),
+            Some(ShardSize::Text(s)) => shard::parse_size(s),
+            None => shard::parse_size(shard::DEFAULT_MAX_SHARD_SIZE),
+        })?;
         let model = self.get();
-        detached(py, |_| crate::checkpoint::save::save_model(&model, &dir))
+        detached(py, |_| crate::checkpoint::save::save_model(&model, &dir, max))
     }
 
     /// The config as JSON (file keys plus defaults).
@@ -306,7 +323,7 @@ impl PyVlmModel {
                 labels.as_ref(),
             )
         })?;
-        let model = self.get();
+        let model = self.get_active()?;
         let out = detached(py, |interrupt| model.forward(&inputs.view(logits_to_keep), interrupt))?;
         Ok((to_numpy(py, &out.logits)?, out.loss, out.num_label_tokens))
     }
@@ -322,7 +339,7 @@ impl PyVlmModel {
     ) -> PyResult<ShapeAndArrays<'py>> {
         let px = guard(|| pixels(&pixel_values))?;
         let pam: Option<Vec<bool>> = pixel_attention_mask.map(|a| a.as_array().iter().copied().collect());
-        let model = self.get();
+        let model = self.get_active()?;
         let f = detached(py, |interrupt| model.image_features(&px, pam.as_deref(), interrupt))?;
         Ok((f.real_frames, to_numpy(py, &f.vision_hidden)?, to_numpy(py, &f.connector)?))
     }
@@ -374,4 +391,11 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("GGUF_QUANTIZATION_METHODS", pyo3::types::PyTuple::new(m.py(), methods)?)?;
     m.add_function(wrap_pyfunction!(quantized_linear_names, m)?)?;
     Ok(())
+}
+
+/// `max_shard_size`: bytes (an int) or a size string ("5GB").
+#[derive(FromPyObject)]
+pub enum ShardSize {
+    Bytes(i64),
+    Text(String),
 }

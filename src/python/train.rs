@@ -312,7 +312,7 @@ fn sequence_logps<'py>(
             Some(&labels),
         )
     })?;
-    let m = model.get();
+    let m = model.get_active()?;
     detached(py, |interrupt| sequence_logps_of(&m, &inputs.view(0), average, None, interrupt))
 }
 

@@ -95,7 +95,12 @@ impl TrainSession {
         interrupt: Interrupt,
     ) -> Result<R> {
         let mut acc = if backward { self.grads.clone() } else { vec![None; self.params.len()] };
-        let r = f(&self.ctx(interrupt), &mut acc)?;
+        let active = self.model.active()?; // adapters off: `modules_to_save` originals in place
+        let mut ctx = self.ctx(interrupt);
+        if let Some(m) = &active {
+            ctx.model = m;
+        }
+        let r = f(&ctx, &mut acc)?;
         if backward {
             self.grads = acc;
         }
@@ -145,7 +150,8 @@ impl TrainSession {
     /// Per-sequence completion log-probabilities of the session's model, no gradient, with the
     /// frozen-vision cache: DPO's reference pass.
     pub fn sequence_logps(&self, input: &ForwardInput, average: bool, interrupt: Interrupt) -> Result<Vec<f64>> {
-        sequence_logps(&self.model, input, average, self.cache.as_ref(), interrupt)
+        let active = self.model.active()?; // adapters off (DPO's reference): `modules_to_save` originals
+        sequence_logps(active.as_ref().unwrap_or(&self.model), input, average, self.cache.as_ref(), interrupt)
     }
 
     /// The accumulated gradients by PEFT key (tensors without a gradient are left out).
@@ -174,11 +180,15 @@ impl TrainSession {
 
     /// Sets the model's own trainable parameters (full-parameter training) from `values` (transformers'
     /// names, any shape with the right number of values, e.g. a saved checkpoint's): every one must be
-    /// there; nothing changes when one is missing or does not fit. Adapters are not touched.
+    /// there; nothing changes when one is missing or does not fit. Adapters (and `modules_to_save` copies)
+    /// are not touched.
     pub fn load_param_values(&mut self, values: &[(String, Tensor)]) -> Result<()> {
         let mut plan = Vec::new();
         for p in self.params.iter().filter(|p| !p.name.contains(".lora_") && !p.name.contains(".modules_to_save")) {
             let key = p.name.strip_prefix("base_model.model.").unwrap_or(&p.name);
+            if self.model.saved.contains(key) {
+                continue; // a `modules_to_save` copy: it comes with the adapter
+            }
             let Some((_, v)) = values.iter().find(|(n, _)| n == key) else {
                 return input_err(format!("the checkpoint lacks the trained parameter '{key}'"));
             };

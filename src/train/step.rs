@@ -5,14 +5,19 @@
 //! `gradient_checkpointing` a layer's graph is dropped after its forward and rebuilt in the backward
 //! (the adapters' dropout masks are seeded per layer, so the recomputation is identical); without it,
 //! the graphs are kept. Frozen layers below the lowest trainable one are not back-propagated at all,
-//! and the vision tower only when something in it (or the connector) trains.
+//! and the vision tower only when something in it (or the connector) trains; with
+//! `gradient_checkpointing` its encoder layers are checkpointed the same way (`vision_ckpt.rs`).
+
+use std::cell::RefCell;
 
 use candle_core::{DType, Tensor, Var};
 
 use super::rows::Rows;
+use super::vision_ckpt::{self, VisionTraining};
 use super::FeatureCache;
 use crate::error::{input_err, Result};
 use crate::loss::{head_at_rows, shifted_targets, LabelLogits};
+use crate::model::vision::VisionModel;
 use crate::model::{check, ForwardInput, Interrupt, VlmModel};
 use crate::ops::cross_entropy::token_stats;
 use crate::ops::rms_norm;
@@ -28,7 +33,7 @@ pub struct Trainable {
 
 /// Every trainable tensor of the model: its adapters' (PEFT keys, in module order), then its own
 /// trainable parameters (full-parameter training, transformers' names; under `base_model.model.` when
-/// the model also has adapters, as PEFT names them).
+/// the model also has adapters or `modules_to_save` copies, as PEFT names them).
 pub fn trainable_params(model: &VlmModel) -> Vec<Trainable> {
     let mut out = Vec::new();
     for (name, lin) in model.linears() {
@@ -39,7 +44,7 @@ pub fn trainable_params(model: &VlmModel) -> Vec<Trainable> {
             }
         }
     }
-    let prefix = if out.is_empty() { "" } else { "base_model.model." };
+    let prefix = if out.is_empty() && model.saved.is_empty() { "" } else { "base_model.model." };
     for (name, var, shape) in model.param_vars() {
         out.push(Trainable { name: format!("{prefix}{name}"), var, shape });
     }
@@ -71,7 +76,7 @@ pub struct MicroStats {
     pub correct: usize,
 }
 
-fn accumulate(
+pub(super) fn accumulate(
     acc: &mut [Option<Tensor>],
     params: &[Trainable],
     grads: &candle_core::backprop::GradStore,
@@ -178,9 +183,22 @@ pub fn run_objective(
     // An int8 vision tower computes differently in training and inference mode (LLM.int8 vs
     // dequantize-then-matmul), which a cache keyed by pixels cannot tell apart either.
     let int8 = model.quant.as_ref().is_some_and(|q| q.method == crate::quant::QuantMethod::Int8);
+    // gradient_checkpointing with a training vision tower (no adapters in it): its layers' graphs are
+    // not kept, the backward recomputes them (vision_ckpt.rs)
+    let vision_training = VisionTraining::from_names(&names, model.vision.as_ref().map_or(0, |v| v.layers.len()));
+    let vision_ckpt = RefCell::new(None);
+    let checkpoint_vision =
+        opts.backward && opts.gradient_checkpointing && vision_training.any() && !model.vision_side_has_adapters();
     let x0 = match (opts.backward && vision_side, cache) {
         (false, Some(c)) if !model.vision_side_has_adapters() && !model.vision_side_trains() && !int8 => {
             model.merged_embeddings_with(input, &|px, pam| c.features(model, px, pam, interrupt))?
+        }
+        _ if checkpoint_vision => {
+            let encoder = |v: &VisionModel, px: &Tensor, pm: &[Vec<bool>]| {
+                vision_ckpt::forward(v, px, pm, interrupt, &vision_ckpt)
+            };
+            model
+                .merged_embeddings_with(input, &|px, pam| Ok(model.image_features_with(px, pam, &encoder)?.connector))?
         }
         _ => model.merged_embeddings(input, interrupt)?,
     }; // [B, L, H]
@@ -274,12 +292,19 @@ pub fn run_objective(
     if vision_trains {
         let grads = seeded(&rows.split(&x0)?, &g)?.backward()?;
         accumulate(acc, params, &grads)?;
+        if let Some(ck) = vision_ckpt.into_inner() {
+            let Some(top_grad) = grads.get(ck.top()).map(|t| t.detach()) else { return Ok(stats) };
+            drop(grads);
+            if let Some(v) = &model.vision {
+                vision_ckpt::backward(v, ck, top_grad, vision_training, params, acc, interrupt)?;
+            }
+        }
     }
     Ok(stats)
 }
 
 /// sum_k sum(out_k * g_k): the scalar whose backward seeds each part's output gradient.
-fn seeded(out: &[Tensor], g: &[Tensor]) -> Result<Tensor> {
+pub(super) fn seeded(out: &[Tensor], g: &[Tensor]) -> Result<Tensor> {
     let mut total: Option<Tensor> = None;
     for (o, gk) in out.iter().zip(g) {
         let term = (o * gk)?.sum_all()?;

@@ -387,10 +387,10 @@ pub(crate) fn fuzz_adapter_files() {
     let modules_to_save: Vec<String> = names.iter().filter(|n| n.contains("connector")).cloned().collect();
     let spec =
         LoraSpec { r: 2, alpha: 4.0, dropout: 0.0, use_dora: true, use_rslora: false, init: LoraInit::Random, seed: 1 };
-    lora::attach(&mut model, &AdapterPlan { lora_targets, spec, modules_to_save }).unwrap();
+    lora::attach(&mut model, &AdapterPlan { lora_targets, spec, modules_to_save, saved_params: vec![] }).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("adapter_model.safetensors");
-    peft::save_tensors(&path, &lora::state(&model)).unwrap();
+    peft::save_tensors(&path, &lora::state(&model).unwrap()).unwrap();
     let seeds = [read(&path), read(fixtures().join("lora/dora/adapter/adapter_model.safetensors"))];
     fuzz("adapter_files", 5, (0..seeds.len(), st_mut(), any::<bool>()), |(s, m, strict)| {
         std::fs::write(&path, apply_st(&seeds[s], &m)).unwrap();
