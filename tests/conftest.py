@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -23,6 +24,21 @@ REFERENCE_CASES = [
     ("smolvlm_tied", ""),
     ("smolvlm_tied", "_patchmask"),
 ]
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory) -> dict:
+    """The README demo (ferrovlm.demo) at CI size, run once per session: tests/test_demo.py checks what it
+    learnt, the notebooks use the model it saved (results["out"] / "model"). Needs the real SmolLM2 weights."""
+    if not os.environ.get("SMOLLM2_GGUF"):
+        pytest.skip("SMOLLM2_GGUF is not set")
+    from ferrovlm import demo
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    results = demo.main(demo.Settings(out=str(out), train_rows=480, eval_rows=8, stage1_steps=10, stage2_steps=30,
+                                      show=1, plot=False))
+    results["out"] = out
+    return results
 
 
 def load_case(case: str, suffix: str):

@@ -27,16 +27,14 @@ VOCAB = {"color": set(demo.COLORS), "shape": set(demo.SHAPES), "count": set(demo
          "position": {"left", "right"}}
 
 
-def test_demo_path_learns_the_answer_format(tmp_path):
-    s = demo.Settings(out=str(tmp_path / "out"), train_rows=480, eval_rows=8, stage1_steps=10, stage2_steps=30,
-                      show=1, plot=False)
-    r = demo.main(s)
-    held_out = demo.make_split(48, 77, s.image_size)
-    got = demo.answer(r["model"], r["processor"], held_out)
+def test_demo_path_learns_the_answer_format(small_demo):
+    """conftest's small_demo: the demo at CI size (480 rows, 10 + 30 steps)."""
+    held_out = demo.make_split(48, 77, demo.Settings().image_size)
+    got = demo.answer(small_demo["model"], small_demo["processor"], held_out)
     valid = [demo.normalize(g) in VOCAB[sc.kind] for g, sc in zip(got, held_out)]
     assert sum(valid) >= 0.6 * len(valid), list(zip(got, [sc.question for sc in held_out]))
-    assert (tmp_path / "out" / "model" / "model.safetensors").exists()
-    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+    assert (small_demo["out"] / "model" / "model.safetensors").exists()
+    assert (small_demo["out"] / "adapter" / "adapter_config.json").exists()
 
 
 @pytest.mark.skipif(not os.environ.get("FERROVLM_DEMO_FULL"), reason="minutes long: FERROVLM_DEMO_FULL=1")

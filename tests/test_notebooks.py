@@ -45,17 +45,12 @@ def test_notebooks_are_the_generators_cells():
 
 
 @pytest.fixture(scope="session")
-def demo_model(tmp_path_factory) -> Path:
-    """The README demo's model at a small size (the size of tests/test_demo.py): model + processor files."""
+def demo_model(request) -> Path:
+    """The README demo's model at a small size (conftest's small_demo, shared with tests/test_demo.py)."""
     reuse = os.environ.get("FERROVLM_NOTEBOOK_MODEL")
     if reuse:
         return Path(reuse)
-    from ferrovlm import demo
-
-    out = tmp_path_factory.mktemp("notebook-demo")
-    demo.main(demo.Settings(out=str(out), train_rows=480, eval_rows=8, stage1_steps=10, stage2_steps=30, show=1,
-                            plot=False))
-    return out / "model"
+    return request.getfixturevalue("small_demo")["out"] / "model"
 
 
 @needs_gguf
