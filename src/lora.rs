@@ -8,7 +8,7 @@
 //! Linear op, which never makes a gradient for it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Result as CResult, Tensor, Var, D};
 
@@ -25,6 +25,24 @@ pub struct AdapterSwitch {
     /// Seed of the dropout masks of the current forward (set per layer by the training step, so that a
     /// recomputed layer draws the same masks).
     seed: AtomicU64,
+    /// Non-zero while a [`FrozenScope`] promises that no weight changes (a `generate` call): DoRA's weight
+    /// norms, a function of the weights alone, are then computed once per scope instead of once per forward.
+    frozen_epoch: AtomicU64,
+}
+
+/// Epochs of frozen scopes, unique in the process (0 means "not frozen").
+static FROZEN_EPOCHS: AtomicU64 = AtomicU64::new(1);
+
+/// While alive, the adapters' weights are promised not to change (see `AdapterSwitch::frozen_epoch`).
+pub struct FrozenScope<'s> {
+    switch: &'s AdapterSwitch,
+    previous: u64,
+}
+
+impl Drop for FrozenScope<'_> {
+    fn drop(&mut self) {
+        self.switch.frozen_epoch.store(self.previous, Ordering::SeqCst)
+    }
 }
 
 impl AdapterSwitch {
@@ -42,6 +60,23 @@ impl AdapterSwitch {
     }
     pub fn set_seed(&self, seed: u64) {
         self.seed.store(seed, Ordering::SeqCst)
+    }
+    /// Promises that no adapter or base weight changes until the scope is dropped (nested scopes keep the
+    /// outer one's epoch). Training mode is never frozen.
+    pub fn frozen_scope(&self) -> FrozenScope<'_> {
+        let previous = self.frozen_epoch.load(Ordering::SeqCst);
+        if previous == 0 {
+            self.frozen_epoch.store(FROZEN_EPOCHS.fetch_add(1, Ordering::SeqCst), Ordering::SeqCst);
+        }
+        FrozenScope { switch: self, previous }
+    }
+    /// The current frozen scope's epoch, or None outside one (or in training mode).
+    fn frozen(&self) -> Option<u64> {
+        match self.frozen_epoch.load(Ordering::SeqCst) {
+            0 => None,
+            _ if self.training() => None,
+            e => Some(e),
+        }
     }
 }
 
@@ -102,6 +137,8 @@ pub struct LoraAdapter {
     pub dropout: f32,
     /// Distinguishes this layer's dropout stream from the others'.
     pub index: u64,
+    /// DoRA's weight norm [out] computed in the frozen scope of the given epoch.
+    pub norm_cache: Mutex<Option<(u64, Tensor)>>,
 }
 
 #[derive(Debug)]
@@ -160,7 +197,15 @@ impl Adapter {
         let scaling = spec.scaling();
         let magnitude = if spec.use_dora { Some(Var::from_tensor(&weight_norm(lin, &a, &b, scaling)?)?) } else { None };
         Ok(Adapter {
-            kind: AdapterKind::Lora(LoraAdapter { a, b, magnitude, scaling, dropout: spec.dropout, index }),
+            kind: AdapterKind::Lora(LoraAdapter {
+                a,
+                b,
+                magnitude,
+                scaling,
+                dropout: spec.dropout,
+                index,
+                norm_cache: Mutex::new(None),
+            }),
             switch,
         })
     }
@@ -222,7 +267,7 @@ impl Adapter {
                     Some(m) => {
                         // PEFT DoRA: base + (m/||W + sBA|| - 1) * (W x) + m/||W + sBA|| * s * BAx, the norm detached;
                         // with dropout active W x is recomputed on the dropped input.
-                        let wn = weight_norm(lin, &l.a, &l.b, l.scaling)?; // [out]
+                        let wn = self.dora_norm(lin, l)?; // [out]
                         let scale = m.as_tensor().broadcast_div(&wn)?; // [out]
                         let mut wx = if l.dropout > 0.0 && self.switch.training() { base(&xd)? } else { y.clone() };
                         if let Some(b) = &lin.bias {
@@ -237,6 +282,22 @@ impl Adapter {
                 }
             }
         }
+    }
+
+    /// ||W + s B A|| per output row [out]: computed each forward, once per scope inside a frozen scope.
+    fn dora_norm(&self, lin: &Linear, l: &LoraAdapter) -> CResult<Tensor> {
+        let Some(epoch) = self.switch.frozen() else {
+            return weight_norm(lin, &l.a, &l.b, l.scaling);
+        };
+        let mut cache = l.norm_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((e, t)) = cache.as_ref() {
+            if *e == epoch {
+                return Ok(t.clone());
+            }
+        }
+        let wn = weight_norm(lin, &l.a, &l.b, l.scaling)?;
+        *cache = Some((epoch, wn.clone()));
+        Ok(wn)
     }
 
     /// Inverted dropout on the adapter input, only in training mode.

@@ -402,3 +402,35 @@ def test_cookbook_prompt_completion_rows_and_mismatched_images(tiny_smolvlm):
     with pytest.raises(ValueError, match="does not match"):
         collate_lm = DataCollatorForVisionLanguageModeling(processor)
         collate_lm(bad)
+
+
+def _greedy_by_forward(model, inputs, n):
+    """Greedy decoding with a full forward pass per token (no generation session)."""
+    ids = inputs["input_ids"]
+    mask = inputs["attention_mask"]
+    for _ in range(n):
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"],
+                       pixel_attention_mask=inputs.get("pixel_attention_mask")).logits
+        nxt = np.asarray(logits)[:, -1].argmax(-1)[:, None]
+        ids = np.concatenate([ids, nxt.astype(ids.dtype)], axis=1)
+        mask = np.concatenate([mask, np.ones_like(nxt, dtype=mask.dtype)], axis=1)
+    return ids
+
+
+def test_dora_generation_follows_the_trained_adapter(tiny_smolvlm, tmp_path):
+    """generate computes DoRA's weight norms once per call (the weights cannot change during it): its tokens
+    equal greedy decoding by full forward passes, before and after further training changes the adapter."""
+    processor = ferrovlm.AutoProcessor.from_pretrained(tiny_smolvlm)
+    config = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = get_peft_model(ferrovlm.AutoModelForVision2Seq.from_pretrained(tiny_smolvlm), config)
+    rows = _colour_rows(np.random.default_rng(3), 8)
+    prompt = processor.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True)
+    inputs = processor(text=prompt, images=rows[0]["images"], return_tensors="np")
+    n = inputs["input_ids"].shape[1]
+    for step in range(2):
+        args = SFTConfig(output_dir=str(tmp_path / f"o{step}"), max_steps=2, per_device_train_batch_size=4,
+                         learning_rate=5e-2, report_to="none", save_strategy="no")
+        SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=processor).train()
+        got = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        want = _greedy_by_forward(model, inputs, 4)
+        np.testing.assert_array_equal(got[:, n:], want[:, n:], err_msg=f"after training round {step}")

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 
 use crate::error::{input_err, Result};
+use crate::lora::FrozenScope;
 use crate::model::cache::KvCache;
 use crate::model::{check, ForwardInput, Interrupt, VlmModel};
 use crate::ops::Mask;
@@ -54,6 +55,8 @@ pub const MAX_RESERVED_NEW: usize = 1024;
 
 pub struct Session<'m> {
     model: &'m VlmModel,
+    /// The weights do not change during a generation (DoRA's norms are computed once).
+    _frozen: FrozenScope<'m>,
     cache: KvCache,
     /// [rows][S] which cached keys are real tokens.
     key_valid: Vec<Vec<bool>>,
@@ -93,6 +96,7 @@ impl<'m> Session<'m> {
         }
         let mut session = Session {
             model,
+            _frozen: model.switch.frozen_scope(),
             cache: KvCache::with_capacity(model.text.layers.len(), max_length.clamp(l, l + MAX_RESERVED_NEW)),
             key_valid,
             next_pos,
