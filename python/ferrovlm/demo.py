@@ -8,12 +8,15 @@ The course's recipe (a VLM is an image encoder, a projection and a language mode
 2. Data: a generated visual question-answering set (colours, shapes, counts, positions of shapes on a canvas),
    split into training rows and held-out rows whose images the model never sees.
 3. Stage 1, alignment: the vision tower and the connector train, the language model is frozen
-   (``model.model.text_model.requires_grad_(False)``; full-parameter training of the rest).
+   (``model.model.text_model.requires_grad_(False)``; full-parameter training of the rest) but for its (tied)
+   token embedding, so that SmolVLM's new ``<end_of_utterance>`` is learnt (LLaVA's alignment stage trains its
+   input embeddings too when it adds tokens).
 4. Stage 2, instruction tuning: LoRA on the language model (``get_peft_model``), the vision side still training.
 5. Held-out exact-match accuracy before and after each stage, next to chance; the model (and the adapter) saved,
    a loss curve written next to them, and a few held-out questions answered with streaming ``generate``.
 
     python scripts/demo.py [--out demo-out] [--stage1-steps N] [--stage2-steps N] [--train-rows N] [--eval-rows N]
+        [--batch-size N] [--stage1-lr X] [--stage2-lr X] [--patch-size N] [--scale-factor N] [--no-train-embeddings]
     ferrovlm demo [same flags]
 
 ``main()`` returns the numbers (tests/test_demo.py runs a smaller version in CI).
@@ -183,14 +186,16 @@ class Settings:
     out: str = "demo-out"
     image_size: int = 64
     patch_size: int = 8
+    scale_factor: int = 4  # SmolVLM-256M's: 64 patches -> 4 image tokens
     train_rows: int = 3000
     eval_rows: int = 64
-    stage1_steps: int = 80
-    stage2_steps: int = 100
-    batch_size: int = 16
-    stage1_lr: float = 3e-3
+    stage1_steps: int = 60
+    stage2_steps: int = 240
+    batch_size: int = 8
+    stage1_lr: float = 2e-3
     stage2_lr: float = 1e-3
     lora_r: int = 16
+    train_embeddings: bool = True
     seed: int = 0
     show: int = 4  # held-out questions answered with streaming at the end
     plot: bool = True
@@ -214,7 +219,9 @@ def _stage(model, processor, rows, steps: int, lr: float, out: Path, s: Settings
         gradient_checkpointing=False, save_strategy="no", report_to="none", seed=s.seed, max_length=None,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=processor)
+    t0 = time.perf_counter()
     trainer.train()
+    _log(f"  {name}: {steps} steps in {time.perf_counter() - t0:.0f} s")
     return [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
 
 
@@ -267,7 +274,7 @@ def main(settings: Settings | None = None) -> dict:
     lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     processor = Idefics3Processor.from_text_model(tokenizer, image_size=s.image_size, patch_size=s.patch_size,
-                                                  scale_factor=2)
+                                                  scale_factor=s.scale_factor)
     model = Idefics3ForConditionalGeneration.from_text_model(
         lm, processor, seed=s.seed,
         vision_config={"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 4},
@@ -288,8 +295,12 @@ def main(settings: Settings | None = None) -> dict:
     _report("before training", acc0, k0, base)
     results["before"] = acc0
 
-    _log("3. stage 1, alignment: vision tower + connector train, the language model is frozen")
+    _log("3. stage 1, alignment: vision tower + connector train, the language model is frozen but for its embedding")
     model.model.text_model.requires_grad_(False)
+    if s.train_embeddings:
+        # SmolVLM's new tokens (<end_of_utterance> ends every answer) start as the mean embedding: the
+        # (tied) embedding trains, as LLaVA trains its input embeddings when it adds tokens in its alignment stage
+        model.model.text_model.embed_tokens.requires_grad_(True)
     curves = {"stage 1 (align)": _stage(model, processor, sft_rows(train), s.stage1_steps, s.stage1_lr, out, s,
                                          "stage1")}
     acc1, k1 = accuracy(model, processor, held_out)
@@ -305,7 +316,8 @@ def main(settings: Settings | None = None) -> dict:
     model.model.connector.requires_grad_(True)
     # SmolVLM's new tokens (<end_of_utterance> ends every answer) start as the mean embedding: the (tied)
     # embedding trains too, so that the model learns to stop
-    model.model.text_model.embed_tokens.requires_grad_(True)
+    if s.train_embeddings:
+        model.model.text_model.embed_tokens.requires_grad_(True)
     peft_model.print_trainable_parameters()
     curves["stage 2 (LoRA)"] = _stage(peft_model, processor, sft_rows(train), s.stage2_steps, s.stage2_lr, out, s,
                                       "stage2")
@@ -339,13 +351,15 @@ def main(settings: Settings | None = None) -> dict:
 def parse(argv: list[str] | None = None) -> Settings:
     d = Settings()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in ("out", "train_rows", "eval_rows", "stage1_steps", "stage2_steps", "batch_size", "seed"):
+    fields = ("out", "train_rows", "eval_rows", "stage1_steps", "stage2_steps", "batch_size", "seed", "scale_factor",
+              "patch_size", "stage1_lr", "stage2_lr", "lora_r")
+    for f in fields:
         ap.add_argument("--" + f.replace("_", "-"), type=type(getattr(d, f)), default=getattr(d, f))
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--no-train-embeddings", action="store_true")
     a = ap.parse_args(argv)
-    kw = {f: getattr(a, f) for f in ("out", "train_rows", "eval_rows", "stage1_steps", "stage2_steps", "batch_size",
-                                     "seed")}
-    return Settings(plot=not a.no_plot, **kw)
+    kw = {f: getattr(a, f) for f in fields}
+    return Settings(plot=not a.no_plot, train_embeddings=not a.no_train_embeddings, **kw)
 
 
 if __name__ == "__main__":
