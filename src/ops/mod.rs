@@ -43,6 +43,7 @@ pub mod gradcheck;
 pub mod linear;
 mod linear_op;
 pub mod math;
+pub mod matmul_bf16_amx;
 pub mod matmul_bf16_fused;
 pub mod matmul_bf16_packed;
 pub mod matmul_bf16_skinny;
