@@ -24,7 +24,9 @@ fn time<T>(iters: usize, mut f: impl FnMut() -> T) -> f64 {
 }
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// Deterministic values in [-1, 1).
@@ -46,6 +48,9 @@ fn main() {
         rayon::current_num_threads(),
         loadavg()
     );
+    if let Some(p) = matmul_bf16_amx::amx_peak_gflops(2_000_000) {
+        println!("register-only tdpbf16ps peak right now (all threads): {p:.0} GFLOP/s");
+    }
     println!("{:>18} | {:>11} {:>11} | {:>7} | {:>8}", "n x k x out", "avx512bf16", "amx", "speedup", "max|d|");
     let (mut sum_a, mut sum_b) = (0.0, 0.0);
     for &(k, out) in &[(576usize, 576usize), (576, 192), (576, 1536), (1536, 576)] {
@@ -77,6 +82,14 @@ fn main() {
             );
         }
     }
-    println!("all shapes, total time: avx512bf16 {:.2} ms, amx {:.2} ms ({:.2}x)", sum_a * 1e3, sum_b * 1e3, sum_a / sum_b);
-    println!("load average: {} (GFLOP/s: best of 3 alternating rounds of the median of repeated calls, x included)", loadavg());
+    println!(
+        "all shapes, total time: avx512bf16 {:.2} ms, amx {:.2} ms ({:.2}x)",
+        sum_a * 1e3,
+        sum_b * 1e3,
+        sum_a / sum_b
+    );
+    println!(
+        "load average: {} (GFLOP/s: best of 3 alternating rounds of the median of repeated calls, x included)",
+        loadavg()
+    );
 }

@@ -133,7 +133,12 @@ impl ATiles {
 /// `matmul_bf16_packed::matmul_packed`). Runs the AVX512-BF16 or portable path where [`amx_usable`] is
 /// false, so it is safe to call anywhere (tests, benchmarks).
 pub fn matmul_packed_amx(x: &[f32], n: usize, k: usize, w: &PackedBf16) -> Vec<f32> {
-    assert_eq!(k, w.in_features(), "matmul_bf16_amx: x has k = {k} but the weight has {} input features", w.in_features());
+    assert_eq!(
+        k,
+        w.in_features(),
+        "matmul_bf16_amx: x has k = {k} but the weight has {} input features",
+        w.in_features()
+    );
     assert_eq!(x.len(), n * k, "matmul_bf16_amx: x has {} values, expected n*k = {}", x.len(), n * k);
     let out = w.out_features();
     if !amx_usable() {
@@ -158,6 +163,39 @@ pub fn matmul_packed_amx(x: &[f32], n: usize, k: usize, w: &PackedBf16) -> Vec<f
         unsafe { run(&a, w, &sink) };
     }
     y
+}
+
+/// GFLOP/s of a register-only `tdpbf16ps` loop (no loads: the tiles' own ceiling) on every rayon thread
+/// right now, other load on the machine included; `None` where [`amx_usable`] is false. For benchmarks.
+pub fn amx_peak_gflops(iters: usize) -> Option<f64> {
+    if !amx_usable() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let threads = rayon::current_num_threads();
+        let t = std::time::Instant::now();
+        (0..threads).into_par_iter().for_each(|_| {
+            // SAFETY: amx_usable() checked; the tiles are configured before use and released after.
+            unsafe {
+                tiles::config();
+                for _ in 0..iters {
+                    core::arch::asm!(
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        options(nostack, nomem)
+                    );
+                }
+                tiles::release();
+            }
+        });
+        // 4 instructions x 16 x 16 outputs x 32 products x 2 flops.
+        Some((threads * iters * 4 * 16 * 16 * 32 * 2) as f64 / t.elapsed().as_secs_f64() / 1e9)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
 }
 
 /// Where [`run`] hands each finished block: `sink(r0, rows, c0, cols, src, lds)` gets
@@ -337,7 +375,6 @@ mod tiles {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -212,23 +212,34 @@ unsafe fn run_amx(a: &Bf16Rows, jobs: &[Job], gelu: bool, dst: *mut u8, ld: usiz
         let sink = move |r0: usize, rows: usize, c0: usize, cols: usize, src: *const f32, lds: usize| {
             for i in (0..rows).step_by(MR) {
                 let epi = Epi {
-                    // SAFETY (this and the call below): rows r0 + i.. and columns col0 + c0.. of the
-                    // output, inside it by check(); the bias has the weight's out_features values.
-                    dst: unsafe { (dp as *mut u8).add(((r0 + i) * ld + col0 + c0) * esize) },
+                    // rows r0 + i.. and columns col0 + c0.. of the output, inside it by check()
+                    dst: (dp as *mut u8).wrapping_add(((r0 + i) * ld + col0 + c0) * esize),
                     ld,
                     bf16,
                     accumulate,
                     scale: 1.0,
                     row_scale: std::ptr::null(),
-                    bias: if bias == 0 { std::ptr::null() } else { unsafe { (bias as *const f32).add(c0) } },
+                    bias: if bias == 0 { std::ptr::null() } else { (bias as *const f32).wrapping_add(c0) },
                     gelu,
                 };
                 // SAFETY: the CPU has AVX512-BF16 (amx_usable() implies it); `src` holds `rows` x `cols`
-                // values (stride lds); with kc = 0 the a and b pointers are never read.
+                // values (stride lds); with kc = 0 the a and b pointers are never read; epi's dst and bias
+                // point inside the output (check()) and the job's bias (out_features values).
                 unsafe {
                     let part = src.add(i * lds);
                     let rows = MR.min(rows - i);
-                    tile(0, part as *const u32, 0, rows, part as *const u32, cols, part, std::ptr::null_mut(), lds, &epi)
+                    tile(
+                        0,
+                        part as *const u32,
+                        0,
+                        rows,
+                        part as *const u32,
+                        cols,
+                        part,
+                        std::ptr::null_mut(),
+                        lds,
+                        &epi,
+                    )
                 };
             }
         };
