@@ -144,12 +144,13 @@ pub fn matmul_packed_amx(x: &[f32], n: usize, k: usize, w: &PackedBf16) -> Vec<f
     if !amx_usable() {
         return super::matmul_bf16_packed::matmul_packed_avx512bf16(x, n, k, w);
     }
-    let mut y = vec![0.0f32; n * out];
     if n == 0 || out == 0 || k == 0 {
-        return y;
+        return vec![0.0; n * out];
     }
     #[cfg(target_arch = "x86_64")]
     {
+        // Every element is written below (full blocks by the tiles, partial ones by the sink): no zeroing.
+        let mut y: Vec<f32> = Vec::with_capacity(n * out);
         let a = ATiles::from_f32(x, n, k);
         let yp = super::cpu::SendPtr(y.as_mut_ptr());
         let sink = move |r0: usize, rows: usize, c0: usize, cols: usize, src: *const f32, lds: usize| {
@@ -159,10 +160,17 @@ pub fn matmul_packed_amx(x: &[f32], n: usize, k: usize, w: &PackedBf16) -> Vec<f
                 unsafe { std::ptr::copy_nonoverlapping(src.add(i * lds), yp.get().add((r0 + i) * out + c0), cols) };
             }
         };
-        // SAFETY: amx_usable() checked; `a` was built for n rows of w.in_features().
-        unsafe { run(&a, w, &sink) };
+        // SAFETY: amx_usable() checked; `a` was built for n rows of w.in_features(); y has capacity for
+        // n rows of `out`; run() writes every block y[r0.., c0..] of the n x out result exactly once
+        // (tiles or sink), so all n * out values are initialised before set_len.
+        unsafe {
+            run(&a, w, &sink, Some((yp, out)));
+            y.set_len(n * out);
+        }
+        y
     }
-    y
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("amx_usable() is false off x86_64")
 }
 
 /// GFLOP/s of a register-only `tdpbf16ps` loop (no loads: the tiles' own ceiling) on every rayon thread
@@ -207,12 +215,14 @@ pub(crate) type Sink<'a> = dyn Fn(usize, usize, usize, usize, *const f32, usize)
 #[repr(C, align(64))]
 struct Aligned<T, const L: usize>([T; L]);
 
-/// `a . w^T` on AMX, block by block into `sink`.
-#[cfg(target_arch = "x86_64")]
+/// `a . w^T` on AMX, block by block into `sink`; with `direct` = (y, ld), full 32 x 32 blocks are stored
+/// straight to `y[r, c]` at `y + r * ld + c` instead (f32), only partial blocks go through `sink`.
 ///
 /// # Safety
-/// [`amx_usable`] must be true; `a` holds `a.n` rows of `w.in_features()` values.
-pub(crate) unsafe fn run(a: &ATiles, w: &PackedBf16, sink: &Sink) {
+/// [`amx_usable`] must be true; `a` holds `a.n` rows of `w.in_features()` values; `direct`, if given, is
+/// valid for writes of `a.n` rows of `ld >= w.out_features()` values.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn run(a: &ATiles, w: &PackedBf16, sink: &Sink, direct: Option<(super::cpu::SendPtr<f32>, usize)>) {
     let (n, out, kp2, kpp) = (a.n, w.out_features(), w.in_features().div_ceil(2), a.kpp);
     debug_assert_eq!(kpp, kp2.next_multiple_of(TK));
     if n == 0 || out == 0 || kp2 == 0 {
@@ -237,26 +247,25 @@ pub(crate) unsafe fn run(a: &ATiles, w: &PackedBf16, sink: &Sink) {
             for h in 0..pcols.div_ceil(32) {
                 let cols = 32.min(pcols - 32 * h);
                 let tb = if tail_p.is_null() { tail_p } else { tail_p.add(32 * h) };
-                tiles::block(
-                    (ap as *const u32).add(r0 * kpp),
-                    kpp,
-                    full,
-                    panel.add(32 * h),
-                    tb,
-                    rows > 16,
-                    cols > 16,
-                    c.0.as_mut_ptr(),
-                );
-                sink(r0, rows, pi * NR + 32 * h, cols, c.0.as_ptr(), 32);
+                let col = pi * NR + 32 * h;
+                let (cp, ldc) = match direct {
+                    Some((y, ld)) if rows == 32 && cols == 32 => (y.get().add(r0 * ld + col), ld),
+                    _ => (c.0.as_mut_ptr(), 32),
+                };
+                let a0 = (ap as *const u32).add(r0 * kpp);
+                tiles::block(a0, kpp, full, panel.add(32 * h), tb, rows > 16, cols > 16, cp, ldc);
+                if cp == c.0.as_mut_ptr() {
+                    sink(r0, rows, col, cols, c.0.as_ptr(), 32);
+                }
             }
         }
         tiles::release();
     });
 }
 
-#[cfg(target_arch = "x86_64")]
 /// The tile instructions, by mnemonic in inline assembly (Rust's AMX intrinsics are unstable). The
 /// compiler never allocates tmm registers, so tile contents survive between `asm!` blocks of one thread.
+#[cfg(target_arch = "x86_64")]
 mod tiles {
     use super::{Aligned, NR, TK};
     use core::arch::asm;
@@ -293,7 +302,7 @@ mod tiles {
         asm!("tilerelease", options(nostack, nomem));
     }
 
-    /// `c[32 x 32] (row stride 32) = a[32 rows, 16 * steps pairs] . b[16 * steps pairs, 32 columns]`, `steps`
+    /// `c[32 x 32] (row stride ldc) = a[32 rows, 16 * steps pairs] . b[16 * steps pairs, 32 columns]`, `steps`
     /// = `full` (+ 1 with `tail`): `a` the first of 32 pair rows (stride `lda` u32), `b` the first column in
     /// a packed panel (stride `NR` u32), `tail` null or the same column of the panel's last partial 16
     /// pairs, zero padded (stride `NR`). Only the first 16 rows (columns) without `two_a` (`two_b`).
@@ -311,28 +320,54 @@ mod tiles {
         two_a: bool,
         two_b: bool,
         c: *mut f32,
+        ldc: usize,
     ) {
         let (ldab, ldb) = (lda * 4, NR * 4);
         asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
         let steps = full + usize::from(!tail.is_null());
+        let bstep = |s: usize| if s < full { b.add(s * TK * NR) } else { tail };
+        if two_a && two_b {
+            // Software pipelined: each step's products run while the next step's tiles load, each load
+            // placed right after the last product that reads the register it overwrites.
+            asm!(
+                "tileloadd tmm4, [{a0} + {lda}*1]",
+                "tileloadd tmm6, [{b0} + {ldb}*1]",
+                "tileloadd tmm7, [{b1} + {ldb}*1]",
+                "tileloadd tmm5, [{a1} + {lda}*1]",
+                a0 = in(reg) a, a1 = in(reg) a.add(16 * lda), b0 = in(reg) bstep(0), b1 = in(reg) bstep(0).add(16),
+                lda = in(reg) ldab, ldb = in(reg) ldb, options(nostack)
+            );
+            for s in 1..steps {
+                let a0 = a.add(s * TK);
+                let b0 = bstep(s);
+                asm!(
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm4, [{a0} + {lda}*1]",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tileloadd tmm6, [{b0} + {ldb}*1]",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    "tileloadd tmm7, [{b1} + {ldb}*1]",
+                    "tileloadd tmm5, [{a1} + {lda}*1]",
+                    a0 = in(reg) a0, a1 = in(reg) a0.add(16 * lda), b0 = in(reg) b0, b1 = in(reg) b0.add(16),
+                    lda = in(reg) ldab, ldb = in(reg) ldb, options(nostack)
+                );
+            }
+            asm!(
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                options(nostack, nomem)
+            );
+        }
         for s in 0..steps {
             let a0 = a.add(s * TK);
             let a1 = a0.add(16 * lda);
-            let b0 = if s < full { b.add(s * TK * NR) } else { tail };
+            let b0 = bstep(s);
             let b1 = b0.add(16);
             match (two_a, two_b) {
-                (true, true) => asm!(
-                    "tileloadd tmm4, [{a0} + {lda}*1]",
-                    "tileloadd tmm5, [{a1} + {lda}*1]",
-                    "tileloadd tmm6, [{b0} + {ldb}*1]",
-                    "tileloadd tmm7, [{b1} + {ldb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
-                    lda = in(reg) ldab, ldb = in(reg) ldb, options(nostack)
-                ),
+                (true, true) => break, // done above
                 (true, false) => asm!(
                     "tileloadd tmm4, [{a0} + {lda}*1]",
                     "tileloadd tmm5, [{a1} + {lda}*1]",
@@ -360,8 +395,8 @@ mod tiles {
                 ),
             }
         }
-        let ldc: usize = 32 * 4;
-        let (c1, c2) = (c.add(16), c.add(16 * 32));
+        let ldc = ldc * 4;
+        let (c1, c2) = (c.add(16), c.add(16 * (ldc / 4)));
         let c3 = c2.add(16);
         asm!("tilestored [{c} + {ldc}*1], tmm0", c = in(reg) c, ldc = in(reg) ldc, options(nostack));
         if two_b {

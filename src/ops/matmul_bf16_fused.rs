@@ -243,7 +243,7 @@ unsafe fn run_amx(a: &Bf16Rows, jobs: &[Job], gelu: bool, dst: *mut u8, ld: usiz
                 };
             }
         };
-        run(&at, job.w, &sink);
+        run(&at, job.w, &sink, None);
     }
 }
 
