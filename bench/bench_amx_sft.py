@@ -1,7 +1,8 @@
 """`bf16=True` SFT on a SmolVLM-256M-shaped checkpoint with ferrovlm's AMX tile kernels vs its AVX512-BF16
 ones (`FERROVLM_NO_AMX=1`), the same workload as `bench_sft.py --bf16` (ferrovlm's side only, no torch
 needed), each run in its own process, the two alternating so that other load on a shared machine slows
-both alike. Prints each run's training time, samples/s, achieved GFLOP/s (bench/flops.py's nominal count) and losses, and the load average.
+both alike. Prints each run's training time, samples/s, achieved GFLOP/s (bench/flops.py's nominal count),
+losses, and the load average.
 
     python bench/bench_amx_sft.py [--steps 2] [--rounds 2]
 """
