@@ -16,10 +16,13 @@
 //!   padded with zero pairs to a multiple of 16 pairs and the rows padded with zero rows to a multiple of
 //!   32 ([`ATiles`]): every A load is in bounds and the padding adds zero products.
 //! * Registers: tmm0-3 accumulate a 32 x 32 block of `y` (rows 0-15 / 16-31 x columns 0-15 / 16-31),
-//!   tmm4-5 hold the two A tiles and tmm6-7 the two B tiles of a k step (2 + 2 loads, 4 `tdpbf16ps`).
-//!   A block of at most 16 rows (columns) uses one A (B) tile. The whole k range is summed in the tiles;
-//!   the block is then stored to a 32 x 32 f32 scratch and handed to a sink (a copy into `y`, or the
-//!   fused gemm's epilogue).
+//!   tmm4-5 hold the two A tiles and tmm6-7 the two B tiles of a k step (2 + 2 loads, 4 `tdpbf16ps`),
+//!   software pipelined (the next step's loads go between this step's products). A block of at most 16
+//!   rows (columns) uses one A (B) tile. The whole k range is summed in the tiles; a full block is then
+//!   stored straight into `y` (plain matmul), any other to a 32 x 32 f32 scratch handed to a sink (the
+//!   copy of a partial block, or the fused gemm's epilogue).
+//! * Numbers: `tdpbf16ps`, like `vdpbf16ps`, treats bf16 denormal inputs as zero and flushes f32 denormal
+//!   results, ignoring MXCSR.
 //!
 //! Parallel tasks (rayon): [`MA`] rows x one packed panel (`NR` = 64 columns, two 32-column halves). Each
 //! task loads its tile configuration (`ldtilecfg`) and releases it at the end (`tilerelease`).
