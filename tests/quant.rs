@@ -236,7 +236,10 @@ fn kernels_equal_the_dequantize_then_matmul_reference_with_backward() {
                     // forward
                     let y = quant_linear(x.as_tensor(), &q, Some(&bias), bf16).unwrap();
                     let r = matmul_quant::reference(x.as_tensor(), &q, Some(&bias), bf16).unwrap();
-                    close(&f32v(&y), &f32v(&r), 1e-5, 1e-4, &format!("forward {} n={n} bf16={bf16}", q.kind()));
+                    // bf16 outputs are rounded to bf16 after f32 sums whose order differs from the
+                    // reference's (AVX512-BF16 or AMX kernels): one bf16 step (2^-7 relative) apart at most.
+                    let rtol = if bf16 { 1.0 / 128.0 } else { 1e-5 };
+                    close(&f32v(&y), &f32v(&r), rtol, 1e-4, &format!("forward {} n={n} bf16={bf16}", q.kind()));
                     // backward to x, against autograd through the reference
                     let g = Tensor::from_vec(weights(n, o, 5), (n, o), &Device::Cpu).unwrap();
                     let dy = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();

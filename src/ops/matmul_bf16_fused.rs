@@ -8,7 +8,8 @@
 //!
 //! [`tile`] is the microkernel of `matmul_bf16_packed.rs` with that epilogue; attention (`attention_bf16.rs`)
 //! uses it too. Partial sums of the k blocks before the last go to a per-thread f32 scratch tile.
-//! [`gemm_fused_portable`] computes the same on any CPU (f32 gemm on the bf16 values, scalar epilogue).
+//! On a CPU with AMX the products run on `matmul_bf16_amx.rs` and only the epilogue here ([`tile`] with
+//! no k-pairs). [`gemm_fused_portable`] computes the same on any CPU (f32 gemm on the bf16 values, scalar epilogue).
 
 use std::cell::RefCell;
 
@@ -107,6 +108,11 @@ pub fn gemm_fused(a: &Bf16Rows, jobs: &[Job], gelu: bool, out: Out) {
                 (y.data.as_mut_ptr() as *mut u8, ld, true, false)
             }
         };
+        if super::matmul_bf16_amx::amx_usable() {
+            // SAFETY: amx_usable() checked the CPU and the tile permission; check() bounded every job's
+            // columns and rows by the output; blocks are disjoint.
+            return unsafe { run_amx(a, jobs, gelu, dst, ld, bf16, accumulate) };
+        }
         // SAFETY: available() checked the CPU; check() bounded every job's columns and rows by the
         // output; tasks write disjoint tiles.
         unsafe { run_fast(a, jobs, gelu, dst, ld, bf16, accumulate) }
@@ -187,6 +193,58 @@ unsafe fn run_fast(a: &Bf16Rows, jobs: &[Job], gelu: bool, dst: *mut u8, ld: usi
             }
         });
     });
+}
+
+/// [`run_fast`] on AMX: each job's product by `matmul_bf16_amx::run`, whose finished 32 x 32 blocks go
+/// through [`tile`] with no k-pairs (`kc = 0`: the block comes in as `part_in`), i.e. the same epilogue.
+///
+/// # Safety
+/// `matmul_bf16_amx::amx_usable()`; as [`run_fast`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_amx(a: &Bf16Rows, jobs: &[Job], gelu: bool, dst: *mut u8, ld: usize, bf16: bool, accumulate: bool) {
+    use super::matmul_bf16_amx::{run, ATiles};
+    let esize = if bf16 { 2 } else { 4 };
+    let at = ATiles::from_rows(a);
+    let dp = dst as usize;
+    for job in jobs {
+        let (col0, bias) = (job.col0, job.bias.map_or(0, |b| b.as_ptr() as usize));
+        let sink = move |r0: usize, rows: usize, c0: usize, cols: usize, src: *const f32, lds: usize| {
+            for i in (0..rows).step_by(MR) {
+                let epi = Epi {
+                    // rows r0 + i.. and columns col0 + c0.. of the output, inside it by check()
+                    dst: (dp as *mut u8).wrapping_add(((r0 + i) * ld + col0 + c0) * esize),
+                    ld,
+                    bf16,
+                    accumulate,
+                    scale: 1.0,
+                    row_scale: std::ptr::null(),
+                    bias: if bias == 0 { std::ptr::null() } else { (bias as *const f32).wrapping_add(c0) },
+                    gelu,
+                };
+                // SAFETY: the CPU has AVX512-BF16 (amx_usable() implies it); `src` holds `rows` x `cols`
+                // values (stride lds); with kc = 0 the a and b pointers are never read; epi's dst and bias
+                // point inside the output (check()) and the job's bias (out_features values).
+                unsafe {
+                    let part = src.add(i * lds);
+                    let rows = MR.min(rows - i);
+                    tile(
+                        0,
+                        part as *const u32,
+                        0,
+                        rows,
+                        part as *const u32,
+                        cols,
+                        part,
+                        std::ptr::null_mut(),
+                        lds,
+                        &epi,
+                    )
+                };
+            }
+        };
+        run(&at, job.w, &sink, None);
+    }
 }
 
 /// One `MR x NR` tile over `kc` k-pairs: `acc[rows, cols] = a[rows, kc pairs] . b[kc pairs, NR]`

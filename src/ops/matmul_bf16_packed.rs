@@ -16,6 +16,9 @@
 //! into tasks of `MC` rows x `NC` columns (rayon), and each task walks k in blocks of `KC` pairs so the
 //! block of the weight it streams stays in L2 while an `MR`-row strip of `x` stays in L1.
 //!
+//! On a CPU with AMX (`matmul_bf16_amx::amx_usable`) [`matmul_packed`] runs the tile kernel of
+//! `matmul_bf16_amx.rs` on the same packed panels instead.
+//!
 //! Without AVX512-BF16 the same function runs a portable path (same rounding of `x`, f32 products
 //! through the `gemm` crate).
 
@@ -165,6 +168,21 @@ pub fn matmul_f32_bf16(x: &[f32], n: usize, k: usize, w: &[bf16], out: usize) ->
 
 /// `y[n, out] = bf16(x)[n, k] @ W^T` for a packed weight.
 pub fn matmul_packed(x: &[f32], n: usize, k: usize, w: &PackedBf16) -> Vec<f32> {
+    assert_eq!(k, w.k, "matmul_bf16_packed: x has k = {k} but the weight has {} input features", w.k);
+    assert_eq!(x.len(), n * k, "matmul_bf16_packed: x has {} values, expected n*k = {}", x.len(), n * k);
+    let out = w.out;
+    if n == 0 || out == 0 || k == 0 {
+        return vec![0.0; n * out];
+    }
+    if super::matmul_bf16_amx::amx_usable() {
+        return super::matmul_bf16_amx::matmul_packed_amx(x, n, k, w);
+    }
+    matmul_packed_avx512bf16(x, n, k, w)
+}
+
+/// [`matmul_packed`] on the AVX512-BF16 kernel even where AMX is usable (benchmarks, tests); the
+/// portable path without AVX512-BF16.
+pub fn matmul_packed_avx512bf16(x: &[f32], n: usize, k: usize, w: &PackedBf16) -> Vec<f32> {
     assert_eq!(k, w.k, "matmul_bf16_packed: x has k = {k} but the weight has {} input features", w.k);
     assert_eq!(x.len(), n * k, "matmul_bf16_packed: x has {} values, expected n*k = {}", x.len(), n * k);
     let out = w.out;

@@ -15,15 +15,16 @@
 //! | SwiGLU | [`activation::swiglu`] | `swiglu_reference` | `activation.rs` `Swiglu` | | `tests/ops_grad.rs` |
 //! | log-sigmoid (DPO) | [`activation::log_sigmoid`] | `log_sigmoid_reference` | `activation.rs` `LogSigmoid` | | `activation.rs` |
 //! | attention | [`attention::attention`] | `attention_reference` | `attention_f32.rs` (f32, no L x L scores) | `attention_bf16.rs` (bf16 vision layers) | `tests/attention_grad.rs`, `attention_bf16.rs` |
-//! | Linear | [`linear::Linear::forward`] | `x.matmul(w.t())` | `linear_op.rs` `LinearOp` (f32 or bf16 weight; `bf16=True` training: forward on the packed bf16 copy of `Weight::Autocast`) | `matmul_bf16_skinny.rs` (decode), `matmul_bf16_packed.rs` (bf16 mode) | `tests/ops_grad.rs`, `tests/bf16_mode.rs`, `tests/train_session.rs` |
+//! | Linear | [`linear::Linear::forward`] | `x.matmul(w.t())` | `linear_op.rs` `LinearOp` (f32 or bf16 weight; `bf16=True` training: forward on the packed bf16 copy of `Weight::Autocast`) | `matmul_bf16_skinny.rs` (decode), `matmul_bf16_packed.rs` (bf16 mode), `matmul_bf16_amx.rs` (the same on AMX tiles) | `tests/ops_grad.rs`, `tests/bf16_mode.rs`, `tests/train_session.rs` |
 //! | quantized Linear | [`matmul_quant::quant_linear`] | `matmul_quant::reference` | `matmul_quant.rs` `QuantLinearOp` (backward to x) | few-rows / tile kernels in `matmul_quant.rs`; GGUF blocks: `matmul_ggml.rs` (`ggml_simd.rs` decoders) | `tests/quant.rs`, `tests/qlora_grads.rs`, `tests/ggml_matmul.rs`, `matmul_ggml.rs` |
-//! | bf16 vision layer matmuls | [`matmul_bf16_fused::gemm_fused`] | `gemm_fused_portable` | (inference only) | bias, GELU, residual in the store; q\|k\|v in one call | `matmul_bf16_fused.rs`, `model/vision_fast.rs` |
+//! | bf16 vision layer matmuls | [`matmul_bf16_fused::gemm_fused`] | `gemm_fused_portable` | (inference only) | bias, GELU, residual in the store; q\|k\|v in one call; products on AMX tiles where usable | `matmul_bf16_fused.rs`, `model/vision_fast.rs` |
 //! | cross-entropy at label rows | [`cross_entropy::cross_entropy_rows`] | `cross_entropy_rows_reference` | `cross_entropy.rs` `CrossEntropy` | `token_stats` (entropy, argmax; no grad) | `tests/ops_grad.rs` |
 //!
 //! Kernel choice at run time ([`simd::CpuFeatures`], `_core.cpu_features()`): f32 products go through the
 //! gemm crate, which takes its AVX-512 kernels on a CPU with AVX512F (its `x86-v4` feature) and AVX2+FMA
-//! elsewhere; bf16 products take our AVX512-BF16 kernels where the CPU has them, f32 products of
-//! bf16-rounded values elsewhere; element-wise loops are built for AVX-512 too (`activation::wide`).
+//! elsewhere; bf16 products take our AMX tile kernels where the CPU and OS allow them
+//! ([`matmul_bf16_amx::amx_usable`]; `FERROVLM_NO_AMX=1` turns them off), else our AVX512-BF16 kernels
+//! where the CPU has them, f32 products of bf16-rounded values elsewhere; element-wise loops are built for AVX-512 too (`activation::wide`).
 //!
 //! Shared pieces: [`bf16`] (bf16 conversions and rows), `cpu` (f32 views of tensors, rows per task,
 //! gemm parallelism, `SendPtr`), [`math`] (the exp and sum every kernel uses), [`simd`] (CPU feature
@@ -43,6 +44,7 @@ pub mod gradcheck;
 pub mod linear;
 mod linear_op;
 pub mod math;
+pub mod matmul_bf16_amx;
 pub mod matmul_bf16_fused;
 pub mod matmul_bf16_packed;
 pub mod matmul_bf16_skinny;

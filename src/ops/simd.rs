@@ -22,6 +22,9 @@ pub struct CpuFeatures {
     pub fma: bool,
     pub avx512f: bool,
     pub avx512bf16: bool,
+    /// AMX tiles usable for bf16 products ([`super::matmul_bf16_amx::amx_usable`]: CPU, OS permission,
+    /// not turned off by `FERROVLM_NO_AMX=1`).
+    pub amx: bool,
 }
 
 impl CpuFeatures {
@@ -33,18 +36,19 @@ impl CpuFeatures {
                 fma: std::arch::is_x86_feature_detected!("fma"),
                 avx512f: std::arch::is_x86_feature_detected!("avx512f"),
                 avx512bf16: std::arch::is_x86_feature_detected!("avx512bf16"),
+                amx: super::matmul_bf16_amx::amx_usable(),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            CpuFeatures { avx2: false, fma: false, avx512f: false, avx512bf16: false }
+            CpuFeatures { avx2: false, fma: false, avx512f: false, avx512bf16: false, amx: false }
         }
     }
 
     /// (product, kernel) pairs: f32 matmuls go through the gemm crate, which picks its AVX-512 kernels
     /// when the CPU has AVX512F (the crate's `x86-v4` feature), else AVX2+FMA, else scalar; bf16
-    /// products (the bf16 compute mode, `bf16=True` training) use our AVX512-BF16 kernels, else f32
-    /// products of bf16-rounded values.
+    /// products (the bf16 compute mode, `bf16=True` training) use our AMX tile kernels where usable, else
+    /// our AVX512-BF16 kernels, else f32 products of bf16-rounded values.
     pub fn kernels(&self) -> Vec<(&'static str, &'static str)> {
         let f32 = if self.avx512f {
             "gemm avx512f"
@@ -53,7 +57,13 @@ impl CpuFeatures {
         } else {
             "gemm scalar"
         };
-        let bf16 = if self.avx512f && self.avx512bf16 { "avx512bf16 packed" } else { "f32 fallback" };
+        let bf16 = if self.amx {
+            "amx tiles"
+        } else if self.avx512f && self.avx512bf16 {
+            "avx512bf16 packed"
+        } else {
+            "f32 fallback"
+        };
         vec![("f32_matmul", f32), ("bf16_matmul", bf16)]
     }
 }
