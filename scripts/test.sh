@@ -5,7 +5,10 @@
 # GGUF tests on the real SmolLM2 weights included.
 # Needs only python3 and a Rust toolchain (with rustfmt and clippy); everything else comes from the registries.
 set -euo pipefail
+# No incremental cache: CI builds once from scratch, and the cache would double the debug target on disk.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 cd "$(dirname "$0")/.."
+echo "disk free before the build: $(df -h . | tail -1)"
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet '.[test]'
