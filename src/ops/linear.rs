@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::cpu::{add_bias_rows, with_f32};
 use super::linear_op::linear_tracked;
@@ -33,8 +33,15 @@ pub enum Weight {
     /// or bf16 as [`Weight::Bf16`] keeps a bf16 checkpoint's) stays the master copy (merging, saving, the backward to x), and every product x W^T, tracked or not, runs
     /// on `packed`, the weight rounded to bf16 and packed for [`matmul_bf16_packed::matmul_packed`]
     /// (x rounded to bf16, f32 accumulation), as autocast runs `linear` in bf16. Built by
-    /// [`Linear::with_bf16_autocast`] for a training session and dropped with it.
-    Autocast { w: Tensor, packed: Arc<matmul_bf16_packed::PackedBf16> },
+    /// [`Linear::with_bf16_autocast`] for a training session and dropped with it. `packed_t`: the
+    /// transposed packed weight for the backward to x (bf16 g times bf16 W, as autocast's backward of a
+    /// bf16 `linear`), built on the first backward through the layer (a frozen layer that no gradient
+    /// crosses, the vision tower under cached features say, never pays for it).
+    Autocast {
+        w: Tensor,
+        packed: Arc<matmul_bf16_packed::PackedBf16>,
+        packed_t: Arc<OnceLock<matmul_bf16_packed::PackedBf16>>,
+    },
     /// A frozen quantized weight (bitsandbytes 4-bit or 8-bit). `bf16`: products in bf16 with f32
     /// accumulation and the output rounded to bf16 (`bnb_4bit_compute_dtype=bfloat16`).
     Quant { q: Arc<crate::quant::QuantWeight>, bf16: bool },
@@ -115,7 +122,7 @@ impl Linear {
             _ => return Ok(lin),
         };
         let packed = matmul_bf16_packed::pack(&bits, self.out_features, self.in_features);
-        lin.weight = Weight::Autocast { w: w.clone(), packed: Arc::new(packed) };
+        lin.weight = Weight::Autocast { w: w.clone(), packed: Arc::new(packed), packed_t: Arc::default() };
         Ok(lin)
     }
 
@@ -196,7 +203,7 @@ impl Linear {
         let tracked = x.track_op() || w.track_op() || self.bias.as_ref().is_some_and(|b| b.track_op());
         let y = if tracked && self.fused_ok(x) {
             let packed = match &self.weight {
-                Weight::Autocast { packed, .. } => Some(packed.clone()),
+                Weight::Autocast { packed, packed_t, .. } => Some((packed.clone(), packed_t.clone())),
                 _ => None,
             };
             linear_tracked(&x2, w, self.bias.as_ref(), packed)? // [N, out], bias included

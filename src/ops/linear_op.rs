@@ -3,7 +3,7 @@
 //! weights, the bf16 kernels for bf16 ones, the packed bf16 kernel in `bf16=True` training).
 //! [`super::linear::Linear::forward_base`] calls [`linear_tracked`] when autograd tracks the product.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use half::slice::HalfFloatSliceExt;
@@ -205,11 +205,16 @@ fn linear_db_kernel(g: &[f32], n: usize, out: usize) -> Vec<f32> {
 /// y = x W^T (+ b) as a custom op on (x [N, in], W [out, in] f32 or bf16[, b [out] f32]).
 /// Its backward returns a gradient only for the tracked arguments. With `packed` (the weight of
 /// [`Weight::Autocast`]), the forward product runs on the packed bf16 weight (x rounded to bf16, as the
-/// untracked pass does, so tracked and untracked passes compute the same numbers); the backward uses
-/// the f32 weight.
+/// untracked pass does, so tracked and untracked passes compute the same numbers) and the backward to x
+/// on the transposed packed weight (`packed_t`, built on first use: g rounded to bf16, W in bf16, f32
+/// sums, as autocast's bf16 `linear` backward; the AMX or AVX512-BF16 kernels of `matmul_packed`); the
+/// weight's and bias's gradients (of a trained weight, never autocast's) use the f32 values.
 struct LinearOp {
-    packed: Option<Arc<matmul_bf16_packed::PackedBf16>>,
+    packed: Option<Packed>,
 }
+
+/// The packed bf16 weight of a [`Weight::Autocast`] and its lazily built transpose.
+pub(crate) type Packed = (Arc<matmul_bf16_packed::PackedBf16>, Arc<OnceLock<matmul_bf16_packed::PackedBf16>>);
 
 impl LinearOp {
     fn forward(
@@ -232,7 +237,7 @@ impl LinearOp {
                 b.map(|b| b.len())
             );
         }
-        let y = match &self.packed {
+        let y = match self.packed.as_ref().map(|(p, _)| p) {
             Some(p) if p.in_features() == k && p.out_features() == out => {
                 let mut y = matmul_bf16_packed::matmul_packed(x, n, k, p); // [N, out]
                 if let Some(b) = b {
@@ -263,7 +268,11 @@ impl LinearOp {
         let out = w.dim(0)?;
         let dev = x.device();
         let g = g.contiguous()?; // [N, out]
-        let dx = if x.track_op() {
+        let dx = if let (true, Some((p, pt))) = (x.track_op(), &self.packed) {
+            let pt = pt.get_or_init(|| p.transposed()); // W^T packed: [in, out] as a PyTorch weight
+            let dx = with_f32(&g, |g| matmul_bf16_packed::matmul_packed(g, n, out, pt))?; // [N, in]
+            Some(Tensor::from_vec(dx, (n, k), dev)?)
+        } else if x.track_op() {
             let w = w.contiguous()?;
             let (ws, wl) = w.storage_and_layout();
             let ws = match &*ws {
@@ -335,12 +344,7 @@ impl CustomOp3 for LinearOp {
 
 /// x [N, in] f32 CPU, w [out, in] f32 or bf16, b [out] f32 -> [N, out] through [`LinearOp`]
 /// (`packed`: see there).
-pub(crate) fn linear_tracked(
-    x: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-    packed: Option<Arc<matmul_bf16_packed::PackedBf16>>,
-) -> Result<Tensor> {
+pub(crate) fn linear_tracked(x: &Tensor, w: &Tensor, b: Option<&Tensor>, packed: Option<Packed>) -> Result<Tensor> {
     let x = x.contiguous()?;
     let w = w.contiguous()?;
     let op = LinearOp { packed };

@@ -116,6 +116,20 @@ impl PackedBf16 {
     pub(crate) fn panels(&self) -> &[u32] {
         &self.data
     }
+    /// The transposed weight `W^T` (`[k, out]` as a PyTorch-layout weight) packed, for products with `W`
+    /// itself: `matmul_packed(g, n, out, &w.transposed())` is `bf16(g) [n, out] @ W [out, k]`, the
+    /// backward to the input of `x W^T` as autocast computes it (both factors in bf16).
+    pub fn transposed(&self) -> PackedBf16 {
+        let w = self.unpack(); // [out, k]
+        let mut t = vec![bf16::ZERO; w.len()]; // [k, out]
+        if self.k > 0 {
+            t.par_chunks_mut(self.out.max(1)).enumerate().for_each(|(i, row)| {
+                row.iter_mut().enumerate().for_each(|(j, v)| *v = w[j * self.k + i]);
+            });
+        }
+        pack(&t, self.k, self.out)
+    }
+
     /// The weight back in PyTorch layout `[out, k]`.
     pub fn unpack(&self) -> Vec<bf16> {
         let mut w = vec![bf16::ZERO; self.out * self.k];
