@@ -120,6 +120,7 @@ def main() -> None:
             continue
         res[side] = json.loads(out.stdout.strip().splitlines()[-1])
     f = res.get("ferrovlm", {})
+    res["ratios"] = {}  # flat, for bench/run_all.py
     for other in ("llama.cpp", "transformers"):
         o = res.get(other, {})
         if "tokens_per_s" in f and "tokens_per_s" in o:
@@ -130,6 +131,9 @@ def main() -> None:
                 "rss_after_load_ratio": f["rss_after_load_mb"] / o["rss_after_load_mb"],
                 "same_first_16_tokens": f["tokens"] == o["tokens"],
             }
+            key = other.replace(".", "_")
+            res["ratios"][f"decode_vs_{key}"] = res[f"vs_{other}"]["decode_tokens_per_s_ratio"]
+            res["ratios"][f"rss_vs_{key}"] = res[f"vs_{other}"]["rss_after_load_ratio"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))

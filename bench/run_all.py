@@ -141,6 +141,11 @@ WORKLOADS = [
     ("DPO bf16, LoRA", "bench_dpo.py", ["--steps", "2", "--bf16"],
      [("speedup", "pairs/s", "higher"), ("peak_rss_ratio", "peak RSS, ours / theirs", "lower")]),
     ("image processor", "bench_processor.py", ["--images", "16"], [("speedup", "images/s", "higher")]),
+    ("SmolLM2-135M Q4_1 GGUF, text decode", "bench_gguf.py", ["--new", "64"],
+     [("decode_vs_llama_cpp", "decode tokens/s vs llama.cpp (llama-cpp-python)", "higher"),
+      ("rss_vs_llama_cpp", "RSS after load vs llama.cpp", "lower"),
+      ("decode_vs_transformers", "decode tokens/s vs transformers (GGUF dequantized to f32)", "higher"),
+      ("rss_vs_transformers", "RSS after load vs transformers", "lower")]),
 ]
 
 
@@ -201,7 +206,7 @@ def markdown(summary: dict[str, Any]) -> str:
         + (f"; ours: f32 {lim['ours_f32_gflops']:.0f} GFLOP/s, bf16 {lim['ours_bf16_gflops']:.0f} GFLOP/s"
            if "ours_bf16_gflops" in lim else "") + ".",
         "",
-        "| workload | measure | ferrovlm vs PyTorch stack | runs |",
+        "| workload | measure | ferrovlm vs PyTorch stack (or as named) | runs |",
         "|---|---|---|---|",
     ]
     for w in summary["workloads"]:
