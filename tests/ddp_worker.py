@@ -7,6 +7,7 @@ Trains each case of tests/fixtures/ddp (its SFTConfig kwargs, rows and the start
 tests/fixtures/sft/messages) with ferrovlm's SFTTrainer and writes OUT_DIR/<case>.rank<r>.json: log_history, the
 dataset rows of each micro-batch, the bytes all-reduced and the wall time. ``--kill-rank R --kill-step S``: rank R
 kills itself (SIGKILL; with ``--kill-signal STOP`` it stops instead, as a hung process) when step S is logged.
+``--bucket-bytes B``: the gradients are all-reduced in buckets of B bytes.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class Killer:
             os.kill(os.getpid(), self.sig)
 
 
-def run_case(ckpt: Path, out: Path, case: str, overrides: dict, kill: Killer | None) -> None:
+def run_case(ckpt: Path, out: Path, case: str, overrides: dict, kill: Killer | None, bucket_bytes: int) -> None:
     import ferrovlm
     from ferrovlm import AutoProcessor, PeftModel, SFTConfig, SFTTrainer, distributed
 
@@ -72,6 +73,8 @@ def run_case(ckpt: Path, out: Path, case: str, overrides: dict, kill: Killer | N
 
     def capturing(a):
         dp = from_args(a)
+        if dp is not None and bucket_bytes:
+            dp.bucket_bytes = bucket_bytes  # smaller than ddp_bucket_cap_mb can say: several buckets
         made.append(dp)
         return dp
 
@@ -102,12 +105,13 @@ def main() -> None:
     p.add_argument("--kill-rank", type=int, default=-1)
     p.add_argument("--kill-step", type=int, default=1)
     p.add_argument("--kill-signal", default="KILL", choices=["KILL", "STOP"])
+    p.add_argument("--bucket-bytes", type=int, default=0, help="gradient all-reduce bucket size in bytes")
     a = p.parse_args()
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.set)}
     mine = int(os.environ.get("RANK", "0")) == a.kill_rank
     kill = Killer(a.kill_step, getattr(signal, "SIG" + a.kill_signal)) if mine else None
     for case in a.cases:
-        run_case(a.checkpoint, a.out, case, overrides, kill)
+        run_case(a.checkpoint, a.out, case, overrides, kill, a.bucket_bytes)
 
 
 if __name__ == "__main__":

@@ -216,7 +216,7 @@ impl PyTrainSession {
     /// The accumulated gradients as one float32 buffer (`param_names` order, zeros for a tensor without
     /// a gradient yet) and which tensors have one (bool per tensor): what data-parallel training
     /// all-reduces before `optimizer_step`.
-    fn flat_grads<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyArray1<f32>>, Bound<'py, PyArray1<bool>>)> {
+    fn flat_grads<'py>(&self, py: Python<'py>) -> PyResult<FlatGrads<'py>> {
         let (flat, present) = detached(py, |_| lock(&self.inner).flat_grads())?;
         Ok((flat.into_pyarray(py), present.into_pyarray(py)))
     }
@@ -313,6 +313,9 @@ impl PyTrainSession {
         guard(|| session.load_optimizer_state(&OptimizerState { step, moments }))
     }
 }
+
+/// `flat_grads()`: the values, and which tensors have a gradient.
+type FlatGrads<'py> = (Bound<'py, PyArray1<f32>>, Bound<'py, PyArray1<bool>>);
 
 /// The values of a 1-D array, which must be contiguous.
 fn contiguous<'a, T: numpy::Element>(a: &'a PyReadonlyArray1<'_, T>, name: &str) -> PyResult<&'a [T]> {
