@@ -46,6 +46,17 @@ class Killer:
             os.kill(os.getpid(), self.sig)
 
 
+class Clock:
+    """A callback: the time of each log (steady-state throughput, without the group's setup)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_log(self, args, state, control, logs=None) -> None:
+        if "loss" in (logs or {}):
+            self.times.append(time.perf_counter())
+
+
 def run_case(ckpt: Path, out: Path, case: str, overrides: dict, kill: Killer | None, bucket_bytes: int) -> None:
     import ferrovlm
     from ferrovlm import AutoProcessor, PeftModel, SFTConfig, SFTTrainer, distributed
@@ -58,8 +69,9 @@ def run_case(ckpt: Path, out: Path, case: str, overrides: dict, kill: Killer | N
     model = PeftModel.from_pretrained(base, SFT / "adapter", is_trainable=True)
     processor = AutoProcessor.from_pretrained(ckpt)
     cfg = SFTConfig(output_dir=str(out / f"{case}.out"), disable_tqdm=True, **args)
+    clock = Clock()
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=load_rows(which), processing_class=processor,
-                         callbacks=[kill] if kill is not None else None)
+                         callbacks=[clock] + ([kill] if kill is not None else []))
     micro: list[list[int]] = []
     rows_of = trainer._rows
 
@@ -88,6 +100,7 @@ def run_case(ckpt: Path, out: Path, case: str, overrides: dict, kill: Killer | N
         "log_history": trainer.state.log_history,
         "micro_batches": micro,
         "wall_s": wall,
+        "log_times": clock.times,
         "samples": len(micro) * int(args["per_device_train_batch_size"]),
         "bytes_all_reduced": dp.bytes_all_reduced if dp is not None else 0,
         "grad_bytes_per_step": dp.grad_bytes_per_step if dp is not None else 0,
