@@ -7,7 +7,8 @@ Trains each case of tests/fixtures/ddp (its SFTConfig kwargs, rows and the start
 tests/fixtures/sft/messages) with ferrovlm's SFTTrainer and writes OUT_DIR/<case>.rank<r>.json: log_history, the
 dataset rows of each micro-batch, the bytes all-reduced and the wall time. ``--kill-rank R --kill-step S``: rank R
 kills itself (SIGKILL; with ``--kill-signal STOP`` it stops instead, as a hung process) when step S is logged.
-``--bucket-bytes B``: the gradients are all-reduced in buckets of B bytes.
+``--bucket-bytes B``: the gradients are all-reduced in buckets of B bytes. ``--resume``: resumes from the last
+checkpoint in OUT_DIR/<case>.out.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class Clock:
             self.times.append(time.perf_counter())
 
 
-def run_case(ckpt: Path, out: Path, case: str, overrides: dict, kill: Killer | None, bucket_bytes: int) -> None:
+def run_case(ckpt: Path, out: Path, case: str, overrides: dict, kill: Killer | None, bucket_bytes: int,
+             resume: bool = False) -> None:
     import ferrovlm
     from ferrovlm import AutoProcessor, PeftModel, SFTConfig, SFTTrainer, distributed
 
@@ -92,7 +94,7 @@ def run_case(ckpt: Path, out: Path, case: str, overrides: dict, kill: Killer | N
 
     distributed.DataParallel.from_args = capturing  # type: ignore[method-assign]
     t0 = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=True if resume else None)
     wall = time.perf_counter() - t0
     distributed.DataParallel.from_args = from_args  # type: ignore[method-assign]
     dp = made[-1] if made else None
@@ -119,12 +121,13 @@ def main() -> None:
     p.add_argument("--kill-step", type=int, default=1)
     p.add_argument("--kill-signal", default="KILL", choices=["KILL", "STOP"])
     p.add_argument("--bucket-bytes", type=int, default=0, help="gradient all-reduce bucket size in bytes")
+    p.add_argument("--resume", action="store_true", help="train(resume_from_checkpoint=True)")
     a = p.parse_args()
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.set)}
     mine = int(os.environ.get("RANK", "0")) == a.kill_rank
     kill = Killer(a.kill_step, getattr(signal, "SIG" + a.kill_signal)) if mine else None
     for case in a.cases:
-        run_case(a.checkpoint, a.out, case, overrides, kill, a.bucket_bytes)
+        run_case(a.checkpoint, a.out, case, overrides, kill, a.bucket_bytes, a.resume)
 
 
 if __name__ == "__main__":

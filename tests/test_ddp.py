@@ -176,6 +176,26 @@ def test_two_processes_match_trl(tiny_smolvlm, tmp_path):
     print(f"largest |ferrovlm - TRL| over the logged values: {worst:.3g}")
 
 
+def test_rank_zero_saves_and_both_resume(tiny_smolvlm, tmp_path):
+    """Checkpoints under data parallelism: rank 0 writes checkpoint-2 (the other waits), and both ranks resuming
+    from it redo TRL's step 3."""
+    pytest.importorskip("torch")
+    want = json.loads((DDP / "accum" / "log_history.json").read_text())
+    save = ("--set", 'save_strategy="steps"', "--set", "save_steps=2")
+    first = finish(launch(tiny_smolvlm, tmp_path, ["accum"], extra=save), timeout=300)  # 3 steps, saves at 2
+    assert [rc for rc, _ in first] == [0, 0], first[0][1][-3000:] + first[1][1][-3000:]
+    out = tmp_path / "accum.out"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    again = finish(launch(tiny_smolvlm, tmp_path, ["accum"], extra=(*save, "--resume")), timeout=300)
+    assert [rc for rc, _ in again] == [0, 0], again[0][1][-3000:] + again[1][1][-3000:]
+    for r in range(2):
+        got = json.loads((tmp_path / f"accum.rank{r}.json").read_text())["log_history"]
+        assert [e["step"] for e in got] == [1, 2, 3, 3]
+        for k in KEYS:
+            np.testing.assert_allclose(got[2][k], want[2][k], rtol=1e-4, atol=1e-7, err_msg=f"rank {r} step 3 {k}")
+
+
 @pytest.mark.parametrize("how", ["KILL", "STOP"])
 def test_a_dead_or_hung_rank_makes_the_other_fail(tiny_smolvlm, tmp_path, how):
     """Rank 1 dies (SIGKILL: rank 0's next collective fails at once) or hangs (SIGSTOP: after ddp_timeout)."""
