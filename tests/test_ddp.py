@@ -105,7 +105,7 @@ def test_environment():
         DistributedEnv.from_environ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
     with pytest.raises(DistributedError, match="not an integer"):
         DistributedEnv.from_environ({"WORLD_SIZE": "two"})
-    assert issubclass(DistributedError, ferrovlm.FerroVLMError)
+    assert issubclass(DistributedError, ferrovlm.FerroVLMError) and ferrovlm.DistributedError is DistributedError
 
 
 def test_flat_gradient_and_parameter_buffers(tiny_smolvlm):
