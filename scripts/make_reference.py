@@ -584,6 +584,7 @@ OTHER_SETS = """
 | `gguf_export/` | `gguf_export.py` | llama.cpp's `convert_hf_to_gguf.py` (llama-cpp-python sdist; env `LLAMA_CPP_SRC`) on a full-vocabulary tiny SmolVLM and on `smolvlm_tied` / `idefics3_gqa`: text and `--mmproj` GGUFs at f32 / f16 / q8_0, every key (type, value) and tensor (name, ne, type, sha256); small outputs committed; llama.cpp load, image prompt and quantizer type choices |
 | `modules_to_save/` | `modules_to_save.py` | TRL SFTTrainer + PEFT LoRA with `modules_to_save` = `["norm"]`, `["embed_tokens"]` (tied), `["embeddings", "connector"]` on `tiny_smolvlm` (the rows and args of `full_ft/sft/full`): wrapped modules, warnings, log_history, the adapter before / after (keys, shapes, norms, small tensors' values), the initial LoRA tensors (`<case>_lora0.npz`), logits checksums with the adapter on / off |
 | `sharded_save/` | `sharded_save.py` | `expected.json`: `save_pretrained(max_shard_size=...)` of `idefics3_gqa` (f32) and `smolvlm_tied` (bf16) for several sizes: the files, the index text as written, each file's metadata and tensor names; transformers' default size |
+| `ddp/` | `ddp_gloo.py` (starts `torchrun --nproc_per_node 2` itself) | TRL SFTTrainer + PEFT LoRA in two CPU processes (`use_cpu=True, ddp_backend="gloo"`) on `sft/messages`' rows and adapter: rank 0's `log_history`, each rank's rows per micro-batch, and for two cases the one-process run on the same global batches (equal within 2e-6) |
 | `vlm_parts/` | `vlm_from_parts.py` (ferrovlm in `FERROVLM_PYTHON`, default `.venv/bin/python`) | transformers' `AutoProcessor` + `AutoModelForImageTextToText` on the folders ferrovlm's `from_text_model` writes for tests/vlm_parts_cases.py (`llama_tiny` + a 300-token BPE tokenizer it trains, `tokenizer_tiny/`; SmolLM2 from its GGUF, env `SMOLLM2_GGUF`): processor inputs, logits, greedy ids, tokenizer and config facts, and the distance of the new embedding rows from transformers' own mean resizing |
 
 GGUF inputs (the three `gguf_*` sets and `sft_text`'s SmolLM2 cases; without them make_reference.py keeps those folders as they are):
@@ -668,6 +669,10 @@ def main() -> None:
     import modules_to_save
 
     modules_to_save.main()
+    # TRL in two processes (torchrun, gloo) on sft/messages' rows and adapter (needs peft, trl, datasets)
+    import ddp_gloo
+
+    ddp_gloo.main()
     with open(FIXTURES / "README.md", "a") as f:
         f.write(OTHER_SETS)
 

@@ -16,6 +16,7 @@ from .batch import BatchEncoding, BatchFeature
 from .cli import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 from .configuration import Idefics3Config, LlamaConfig, PretrainedConfig, SmolVLMConfig
 from .data_collator import DataCollatorForLanguageModeling, DataCollatorForVisionLanguageModeling
+from .distributed import DistributedError
 from .dpo_collator import DataCollatorForVisionPreference
 from .dpo_config import DPOConfig
 from .dpo_trainer import DPOTrainer
@@ -74,6 +75,7 @@ __all__ = [
     "TrainerState",
     "TrainOutput",
     "TrainingError",
+    "DistributedError",
     "__version__",
     "AutoModelForImageTextToText",
     "AutoModelForCausalLM",

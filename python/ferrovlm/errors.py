@@ -6,6 +6,7 @@
 - ``ModelNotCachedError`` (a ``CheckpointError``): a hub id not in the local cache and not downloadable.
 - ``InputError``: malformed call inputs (shapes, ids, image-token counts).
 - ``InternalError``: a bug in ferrovlm.
+- ``DistributedError`` (``ferrovlm.distributed``): data-parallel training cannot go on (a rank died or timed out).
 """
 
 from ._core import (

@@ -267,7 +267,12 @@ class SFTTrainer(BaseTrainer):
             return _unflatten_padding_free(out, self.data_collator)
         return _batch_arrays(out)
 
-    def _micro_step(self, batch: dict[str, Any], n_items: int, seed: int) -> float:
+    _data_parallel_ok = True
+
+    def _micro_step(self, batch: dict[str, Any], n_items: float, seed: int) -> float:
+        """Forward + backward of one micro-batch with the gradient of (sum of its label tokens' losses) / n_items
+        (the step's label tokens; under data parallelism, those of the global step / world size); returns that
+        loss."""
         if n_items == 0:
             raise TrainingError(
                 f"step {self.state.global_step + 1}: no row of this step has a label token after masking "
@@ -289,13 +294,18 @@ class SFTTrainer(BaseTrainer):
         return stats["loss_sum"] / n_items
 
     def _account(self, stats: dict[str, Any], mode: str, num_tokens: Optional[int] = None) -> None:
-        n = stats["num_label_tokens"]
+        n, entropy, correct = stats["num_label_tokens"], stats["entropy_sum"], stats["correct"]
+        # TRL counts attention_mask.sum(), or a padding-free batch's full length
+        tokens = stats["num_mask_tokens"] if num_tokens is None else num_tokens
+        if mode == "train" and self._dp is not None:
+            # TRL: sums over the ranks (accelerate's gather_for_metrics)
+            rows = self._dp.gather([n, entropy, correct, tokens])[: self._metric_ranks]
+            n, entropy, correct, tokens = (float(v) for v in rows.sum(axis=0))
         if n:
-            self._record(mode, "entropy", stats["entropy_sum"] / n)
-            self._record(mode, "mean_token_accuracy", stats["correct"] / n)
+            self._record(mode, "entropy", entropy / n)
+            self._record(mode, "mean_token_accuracy", correct / n)
         if mode == "train":
-            # TRL counts attention_mask.sum(), or a padding-free batch's full length
-            self.state.total_train_tokens += int(stats["num_mask_tokens"] if num_tokens is None else num_tokens)
+            self.state.total_train_tokens += int(tokens)
             self.state.num_input_tokens_seen = self.state.total_train_tokens
             self._metrics[mode]["num_tokens"] = [float(self.state.total_train_tokens)]
 

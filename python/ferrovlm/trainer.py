@@ -21,6 +21,7 @@ import numpy as np
 from . import _core
 from ._mt19937 import torch_randperm
 from ._tensors import to_numpy
+from .distributed import DataParallel, shard_micro_batches
 from .errors import FerroVLMError
 
 PREFIX_CHECKPOINT_DIR = "checkpoint"
@@ -115,6 +116,7 @@ class _TrainingRun:
     steps_since_log: int = 0
     samples_seen: int = 0
     grad_norm: Optional[float] = None
+    dp: Optional[DataParallel] = None  # the other ranks (WORLD_SIZE > 1)
 
 
 def _strategy(args: Any, name: str) -> str:
@@ -202,6 +204,10 @@ class BaseTrainer:
         self.callbacks = list(callbacks or [])
         self._session: Optional[Any] = None
         self._metrics: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
+        self._dp: Optional[DataParallel] = None  # set while train() runs in several processes
+        # ranks whose metrics count in this step: accelerate's gather_for_metrics keeps the first
+        # len(dataset) % (batch x world size) of them at an epoch's last step
+        self._metric_ranks = 1
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
@@ -255,7 +261,8 @@ class BaseTrainer:
         if n == 0:
             raise TrainingError("train_dataset is empty")
         bs, accum = int(a.per_device_train_batch_size), int(a.gradient_accumulation_steps)
-        micro_per_epoch = math.ceil(n / bs)
+        # each rank's share (accelerate's BatchSamplerShard: every rank gets as many full batches)
+        micro_per_epoch = math.ceil(math.ceil(n / bs) / self._world_size())
         steps_per_epoch = max(micro_per_epoch // accum + int(micro_per_epoch % accum > 0), 1)
         if a.max_steps is not None and a.max_steps > 0:
             max_steps = int(a.max_steps)
@@ -265,6 +272,9 @@ class BaseTrainer:
             epochs = math.ceil(a.num_train_epochs)
         return _TrainPlan(n=n, bs=bs, accum=accum, micro_per_epoch=micro_per_epoch, steps_per_epoch=steps_per_epoch,
                           max_steps=max_steps, epochs=epochs)
+
+    def _world_size(self) -> int:
+        return self._dp.world_size if self._dp is not None else 1
 
     def _lr(self, step: int, max_steps: int) -> float:
         a = self.args
@@ -368,6 +378,8 @@ class BaseTrainer:
         self.state = TrainerState.load_from_json(ckpt / TRAINER_STATE_NAME)
 
     def save_model(self, output_dir: Optional[str] = None) -> None:
+        if not getattr(self.args, "should_save", True):
+            return  # data parallel: rank 0 saves (transformers' args.should_save)
         d = Path(output_dir or self.args.output_dir)
         d.mkdir(parents=True, exist_ok=True)
         self._save_adapter(d)
@@ -394,16 +406,24 @@ class BaseTrainer:
 
     # -- the loop ---------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: Optional[bool | str] = None, **kwargs: Any) -> TrainOutput:
-        run = self._setup_training(resume_from_checkpoint)
+        self._dp = DataParallel.from_args(self.args)  # several processes (torchrun): join their group
         try:
-            for epoch in range(run.plan.epochs):
-                if self.state.global_step >= run.plan.max_steps:
-                    break
-                self._train_epoch(run, epoch)
+            if self._dp is not None and not self._data_parallel_ok:
+                raise NotImplementedError(f"{type(self).__name__} does not support data-parallel training yet")
+            run = self._setup_training(resume_from_checkpoint)
+            try:
+                for epoch in range(run.plan.epochs):
+                    if self.state.global_step >= run.plan.max_steps:
+                        break
+                    self._train_epoch(run, epoch)
+            finally:
+                if run.bar is not None:
+                    run.bar.close()
+            return self._finish_training(run)
         finally:
-            if run.bar is not None:
-                run.bar.close()
-        return self._finish_training(run)
+            self._dp = None  # the process stays in the group (left at exit) for another train()
+
+    _data_parallel_ok = False  # the trainers whose step gathers what it logs over the ranks
 
     def _setup_training(self, resume_from_checkpoint: Optional[bool | str | os.PathLike[str]]) -> _TrainingRun:
         """The plan, the core session, the state (fresh or from a checkpoint), the resolved intervals and the
@@ -416,6 +436,10 @@ class BaseTrainer:
         else:
             self.state = TrainerState()
         st = self.state
+        dp = self._dp
+        if dp is not None:
+            dp.broadcast_parameters(session)  # as DDP's constructor: every rank starts from rank 0's
+            st.is_world_process_zero = st.is_local_process_zero = dp.rank == 0
         st.max_steps, st.num_train_epochs = plan.max_steps, plan.epochs
         st.train_batch_size = plan.bs
         steps = a.resolved_steps(plan.max_steps) if hasattr(a, "resolved_steps") else {}
@@ -425,12 +449,13 @@ class BaseTrainer:
         st.logging_steps, st.save_steps, st.eval_steps = logging_steps, save_steps, eval_steps
         start_step = st.global_step
         t0 = time.time()
-        bar = _progress(plan.max_steps, start_step, disable=bool(getattr(a, "disable_tqdm", False)))
+        bar = _progress(plan.max_steps, start_step,
+                        disable=bool(getattr(a, "disable_tqdm", False)) or not st.is_world_process_zero)
         self.model.train()
         return _TrainingRun(
             plan=plan, session=session, logging_steps=logging_steps, save_steps=save_steps, eval_steps=eval_steps,
             save_strategy=_strategy(a, "save_strategy"), eval_strategy=_strategy(a, "eval_strategy"),
-            start_step=start_step, t0=t0, bar=bar,
+            start_step=start_step, t0=t0, bar=bar, dp=dp,
         )
 
     def _resume_checkpoint(self, resume_from_checkpoint: bool | str | os.PathLike[str]) -> Path:
@@ -451,14 +476,20 @@ class BaseTrainer:
         evaluation and checkpoint."""
         plan, st = run.plan, self.state
         order = epoch_order(plan.n, int(self.args.seed), epoch, shuffle=True)
-        micro = [order[i : i + plan.bs] for i in range(0, plan.n, plan.bs)]
+        if run.dp is not None:  # this rank's batches of the epoch
+            micro = shard_micro_batches(order, plan.bs, run.dp.world_size, run.dp.rank)
+        else:
+            micro = [order[i : i + plan.bs] for i in range(0, plan.n, plan.bs)]
         groups = [micro[i : i + plan.accum] for i in range(0, len(micro), plan.accum)]
+        world = self._world_size()
+        left = plan.n % (plan.bs * world)
         for gi, group in enumerate(groups):
             step_index = epoch * plan.steps_per_epoch + gi
             if step_index < st.global_step:
                 continue  # resumed: this step is already done
             if st.global_step >= plan.max_steps:
                 break
+            self._metric_ranks = min(world, left) if gi == len(groups) - 1 and left else world
             lr = self._lr(st.global_step, plan.max_steps)
             step_loss = self._training_step(run, group)
             self._optimizer_step(run, lr)
@@ -475,7 +506,11 @@ class BaseTrainer:
         returns the step's loss, which must be finite."""
         a, st = self.args, self.state
         batches = [self._collate_rows(self.train_dataset, idx, "train_dataset") for idx in group]
-        n_items = sum(self._count_items(b) for b in batches)
+        n_items: float = sum(self._count_items(b) for b in batches)
+        if run.dp is not None:
+            # transformers: the label tokens of the whole global step, and each rank's loss x world size (DDP
+            # averages the gradients): the gradient is that of the global token mean
+            n_items = run.dp.sum(n_items) / run.dp.world_size
         step_loss = 0.0
         for mi, batch in enumerate(batches):
             seed = (int(a.seed) * 1_000_003 + st.global_step) * 64 + mi
@@ -489,11 +524,12 @@ class BaseTrainer:
 
     def _optimizer_step(self, run: _TrainingRun, lr: float) -> None:
         """Clips the accumulated gradients, applies AdamW at ``lr`` and counts the step."""
+        if run.dp is not None:
+            run.dp.average_gradients(run.session)  # before clipping, as DDP's backward hooks
         run.grad_norm = run.session.optimizer_step(lr, float(self.args.max_grad_norm or 0.0))
         self.state.global_step += 1
 
     def _track_loss(self, run: _TrainingRun, step_loss: float) -> None:
-        run.tr_loss += step_loss
         run.loss_since_log += step_loss
         run.steps_since_log += 1
         if run.bar is not None:
@@ -506,8 +542,11 @@ class BaseTrainer:
         the last log, the gradient norm, the learning rate and the metrics recorded meanwhile."""
         step = self.state.global_step
         if step % run.logging_steps == 0 or (step == 1 and getattr(self.args, "logging_first_step", False)):
-            logs = {"loss": run.loss_since_log / run.steps_since_log, "grad_norm": float(run.grad_norm),
-                    "learning_rate": lr}
+            loss = run.loss_since_log
+            if run.dp is not None:  # transformers: the mean over the ranks
+                loss = run.dp.sum(loss) / run.dp.world_size
+            run.tr_loss += loss
+            logs = {"loss": loss / run.steps_since_log, "grad_norm": float(run.grad_norm), "learning_rate": lr}
             logs.update(self._flush_metrics("train"))
             self.log(logs)
             run.loss_since_log, run.steps_since_log = 0.0, 0
@@ -526,16 +565,20 @@ class BaseTrainer:
         if run.save_strategy != when:
             return
         if when == "epoch" or (run.save_steps and self.state.global_step % run.save_steps == 0):
-            self._save_checkpoint()
+            if run.dp is None or run.dp.rank == 0:  # only rank 0 writes; the others wait for the checkpoint
+                self._save_checkpoint()
+            if run.dp is not None:
+                run.dp.barrier()
 
     def _finish_training(self, run: _TrainingRun) -> TrainOutput:
         """The run's summary metrics, logged like transformers' Trainer does at the end of ``train()``."""
         a, plan, st = self.args, run.plan, self.state
         runtime = time.time() - run.t0
         done = st.global_step - run.start_step
-        train_loss = run.tr_loss / done if done else 0.0
+        # the logged losses, plus (transformers) this rank's own since the last log
+        train_loss = (run.tr_loss + run.loss_since_log) / done if done else 0.0
         if a.max_steps and a.max_steps > 0:
-            n_samples = plan.max_steps * plan.bs * plan.accum
+            n_samples = plan.max_steps * plan.bs * plan.accum * self._world_size()
         else:
             n_samples = plan.n * plan.epochs
         metrics = {

@@ -30,6 +30,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
 from typing import Any, ClassVar, Optional, TypeVar, Union
 
+from .distributed import DistributedEnv
+
 
 class IntervalStrategy(str, Enum):
     NO = "no"
@@ -405,15 +407,34 @@ class TrainingArguments:
 
     @property
     def world_size(self) -> int:
-        return 1
+        """The processes of the run (torchrun's ``WORLD_SIZE``; 1 without)."""
+        env = DistributedEnv.from_environ()
+        return 1 if env is None else env.world_size
 
     @property
     def process_index(self) -> int:
-        return 0
+        """This process's rank (torchrun's ``RANK``; 0 without)."""
+        env = DistributedEnv.from_environ()
+        return 0 if env is None else env.rank
+
+    @property
+    def local_process_index(self) -> int:
+        env = DistributedEnv.from_environ()
+        return 0 if env is None else env.local_rank
 
     @property
     def should_save(self) -> bool:
-        return True
+        """Whether this process writes checkpoints and models: rank 0 only (on each node's local rank 0 with
+        ``save_on_each_node``)."""
+        if self.save_on_each_node:
+            return self.local_process_index == 0
+        return self.process_index == 0
+
+    @property
+    def should_log(self) -> bool:
+        if self.log_on_each_node:
+            return self.local_process_index == 0
+        return self.process_index == 0
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
         """transformers: an integer (>= 1) is a number of steps, a float in [0, 1) a ratio, rounded up."""

@@ -3,7 +3,7 @@
 use std::sync::{Mutex, MutexGuard};
 
 use candle_core::{Device, Tensor};
-use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -207,6 +207,47 @@ impl PyTrainSession {
         Ok(d)
     }
 
+    /// Values of all trainable tensors together: the length of `flat_grads()` and `flat_parameters()`.
+    #[getter]
+    fn numel(&self) -> usize {
+        lock(&self.inner).numel()
+    }
+
+    /// The accumulated gradients as one float32 buffer (`param_names` order, zeros for a tensor without
+    /// a gradient yet) and which tensors have one (bool per tensor): what data-parallel training
+    /// all-reduces before `optimizer_step`.
+    fn flat_grads<'py>(&self, py: Python<'py>) -> PyResult<FlatGrads<'py>> {
+        let (flat, present) = detached(py, |_| lock(&self.inner).flat_grads())?;
+        Ok((flat.into_pyarray(py), present.into_pyarray(py)))
+    }
+
+    /// Replaces the accumulated gradients by `scale` x `flat` (laid out as `flat_grads()` returns it;
+    /// e.g. the sum over the ranks with `scale` = 1 / world size); tensor i gets one when `present[i]`.
+    #[pyo3(signature = (flat, present, scale=1.0))]
+    fn set_flat_grads(
+        &self,
+        py: Python<'_>,
+        flat: PyReadonlyArray1<'_, f32>,
+        present: PyReadonlyArray1<'_, bool>,
+        scale: f32,
+    ) -> PyResult<()> {
+        let flat = contiguous(&flat, "flat")?;
+        let present = contiguous(&present, "present")?;
+        detached(py, |_| lock(&self.inner).set_flat_grads(flat, present, scale))
+    }
+
+    /// The values of every trainable tensor as one float32 buffer (`param_names` order).
+    fn flat_parameters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        Ok(detached(py, |_| lock(&self.inner).flat_params())?.into_pyarray(py))
+    }
+
+    /// Sets every trainable tensor from one buffer laid out as `flat_parameters()` returns it (e.g.
+    /// rank 0's values, broadcast); the model sees the new values.
+    fn set_flat_parameters(&self, py: Python<'_>, flat: PyReadonlyArray1<'_, f32>) -> PyResult<()> {
+        let flat = contiguous(&flat, "flat")?;
+        detached(py, |_| lock(&self.inner).set_flat_params(flat))
+    }
+
     fn zero_grad(&self) {
         lock(&self.inner).zero_grad();
     }
@@ -270,6 +311,17 @@ impl PyTrainSession {
             moments.push(Moments { name: p.name.clone(), shape: p.var.dims().to_vec(), exp_avg, exp_avg_sq });
         }
         guard(|| session.load_optimizer_state(&OptimizerState { step, moments }))
+    }
+}
+
+/// `flat_grads()`: the values, and which tensors have a gradient.
+type FlatGrads<'py> = (Bound<'py, PyArray1<f32>>, Bound<'py, PyArray1<bool>>);
+
+/// The values of a 1-D array, which must be contiguous.
+fn contiguous<'a, T: numpy::Element>(a: &'a PyReadonlyArray1<'_, T>, name: &str) -> PyResult<&'a [T]> {
+    match a.as_slice() {
+        Ok(s) => Ok(s),
+        Err(_) => guard(|| input_err(format!("{name} must be a contiguous 1-D array"))),
     }
 }
 

@@ -178,6 +178,95 @@ impl TrainSession {
         Ok(norm)
     }
 
+    /// Values of all trainable tensors together: the length of [`Self::flat_grads`] and
+    /// [`Self::flat_params`].
+    pub fn numel(&self) -> usize {
+        self.params.iter().map(|p| p.var.elem_count()).sum()
+    }
+
+    /// The accumulated gradients of every trainable tensor as one buffer, in [`Self::params`] order
+    /// (zeros for a tensor without a gradient yet), and which tensors have one: what data-parallel
+    /// training all-reduces before the optimizer step.
+    pub fn flat_grads(&self) -> Result<(Vec<f32>, Vec<bool>)> {
+        let mut flat = vec![0f32; self.numel()];
+        let mut present = vec![false; self.params.len()];
+        let mut off = 0;
+        for ((p, g), has) in self.params.iter().zip(&self.grads).zip(present.iter_mut()) {
+            let n = p.var.elem_count();
+            if let Some(g) = g {
+                if g.elem_count() != n {
+                    return input_err(format!(
+                        "the gradient of '{}' has {} values, expected {n}",
+                        p.name,
+                        g.elem_count()
+                    ));
+                }
+                crate::ops::cpu::with_f32(g, |v| flat[off..off + n].copy_from_slice(v))?;
+                *has = true;
+            }
+            off += n;
+        }
+        Ok((flat, present))
+    }
+
+    /// Replaces the accumulated gradients by `scale` x the slices of `flat` (laid out as
+    /// [`Self::flat_grads`] lays them out): tensor i gets a gradient when `present[i]`, else none.
+    /// Nothing changes when the sizes do not fit.
+    pub fn set_flat_grads(&mut self, flat: &[f32], present: &[bool], scale: f32) -> Result<()> {
+        self.check_flat(flat.len(), "gradient")?;
+        if present.len() != self.params.len() {
+            return input_err(format!("{} gradient flags for {} trainable tensors", present.len(), self.params.len()));
+        }
+        let mut grads = Vec::with_capacity(self.params.len());
+        let mut off = 0;
+        for (p, &has) in self.params.iter().zip(present) {
+            let n = p.var.elem_count();
+            grads.push(if has {
+                let v: Vec<f32> = flat[off..off + n].iter().map(|&x| x * scale).collect();
+                Some(Tensor::from_vec(v, p.var.shape(), p.var.device())?)
+            } else {
+                None
+            });
+            off += n;
+        }
+        self.grads = grads;
+        Ok(())
+    }
+
+    /// The values of every trainable tensor as one buffer, in [`Self::params`] order.
+    pub fn flat_params(&self) -> Result<Vec<f32>> {
+        let mut flat = vec![0f32; self.numel()];
+        let mut off = 0;
+        for p in &self.params {
+            let n = p.var.elem_count();
+            crate::ops::cpu::with_f32(p.var.as_tensor(), |v| flat[off..off + n].copy_from_slice(v))?;
+            off += n;
+        }
+        Ok(flat)
+    }
+
+    /// Sets every trainable tensor from `flat` (laid out as [`Self::flat_params`] lays it out; e.g.
+    /// rank 0's values, broadcast). Nothing changes when the size does not fit.
+    pub fn set_flat_params(&mut self, flat: &[f32]) -> Result<()> {
+        self.check_flat(flat.len(), "parameter")?;
+        let mut off = 0;
+        for p in &self.params {
+            let n = p.var.elem_count();
+            let t = Tensor::from_slice(&flat[off..off + n], p.var.shape(), p.var.device())?;
+            p.var.set(&t.to_dtype(p.var.dtype())?)?;
+            off += n;
+        }
+        Ok(())
+    }
+
+    fn check_flat(&self, len: usize, what: &str) -> Result<()> {
+        let n = self.numel();
+        if len != n {
+            return input_err(format!("a flat {what} buffer of {len} values for trainable tensors of {n} values"));
+        }
+        Ok(())
+    }
+
     /// Sets the model's own trainable parameters (full-parameter training) from `values` (transformers'
     /// names, any shape with the right number of values, e.g. a saved checkpoint's): every one must be
     /// there; nothing changes when one is missing or does not fit. Adapters (and `modules_to_save` copies)
