@@ -186,7 +186,9 @@ class Settings:
     out: str = "demo-out"
     image_size: int = 64
     patch_size: int = 8
-    scale_factor: int = 4  # SmolVLM-256M's: 64 patches -> 4 image tokens
+    # 64 patches -> 16 image tokens (SmolVLM-256M's 4 gives 4 tokens, one per quadrant: measured 67.2% held-out
+    # after stage 2, against 76.6% with 2, in about the same time)
+    scale_factor: int = 2
     train_rows: int = 3000
     eval_rows: int = 64
     stage1_steps: int = 60
