@@ -23,6 +23,17 @@ def test_scenes_are_deterministic_and_varied():
     assert demo.make_split(8, 6, 64)[0].image.tobytes() != a[0].image.tobytes()
 
 
+@pytest.mark.parametrize("patch_size,scale_factor", [(8, 2), (4, 4), (16, 1)])
+def test_demo_model_has_the_patch_size_and_scale_factor_asked_for(patch_size, scale_factor):
+    """--patch-size / --scale-factor shape the vision tower and connector, not only the processor's token count
+    (the processor alone cannot tell patch 4 with scale 4 from patch 8 with scale 2: both give 16 tokens)."""
+    s = demo.Settings(patch_size=patch_size, scale_factor=scale_factor)
+    model, processor = demo.build(demo.smollm2_gguf(), s)
+    assert model.config.vision_config.patch_size == patch_size
+    assert model.config.scale_factor == scale_factor
+    assert processor.image_seq_len == (s.image_size // patch_size // scale_factor) ** 2
+
+
 VOCAB = {"color": set(demo.COLORS), "shape": set(demo.SHAPES), "count": set(demo.NUMBERS),
          "position": {"left", "right"}}
 

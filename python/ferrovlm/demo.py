@@ -186,9 +186,7 @@ class Settings:
     out: str = "demo-out"
     image_size: int = 64
     patch_size: int = 8
-    # 64 patches -> 16 image tokens (SmolVLM-256M's 4 gives 4 tokens, one per quadrant: measured 67.2% held-out
-    # after stage 2, against 76.6% with 2, in about the same time)
-    scale_factor: int = 2
+    scale_factor: int = 2  # 64 patches -> 16 image tokens
     train_rows: int = 3000
     eval_rows: int = 64
     stage1_steps: int = 60
@@ -253,17 +251,27 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> bool:
     return True
 
 
+def build(gguf: Path, s: Settings):
+    """The VLM from parts: the language model of the GGUF file, a processor for ``s.image_size`` px images
+    cut into ``s.patch_size`` px patches, and a fresh vision tower and connector with that patch size and
+    ``s.scale_factor`` (``(image_size / patch_size / scale_factor)**2`` image tokens per image)."""
+    from ferrovlm import AutoModelForCausalLM, AutoTokenizer, Idefics3ForConditionalGeneration, Idefics3Processor
+
+    lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    processor = Idefics3Processor.from_text_model(tokenizer, image_size=s.image_size, patch_size=s.patch_size,
+                                                  scale_factor=s.scale_factor)
+    model = Idefics3ForConditionalGeneration.from_text_model(
+        lm, processor, seed=s.seed, scale_factor=s.scale_factor,
+        vision_config={"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 4,
+                       "patch_size": s.patch_size},
+    )
+    return model, processor
+
+
 def main(settings: Settings | None = None) -> dict:
     import ferrovlm
-    from ferrovlm import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        Idefics3ForConditionalGeneration,
-        Idefics3Processor,
-        LoraConfig,
-        TextStreamer,
-        get_peft_model,
-    )
+    from ferrovlm import LoraConfig, TextStreamer, get_peft_model
 
     s = settings or Settings()
     out = Path(s.out)
@@ -273,15 +281,7 @@ def main(settings: Settings | None = None) -> dict:
 
     gguf = smollm2_gguf()
     _log(f"1. parts: {gguf.name} (the real SmolLM2-135M-Instruct) + a fresh vision tower")
-    lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    processor = Idefics3Processor.from_text_model(tokenizer, image_size=s.image_size, patch_size=s.patch_size,
-                                                  scale_factor=s.scale_factor)
-    model = Idefics3ForConditionalGeneration.from_text_model(
-        lm, processor, seed=s.seed,
-        vision_config={"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 4},
-    )
-    del lm
+    model, processor = build(gguf, s)
     n_vision = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("model.text_model"))
     n_all = sum(p.numel() for p in model.parameters())
     _log(f"  {n_all / 1e6:.1f}M parameters, {n_vision / 1e6:.2f}M of them new (vision tower + connector)")
