@@ -14,6 +14,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod quant;
+pub mod trace;
 pub mod train;
 
 #[cfg(feature = "python")]

@@ -9,9 +9,6 @@ use rayon::prelude::*;
 use super::bf16::bf16_to_f32;
 use super::cpu::{transpose, SendPtr};
 
-/// Output columns per parallel task.
-const BLOCK_N: usize = 64;
-
 /// Dot product with 16 independent accumulators so that it vectorises.
 #[inline(always)]
 fn dot(x: &[f32], w: &[u16], fused: bool) -> f32 {
@@ -48,24 +45,108 @@ unsafe fn block_avx2(x: &[f32], m: usize, k: usize, w: &[u16], n0: usize, out_t:
     block(x, m, k, w, n0, out_t, true)
 }
 
+/// Weight rows per step of the AVX-512 kernel: each x chunk loaded once feeds this many independent
+/// accumulators (which also hides the FMA latency).
+#[cfg(target_arch = "x86_64")]
+const ROWS: usize = 4;
+
+/// The AVX-512 block: `ROWS` weight rows at a time, 16 bf16 weights widened per load (bf16 -> f32 is
+/// a 16-bit shift), one accumulator per row; the rest of the block and of each row as in [`block`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn block_avx512(x: &[f32], m: usize, k: usize, w: &[u16], n0: usize, out_t: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let cols = out_t.len() / m;
+    let k16 = k - k % 16;
+    let widen = |p: *const u16| {
+        // SAFETY (caller): p points at 16 readable bf16 values.
+        let v = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
+    };
+    let mut j = 0;
+    while j + ROWS <= cols {
+        let wr: [&[u16]; ROWS] = std::array::from_fn(|q| &w[(n0 + j + q) * k..(n0 + j + q + 1) * k]);
+        for r in 0..m {
+            let xr = &x[r * k..(r + 1) * k];
+            let mut acc = [_mm512_setzero_ps(); ROWS];
+            let mut i = 0;
+            while i < k16 {
+                // SAFETY: i + 16 <= k16 <= k, the length of xr and of each wr[q].
+                let xv = unsafe { _mm512_loadu_ps(xr.as_ptr().add(i)) };
+                for q in 0..ROWS {
+                    acc[q] = _mm512_fmadd_ps(xv, widen(unsafe { wr[q].as_ptr().add(i) }), acc[q]);
+                }
+                i += 16;
+            }
+            for q in 0..ROWS {
+                let tail: f32 = xr[k16..].iter().zip(&wr[q][k16..]).map(|(a, b)| a * bf16_to_f32(*b)).sum();
+                out_t[(j + q) * m + r] = _mm512_reduce_add_ps(acc[q]) + tail;
+            }
+        }
+        j += ROWS;
+    }
+    block(x, m, k, w, n0 + j, &mut out_t[j * m..], true);
+}
+
+/// Output columns per parallel task: a few tasks per thread, so that both load balancing and the
+/// per-task overhead stay small (decode runs hundreds of these products per token).
+fn block_columns(n: usize) -> usize {
+    let tasks = rayon::current_num_threads().max(1) * 2;
+    n.div_ceil(tasks).next_multiple_of(16).clamp(16, 4096)
+}
+
 /// x: [m, k] f32 row-major, w: [n, k] bf16 bits row-major -> [m, n] f32.
 pub fn gemv_bf16(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f32> {
+    gemv_bf16_with(x, m, k, w, n, Kernel::best())
+}
+
+/// Which block kernel [`gemv_bf16_with`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs.
+    pub fn best() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Kernel::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                return Kernel::Avx2;
+            }
+        }
+        Kernel::Portable
+    }
+}
+
+/// [`gemv_bf16`] with a given kernel (falls back to the portable one where the CPU lacks it).
+pub fn gemv_bf16_with(x: &[f32], m: usize, k: usize, w: &[u16], n: usize, kernel: Kernel) -> Vec<f32> {
     debug_assert!(x.len() == m * k && w.len() == n * k);
     let mut out_t = vec![0f32; n * m]; // [n, m]
-    #[cfg(target_arch = "x86_64")]
-    let fast = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
-    #[cfg(not(target_arch = "x86_64"))]
-    let fast = false;
-    out_t.par_chunks_mut(BLOCK_N * m).enumerate().for_each(|(bi, o)| {
-        let n0 = bi * BLOCK_N;
-        #[cfg(target_arch = "x86_64")]
-        if fast {
-            // SAFETY: the CPU supports avx2 and fma (checked above).
-            unsafe { block_avx2(x, m, k, w, n0, o) };
-            return;
+    let kernel = if kernel == Kernel::Portable || Kernel::best() == Kernel::Portable {
+        Kernel::Portable
+    } else if kernel == Kernel::Avx512 && Kernel::best() != Kernel::Avx512 {
+        Kernel::Avx2
+    } else {
+        kernel
+    };
+    let bn = block_columns(n);
+    out_t.par_chunks_mut(bn * m).enumerate().for_each(|(bi, o)| {
+        let n0 = bi * bn;
+        match kernel {
+            // SAFETY: the CPU supports avx512f, avx2 and fma (Kernel::best() above).
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => unsafe { block_avx512(x, m, k, w, n0, o) },
+            // SAFETY: the CPU supports avx2 and fma (Kernel::best() above).
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { block_avx2(x, m, k, w, n0, o) },
+            _ => block(x, m, k, w, n0, o, false),
         }
-        let _ = fast;
-        block(x, m, k, w, n0, o, false);
     });
     transpose(&out_t, n, m)
 }
@@ -146,7 +227,7 @@ mod tests {
 
     #[test]
     fn matches_f64_reference() {
-        for (m, k, n) in [(3, 37, 130), (40, 65, 300)] {
+        for (m, k, n) in [(3, 37, 130), (40, 65, 300), (1, 576, 1536), (2, 1536, 579)] {
             check(m, k, n);
         }
     }
@@ -156,6 +237,12 @@ mod tests {
         let wf: Vec<f32> = (0..n * k).map(|i| ((i * 11 % 17) as f32 - 8.0) / 9.0).collect();
         let w: Vec<u16> = wf.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
         let y = gemv_bf16(&x, m, k, &w, n);
+        for kernel in [Kernel::Portable, Kernel::Avx2, Kernel::Avx512] {
+            let yk = gemv_bf16_with(&x, m, k, &w, n, kernel);
+            for (a, b) in yk.iter().zip(&y) {
+                assert!((a - b).abs() < 1e-4, "{kernel:?} {m}x{k}x{n}: {a} vs {b}");
+            }
+        }
         let wide = matmul_bf16_wide(&x, m, k, &w, n, None);
         let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 0.5).collect();
         let wide_b = matmul_bf16_wide(&x, m, k, &w, n, Some(&bias));

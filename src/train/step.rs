@@ -149,6 +149,7 @@ pub fn run_objective(
         return input_err(format!("{} gradient slots for {} trainable tensors", acc.len(), params.len()));
     }
     model.check_input(input)?;
+    let mut clock = crate::trace::Phases::new("micro-batch");
     let (b, l) = (input.batch, input.seq_len);
     let labels = match input.labels {
         Some(lab) if lab.len() == b * l => lab,
@@ -202,6 +203,7 @@ pub fn run_objective(
         }
         _ => model.merged_embeddings(input, interrupt)?,
     }; // [B, L, H]
+    clock.mark("embeddings");
     let rows = Rows::new(text, input, &x0, opts.paired)?;
 
     let backward = opts.backward;
@@ -226,6 +228,7 @@ pub fn run_objective(
         inputs.push(hin);
         outputs.push(if backward && !opts.gradient_checkpointing { Some(out) } else { None });
     }
+    clock.mark("layers");
     let top = if backward { leaves(&h)? } else { h.clone() };
     let normed =
         top.iter().map(|t| rms_norm(t, &text.norm, text.cfg.rms_norm_eps)).collect::<candle_core::Result<Vec<_>>>()?;
@@ -250,6 +253,7 @@ pub fn run_objective(
     stats.loss_sum = nll.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let seq: Vec<usize> = targets.iter().map(|t| t.0 as usize / l).collect();
     let loss = objective(&HeadOut { nll: &nll, logits: &logits, seq: &seq, targets: &ys, batch: b })?;
+    clock.mark("head");
     if !backward {
         return Ok(stats);
     }
@@ -267,6 +271,7 @@ pub fn run_objective(
         None => return Ok(stats),
     };
     drop(grads);
+    clock.mark("head backward");
     for i in (0..text.layers.len()).rev() {
         check(interrupt)?;
         if !vision_trains && lowest_text_layer.is_none_or(|lo| i < lo) {
@@ -289,6 +294,7 @@ pub fn run_objective(
         };
         inputs[i] = Vec::new(); // free
     }
+    clock.mark("layers backward");
     if vision_trains {
         let grads = seeded(&rows.split(&x0)?, &g)?.backward()?;
         accumulate(acc, params, &grads)?;
@@ -299,6 +305,7 @@ pub fn run_objective(
                 vision_ckpt::backward(v, ck, top_grad, vision_training, params, acc, interrupt)?;
             }
         }
+        clock.mark("vision backward");
     }
     Ok(stats)
 }
