@@ -143,8 +143,10 @@ def test_sharded_eval_reductions():
     dp = DataParallel(_Peer([np.array([[0.0, 0.0], [10.0, 20.0]])]))  # type: ignore[arg-type]
     kept, everywhere = dp.gather_metrics([1.0], [2.0], ranks=1)
     assert kept.tolist() == [1.0] and everywhere.tolist() == [22.0]
-    with pytest.raises(ValueError, match="eval dataset is empty"):
+    with pytest.raises(ferrovlm.InputError, match="eval dataset is empty"):
         ShardedEval(0, 2, None)
+    with pytest.raises(ferrovlm.InputError, match="per_device_eval_batch_size must be at least 1"):
+        ShardedEval(3, 0, None)
 
 
 def test_shard_micro_batches_cycles_the_first_rows():

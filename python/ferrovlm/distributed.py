@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .errors import FerroVLMError
+from .errors import FerroVLMError, InputError
 
 # torch DDP's default bucket size (TrainingArguments.ddp_bucket_cap_mb unset)
 DEFAULT_BUCKET_CAP_MB = 25
@@ -357,7 +357,9 @@ class ShardedEval:
 
     def __init__(self, n: int, bs: int, dp: Optional[DataParallel]) -> None:
         if n == 0:
-            raise ValueError("the eval dataset is empty")
+            raise InputError("evaluate(): the eval dataset is empty")
+        if bs < 1:
+            raise InputError(f"evaluate(): per_device_eval_batch_size must be at least 1, not {bs}")
         self.dp, self.bs = dp, bs
         self.world_size = dp.world_size if dp is not None else 1
         self.n = n
