@@ -3,9 +3,11 @@ WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
 
     python tests/ddp_worker.py CHECKPOINT OUT_DIR CASE [CASE ...] [--set key=json ...] [--kill-rank R --kill-step S]
 
-Trains each case of tests/fixtures/ddp (its SFTConfig kwargs, rows and the starting adapter of
-tests/fixtures/sft/messages) with ferrovlm's SFTTrainer and writes OUT_DIR/<case>.rank<r>.json: log_history, the
-dataset rows of each micro-batch, the bytes all-reduced and the wall time. ``--kill-rank R --kill-step S``: rank R
+Trains each case of tests/fixtures/ddp (its SFTConfig / DPOConfig kwargs, and the rows and starting adapter of the
+fixture folder its setup.json names: sft/messages or dpo/sigmoid) with ferrovlm's SFTTrainer / DPOTrainer (with its
+eval dataset, if any) and writes OUT_DIR/<case>.rank<r>.json: log_history, the dataset rows of each train
+micro-batch and eval batch, the bytes all-reduced and the wall time (and for cases with an eval dataset, what a
+further ``evaluate()`` after ``train()`` returned). ``--kill-rank R --kill-step S``: rank R
 kills itself (SIGKILL; with ``--kill-signal STOP`` it stops instead, as a hung process) when step S is logged.
 ``--bucket-bytes B``: the gradients are all-reduced in buckets of B bytes. ``--resume``: resumes from the last
 checkpoint in OUT_DIR/<case>.out.
@@ -26,13 +28,19 @@ SFT = FIXTURES / "sft" / "messages"
 DDP = FIXTURES / "ddp"
 
 
-def load_rows(which: list[int]) -> list[dict]:
+def load_rows(which: list[int], source: Path = SFT) -> list[dict]:
     from PIL import Image
 
-    rows = json.loads((SFT / "rows.json").read_text())
+    rows = json.loads((source / "rows.json").read_text())
     for r in rows:
-        r["images"] = [Image.open(SFT / p).convert("RGB") for p in r["images"]]
+        r["images"] = [Image.open(source / p).convert("RGB") for p in r["images"]]
     return [rows[i] for i in which]
+
+
+def setup(case: str) -> dict:
+    """The case's trainer ("sft" / "dpo"), its source folder (a Path) and eval rows (or None)."""
+    s = json.loads((DDP / case / "setup.json").read_text())
+    return {**s, "source": FIXTURES / s["source"]}
 
 
 class Killer:
@@ -61,24 +69,37 @@ class Clock:
 def run_case(ckpt: Path, out: Path, case: str, overrides: dict, kill: Killer | None, bucket_bytes: int,
              resume: bool = False) -> None:
     import ferrovlm
-    from ferrovlm import AutoProcessor, PeftModel, SFTConfig, SFTTrainer, distributed
+    from ferrovlm import AutoProcessor, DPOConfig, DPOTrainer, PeftModel, SFTConfig, SFTTrainer, distributed
 
     rank = int(os.environ.get("RANK", "0"))
     args = json.loads((DDP / case / "args.json").read_text())
     args.update(overrides)
     which = json.loads((DDP / case / "rows.json").read_text())
+    spec = setup(case)
+    eval_which = spec["eval_rows"]
     base = ferrovlm.AutoModelForImageTextToText.from_pretrained(ckpt)
-    model = PeftModel.from_pretrained(base, SFT / "adapter", is_trainable=True)
+    model = PeftModel.from_pretrained(base, spec["source"] / "adapter", is_trainable=True)
     processor = AutoProcessor.from_pretrained(ckpt)
-    cfg = SFTConfig(output_dir=str(out / f"{case}.out"), disable_tqdm=True, **args)
     clock = Clock()
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=load_rows(which), processing_class=processor,
-                         callbacks=[clock] + ([kill] if kill is not None else []))
+    data = dict(train_dataset=load_rows(which, spec["source"]), processing_class=processor,
+                eval_dataset=load_rows(eval_which, spec["source"]) if eval_which is not None else None,
+                callbacks=[clock] + ([kill] if kill is not None else []))
+    if spec["trainer"] == "dpo":
+        cfg = DPOConfig(output_dir=str(out / f"{case}.out"), disable_tqdm=True, **args)
+        trainer = DPOTrainer(model=model, args=cfg, **data)
+    else:
+        cfg = SFTConfig(output_dir=str(out / f"{case}.out"), disable_tqdm=True, **args)
+        trainer = SFTTrainer(model=model, args=cfg, **data)
     micro: list[list[int]] = []
+    evals: list[list[int]] = []
     rows_of = trainer._rows
 
     def recording(ds, idx):
-        micro.append([which[int(i)] for i in idx])  # as rows of sft/messages, as the fixture records them
+        # as rows of the source folder, as the fixture records them
+        if ds is trainer.train_dataset:
+            micro.append([which[int(i)] for i in idx])
+        else:
+            evals.append([eval_which[int(i)] for i in idx])
         return rows_of(ds, idx)
 
     trainer._rows = recording
@@ -98,9 +119,15 @@ def run_case(ckpt: Path, out: Path, case: str, overrides: dict, kill: Killer | N
     wall = time.perf_counter() - t0
     distributed.DataParallel.from_args = from_args  # type: ignore[method-assign]
     dp = made[-1] if made else None
+    history, eval_batches = list(trainer.state.log_history), list(evals)  # those of train()
+    # an evaluate() of its own after train() (it joins the group itself): the same as the evaluation after the
+    # last step
+    after = trainer.evaluate() if eval_which is not None and not resume else None
     res = {
-        "log_history": trainer.state.log_history,
+        "log_history": history,
+        "evaluate_after_train": after,
         "micro_batches": micro,
+        "eval_batches": eval_batches,
         "wall_s": wall,
         "log_times": clock.times,
         "samples": len(micro) * int(args["per_device_train_batch_size"]),

@@ -133,6 +133,9 @@ def test_legacy_spellings_and_no_effect_warning():
         assert SFTConfig(output_dir="o", evaluation_strategy="epoch").eval_strategy == "epoch"
     with pytest.warns(UserWarning, match="changes nothing"):
         SFTConfig(output_dir="o", dataloader_num_workers=4)
+    with warnings.catch_warnings():  # the data-parallel settings do change something (distributed.py)
+        warnings.simplefilter("error")
+        DPOConfig(output_dir="o", ddp_backend="gloo", ddp_timeout=60, ddp_bucket_cap_mb=1)
 
 
 def test_dpo_config():

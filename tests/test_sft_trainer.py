@@ -307,6 +307,33 @@ def test_evaluate_reports_the_model_loss(tiny_smolvlm, tmp_path):
     assert trainer.state.log_history[-1]["eval_loss"] == metrics["eval_loss"]
 
 
+def test_evaluation_schedule_and_uneven_last_batch(tiny_smolvlm, tmp_path):
+    """transformers' schedule: every eval_steps-th step and after the last one, from eval_delay on; eval_loss is
+    the batch losses weighted by their rows (the last batch has 1 row of 3), and eval_num_tokens is TRL's
+    training token count so far."""
+    rows = load_rows("messages")[:3]
+
+    def evals(**kw):
+        trainer = make_trainer(tiny_smolvlm, "messages", tmp_path / str(len(kw)), eval_strategy="steps", eval_steps=2,
+                               per_device_eval_batch_size=2, **kw)
+        trainer.eval_dataset = rows
+        trainer.train()
+        hist = trainer.state.log_history
+        train_tokens = {e["step"]: e["num_tokens"] for e in hist if "loss" in e}
+        for e in hist:
+            if "eval_loss" in e:
+                assert e["eval_num_tokens"] == train_tokens[e["step"]]
+        return trainer, [e["step"] for e in hist if "eval_loss" in e]
+
+    trainer, steps = evals()
+    assert steps == [2, 3]  # max_steps=3: the last step is evaluated too
+    assert evals(eval_delay=3)[1] == [3]
+    metrics = trainer.evaluate(rows)
+    loss = [trainer.model(**{k: v for k, v in trainer._collate(b).items() if v is not None}).loss
+            for b in (rows[:2], rows[2:])]
+    np.testing.assert_allclose(metrics["eval_loss"], (2 * float(loss[0]) + float(loss[1])) / 3, rtol=1e-5)
+
+
 def test_images_missing_for_placeholders_names_the_rows(tiny_smolvlm, tmp_path):
     trainer = make_trainer(tiny_smolvlm, "messages", tmp_path)
     trainer.train_dataset[2]["images"] = []

@@ -1,7 +1,10 @@
 """Data-parallel training in processes started by ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1), as
 transformers' Trainer does it under DDP: every rank reads its own shard of each epoch's order (accelerate's
 ``BatchSamplerShard``), the trainable parameters start from rank 0's, the gradients are averaged over the ranks
-before each optimizer step, and the loss is normalised by the label tokens of the whole global batch.
+before each optimizer step, and the loss is normalised by the label tokens of the whole global batch (SFT) or is
+each rank's mean over its pairs (DPO); the logged metrics are reduced over the ranks as accelerate's ``gather`` /
+``gather_for_metrics`` reduce them; ``evaluate()`` reads its shard of the eval dataset and reduces ``eval_loss`` as
+transformers' evaluation loop does (``ShardedEval``).
 
 The numbers (forward, backward, AdamW) stay in the core; this module only moves buffers between processes through
 a ``CollectiveBackend``: an existing collective engine, never one of ours. ``ddp_backend="gloo"`` (the CPU default)
@@ -12,15 +15,16 @@ from __future__ import annotations
 
 import abc
 import atexit
+import contextlib
 import datetime
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .errors import FerroVLMError
+from .errors import FerroVLMError, InputError
 
 # torch DDP's default bucket size (TrainingArguments.ddp_bucket_cap_mb unset)
 DEFAULT_BUCKET_CAP_MB = 25
@@ -311,3 +315,94 @@ class DataParallel:
 
     def barrier(self) -> None:
         self.backend.barrier()
+
+    def gather_metrics(self, for_metrics: Sequence[float], gathered: Sequence[float] = (),
+                       ranks: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+        """One all-gather of a micro-batch's metric sums: ``for_metrics`` summed over the first ``ranks`` ranks
+        (accelerate's ``gather_for_metrics``, which drops the ranks that only repeat rows at a dataloader's end),
+        ``gathered`` over all of them (accelerate's ``gather``)."""
+        k = len(for_metrics)
+        rows = self.gather([*for_metrics, *gathered])
+        return rows[: self.world_size if ranks is None else ranks, :k].sum(axis=0), rows[:, k:].sum(axis=0)
+
+
+def rank_batches(order: Sequence[int], bs: int, dp: Optional[DataParallel]) -> list[list[int]]:
+    """The micro-batches of ``order`` this process reads: all of them (one process) or its shard."""
+    if dp is None:
+        return [[int(i) for i in order[a : a + bs]] for a in range(0, len(order), bs)]
+    return shard_micro_batches(order, bs, dp.world_size, dp.rank)
+
+
+def metric_ranks(n: int, bs: int, world_size: int, last: bool) -> int:
+    """The ranks whose values accelerate's ``gather_for_metrics`` keeps: all, except at a dataloader's last batch
+    when len(dataset) % (batch x world size) = k > 0 rows are left: then the first k (a per-rank scalar counts as
+    one row)."""
+    left = n % (bs * world_size)
+    return min(world_size, left) if last and left else world_size
+
+
+def global_items(dp: Optional[DataParallel], n_items: float) -> float:
+    """transformers' ``num_items_in_batch`` of a step: this rank's count, or under data parallelism the count of
+    the whole global step / world size (each rank's loss is then scaled by the world size, and DDP averages the
+    gradients: the gradient of the global mean)."""
+    return n_items if dp is None else dp.sum(n_items) / dp.world_size
+
+
+class ShardedEval:
+    """transformers' evaluation loop over ``n`` rows, ``bs`` a batch, as this process reads them: the sequential
+    order cut into batches, dealt over the ranks (``BatchSamplerShard``: the last ones filled with the first rows);
+    each batch's loss is repeated ``per_device_eval_batch_size`` times, gathered over the ranks, and at the last
+    batch only the first ``n % (bs x world size)`` of those repeats are kept (``gather_for_metrics``);
+    ``eval_loss`` is their mean. In one process that is the row-weighted mean of the batch losses."""
+
+    def __init__(self, n: int, bs: int, dp: Optional[DataParallel]) -> None:
+        if n == 0:
+            raise InputError("evaluate(): the eval dataset is empty")
+        if bs < 1:
+            raise InputError(f"evaluate(): per_device_eval_batch_size must be at least 1, not {bs}")
+        self.dp, self.bs = dp, bs
+        self.world_size = dp.world_size if dp is not None else 1
+        self.n = n
+        self.batches = rank_batches(range(n), bs, dp)
+        self.remainder = n % (bs * self.world_size)
+        self.total, self.count = 0.0, 0
+
+    def metric_ranks(self, i: int) -> int:
+        """The ranks ``gather_for_metrics`` keeps at batch ``i``."""
+        return metric_ranks(self.n, self.bs, self.world_size, i == len(self.batches) - 1)
+
+    def add_loss(self, i: int, loss: float) -> None:
+        losses = self.dp.gather([loss])[:, 0] if self.dp is not None else np.array([loss])
+        keep = self.remainder if i == len(self.batches) - 1 and self.remainder else self.bs * self.world_size
+        for value in losses:  # rank by rank, as the gathered repeats lie
+            copies = min(self.bs, keep)
+            self.total += float(value) * copies
+            self.count += copies
+            keep -= copies
+
+    @property
+    def loss(self) -> float:
+        return self.total / self.count
+
+
+def eval_speed(prefix: str, runtime: float, ev: ShardedEval) -> dict[str, float]:
+    """transformers' ``speed_metrics`` of an evaluation: the rows of the whole eval dataset and this rank's
+    batches over the wall time."""
+    return {
+        f"{prefix}_runtime": round(runtime, 4),
+        f"{prefix}_samples_per_second": round(ev.n / runtime, 3) if runtime > 0 else 0.0,
+        f"{prefix}_steps_per_second": round(len(ev.batches) / runtime, 3) if runtime > 0 else 0.0,
+    }
+
+
+@contextlib.contextmanager
+def evaluation_group(trainer: Any) -> Iterator[Optional[DataParallel]]:
+    """The ranks an ``evaluate()`` call shares its batches with: ``train()``'s group while training, else (an
+    ``evaluate()`` of its own under ``WORLD_SIZE`` > 1) the group the trainer's args name; None in one process.
+    Sets ``trainer._dp`` meanwhile (the metrics gather over it) and keeps ``trainer._metric_ranks``."""
+    outer, ranks = trainer._dp, trainer._metric_ranks
+    trainer._dp = outer if outer is not None else DataParallel.from_args(trainer.args)
+    try:
+        yield trainer._dp
+    finally:
+        trainer._dp, trainer._metric_ranks = outer, ranks

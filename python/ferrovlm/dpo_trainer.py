@@ -8,6 +8,7 @@ rejected sequences and by the reference pass."""
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
@@ -15,6 +16,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from . import _core
+from .distributed import ShardedEval, eval_speed, evaluation_group
 from .dpo_collator import DataCollatorForVisionPreference
 from .dpo_config import DPOConfig
 from .generation import set_seed
@@ -219,26 +221,36 @@ class DPOTrainer(BaseTrainer):
         return s["loss"] / accum
 
     def _account_dpo(self, s: dict[str, Any], mode: str) -> None:
+        """Records a micro-batch's metrics as TRL does: token-weighted sums (under data parallelism summed over
+        the ranks by accelerate's ``gather_for_metrics``, which drops ranks that only repeat rows at the end of
+        the data) and per-pair means (``gather``: every rank's pairs, repeats included)."""
+
         def rec(k: str, v: float) -> None:
             self._record(mode, k, v)
 
-        n = s["num_label_tokens"]
-        if n:
-            rec("entropy", s["entropy_sum"] / n)
-        if mode == "train":
-            self.state.total_train_tokens += int(s["num_mask_tokens"])
-            self._metrics[mode]["num_tokens"] = [float(self.state.total_train_tokens)]
+        def ratio(a: float, b: float) -> float:
+            return a / b if b > 0 else 0.0
+
         v = s["vocab"]
-        rec("logits/chosen", s["chosen_logits_sum"] / (s["chosen_tokens"] * v))
-        rec("logits/rejected", s["rejected_logits_sum"] / (s["rejected_tokens"] * v))
-        rec("mean_token_accuracy", s["chosen_correct"] / s["chosen_tokens"])
-        cr, rr = np.array(s["chosen_rewards"]), np.array(s["rejected_rewards"])
-        rec("rewards/chosen", cr.mean())
-        rec("rewards/rejected", rr.mean())
-        rec("rewards/accuracies", (cr > rr).mean())
-        rec("rewards/margins", (cr - rr).mean())
-        rec("logps/chosen", np.mean(s["chosen_logps"]))
-        rec("logps/rejected", np.mean(s["rejected_logps"]))
+        cr, rr = np.array(s["chosen_rewards"], np.float64), np.array(s["rejected_rewards"], np.float64)
+        sums = [s["entropy_sum"], s["num_label_tokens"], s["num_mask_tokens"], s["chosen_logits_sum"] / v,
+                s["chosen_tokens"], s["rejected_logits_sum"] / v, s["rejected_tokens"], s["chosen_correct"]]
+        pairs = [cr.sum(), rr.sum(), (cr > rr).sum(), (cr - rr).sum(), np.sum(s["chosen_logps"]),
+                 np.sum(s["rejected_logps"]), len(cr)]
+        if self._dp is not None:
+            sums, pairs = self._dp.gather_metrics(sums, pairs, self._metric_ranks)
+        entropy, n, tokens, chosen_logits, chosen_n, rejected_logits, rejected_n, correct = (float(x) for x in sums)
+        rec("entropy", ratio(entropy, n))
+        if mode == "train":
+            self.state.total_train_tokens += int(tokens)
+        self._metrics[mode]["num_tokens"] = [float(self.state.total_train_tokens)]  # TRL: eval logs it too
+        rec("logits/chosen", ratio(chosen_logits, chosen_n))
+        rec("logits/rejected", ratio(rejected_logits, rejected_n))
+        rec("mean_token_accuracy", ratio(correct, chosen_n))
+        n_pairs = float(pairs[-1])
+        for key, total in zip(("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                               "logps/chosen", "logps/rejected"), pairs[:-1]):
+            rec(key, float(total) / n_pairs)
 
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
@@ -246,16 +258,18 @@ class DPOTrainer(BaseTrainer):
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
         if ds is None:
             raise ValueError("Trainer: evaluation requires an eval_dataset.")
-        bs = int(self.args.per_device_eval_batch_size)
+        t0 = time.time()
         self._metrics["eval"] = {}
-        losses = []
-        with self._eval_mode():
-            for start in range(0, len(ds), bs):
-                idx = list(range(start, min(start + bs, len(ds))))
+        with self._eval_mode(), evaluation_group(self) as dp:
+            ev = ShardedEval(len(ds), int(self.args.per_device_eval_batch_size), dp)  # this rank's batches
+            for i, idx in enumerate(ev.batches):
+                self._metric_ranks = ev.metric_ranks(i)
                 batch = self._collate_rows(ds, idx, "eval_dataset")
                 batch.pop("_rows")
-                losses.append((self._micro_step(batch, 1, 0, backward=False, mode="eval"), len(idx)))
-        metrics = {f"{metric_key_prefix}_loss": sum(loss * n for loss, n in losses) / sum(n for _, n in losses)}
+                ev.add_loss(i, self._micro_step(batch, 1, 0, backward=False, mode="eval"))
+        runtime = time.time() - t0
+        metrics = {f"{metric_key_prefix}_loss": ev.loss}
         metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._flush_metrics("eval").items()})
+        metrics.update(eval_speed(metric_key_prefix, runtime, ev))
         self.log(dict(metrics))
         return metrics

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .data_collator import DataCollatorForLanguageModeling, DataCollatorForVisionLanguageModeling, is_conversational
+from .distributed import ShardedEval, eval_speed, evaluation_group
 from .generation import set_seed
 from .peft import PeftModel, get_peft_model
 from .sft_config import SFTConfig
@@ -267,8 +268,6 @@ class SFTTrainer(BaseTrainer):
             return _unflatten_padding_free(out, self.data_collator)
         return _batch_arrays(out)
 
-    _data_parallel_ok = True
-
     def _micro_step(self, batch: dict[str, Any], n_items: float, seed: int) -> float:
         """Forward + backward of one micro-batch with the gradient of (sum of its label tokens' losses) / n_items
         (the step's label tokens; under data parallelism, those of the global step / world size); returns that
@@ -297,17 +296,16 @@ class SFTTrainer(BaseTrainer):
         n, entropy, correct = stats["num_label_tokens"], stats["entropy_sum"], stats["correct"]
         # TRL counts attention_mask.sum(), or a padding-free batch's full length
         tokens = stats["num_mask_tokens"] if num_tokens is None else num_tokens
-        if mode == "train" and self._dp is not None:
+        if self._dp is not None:
             # TRL: sums over the ranks (accelerate's gather_for_metrics)
-            rows = self._dp.gather([n, entropy, correct, tokens])[: self._metric_ranks]
-            n, entropy, correct, tokens = (float(v) for v in rows.sum(axis=0))
-        if n:
-            self._record(mode, "entropy", entropy / n)
-            self._record(mode, "mean_token_accuracy", correct / n)
+            sums, _ = self._dp.gather_metrics([n, entropy, correct, tokens], ranks=self._metric_ranks)
+            n, entropy, correct, tokens = (float(v) for v in sums)
+        self._record(mode, "entropy", entropy / n if n else 0.0)
+        self._record(mode, "mean_token_accuracy", correct / n if n else 0.0)
         if mode == "train":
             self.state.total_train_tokens += int(tokens)
             self.state.num_input_tokens_seen = self.state.total_train_tokens
-            self._metrics[mode]["num_tokens"] = [float(self.state.total_train_tokens)]
+        self._metrics[mode]["num_tokens"] = [float(self.state.total_train_tokens)]  # TRL: eval logs it too
 
     # -- evaluation ---------------------------------------------------------------------------------
     def evaluate(
@@ -320,13 +318,12 @@ class SFTTrainer(BaseTrainer):
             # TRL prepares a dataset passed here like the ones given at init (idempotent on prepared rows)
             packing = self.args.packing if self.args.eval_packing is None else self.args.eval_packing
             ds = self._prepare(ds, self.processing_class, self.args, bool(packing), "eval")
-        bs = int(self.args.per_device_eval_batch_size)
         t0 = time.time()
-        total, weight, n_batches = 0.0, 0, 0
         self._metrics["eval"] = {}
-        with self._eval_mode():
-            for start in range(0, len(ds), bs):
-                idx = list(range(start, min(start + bs, len(ds))))
+        with self._eval_mode(), evaluation_group(self) as dp:
+            ev = ShardedEval(len(ds), int(self.args.per_device_eval_batch_size), dp)  # this rank's batches
+            for i, idx in enumerate(ev.batches):
+                self._metric_ranks = ev.metric_ranks(i)
                 batch = self._collate_rows(ds, idx, "eval_dataset")
                 stats = self.session.evaluate(
                     batch["input_ids"],
@@ -336,19 +333,12 @@ class SFTTrainer(BaseTrainer):
                     pixel_attention_mask=batch["pixel_attention_mask"],
                 )
                 n = stats["num_label_tokens"]
-                loss = stats["loss_sum"] / n if n else float("nan")
-                total += loss * len(idx)
-                weight += len(idx)
-                n_batches += 1
+                ev.add_loss(i, stats["loss_sum"] / n if n else float("nan"))
                 self._account(stats, "eval")
         runtime = time.time() - t0
-        metrics = {f"{metric_key_prefix}_loss": total / weight}
+        metrics = {f"{metric_key_prefix}_loss": ev.loss}
         metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._flush_metrics("eval").items()})
-        metrics.update({
-            f"{metric_key_prefix}_runtime": round(runtime, 4),
-            f"{metric_key_prefix}_samples_per_second": round(weight / runtime, 3) if runtime > 0 else 0.0,
-            f"{metric_key_prefix}_steps_per_second": round(n_batches / runtime, 3) if runtime > 0 else 0.0,
-        })
+        metrics.update(eval_speed(metric_key_prefix, runtime, ev))
         self.log(dict(metrics))
         return metrics
 

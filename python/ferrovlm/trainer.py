@@ -21,7 +21,7 @@ import numpy as np
 from . import _core
 from ._mt19937 import torch_randperm
 from ._tensors import to_numpy
-from .distributed import DataParallel, shard_micro_batches
+from .distributed import DataParallel, global_items, metric_ranks, rank_batches
 from .errors import FerroVLMError
 
 PREFIX_CHECKPOINT_DIR = "checkpoint"
@@ -408,8 +408,6 @@ class BaseTrainer:
     def train(self, resume_from_checkpoint: Optional[bool | str] = None, **kwargs: Any) -> TrainOutput:
         self._dp = DataParallel.from_args(self.args)  # several processes (torchrun): join their group
         try:
-            if self._dp is not None and not self._data_parallel_ok:
-                raise NotImplementedError(f"{type(self).__name__} does not support data-parallel training yet")
             run = self._setup_training(resume_from_checkpoint)
             try:
                 for epoch in range(run.plan.epochs):
@@ -422,8 +420,6 @@ class BaseTrainer:
             return self._finish_training(run)
         finally:
             self._dp = None  # the process stays in the group (left at exit) for another train()
-
-    _data_parallel_ok = False  # the trainers whose step gathers what it logs over the ranks
 
     def _setup_training(self, resume_from_checkpoint: Optional[bool | str | os.PathLike[str]]) -> _TrainingRun:
         """The plan, the core session, the state (fresh or from a checkpoint), the resolved intervals and the
@@ -476,20 +472,16 @@ class BaseTrainer:
         evaluation and checkpoint."""
         plan, st = run.plan, self.state
         order = epoch_order(plan.n, int(self.args.seed), epoch, shuffle=True)
-        if run.dp is not None:  # this rank's batches of the epoch
-            micro = shard_micro_batches(order, plan.bs, run.dp.world_size, run.dp.rank)
-        else:
-            micro = [order[i : i + plan.bs] for i in range(0, plan.n, plan.bs)]
+        micro = rank_batches(order, plan.bs, run.dp)  # this rank's batches of the epoch
         groups = [micro[i : i + plan.accum] for i in range(0, len(micro), plan.accum)]
-        world = self._world_size()
-        left = plan.n % (plan.bs * world)
         for gi, group in enumerate(groups):
             step_index = epoch * plan.steps_per_epoch + gi
             if step_index < st.global_step:
                 continue  # resumed: this step is already done
             if st.global_step >= plan.max_steps:
                 break
-            self._metric_ranks = min(world, left) if gi == len(groups) - 1 and left else world
+            # the step's batches are all read before its first forward: the dataloader's end is reached at once
+            self._metric_ranks = metric_ranks(plan.n, plan.bs, self._world_size(), gi == len(groups) - 1)
             lr = self._lr(st.global_step, plan.max_steps)
             step_loss = self._training_step(run, group)
             self._optimizer_step(run, lr)
@@ -506,11 +498,7 @@ class BaseTrainer:
         returns the step's loss, which must be finite."""
         a, st = self.args, self.state
         batches = [self._collate_rows(self.train_dataset, idx, "train_dataset") for idx in group]
-        n_items: float = sum(self._count_items(b) for b in batches)
-        if run.dp is not None:
-            # transformers: the label tokens of the whole global step, and each rank's loss x world size (DDP
-            # averages the gradients): the gradient is that of the global token mean
-            n_items = run.dp.sum(n_items) / run.dp.world_size
+        n_items = global_items(run.dp, sum(self._count_items(b) for b in batches))
         step_loss = 0.0
         for mi, batch in enumerate(batches):
             seed = (int(a.seed) * 1_000_003 + st.global_step) * 64 + mi
@@ -553,10 +541,13 @@ class BaseTrainer:
 
     def _maybe_evaluate(self, run: _TrainingRun, when: str) -> None:
         """Evaluates if there is an eval_dataset and the eval strategy is ``when`` ("steps": on every
-        ``eval_steps``-th step; "epoch": at the end of an epoch)."""
+        ``eval_steps``-th step and after the last; "epoch": at the end of an epoch), from ``eval_delay`` on
+        (transformers' DefaultFlowCallback)."""
+        st = self.state
         if run.eval_strategy != when or self.eval_dataset is None:
             return
-        if when == "epoch" or self.state.global_step % run.eval_steps == 0:
+        due = when == "epoch" or st.global_step % run.eval_steps == 0 or st.global_step >= st.max_steps
+        if due and float(getattr(self.args, "eval_delay", 0) or 0) <= (st.epoch if when == "epoch" else st.global_step):
             self.evaluate()
 
     def _maybe_save(self, run: _TrainingRun, when: str) -> None:

@@ -68,8 +68,9 @@ SCHEDULER_TYPES = (
     "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy",
 )
 
-# Fields accepted for compatibility that change nothing in ferrovlm (single process, CPU/accelerator chosen by
-# the Rust core, no integrations): setting one to a non-default value warns once per process.
+# Fields accepted for compatibility that change nothing in ferrovlm (CPU/accelerator chosen by the Rust core, no
+# integrations): setting one to a non-default value warns once per process. ddp_backend, ddp_timeout and
+# ddp_bucket_cap_mb are not among them: data-parallel runs (distributed.py) use them.
 NO_EFFECT_FIELDS = frozenset({
     "tf32", "torch_compile", "torch_compile_backend", "torch_compile_mode", "use_liger_kernel", "liger_kernel_config",
     "torch_empty_cache_steps", "auto_find_batch_size", "log_on_each_node", "log_level", "log_level_replica",
@@ -77,8 +78,8 @@ NO_EFFECT_FIELDS = frozenset({
     "eval_use_gather_object", "eval_do_concat_batches", "save_on_each_node", "enable_jit_checkpoint",
     "full_determinism", "use_cpu", "accelerator_config", "parallelism_config", "dataloader_drop_last",
     "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
-    "dataloader_multiprocessing_context", "dataloader_in_order", "ddp_find_unused_parameters", "ddp_bucket_cap_mb",
-    "ddp_broadcast_buffers", "ddp_static_graph", "ddp_backend", "ddp_timeout", "fsdp", "fsdp_config", "deepspeed",
+    "dataloader_multiprocessing_context", "dataloader_in_order", "ddp_find_unused_parameters",
+    "ddp_broadcast_buffers", "ddp_static_graph", "fsdp", "fsdp_config", "deepspeed",
     "debug", "skip_memory_metrics", "local_rank", "average_tokens_across_devices", "dataset_num_proc",
     "activation_offloading", "trust_remote_code", "router_aux_loss_coef", "use_cache",
     "overwrite_output_dir", "logging_dir",
