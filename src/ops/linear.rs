@@ -211,6 +211,9 @@ impl Linear {
             let cpu_f32 = x.dtype() == DType::F32 && x.device().is_cpu();
             let bias = self.bias.as_ref();
             let (y, with_bias) = match &self.weight {
+                Weight::Dense(w) if cpu_f32 && n <= GEMV_MAX_ROWS && w.dtype() == DType::F32 => {
+                    (f32_gemv(&x2, w, self.out_features)?, false) // decoding: the skinny kernel, [N, out]
+                }
                 Weight::Dense(w) => (x2.matmul(&w.t()?)?, false), // [N, out]
                 Weight::Bf16(w) if cpu_f32 => (bf16_matmul(&x2, w, self.out_features, bias)?, true), // [N, out]
                 Weight::Bf16(w) => (x2.matmul(&w.to_dtype(x.dtype())?.t()?)?, false),
@@ -312,6 +315,20 @@ fn packed_matmul(x: &Tensor, packed: &matmul_bf16_packed::PackedBf16) -> Result<
     let n = x.dim(0)?;
     let y = with_f32(x, |xs| matmul_bf16_packed::matmul_packed(xs, n, packed.in_features(), packed))?;
     Tensor::from_vec(y, (n, packed.out_features()), x.device())
+}
+
+/// x: [N, in] f32, w: [out, in] f32 -> [N, out] f32 with the skinny kernel (few rows: decoding).
+fn f32_gemv(x: &Tensor, w: &Tensor, out: usize) -> Result<Tensor> {
+    let (n, k) = x.dims2()?;
+    let w = w.contiguous()?;
+    let (storage, layout) = w.storage_and_layout();
+    let y = match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
+            with_f32(x, |xs| super::matmul_bf16_skinny::gemv_f32(xs, n, k, &v[a..b], out))?
+        }
+        _ => candle_core::bail!("skinny f32 matmul needs a contiguous f32 CPU weight"),
+    };
+    Tensor::from_vec(y, (n, out), x.device())
 }
 
 /// x: [N, in] f32, w: [out, in] bf16 -> [N, out] f32: the skinny kernel for few rows (decoding),

@@ -1,7 +1,7 @@
 //! Skinny matmul for decoding: y[m, n] = sum_k x[m, k] w[n, k] with few rows m, f32 activations and
-//! bf16 weights (raw bits), accumulating in f32. Decoding reads every weight once per token, so it is
-//! bound by memory bandwidth: bf16 storage halves the bytes. bf16 -> f32 is exact, so for weights that
-//! were bf16 in the checkpoint the products equal the f32 computation's (only the summation order
+//! bf16 (raw bits) or f32 weights, accumulating in f32. Decoding reads every weight once per token, so
+//! it is bound by memory bandwidth: bf16 storage halves the bytes. bf16 -> f32 is exact, so for weights
+//! that were bf16 in the checkpoint the products equal the f32 computation's (only the summation order
 //! differs, as between any two BLAS libraries).
 
 use rayon::prelude::*;
@@ -9,28 +9,69 @@ use rayon::prelude::*;
 use super::bf16::bf16_to_f32;
 use super::cpu::{transpose, SendPtr};
 
+/// A weight element the skinny kernels read: bf16 bits (widened on the fly) or f32.
+pub trait WeightElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    /// 16 consecutive weights from `p` as one AVX-512 vector.
+    ///
+    /// # Safety
+    /// `p` points at 16 readable values and the CPU has avx512f.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl WeightElem for u16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16_to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const u16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract; bf16 -> f32 is a 16-bit left shift of the bits.
+        unsafe {
+            let v = _mm256_loadu_si256(p as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
+        }
+    }
+}
+
+impl WeightElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
 /// Dot product with 16 independent accumulators so that it vectorises.
 #[inline(always)]
-fn dot(x: &[f32], w: &[u16], fused: bool) -> f32 {
+fn dot<W: WeightElem>(x: &[f32], w: &[W], fused: bool) -> f32 {
     let mut acc = [0f32; 16];
     let (xc, wc) = (x.chunks_exact(16), w.chunks_exact(16));
     let (xr, wr) = (xc.remainder(), wc.remainder());
     for (xs, ws) in xc.zip(wc) {
         for i in 0..16 {
-            let p = bf16_to_f32(ws[i]);
+            let p = ws[i].to_f32();
             acc[i] = if fused { xs[i].mul_add(p, acc[i]) } else { xs[i] * p + acc[i] };
         }
     }
     let mut tail = 0f32;
     for (a, b) in xr.iter().zip(wr) {
-        tail += a * bf16_to_f32(*b);
+        tail += a * b.to_f32();
     }
     acc.iter().sum::<f32>() + tail
 }
 
 /// One block of output columns for all rows: out_t is [cols_in_block, m].
 #[inline(always)]
-fn block(x: &[f32], m: usize, k: usize, w: &[u16], n0: usize, out_t: &mut [f32], fused: bool) {
+fn block<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n0: usize, out_t: &mut [f32], fused: bool) {
     for (j, o) in out_t.chunks_exact_mut(m).enumerate() {
         let wrow = &w[(n0 + j) * k..(n0 + j + 1) * k];
         for (r, v) in o.iter_mut().enumerate() {
@@ -41,7 +82,7 @@ fn block(x: &[f32], m: usize, k: usize, w: &[u16], n0: usize, out_t: &mut [f32],
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn block_avx2(x: &[f32], m: usize, k: usize, w: &[u16], n0: usize, out_t: &mut [f32]) {
+unsafe fn block_avx2<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n0: usize, out_t: &mut [f32]) {
     block(x, m, k, w, n0, out_t, true)
 }
 
@@ -50,36 +91,33 @@ unsafe fn block_avx2(x: &[f32], m: usize, k: usize, w: &[u16], n0: usize, out_t:
 #[cfg(target_arch = "x86_64")]
 const ROWS: usize = 4;
 
-/// The AVX-512 block: `ROWS` weight rows at a time, 16 bf16 weights widened per load (bf16 -> f32 is
-/// a 16-bit shift), one accumulator per row; the rest of the block and of each row as in [`block`].
+/// The AVX-512 block: `ROWS` weight rows at a time, 16 weights per load, one accumulator per row; the
+/// rest of the block and of each row as in [`block`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn block_avx512(x: &[f32], m: usize, k: usize, w: &[u16], n0: usize, out_t: &mut [f32]) {
+unsafe fn block_avx512<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n0: usize, out_t: &mut [f32]) {
     use std::arch::x86_64::*;
     let cols = out_t.len() / m;
     let k16 = k - k % 16;
-    let widen = |p: *const u16| {
-        // SAFETY (caller): p points at 16 readable bf16 values.
-        let v = unsafe { _mm256_loadu_si256(p as *const __m256i) };
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
-    };
     let mut j = 0;
     while j + ROWS <= cols {
-        let wr: [&[u16]; ROWS] = std::array::from_fn(|q| &w[(n0 + j + q) * k..(n0 + j + q + 1) * k]);
+        let wr: [&[W]; ROWS] = std::array::from_fn(|q| &w[(n0 + j + q) * k..(n0 + j + q + 1) * k]);
         for r in 0..m {
             let xr = &x[r * k..(r + 1) * k];
             let mut acc = [_mm512_setzero_ps(); ROWS];
             let mut i = 0;
             while i < k16 {
-                // SAFETY: i + 16 <= k16 <= k, the length of xr and of each wr[q].
-                let xv = unsafe { _mm512_loadu_ps(xr.as_ptr().add(i)) };
-                for q in 0..ROWS {
-                    acc[q] = _mm512_fmadd_ps(xv, widen(unsafe { wr[q].as_ptr().add(i) }), acc[q]);
+                // SAFETY: i + 16 <= k16 <= k, the length of xr and of each wr[q]; avx512f (this fn's target).
+                unsafe {
+                    let xv = _mm512_loadu_ps(xr.as_ptr().add(i));
+                    for q in 0..ROWS {
+                        acc[q] = _mm512_fmadd_ps(xv, W::load16(wr[q].as_ptr().add(i)), acc[q]);
+                    }
                 }
                 i += 16;
             }
             for q in 0..ROWS {
-                let tail: f32 = xr[k16..].iter().zip(&wr[q][k16..]).map(|(a, b)| a * bf16_to_f32(*b)).sum();
+                let tail: f32 = xr[k16..].iter().zip(&wr[q][k16..]).map(|(a, b)| a * b.to_f32()).sum();
                 out_t[(j + q) * m + r] = _mm512_reduce_add_ps(acc[q]) + tail;
             }
         }
@@ -97,10 +135,15 @@ fn block_columns(n: usize) -> usize {
 
 /// x: [m, k] f32 row-major, w: [n, k] bf16 bits row-major -> [m, n] f32.
 pub fn gemv_bf16(x: &[f32], m: usize, k: usize, w: &[u16], n: usize) -> Vec<f32> {
-    gemv_bf16_with(x, m, k, w, n, Kernel::best())
+    gemv_with(x, m, k, w, n, Kernel::best())
 }
 
-/// Which block kernel [`gemv_bf16_with`] runs.
+/// x: [m, k] f32 row-major, w: [n, k] f32 row-major -> [m, n] f32.
+pub fn gemv_f32(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    gemv_with(x, m, k, w, n, Kernel::best())
+}
+
+/// Which block kernel [`gemv_with`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     Portable,
@@ -122,27 +165,30 @@ impl Kernel {
         }
         Kernel::Portable
     }
+
+    /// `self`, or the best one below it that this CPU runs.
+    fn supported(self) -> Kernel {
+        match (self, Kernel::best()) {
+            (_, Kernel::Portable) | (Kernel::Portable, _) => Kernel::Portable,
+            (Kernel::Avx512, best) => best,
+            (k, _) => k,
+        }
+    }
 }
 
-/// [`gemv_bf16`] with a given kernel (falls back to the portable one where the CPU lacks it).
-pub fn gemv_bf16_with(x: &[f32], m: usize, k: usize, w: &[u16], n: usize, kernel: Kernel) -> Vec<f32> {
+/// The skinny product with a given kernel (falls back to a slower one where the CPU lacks it).
+pub fn gemv_with<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, kernel: Kernel) -> Vec<f32> {
     debug_assert!(x.len() == m * k && w.len() == n * k);
     let mut out_t = vec![0f32; n * m]; // [n, m]
-    let kernel = if kernel == Kernel::Portable || Kernel::best() == Kernel::Portable {
-        Kernel::Portable
-    } else if kernel == Kernel::Avx512 && Kernel::best() != Kernel::Avx512 {
-        Kernel::Avx2
-    } else {
-        kernel
-    };
+    let kernel = kernel.supported();
     let bn = block_columns(n);
     out_t.par_chunks_mut(bn * m).enumerate().for_each(|(bi, o)| {
         let n0 = bi * bn;
         match kernel {
-            // SAFETY: the CPU supports avx512f, avx2 and fma (Kernel::best() above).
+            // SAFETY: the CPU supports avx512f, avx2 and fma (Kernel::supported).
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => unsafe { block_avx512(x, m, k, w, n0, o) },
-            // SAFETY: the CPU supports avx2 and fma (Kernel::best() above).
+            // SAFETY: the CPU supports avx2 and fma (Kernel::supported).
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { block_avx2(x, m, k, w, n0, o) },
             _ => block(x, m, k, w, n0, o, false),
@@ -237,12 +283,15 @@ mod tests {
         let wf: Vec<f32> = (0..n * k).map(|i| ((i * 11 % 17) as f32 - 8.0) / 9.0).collect();
         let w: Vec<u16> = wf.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
         let y = gemv_bf16(&x, m, k, &w, n);
+        let wr: Vec<f32> = w.iter().map(|&b| bf16_to_f32(b)).collect(); // the same weights in f32
         for kernel in [Kernel::Portable, Kernel::Avx2, Kernel::Avx512] {
-            let yk = gemv_bf16_with(&x, m, k, &w, n, kernel);
-            for (a, b) in yk.iter().zip(&y) {
-                assert!((a - b).abs() < 1e-4, "{kernel:?} {m}x{k}x{n}: {a} vs {b}");
+            let yk = gemv_with(&x, m, k, &w, n, kernel);
+            let yf = gemv_with(&x, m, k, &wr, n, kernel);
+            for ((a, b), c) in yk.iter().zip(&y).zip(&yf) {
+                assert!((a - b).abs() < 1e-4 && (c - b).abs() < 1e-4, "{kernel:?} {m}x{k}x{n}: {a}, {c} vs {b}");
             }
         }
+        assert_eq!(gemv_f32(&x, m, k, &wr, n), gemv_with(&x, m, k, &wr, n, Kernel::best()));
         let wide = matmul_bf16_wide(&x, m, k, &w, n, None);
         let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 0.5).collect();
         let wide_b = matmul_bf16_wide(&x, m, k, &w, n, Some(&bias));
