@@ -11,7 +11,9 @@ The course's recipe (a VLM is an image encoder, a projection and a language mode
    (``model.model.text_model.requires_grad_(False)``; full-parameter training of the rest) but for its (tied)
    token embedding, so that SmolVLM's new ``<end_of_utterance>`` is learnt (LLaVA's alignment stage trains its
    input embeddings too when it adds tokens).
-4. Stage 2, instruction tuning: LoRA on the language model (``get_peft_model``), the vision side still training.
+4. Stage 2, instruction tuning: LoRA on the language model (``get_peft_model``), the vision side still training,
+   the embedding frozen again (training the whole tied embedding next to the adapters cost accuracy: 76.6%
+   held-out against 82.8% without).
 5. Held-out exact-match accuracy before and after each stage, next to chance; the model (and the adapter) saved,
    a loss curve written next to them, and a few held-out questions answered with streaming ``generate``.
 
@@ -71,19 +73,12 @@ def smollm2_gguf() -> Path:
 # ------------------------------------------------------------------------------------------------
 
 
-QUESTIONS = {"color": "What color is the shape?", "shape": "What shape is in the picture?",
-             "count": "How many shapes are there?", "position": "Is the shape on the left or on the right?"}
-
-
 @dataclass
 class Scene:
     image: np.ndarray  # [S, S, 3] uint8
     question: str
     answer: str
     kind: str  # color / shape / count / position
-    # every question the image answers, (kind, answer), the scene's own first: a one-shape picture answers
-    # its colour, shape and side; a picture of several shapes only how many
-    facts: tuple[tuple[str, str], ...] = ()
 
 
 def _draw(img: np.ndarray, shape: str, color: tuple, cx: float, cy: float, r: float) -> None:
@@ -111,16 +106,18 @@ def make_scene(rng: np.random.Generator, size: int) -> Scene:
             cx = (0.25 + 0.5 * (c % 2)) * size + rng.uniform(-0.05, 0.05) * size
             cy = (0.25 + 0.5 * (c // 2)) * size + rng.uniform(-0.05, 0.05) * size
             _draw(img, SHAPES[int(rng.integers(3))], list(COLORS.values())[int(rng.integers(4))], cx, cy, r * 0.8)
-        return Scene(img, QUESTIONS[kind], NUMBERS[n - 1], kind, ((kind, NUMBERS[n - 1]),))
+        return Scene(img, "How many shapes are there?", NUMBERS[n - 1], kind)
     color = list(COLORS)[int(rng.integers(4))]
     shape = SHAPES[int(rng.integers(3))]
     side = ("left", "right")[int(rng.integers(2))]
     cx = (0.27 if side == "left" else 0.73) * size + rng.uniform(-0.06, 0.06) * size
     cy = rng.uniform(0.3, 0.7) * size
     _draw(img, shape, COLORS[color], cx, cy, r * rng.uniform(0.85, 1.15))
-    facts = {"color": color, "shape": shape, "position": side}
-    order = (kind,) + tuple(k for k in facts if k != kind)
-    return Scene(img, QUESTIONS[kind], facts[kind], kind, tuple((k, facts[k]) for k in order))
+    if kind == "color":
+        return Scene(img, "What color is the shape?", color, kind)
+    if kind == "shape":
+        return Scene(img, "What shape is in the picture?", shape, kind)
+    return Scene(img, "Is the shape on the left or on the right?", side, kind)
 
 
 def make_split(n: int, seed: int, size: int) -> list[Scene]:
@@ -139,27 +136,13 @@ def user_turn(question: str) -> dict:
     return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
 
 
-def _assistant(text: str) -> dict:
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
-
-
-def sft_rows(scenes: list[Scene], multi_turn: bool = False) -> list[dict]:
-    """TRL's conversational rows. One question per image: prompt-completion rows, the loss on the answer only
-    (completion_only_loss). ``multi_turn``: a conversation per image asking every question it answers (the
-    scene's own first), as LLaVA's instruction data does; train it with ``assistant_only_loss=True`` so that
-    the loss covers the answers only."""
-    if not multi_turn:
-        return [{"images": [s.image], "prompt": [user_turn(s.question)], "completion": [_assistant(s.answer)]}
-                for s in scenes]
-    rows = []
-    for s in scenes:
-        messages: list[dict] = []
-        for i, (kind, ans) in enumerate(s.facts or ((s.kind, s.answer),)):
-            q = QUESTIONS[kind]
-            messages.append(user_turn(q) if i == 0 else {"role": "user", "content": [{"type": "text", "text": q}]})
-            messages.append(_assistant(ans))
-        rows.append({"images": [s.image], "messages": messages})
-    return rows
+def sft_rows(scenes: list[Scene]) -> list[dict]:
+    """TRL's conversational prompt-completion rows: the loss covers the answer only (completion_only_loss)."""
+    return [
+        {"images": [s.image], "prompt": [user_turn(s.question)],
+         "completion": [{"role": "assistant", "content": [{"type": "text", "text": s.answer}]}]}
+        for s in scenes
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,9 +197,7 @@ class Settings:
     stage1_lr: float = 2e-3
     stage2_lr: float = 1e-3
     lora_r: int = 16
-    train_embeddings: bool = True
-    stage2_embeddings: bool = True
-    multi_turn: bool = False  # every question an image answers in one conversation (sft_rows)
+    train_embeddings: bool = True  # in stage 1 (stage 2 freezes the embedding again)
     bf16: bool = True  # TRL's SFTConfig default (bf16=not fp16): frozen weights' products in bf16
     seed: int = 0
     show: int = 4  # held-out questions answered with streaming at the end
@@ -239,7 +220,7 @@ def _stage(model, processor, rows, steps: int, lr: float, out: Path, s: Settings
         output_dir=str(out / name), max_steps=steps, per_device_train_batch_size=s.batch_size, learning_rate=lr,
         lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10), logging_steps=max(1, steps // 20),
         gradient_checkpointing=False, save_strategy="no", report_to="none", seed=s.seed, max_length=None,
-        bf16=s.bf16, assistant_only_loss=s.multi_turn,
+        bf16=s.bf16,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=processor)
     t0 = time.perf_counter()
@@ -326,25 +307,22 @@ def main(settings: Settings | None = None) -> dict:
         # SmolVLM's new tokens (<end_of_utterance> ends every answer) start as the mean embedding: the
         # (tied) embedding trains, as LLaVA trains its input embeddings when it adds tokens in its alignment stage
         model.model.text_model.embed_tokens.requires_grad_(True)
-    curves = {"stage 1 (align)": _stage(model, processor, sft_rows(train, s.multi_turn), s.stage1_steps, s.stage1_lr, out, s,
+    curves = {"stage 1 (align)": _stage(model, processor, sft_rows(train), s.stage1_steps, s.stage1_lr, out, s,
                                          "stage1")}
     acc1, k1 = accuracy(model, processor, held_out)
     _report("after stage 1", acc1, k1, base)
     results["stage1"] = acc1
 
-    _log("4. stage 2, instruction tuning: LoRA on the language model, the vision side still training")
+    _log("4. stage 2, instruction tuning: LoRA on the language model, the vision side still training (the embedding "
+         "is frozen again)")
     peft_model = get_peft_model(model, LoraConfig(
         r=s.lora_r, lora_alpha=2 * s.lora_r, lora_dropout=0.0,
         target_modules=r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
     ))
     model.model.vision_model.requires_grad_(True)  # PEFT froze the base; the vision side keeps training
     model.model.connector.requires_grad_(True)
-    # SmolVLM's new tokens (<end_of_utterance> ends every answer) start as the mean embedding: the (tied)
-    # embedding trains too, so that the model learns to stop
-    if s.train_embeddings and s.stage2_embeddings:
-        model.model.text_model.embed_tokens.requires_grad_(True)
     peft_model.print_trainable_parameters()
-    curves["stage 2 (LoRA)"] = _stage(peft_model, processor, sft_rows(train, s.multi_turn), s.stage2_steps, s.stage2_lr, out, s,
+    curves["stage 2 (LoRA)"] = _stage(peft_model, processor, sft_rows(train), s.stage2_steps, s.stage2_lr, out, s,
                                       "stage2")
     acc2, k2 = accuracy(model, processor, held_out)
     _report("after stage 2", acc2, k2, base)
