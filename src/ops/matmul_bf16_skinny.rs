@@ -185,12 +185,16 @@ pub fn gemv_with<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize
     out_t.par_chunks_mut(bn * m).enumerate().for_each(|(bi, o)| {
         let n0 = bi * bn;
         match kernel {
-            // SAFETY: the CPU supports avx512f, avx2 and fma (Kernel::supported).
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => unsafe { block_avx512(x, m, k, w, n0, o) },
-            // SAFETY: the CPU supports avx2 and fma (Kernel::supported).
+            Kernel::Avx512 => {
+                // SAFETY: the CPU supports avx512f, avx2 and fma (Kernel::supported).
+                unsafe { block_avx512(x, m, k, w, n0, o) }
+            }
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { block_avx2(x, m, k, w, n0, o) },
+            Kernel::Avx2 => {
+                // SAFETY: the CPU supports avx2 and fma (Kernel::supported).
+                unsafe { block_avx2(x, m, k, w, n0, o) }
+            }
             _ => block(x, m, k, w, n0, o, false),
         }
     });
