@@ -23,6 +23,7 @@ from .dpo_trainer import DPOTrainer
 from .errors import (
     CheckpointError,
     ConfigError,
+    DeviceError,
     FerroVLMError,
     InputError,
     InternalError,
@@ -105,6 +106,7 @@ __all__ = [
     "SmolVLMConfig",
     "FerroVLMError",
     "ConfigError",
+    "DeviceError",
     "CheckpointError",
     "ModelNotCachedError",
     "InputError",
