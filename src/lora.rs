@@ -193,8 +193,8 @@ impl Adapter {
                 uniform(&mut rng, o_f * r, 1.0 / (r as f64).sqrt()),
             ),
         };
-        let a = Var::from_tensor(&Tensor::from_vec(a, (r, i_f), &dev)?)?;
-        let b = Var::from_tensor(&Tensor::from_vec(b, (o_f, r), &dev)?)?;
+        let a = Var::from_tensor(&Tensor::from_vec(a, (r, i_f), dev)?)?;
+        let b = Var::from_tensor(&Tensor::from_vec(b, (o_f, r), dev)?)?;
         let scaling = spec.scaling();
         let magnitude = if spec.use_dora { Some(Var::from_tensor(&weight_norm(lin, &a, &b, scaling)?)?) } else { None };
         Ok(Adapter {

@@ -57,7 +57,7 @@ def test_cpu_model_device_and_to(tiny_smolvlm):
 def test_a_cpu_build_says_how_to_get_cuda(tiny_smolvlm):
     assert not _core.cuda_built() and not _core.cuda_available()
     for dm in ("cuda", "cuda:0", 0, {"": 0}):
-        with pytest.raises(DeviceError, match=r"built without CUDA.*--features cuda"):
+        with pytest.raises(DeviceError, match=r"built without CUDA.*--features python,cuda"):
             ferrovlm.AutoModelForImageTextToText.from_pretrained(tiny_smolvlm, device_map=dm)
     with pytest.raises(ferrovlm.FerroVLMError):  # DeviceError is one
         ferrovlm.AutoModelForImageTextToText.from_pretrained(tiny_smolvlm, device_map="cuda")

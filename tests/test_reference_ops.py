@@ -79,6 +79,10 @@ def test_dpo_trajectory_matches_the_fast_path(tiny_smolvlm, tmp_path):
     # Step 1 sits at policy = reference (the same adapter), where log sigmoid's derivative must be exactly
     # 1/2 on both paths: compare_runs checked step 1's grad_norm; the loss there is ln 2.
     assert abs(ref[0][0]["loss"] - np.log(2)) < 1e-6
+    trl = json.loads((FIXTURES / "dpo" / "sigmoid" / "log_history.json").read_text())
+    for g, w in zip(ref[0][:-1], trl[:-1]):  # and TRL's run
+        for k in DPO_KEYS:
+            np.testing.assert_allclose(g[k], w[k], rtol=1e-4, atol=2e-5, err_msg=f"vs TRL: {k}")
 
 
 @pytest.mark.skipif(_core.cuda_built(), reason="this build has CUDA: tests/test_cuda.py covers the device")

@@ -64,15 +64,13 @@ impl VlmModel {
             Ok(())
         })?;
         // The tied head shares the embedding (not visited above): it shares the moved one.
-        if m.config.tie_word_embeddings {
-            if m.lm_head.quant().is_none() {
-                let emb = m.text.embed_tokens.clone();
-                m.lm_head = if dev.is_cpu() && bf16_compute {
-                    Linear::bf16_compute(emb, None)?
-                } else {
-                    Linear::with_compute_dtype(emb, None, m.dtype)?
-                };
-            }
+        if m.config.tie_word_embeddings && m.lm_head.quant().is_none() {
+            let emb = m.text.embed_tokens.clone();
+            m.lm_head = if dev.is_cpu() && bf16_compute {
+                Linear::bf16_compute(emb, None)?
+            } else {
+                Linear::with_compute_dtype(emb, None, m.dtype)?
+            };
         }
         m.text.rope = m.text.rope.to_device(dev)?;
         m.device = dev.clone();

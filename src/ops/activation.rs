@@ -322,5 +322,11 @@ mod tests {
         )
         .unwrap();
         assert!(max_rel_err(&fd, &want[2..5], 1e-3) < 1e-2);
+        // The reference composition (what a GPU runs, with candle's autograd) has the same gradient,
+        // 1/2 at 0 included, and stays finite at both ends.
+        let gr = r.sum_all().unwrap().backward().unwrap();
+        let got_r = to_f64(gr.get(x.as_tensor()).unwrap()).unwrap();
+        assert!(max_rel_err(&got_r, &want, 1e-12) < 1e-5, "{got_r:?} vs {want:?}");
+        assert!((got_r[3] - 0.5).abs() < 1e-7);
     }
 }

@@ -326,7 +326,12 @@ impl PyVlmModel {
     /// it cannot be had or the model has adapters or trainable parameters.
     fn to_device(&self, py: Python<'_>, device: &str) -> PyResult<()> {
         let dev = open_device(py, device)?;
-        detached(py, |_| self.update(|m| Ok(*m = m.to_device(&dev)?)))
+        detached(py, |_| {
+            self.update(|m| {
+                *m = m.to_device(&dev)?;
+                Ok(())
+            })
+        })
     }
 
     /// Returns (logits [B, K, V] float32, loss or None, number of label tokens).
