@@ -22,6 +22,9 @@ prepare)
     "nvidia-cuda-runtime==13.0.96" "nvidia-cuda-cccl==13.0.85"
   CUDA_ROOT=$(ls -d "$CUDA_VENV"/lib/python3*/site-packages/nvidia/cu13)
   export CUDA_ROOT CUDA_PATH=$CUDA_ROOT NVCC=$CUDA_ROOT/bin/nvcc PATH=$CUDA_ROOT/bin:$PATH CUDA_COMPUTE_CAP=90
+  # candle-kernels links -lcudart: the wheel of nvidia-cuda-runtime has only libcudart.so.13
+  ln -sf libcudart.so.13 "$CUDA_ROOT/lib/libcudart.so"
+  export LIBRARY_PATH=$CUDA_ROOT/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target-cuda}
   [ -x .venv/bin/maturin ] || { python3 -m venv .venv && .venv/bin/pip install -q maturin; }
   rm -rf "$CARRY" && mkdir -p "$CARRY/wheels"
