@@ -29,14 +29,17 @@ prepare)
   [ -x .venv/bin/maturin ] || { python3 -m venv .venv && .venv/bin/pip install -q maturin; }
   rm -rf "$CARRY" && mkdir -p "$CARRY/wheels"
   .venv/bin/maturin build --release --features python,cuda --compatibility linux -i .venv/bin/python -o "$CARRY/wheels"
-  .venv/bin/pip download -q --no-deps -d "$CARRY/wheels" trl datasets dill multiprocess
+  # pure-Python wheels for the GPU machine's Python 3.12 (multiprocess has one per Python version)
+  .venv/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d "$CARRY/wheels" \
+    trl datasets dill multiprocess
   ls -la "$CARRY/wheels"; du -sh "$CARRY"
   ;;
 run)
   OUT=${OUT:-/tmp/gpu_check_out}; mkdir -p "$OUT"
   export PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-  python3 -m pip install -q --no-index --find-links "$CARRY/wheels" ferrovlm trl datasets dill multiprocess
+  # --no-deps: everything else they need is on the image (torch, transformers, peft, accelerate, pyarrow, ...)
+  python3 -m pip install -q --no-index --no-deps "$CARRY"/wheels/*.whl
   # cudarc opens libcuda (the driver) and cuBLAS / cuRAND / NVRTC 13 at run time: the image's torch has them.
   LIBS=$(python3 -c "import glob, os, site; print(':'.join(sorted({os.path.dirname(p) for d in site.getsitepackages() for p in glob.glob(d + '/nvidia/**/lib*.so*', recursive=True)})))")
   export LD_LIBRARY_PATH=${LIBS}:${LD_LIBRARY_PATH:-}

@@ -65,9 +65,46 @@ pub fn open(spec: DeviceSpec) -> Result<Device> {
     }
 }
 
+/// The CUDA libraries that candle opens (by cudarc's names) and that cannot be loaded here, by what they are.
+#[cfg(all(feature = "cuda", target_os = "linux"))]
+fn missing_cuda_libs() -> Vec<&'static str> {
+    let libs = [
+        ("cuda", "the NVIDIA driver (libcuda.so.1)"),
+        ("cublas", "cuBLAS (libcublas.so.13)"),
+        ("cublasLt", "cuBLASLt (libcublasLt.so.13)"),
+        ("curand", "cuRAND (libcurand.so.10)"),
+        ("nvrtc", "NVRTC (libnvrtc.so.13)"),
+    ];
+    libs.iter()
+        .filter(|(lib, _)| {
+            !cudarc::get_lib_name_candidates(lib).iter().any(|name| {
+                let Ok(c) = std::ffi::CString::new(name.as_str()) else { return false };
+                // SAFETY: `c` is a NUL-terminated file name; the handle stays open (cudarc opens the same
+                // library for the rest of the process when the device is created).
+                !unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) }.is_null()
+            })
+        })
+        .map(|(_, what)| *what)
+        .collect()
+}
+
+#[cfg(all(feature = "cuda", not(target_os = "linux")))]
+fn missing_cuda_libs() -> Vec<&'static str> {
+    Vec::new()
+}
+
 #[cfg(feature = "cuda")]
 fn open_cuda(ordinal: usize) -> Result<Device> {
-    // cudarc opens libcuda on first use and panics when it cannot: stop that here as an error.
+    // cudarc panics when a library is missing: look for them first, so that this is an error, not a panic.
+    let missing = missing_cuda_libs();
+    if !missing.is_empty() {
+        return device_err(format!(
+            "cuda:{ordinal}: this machine lacks {} (this ferrovlm was built with CUDA; it needs an NVIDIA driver and \
+             the CUDA 13 libraries: the PyPI packages nvidia-cublas, nvidia-curand, nvidia-cuda-nvrtc or a CUDA \
+             toolkit, with their lib folders on LD_LIBRARY_PATH)",
+            missing.join(", ")
+        ));
+    }
     let r = std::panic::catch_unwind(|| Device::new_cuda(ordinal));
     match r {
         Ok(Ok(d)) => Ok(d),
