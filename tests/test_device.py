@@ -61,3 +61,13 @@ def test_a_cpu_build_says_how_to_get_cuda(tiny_smolvlm):
             ferrovlm.AutoModelForImageTextToText.from_pretrained(tiny_smolvlm, device_map=dm)
     with pytest.raises(ferrovlm.FerroVLMError):  # DeviceError is one
         ferrovlm.AutoModelForImageTextToText.from_pretrained(tiny_smolvlm, device_map="cuda")
+
+
+@pytest.mark.skipif(not _core.cuda_built() or _core.cuda_available(), reason="needs a CUDA build, no GPU")
+def test_a_cuda_build_without_a_gpu_names_what_is_missing(tiny_smolvlm):
+    with pytest.raises(DeviceError, match=r"cuda:0: this machine lacks .*driver"):
+        ferrovlm.AutoModelForImageTextToText.from_pretrained(tiny_smolvlm, device_map="cuda")
+    model = ferrovlm.AutoModelForImageTextToText.from_pretrained(tiny_smolvlm)  # the CPU still works
+    with pytest.raises(DeviceError, match="lacks"):
+        model.to("cuda")
+    assert str(model.device) == "cpu"
