@@ -11,6 +11,9 @@ how far apart the first ones are) and the achieved GFLOP/s (matmul FLOPs counted
 config and the collated batches). Dev only (needs torch, transformers, peft, trl in the same environment):
 
     python bench/bench_sft.py [--steps 4] [--bf16] [--full] [--out bench/out/sft.json]
+
+`--device cuda`: both sides on the GPU (a ferrovlm built with the `cuda` feature; README "CUDA build"), fp32;
+peak memory is then each process's peak GPU memory as nvidia-smi reports it (CUDA context included on both).
 """
 
 from __future__ import annotations
@@ -52,8 +55,38 @@ def make_rows(n: int = 8) -> list:
     return noise_rows("completion", n)
 
 
-def run_side(side: str, ckpt: str, steps: int, bf16: bool = False, full: bool = False) -> dict:
+class GpuPeak:
+    """This process's peak GPU memory (MiB), polled from nvidia-smi every 0.1 s while running."""
+
+    def __init__(self) -> None:
+        import os
+        import threading
+
+        self.peak, self._stop, self._pid = 0.0, threading.Event(), str(os.getpid())
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        import subprocess
+
+        while not self._stop.is_set():
+            query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+            out = subprocess.run(query, capture_output=True, text=True).stdout
+            for line in out.splitlines():
+                pid, _, mem = line.partition(",")
+                if pid.strip() == self._pid:
+                    self.peak = max(self.peak, float(mem))
+            self._stop.wait(0.1)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def run_side(side: str, ckpt: str, steps: int, bf16: bool = False, full: bool = False, device: str = "cpu") -> dict:
     add_processor(Path(ckpt))
+    gpu = GpuPeak() if device != "cpu" else None
     rows = raw_rows = make_rows()
     base = rss_mb()
     cfg = dict(
@@ -73,8 +106,8 @@ def run_side(side: str, ckpt: str, steps: int, bf16: bool = False, full: bool = 
     if side == "ferrovlm":
         from ferrovlm import AutoModelForImageTextToText, AutoProcessor, LoraConfig, SFTConfig, SFTTrainer
 
-        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype="float32")
-        args = SFTConfig(**cfg, disable_tqdm=True)
+        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype="float32", device_map=device)
+        args = SFTConfig(**cfg, disable_tqdm=True, use_cpu=device == "cpu")
     else:
         import torch
         from peft import LoraConfig
@@ -82,8 +115,8 @@ def run_side(side: str, ckpt: str, steps: int, bf16: bool = False, full: bool = 
         from trl import SFTConfig, SFTTrainer
 
         torch.manual_seed(0)
-        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32)
-        args = SFTConfig(**cfg, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32, device_map=device)
+        args = SFTConfig(**cfg, use_cpu=device == "cpu", dataloader_num_workers=0, disable_tqdm=True)
         from datasets import Dataset
 
         rows = Dataset.from_list(rows)  # TRL refuses plain lists
@@ -98,7 +131,9 @@ def run_side(side: str, ckpt: str, steps: int, bf16: bool = False, full: bool = 
     trainer.train()
     train_s = time.perf_counter() - t0
     peak = peak_rss_mb()
+    extra = {"peak_gpu_mb": gpu.stop()} if gpu is not None else {}
     return {
+        **extra,
         "train_s": train_s,
         "samples_per_s": steps * 4 / train_s,
         "peak_rss_mb": peak,
@@ -149,18 +184,21 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16=True in SFTConfig on both sides (TRL: CPU autocast)")
     ap.add_argument("--full", action="store_true", help="full fine-tuning on both sides (no peft_config)")
     ap.add_argument("--out", default=str(HERE / "out" / "sft.json"))
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (both sides on the GPU)")
     ap.add_argument("--baseline", help=BASELINE_HELP)
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
-        print(json.dumps(run_side(args.side, args.ckpt, args.steps, args.bf16, args.full)))
+        print(json.dumps(run_side(args.side, args.ckpt, args.steps, args.bf16, args.full, args.device)))
         return
-    extra = ["--steps", str(args.steps)] + (["--bf16"] if args.bf16 else []) + (["--full"] if args.full else [])
+    extra = ["--steps", str(args.steps), "--device", args.device] + (["--bf16"] if args.bf16 else []) + (
+        ["--full"] if args.full else [])
     results = run_both_sides(__file__, extra, baseline=args.baseline)
     f, t = results["ferrovlm"], results["transformers"]
     results["bf16"] = args.bf16
     results["full"] = args.full
+    results["device"] = args.device
     results["ratios"] = {
         "speedup": f["samples_per_s"] / t["samples_per_s"],
         "peak_rss_ratio": f["peak_rss_mb"] / t["peak_rss_mb"],
@@ -177,6 +215,11 @@ def main() -> None:
     print(f"{'samples/s':16}{f['samples_per_s']:12.3f}{t['samples_per_s']:12.3f}{speedup:9.2f}x (speedup)")
     ratio = results["ratios"]["peak_rss_ratio"]
     print(f"{'peak RSS MB':16}{f['peak_rss_mb']:12.1f}{t['peak_rss_mb']:12.1f}{ratio:9.2f}x (ours/theirs)")
+    if "peak_gpu_mb" in f and "peak_gpu_mb" in t:
+        results["ratios"]["peak_gpu_ratio"] = f["peak_gpu_mb"] / max(t["peak_gpu_mb"], 1.0)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"{'peak GPU MiB':16}{f['peak_gpu_mb']:12.0f}{t['peak_gpu_mb']:12.0f}"
+              f"{results['ratios']['peak_gpu_ratio']:9.2f}x (ours/theirs)")
     print_flops_and_losses(results)
 
 

@@ -89,6 +89,10 @@ pub enum Error {
     /// A tensor operation failed: an internal bug, not a user error.
     #[error("tensor operation failed: {0}")]
     Tensor(#[from] candle_core::Error),
+    /// A device that this build or this machine cannot give (CUDA without the `cuda` feature, without
+    /// a driver or GPU, an unknown device name), see `crate::device`.
+    #[error("{0}")]
+    Device(String),
     /// The caller asked to stop (Ctrl-C in Python).
     #[error("interrupted")]
     Interrupted,

@@ -172,18 +172,19 @@ fn normal(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
 
 /// Row-wise L2 norm of W + scaling * B A, detached. w: [out, in] -> [out]
 fn weight_norm(lin: &Linear, a: &Tensor, b: &Tensor, scaling: f64) -> CResult<Tensor> {
-    let w = lin.dense_weight()?.to_dtype(DType::F32)?.detach(); // [out, in]
+    // A quantized weight dequantizes on the host: brought to the adapter's device.
+    let w = lin.dense_weight()?.to_dtype(DType::F32)?.to_device(a.device())?.detach(); // [out, in]
     let ba = b.detach().matmul(&a.detach())?; // [out, in]
     let full = (w + (ba * scaling)?)?;
     full.sqr()?.sum(D::Minus1)?.sqrt()
 }
 
 impl Adapter {
-    /// A new LoRA adapter for `lin` (f32 on the CPU).
-    pub fn lora(lin: &Linear, spec: &LoraSpec, index: u64, switch: Arc<AdapterSwitch>) -> CResult<Self> {
+    /// A new LoRA adapter for `lin` (f32 on the model's device `dev`; the values are drawn on the host,
+    /// so every device starts from the same ones).
+    pub fn lora(lin: &Linear, spec: &LoraSpec, index: u64, switch: Arc<AdapterSwitch>, dev: &Device) -> CResult<Self> {
         let (r, i_f, o_f) = (spec.r, lin.in_features, lin.out_features);
         let mut rng = Rng::new(spec.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let dev = Device::Cpu;
         let (a, b) = match spec.init {
             LoraInit::Default => (uniform(&mut rng, r * i_f, 1.0 / (i_f as f64).sqrt()), vec![0f32; o_f * r]),
             LoraInit::Gaussian => (normal(&mut rng, r * i_f, 1.0 / r as f64), vec![0f32; o_f * r]),
@@ -192,8 +193,8 @@ impl Adapter {
                 uniform(&mut rng, o_f * r, 1.0 / (r as f64).sqrt()),
             ),
         };
-        let a = Var::from_tensor(&Tensor::from_vec(a, (r, i_f), &dev)?)?;
-        let b = Var::from_tensor(&Tensor::from_vec(b, (o_f, r), &dev)?)?;
+        let a = Var::from_tensor(&Tensor::from_vec(a, (r, i_f), dev)?)?;
+        let b = Var::from_tensor(&Tensor::from_vec(b, (o_f, r), dev)?)?;
         let scaling = spec.scaling();
         let magnitude = if spec.use_dora { Some(Var::from_tensor(&weight_norm(lin, &a, &b, scaling)?)?) } else { None };
         Ok(Adapter {
@@ -322,7 +323,7 @@ impl Adapter {
                 Ok((weight.as_tensor().detach(), bias.as_ref().map(|b| b.as_tensor().detach())))
             }
             AdapterKind::Lora(l) => {
-                let w = lin.dense_weight()?.to_dtype(DType::F32)?;
+                let w = lin.dense_weight()?.to_dtype(DType::F32)?.to_device(l.a.device())?;
                 let full = (w + (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scaling)?)?; // [out, in]
                 let full = match &l.magnitude {
                     None => full,
@@ -365,10 +366,11 @@ pub fn attach(model: &mut crate::model::VlmModel, plan: &AdapterPlan) -> Result<
     let switch = Arc::new(AdapterSwitch::default());
     model.switch = switch.clone();
     let bf16_compute = model.bf16_compute;
+    let dev = model.device.clone();
     for (index, (name, lin)) in model.linears_mut().into_iter().enumerate() {
         lin.adapter = None;
         if plan.lora_targets.contains(&name) {
-            lin.adapter = Some(Arc::new(Adapter::lora(lin, &plan.spec, index as u64, switch.clone())?));
+            lin.adapter = Some(Arc::new(Adapter::lora(lin, &plan.spec, index as u64, switch.clone(), &dev)?));
         } else if plan.modules_to_save.contains(&name) {
             lin.adapter = Some(Arc::new(Adapter::full_copy(lin, switch.clone())?));
         }
@@ -481,7 +483,7 @@ pub fn load_state(model: &crate::model::VlmModel, tensors: &[(String, Tensor)], 
                 p.var.dims()
             ));
         }
-        p.var.set(&t.to_dtype(DType::F32)?)?;
+        p.var.set(&t.to_dtype(DType::F32)?.to_device(p.var.device())?)?;
     }
     if strict {
         let keys = params.iter().map(|p| p.name.clone()).chain(saved.iter().map(|n| format!("base_model.model.{n}")));

@@ -180,13 +180,13 @@ impl AdamW {
             }
             let scalars = AdamScalars { decay: if p.decay { decay } else { 1.0 }, ..base };
             let var = p.var.as_tensor();
-            if var.dtype() == candle_core::DType::F32 && var.is_contiguous() && var.device().is_cpu() {
+            if var.dtype() == candle_core::DType::F32 && var.is_contiguous() && crate::ops::fused_on(var.device()) {
                 let kernel =
                     AdamKernel { scalars, m: std::cell::RefCell::new(&mut p.m), v: std::cell::RefCell::new(&mut p.v) };
                 var.inplace_op2(&g.reshape(var.shape())?, &kernel)?;
             } else {
-                // not where the kernel can write in place (trainable tensors are contiguous f32 CPU
-                // Vars, so this does not happen today): compute on a copy and set it
+                // not where the kernel can write in place (a GPU, or the reference ops forced): the same
+                // update on a host copy (what the in-place kernel computes), set back on the Var's device
                 let mut w: Vec<f32> = var.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
                 let gv: Vec<f32> = g.flatten_all()?.to_vec1()?;
                 scalars.update(&mut w, &mut p.m, &mut p.v, &gv);

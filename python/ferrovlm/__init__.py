@@ -11,6 +11,7 @@ import os as _os
 # kernel still uses all cores. Set CANDLE_NUM_THREADS before importing ferrovlm to override.
 _os.environ.setdefault("CANDLE_NUM_THREADS", "1")
 
+from . import _native  # noqa: E402, F401  (imports _core; a CUDA build finds its CUDA runtime first)
 from ._core import __version__  # noqa: E402
 from .batch import BatchEncoding, BatchFeature
 from .cli import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
@@ -23,6 +24,7 @@ from .dpo_trainer import DPOTrainer
 from .errors import (
     CheckpointError,
     ConfigError,
+    DeviceError,
     FerroVLMError,
     InputError,
     InternalError,
@@ -105,6 +107,7 @@ __all__ = [
     "SmolVLMConfig",
     "FerroVLMError",
     "ConfigError",
+    "DeviceError",
     "CheckpointError",
     "ModelNotCachedError",
     "InputError",

@@ -5,6 +5,8 @@
 - ``CheckpointError``: weight files missing, corrupt, truncated, or a tensor missing / mis-shaped.
 - ``ModelNotCachedError`` (a ``CheckpointError``): a hub id not in the local cache and not downloadable.
 - ``InputError``: malformed call inputs (shapes, ids, image-token counts).
+- ``DeviceError``: a device this build or machine cannot give (``device_map="cuda"`` on a CPU-only build, or
+  without an NVIDIA driver / GPU); the message says what is missing and how to get it.
 - ``InternalError``: a bug in ferrovlm.
 - ``DistributedError`` (``ferrovlm.distributed``): data-parallel training cannot go on (a rank died or timed out).
 """
@@ -12,6 +14,7 @@
 from ._core import (
     CheckpointError,
     ConfigError,
+    DeviceError,
     FerroVLMError,
     InputError,
     InternalError,
@@ -27,4 +30,5 @@ __all__ = [
     "InputError",
     "InternalError",
     "ProcessorError",
+    "DeviceError",
 ]

@@ -18,6 +18,7 @@ import numpy as np
 from . import _core
 from ._tensors import is_torch_tensor, like_inputs, to_numpy
 from .configuration import CONFIG_CLASSES, PretrainedConfig
+from .device import as_device, device_spec, is_device_arg
 from .generation import GenerationConfig, resolve
 from .hub import resolve_pretrained
 from .parameters import ParametersMixin
@@ -84,14 +85,6 @@ def _quantization_config(quantization_config: Any, load_in_4bit: bool, load_in_8
     )
 
 
-def _check_device_map(device_map: Any) -> None:
-    targets = device_map.values() if isinstance(device_map, dict) else [device_map]
-    for t in targets:
-        if t in (None, "auto", "cpu", "balanced", "sequential") or str(t) == "cpu":
-            continue
-        warnings.warn(f"device {t!r} is not supported yet; ferrovlm runs on the CPU", stacklevel=3)
-
-
 class ModelOutput(dict):
     """A dict with attribute access, like transformers' ``ModelOutput`` (``out.logits``, ``out["loss"]``)."""
 
@@ -153,7 +146,7 @@ class Idefics3ForConditionalGeneration(ParametersMixin):
                 stacklevel=2,
             )
         quant = _quantization_config(quantization_config, load_in_4bit, load_in_8bit)
-        _check_device_map(device_map)
+        device = device_spec(device_map) or "cpu"  # transformers: no device_map loads on the CPU
         if mmproj_file is not None and gguf_file is None:
             raise ValueError("mmproj_file needs the text model's gguf_file too")
         if gguf_file is not None:
@@ -166,7 +159,7 @@ class Idefics3ForConditionalGeneration(ParametersMixin):
                 attn,
                 dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token),
                 mmproj_file,
-            )
+            ).to(device)
         path = resolve_pretrained(
             pretrained_model_name_or_path,
             revision=revision,
@@ -205,6 +198,7 @@ class Idefics3ForConditionalGeneration(ParametersMixin):
             path,
             _dtype_name(dtype if dtype is not None else torch_dtype, resolved),
             json.dumps(quant.to_dict()) if quant is not None else None,
+            device,
         )
         if quant is not None:
             resolved["quantization_config"] = quant.to_dict()
@@ -296,12 +290,9 @@ class Idefics3ForConditionalGeneration(ParametersMixin):
     # -- torch-like surface ------------------------------------------------------------------------
     @property
     def device(self) -> Any:
-        try:
-            import torch
-
-            return torch.device("cpu")
-        except ImportError:
-            return "cpu"
+        """Where the weights are: ``torch.device("cuda:0")`` when torch is installed, else a
+        ``ferrovlm.device.device`` (``.type``, ``.index``, ``str()`` as torch's)."""
+        return as_device(self._core.device)
 
     @property
     def dtype(self) -> Any:
@@ -319,9 +310,9 @@ class Idefics3ForConditionalGeneration(ParametersMixin):
                 "`.to` is not supported for `4-bit` or `8-bit` bitsandbytes models. Please use the model as it is, "
                 "since the model has already been set to the correct devices and casted to the correct `dtype`."
             )
-        for a in list(args) + list(kwargs.values()):
-            if str(a).split(":")[0] not in ("cpu",) and not str(a).startswith("torch."):
-                warnings.warn(f"device {a!r} is not supported yet; ferrovlm runs on the CPU", stacklevel=2)
+        targets = [a for a in args if is_device_arg(a)] + [kwargs[k] for k in ("device",) if kwargs.get(k) is not None]
+        for t in targets:  # the weights move in place (a DeviceError when the device cannot be had)
+            self._core.to_device(device_spec(t))
         return self
 
     def eval(self) -> Idefics3ForConditionalGeneration:

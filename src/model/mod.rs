@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod compose;
 pub mod connector;
+mod device;
 pub mod init;
 pub mod modules;
 pub mod params;

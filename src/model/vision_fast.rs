@@ -11,7 +11,7 @@
 //! Differs from the unfused bf16 mode only by where values are rounded to bf16: q, k, v and the
 //! attention probabilities are now rounded too (tested against the unfused layer below).
 
-use candle_core::{DType, Result as CResult, Tensor};
+use candle_core::{Result as CResult, Tensor};
 
 use super::vision::VisionLayer;
 use super::{check, Interrupt};
@@ -36,7 +36,7 @@ fn packed(l: &Linear) -> Option<&PackedBf16> {
 }
 
 fn untracked_f32_cpu(t: &Tensor) -> bool {
-    t.dtype() == DType::F32 && t.device().is_cpu() && !t.track_op()
+    crate::ops::fused_f32(t) && !t.track_op()
 }
 
 /// Whether [`encoder_layers`] can run `layers` on x [F, Np, D]: f32 CPU input, every Linear packed

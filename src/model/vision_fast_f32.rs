@@ -25,7 +25,7 @@ use crate::ops::norm::layer_norm_into;
 use crate::ops::Linear;
 
 fn untracked_f32_cpu(t: &Tensor) -> bool {
-    t.dtype() == DType::F32 && t.device().is_cpu() && !t.track_op()
+    crate::ops::fused_f32(t) && !t.track_op()
 }
 
 /// The stored weight [out, in] of a Linear this path can use: f32 or bf16 on the CPU, no adapter.
@@ -46,7 +46,8 @@ pub(crate) fn usable(layers: &[VisionLayer], x: &Tensor, heads: usize) -> bool {
     }
     layers.iter().all(|l| {
         let lin_ok = |lin: &Linear, i: usize, o: Option<usize>| {
-            plain_weight(lin).is_some_and(|w| !w.track_op() && w.device().is_cpu() && w.dims() == [lin.out_features, i])
+            plain_weight(lin)
+                .is_some_and(|w| !w.track_op() && crate::ops::fused_on(w.device()) && w.dims() == [lin.out_features, i])
                 && lin.in_features == i
                 && o.is_none_or(|o| lin.out_features == o)
                 && lin.bias.as_ref().is_none_or(|b| untracked_f32_cpu(b) && b.dims() == [lin.out_features])

@@ -286,7 +286,9 @@ impl VlmModel {
             real_frames.len(),
             &self.device,
         )?;
-        let px = pixel_values.reshape((b * f, c, h, w))?.index_select(&idx, 0)?.to_dtype(self.dtype)?; // [Fr, C, H, W]
+        // Pixels come from the host: the real frames go to the model's device (a no-op on the CPU).
+        let px = pixel_values.to_device(&self.device)?.reshape((b * f, c, h, w))?; // [B*F, C, H, W]
+        let px = px.index_select(&idx, 0)?.to_dtype(self.dtype)?; // [Fr, C, H, W]
         let vision_hidden = encoder(vision, &px, &patch_mask)?; // [Fr, Np, D]
         let connector = connector.forward(&vision_hidden)?; // [Fr, T, Ht]
         Ok(ImageFeatures { real_frames, vision_hidden, connector })

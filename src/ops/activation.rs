@@ -120,7 +120,7 @@ impl CustomOp2 for GeluTanhGrad {
 /// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). f32 on the CPU runs a parallel kernel with a
 /// hand-written backward; other inputs run [`gelu_tanh_reference`].
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() == DType::F32 && x.device().is_cpu() {
+    if super::fused_f32(x) {
         x.contiguous()?.apply_op1(GeluTanh)
     } else {
         gelu_tanh_reference(x)
@@ -146,7 +146,7 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 /// f32 on the CPU runs a fused kernel with a hand-written backward (each gradient only for a
 /// tracked argument); other inputs run [`swiglu_reference`].
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+    let f32_cpu = super::fused_f32;
     if f32_cpu(gate) && f32_cpu(up) && gate.shape() == up.shape() {
         gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
     } else {
@@ -242,15 +242,29 @@ impl CustomOp1 for LogSigmoid {
     }
 }
 
-/// Reference composition of log sigmoid (tests; non-differentiable at 0 as noted above).
+/// Reference composition of log sigmoid, differentiable everywhere with candle's autograd (the GPU's
+/// path): -log(1 + e^-x) where x >= 0, x - log(1 + e^x) below, each branch fed only its own side's
+/// values so that neither exponential overflows. The derivative at 0 is sigmoid(0) = 1/2 as in the
+/// fused op (DPO's first step, policy = reference, sits exactly there).
 pub fn log_sigmoid_reference(x: &Tensor) -> Result<Tensor> {
-    let min0 = x.neg()?.relu()?.neg()?;
-    min0 - (x.abs()?.neg()?.exp()? + 1.0)?.log()?
+    let pos = x.ge(&x.zeros_like()?)?; // [..] u8
+    let zeros = x.zeros_like()?;
+    let xp = pos.where_cond(x, &zeros)?; // x >= 0 or 0
+    let xn = pos.where_cond(&zeros, x)?; // x < 0 or 0
+    let a = ((xp.neg()?.exp()? + 1.0)?.log()?).neg()?;
+    let b = (&xn - (xn.exp()? + 1.0)?.log()?)?;
+    pos.where_cond(&a, &b)
 }
 
-/// log sigmoid(x) elementwise (f32), with the exact derivative.
+/// log sigmoid(x) elementwise (f32), with the exact derivative: the fused op where it runs
+/// (`ops::fused_on`), else [`log_sigmoid_reference`].
 pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
-    x.to_dtype(DType::F32)?.contiguous()?.apply_op1(LogSigmoid)
+    let x = x.to_dtype(DType::F32)?;
+    if super::fused_on(x.device()) {
+        x.contiguous()?.apply_op1(LogSigmoid)
+    } else {
+        log_sigmoid_reference(&x)
+    }
 }
 
 #[cfg(test)]
@@ -308,5 +322,11 @@ mod tests {
         )
         .unwrap();
         assert!(max_rel_err(&fd, &want[2..5], 1e-3) < 1e-2);
+        // The reference composition (what a GPU runs, with candle's autograd) has the same gradient,
+        // 1/2 at 0 included, and stays finite at both ends.
+        let gr = r.sum_all().unwrap().backward().unwrap();
+        let got_r = to_f64(gr.get(x.as_tensor()).unwrap()).unwrap();
+        assert!(max_rel_err(&got_r, &want, 1e-12) < 1e-5, "{got_r:?} vs {want:?}");
+        assert!((got_r[3] - 0.5).abs() < 1e-7);
     }
 }

@@ -67,7 +67,7 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 
 /// q: [B, H, L, hd], k/v: [B, Hkv, S, hd] with H a multiple of Hkv -> [B, H, L, hd].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, scale: f64) -> Result<Tensor> {
-    if q.dtype() == DType::F32 && q.device().is_cpu() {
+    if super::fused_f32(q) {
         super::attention_f32::fused_attention(q, k, v, mask, scale)
     } else {
         attention_reference(q, &k.contiguous()?, &v.contiguous()?, mask, scale)

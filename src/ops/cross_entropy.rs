@@ -48,7 +48,7 @@ fn check_targets(op: &str, n: usize, v: usize, targets: &[u32]) -> Result<()> {
 pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     let (n, v) = logits.dims2()?;
     check_targets("cross_entropy_rows", n, v, targets)?;
-    if logits.dtype() == DType::F32 && logits.device().is_cpu() {
+    if super::fused_f32(logits) {
         logits
             .contiguous()?
             .apply_op1(CrossEntropy { targets: Arc::new(targets.to_vec()), lse: Arc::new(OnceLock::new()) })

@@ -208,7 +208,7 @@ impl Linear {
             };
             linear_tracked(&x2, w, self.bias.as_ref(), packed)? // [N, out], bias included
         } else {
-            let cpu_f32 = x.dtype() == DType::F32 && x.device().is_cpu();
+            let cpu_f32 = super::fused_f32(x);
             let bias = self.bias.as_ref();
             let (y, with_bias) = match &self.weight {
                 Weight::Dense(w) if cpu_f32 && n <= GEMV_MAX_ROWS && w.dtype() == DType::F32 => {
@@ -244,6 +244,12 @@ impl Linear {
     /// other case [`matmul_quant::quant_linear`] (tracked x gets its gradient; the weight never).
     fn quant_forward(&self, x2: &Tensor, q: &Arc<crate::quant::QuantWeight>, bf16: bool) -> Result<Tensor> {
         let x2 = if x2.dtype() == DType::F32 { x2.clone() } else { x2.to_dtype(DType::F32)? };
+        if !super::fused_on(x2.device()) {
+            // Off the CPU kernels (a GPU, or the reference ops forced): W dequantized whole on x's device
+            // and candle's matmul, autograd giving dx; int8 layers compute in f32 as in training mode.
+            let bf16 = bf16 && !matches!(&**q, crate::quant::QuantWeight::Int8(_));
+            return super::matmul_quant::reference(&x2, q, self.bias.as_ref(), bf16);
+        }
         if let crate::quant::QuantWeight::Int8(w) = &**q {
             if !x2.track_op() && !w.training.load(std::sync::atomic::Ordering::SeqCst) {
                 let n = x2.dim(0)?;
@@ -279,13 +285,13 @@ impl Linear {
     /// (`Weight::Bf16`) CPU weight, f32 bias.
     fn fused_ok(&self, x: &Tensor) -> bool {
         let w_ok = match &self.weight {
-            Weight::Dense(w) => w.dtype() == DType::F32 && w.device().is_cpu(),
-            Weight::Autocast { w, .. } => matches!(w.dtype(), DType::F32 | DType::BF16) && w.device().is_cpu(),
-            Weight::Bf16(w) | Weight::PackedBf16 { w, .. } => w.dtype() == DType::BF16 && w.device().is_cpu(),
+            Weight::Dense(w) => super::fused_f32(w),
+            Weight::Autocast { w, .. } => matches!(w.dtype(), DType::F32 | DType::BF16) && super::fused_on(w.device()),
+            Weight::Bf16(w) | Weight::PackedBf16 { w, .. } => w.dtype() == DType::BF16 && super::fused_on(w.device()),
             Weight::Quant { .. } => false,
         };
-        let b_ok = self.bias.as_ref().is_none_or(|b| b.dtype() == DType::F32 && b.device().is_cpu());
-        x.dtype() == DType::F32 && x.device().is_cpu() && w_ok && b_ok
+        let b_ok = self.bias.as_ref().is_none_or(super::fused_f32);
+        super::fused_f32(x) && w_ok && b_ok
     }
 
     /// The stored weight [out, in]; None for a quantized one (see [`Self::dense_weight`]).

@@ -477,7 +477,8 @@ pub fn backward_input(g: &[f32], n: usize, w: &QuantWeight, bf16: bool) -> Vec<f
 
 /// The reference composition: W dequantized whole, then candle's matmul; with `bf16`, x, W, the bias
 /// and the output pass through bf16 casts (whose backward rounds the gradients as bitsandbytes'
-/// bf16 autograd does). Autograd through it gives dx. x: [n, k] f32 -> [n, out]. Tests only.
+/// bf16 autograd does). Autograd through it gives dx. x: [n, k] f32 -> [n, out]. What runs off the CPU
+/// kernels (a GPU, or `ops::reference_ops`): W is dequantized on the host and copied to x's device per call.
 pub fn reference(x: &Tensor, w: &QuantWeight, bias: Option<&Tensor>, bf16: bool) -> Result<Tensor> {
     let (out, k) = w.shape();
     let mut wd = w.dequantize();

@@ -55,6 +55,45 @@ pub mod rope;
 pub mod simd;
 
 pub use activation::{gelu_tanh, log_sigmoid, silu, swiglu};
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// [`reference_ops`]: 0 = not read yet, 1 = off, 2 = on.
+static REFERENCE_OPS: AtomicU8 = AtomicU8::new(0);
+
+/// Whether the reference compositions are forced on the CPU too: `FERROVLM_REFERENCE_OPS=1` in the
+/// environment (read once, at the first op), or [`set_reference_ops`]. They are what runs on a GPU
+/// (candle's CUDA primitives with candle's autograd), so forcing them on the CPU checks, on a machine
+/// without a GPU, that the GPU's path computes what the fused CPU kernels compute.
+pub fn reference_ops() -> bool {
+    match REFERENCE_OPS.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("FERROVLM_REFERENCE_OPS").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"));
+            // Another thread may have set it meanwhile: its value wins.
+            let _ = REFERENCE_OPS.compare_exchange(0, if on { 2 } else { 1 }, Ordering::Relaxed, Ordering::Relaxed);
+            REFERENCE_OPS.load(Ordering::Relaxed) == 2
+        }
+        v => v == 2,
+    }
+}
+
+/// Forces the reference compositions (`true`) or lets the fused CPU kernels run again (`false`),
+/// process-wide, for the ops that start after the call.
+pub fn set_reference_ops(on: bool) {
+    REFERENCE_OPS.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+}
+
+/// Whether the fused CPU kernels (the custom ops and inference fast paths of this module, which read
+/// CPU storage) may run on tensors on `dev`: a CPU device, and [`reference_ops`] off. Every other
+/// device (CUDA) runs the reference compositions of candle primitives.
+pub fn fused_on(dev: &candle_core::Device) -> bool {
+    dev.is_cpu() && !reference_ops()
+}
+
+/// An f32 tensor on a device where the fused CPU kernels run ([`fused_on`]).
+pub(crate) fn fused_f32(t: &candle_core::Tensor) -> bool {
+    t.dtype() == candle_core::DType::F32 && fused_on(t.device())
+}
 pub use attention::{attention, Mask};
 pub use linear::Linear;
 pub use norm::{layer_norm, rms_norm};

@@ -6,15 +6,12 @@ use rayon::prelude::*;
 use super::bf16::{f32_to_bf16_bits, Bf16Rows};
 use super::cpu::{f32_arg, rows_per_task, with_f32};
 
-/// Whether the fused CPU kernels apply: f32 CPU x [.., H] and f32 CPU per-feature params [H].
+/// Whether the fused CPU kernels apply (see `ops::fused_on`): f32 CPU x [.., H] and f32 CPU per-feature params [H].
 fn fused_ok(x: &Tensor, params: &[&Tensor]) -> bool {
     let h = x.dims().last().copied();
-    x.dtype() == DType::F32
-        && x.device().is_cpu()
+    super::fused_f32(x)
         && x.rank() >= 1
-        && params
-            .iter()
-            .all(|p| p.dtype() == DType::F32 && p.device().is_cpu() && p.rank() == 1 && Some(p.dims()[0]) == h)
+        && params.iter().all(|p| super::fused_f32(p) && p.rank() == 1 && Some(p.dims()[0]) == h)
 }
 
 /// Sum with 8 independent accumulators (vectorises).

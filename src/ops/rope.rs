@@ -24,6 +24,11 @@ impl Rope {
         Ok(Rope { inv_freq: Tensor::from_vec(inv, head_dim / 2, device)? })
     }
 
+    /// The same table on `device`.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(Rope { inv_freq: self.inv_freq.to_device(device)? })
+    }
+
     /// cos, sin for positions [B, L] (i64 or u32): each [B, 1, L, hd] in `dtype`.
     pub fn cos_sin(&self, positions: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
         let pos = positions.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?; // [B, L, 1]
@@ -71,7 +76,7 @@ struct RopeOp {
 impl RopeOp {
     /// The fused op when the inputs fit the kernel (f32 CPU, shapes as documented), else None.
     fn new(x: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Result<Option<Self>> {
-        let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+        let f32_cpu = super::fused_f32;
         if !(f32_cpu(x) && f32_cpu(cos) && f32_cpu(sin)) || x.rank() != 4 || cos.rank() != 4 || cos.dims() != sin.dims()
         {
             return Ok(None);

@@ -38,6 +38,12 @@ pyo3::create_exception!(
     FerroVLMError,
     "Images, text or chat templates that cannot be turned into model inputs."
 );
+pyo3::create_exception!(
+    ferrovlm,
+    DeviceError,
+    FerroVLMError,
+    "A device this build or machine cannot give: CUDA on a build without the `cuda` feature, or without a driver or GPU."
+);
 pyo3::create_exception!(ferrovlm, InternalError, FerroVLMError, "A bug in ferrovlm: please report it.");
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -48,6 +54,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ModelNotCachedError", py.get_type::<ModelNotCachedError>())?;
     m.add("InputError", py.get_type::<InputError>())?;
     m.add("ProcessorError", py.get_type::<ProcessorError>())?;
+    m.add("DeviceError", py.get_type::<DeviceError>())?;
     m.add("InternalError", py.get_type::<InternalError>())?;
     Ok(())
 }
@@ -66,6 +73,7 @@ pub fn to_py(e: Error) -> PyErr {
         Error::Checkpoint(_) => CheckpointError::new_err(msg),
         Error::Input(_) => InputError::new_err(msg),
         Error::Data(_) => ProcessorError::new_err(msg),
+        Error::Device(_) => DeviceError::new_err(msg),
         Error::Tensor(_) => InternalError::new_err(msg),
         Error::Interrupted => PyKeyboardInterrupt::new_err("interrupted"),
     }

@@ -36,6 +36,11 @@ pub(crate) fn to_numpy<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, 
     Ok(arr.into_pyarray(py))
 }
 
+/// The device `spec` names, opened without the GIL (the first CUDA call loads the driver).
+fn open_device(py: Python<'_>, spec: &str) -> PyResult<Device> {
+    py.detach(|| guard(|| crate::device::open(crate::device::parse(spec)?)))
+}
+
 /// Pixel values [B, F, C, H, W] to a tensor (copied; numpy memory is not kept).
 fn pixels(p: &PyReadonlyArrayDyn<'_, f32>) -> Result<Tensor, Error> {
     let shape = p.shape().to_vec();
@@ -171,9 +176,17 @@ impl PyVlmModel {
     /// `quantization_config`: transformers' `BitsAndBytesConfig.to_dict()` as JSON (quantize while
     /// loading); a checkpoint saved quantized loads as stored without it.
     #[staticmethod]
-    #[pyo3(signature = (dir, dtype="float32", quantization_config=None))]
-    fn load(py: Python<'_>, dir: PathBuf, dtype: &str, quantization_config: Option<&str>) -> PyResult<Self> {
+    /// `device`: "cpu", "cuda", "cuda:N" or "auto" (see `crate::device`).
+    #[pyo3(signature = (dir, dtype="float32", quantization_config=None, device="cpu"))]
+    fn load(
+        py: Python<'_>,
+        dir: PathBuf,
+        dtype: &str,
+        quantization_config: Option<&str>,
+        device: &str,
+    ) -> PyResult<Self> {
         let dtype = guard(|| parse_dtype(dtype))?;
+        let dev = open_device(py, device)?;
         let quant = guard(|| {
             quantization_config
                 .map(|j| {
@@ -183,7 +196,7 @@ impl PyVlmModel {
                 })
                 .transpose()
         })?;
-        let m = detached(py, |_| VlmModel::from_dir_quantized(&dir, dtype, &Device::Cpu, quant))?;
+        let m = detached(py, |_| VlmModel::from_dir_quantized(&dir, dtype, &dev, quant))?;
         Ok(PyVlmModel::new(m))
     }
 
@@ -193,7 +206,7 @@ impl PyVlmModel {
     /// `config_dir` alone, SmolVLM from that hub-layout folder with its text model from `path`.
     /// Quantized weights stay in their blocks, float tensors are decoded to `dtype`.
     #[staticmethod]
-    #[pyo3(signature = (path, dtype="float32", mmproj=None, config_dir=None, model_type="idefics3"))]
+    #[pyo3(signature = (path, dtype="float32", mmproj=None, config_dir=None, model_type="idefics3", device="cpu"))]
     fn load_gguf(
         py: Python<'_>,
         path: PathBuf,
@@ -201,12 +214,14 @@ impl PyVlmModel {
         mmproj: Option<PathBuf>,
         config_dir: Option<PathBuf>,
         model_type: &str,
+        device: &str,
     ) -> PyResult<Self> {
         let dtype = guard(|| parse_dtype(dtype))?;
+        let dev = open_device(py, device)?;
         let m = detached(py, |_| match (&mmproj, &config_dir) {
-            (Some(mm), dir) => VlmModel::from_gguf_mmproj(&path, mm, dir.as_deref(), model_type, dtype, &Device::Cpu),
-            (None, Some(dir)) => VlmModel::from_dir_gguf_text(dir, &path, dtype, &Device::Cpu),
-            (None, None) => VlmModel::from_gguf(&path, dtype, &Device::Cpu),
+            (Some(mm), dir) => VlmModel::from_gguf_mmproj(&path, mm, dir.as_deref(), model_type, dtype, &dev),
+            (None, Some(dir)) => VlmModel::from_dir_gguf_text(dir, &path, dtype, &dev),
+            (None, None) => VlmModel::from_gguf(&path, dtype, &dev),
         })?;
         Ok(PyVlmModel::new(m))
     }
@@ -299,6 +314,24 @@ impl PyVlmModel {
     #[getter]
     fn dtype(&self) -> &'static str {
         dtype_name(self.get().reported_dtype())
+    }
+
+    /// torch's name of the device the weights are on: "cpu", "cuda:0".
+    #[getter]
+    fn device(&self) -> String {
+        crate::device::name(&self.get().device)
+    }
+
+    /// Moves every weight to `device` ("cpu", "cuda", "cuda:N", "auto"), in place; a `DeviceError` when
+    /// it cannot be had or the model has adapters or trainable parameters.
+    fn to_device(&self, py: Python<'_>, device: &str) -> PyResult<()> {
+        let dev = open_device(py, device)?;
+        detached(py, |_| {
+            self.update(|m| {
+                *m = m.to_device(&dev)?;
+                Ok(())
+            })
+        })
     }
 
     /// Returns (logits [B, K, V] float32, loss or None, number of label tokens).

@@ -284,7 +284,10 @@ impl TrainSession {
             if v.elem_count() != p.var.elem_count() {
                 return input_err(format!("the checkpoint's '{key}' has shape {:?}, expected {:?}", v.dims(), p.shape));
             }
-            plan.push((&p.var, v.to_dtype(candle_core::DType::F32)?.reshape(p.var.shape())?));
+            plan.push((
+                &p.var,
+                v.to_dtype(candle_core::DType::F32)?.reshape(p.var.shape())?.to_device(p.var.device())?,
+            ));
         }
         for (var, v) in plan {
             var.set(&v)?;
