@@ -71,27 +71,25 @@ def _args(folder: Path) -> dict:
     return args
 
 
-def sft(tiny_smolvlm: Path, out: Path, device: str = "cpu", case: str = "messages") -> tuple[list, dict]:
-    """(log_history, final adapter tensors) of TRL's 3-step LoRA SFT fixture run on `device`."""
-    folder = FIXTURES / "sft" / case
+def _train(trainer_cls, config_cls, kind: str, case: str, tiny_smolvlm: Path, out: Path, device: str):
+    """(log_history, final adapter tensors) of TRL's 3-step `kind` fixture run `case` (LoRA) on `device`."""
+    folder = FIXTURES / kind / case
     base = ferrovlm.AutoModelForImageTextToText.from_pretrained(tiny_smolvlm, device_map=device)
     model = PeftModel.from_pretrained(base, folder / "adapter", is_trainable=True)
-    trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=str(out), **_args(folder)),
-                         train_dataset=_rows(folder), processing_class=AutoProcessor.from_pretrained(tiny_smolvlm))
+    trainer = trainer_cls(model=model, args=config_cls(output_dir=str(out), **_args(folder)),
+                          train_dataset=_rows(folder), processing_class=AutoProcessor.from_pretrained(tiny_smolvlm))
     trainer.train()
     return trainer.state.log_history, trainer.model.named_trainable_parameters()
+
+
+def sft(tiny_smolvlm: Path, out: Path, device: str = "cpu", case: str = "messages") -> tuple[list, dict]:
+    """TRL's 3-step LoRA SFT fixture run on `device`."""
+    return _train(SFTTrainer, SFTConfig, "sft", case, tiny_smolvlm, out, device)
 
 
 def dpo(tiny_smolvlm: Path, out: Path, device: str = "cpu", case: str = "sigmoid") -> tuple[list, dict]:
-    """(log_history, final adapter tensors) of TRL's 3-step DPO fixture run (LoRA, the starting adapter frozen
-    as the reference) on `device`."""
-    folder = FIXTURES / "dpo" / case
-    base = ferrovlm.AutoModelForImageTextToText.from_pretrained(tiny_smolvlm, device_map=device)
-    model = PeftModel.from_pretrained(base, folder / "adapter", is_trainable=True)
-    trainer = DPOTrainer(model=model, args=DPOConfig(output_dir=str(out), **_args(folder)),
-                         train_dataset=_rows(folder), processing_class=AutoProcessor.from_pretrained(tiny_smolvlm))
-    trainer.train()
-    return trainer.state.log_history, trainer.model.named_trainable_parameters()
+    """TRL's 3-step DPO fixture run (LoRA, the starting adapter frozen as the reference) on `device`."""
+    return _train(DPOTrainer, DPOConfig, "dpo", case, tiny_smolvlm, out, device)
 
 
 def max_rel_diff(got: float, want: float, floor: float = 1e-6) -> float:
