@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 CARRY=.gpu_carry
 case "${1:-}" in
 prepare)
-  CUDA_VENV=${CUDA_VENV:-/work/cudaenv}
+  CUDA_VENV=${CUDA_VENV:-$HOME/cudaenv}
   # The GPU machine's driver is CUDA 13.0: nvcc, and NVVM which writes the PTX, must not be newer (a 13.5 NVVM
   # writes PTX 9.5, which the 13.0 ptxas and driver refuse).
   [ -x "$CUDA_VENV/bin/pip" ] || python3 -m venv "$CUDA_VENV"
