@@ -113,11 +113,7 @@ fn open_cuda(ordinal: usize) -> Result<Device> {
              ordinal and a CUDA 13 driver (`nvidia-smi`), and that CUDA_VISIBLE_DEVICES does not hide it"
         )),
         Err(p) => {
-            let what = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown failure".into());
+            let what = crate::error::panic_message(&*p).unwrap_or_else(|| "unknown failure".into());
             device_err(format!(
                 "cuda:{ordinal}: the CUDA driver or libraries could not be loaded ({what}); this needs an NVIDIA \
                  driver (libcuda.so.1) and the CUDA 13 libraries cuBLAS, cuRAND and NVRTC on the library path \

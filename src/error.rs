@@ -104,3 +104,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub fn input_err<T>(msg: impl Into<String>) -> Result<T> {
     Err(Error::Input(InputError::Invalid(msg.into())))
 }
+
+/// The message a panic carried (`panic!("...")` with a literal or a formatted string), if any.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<String> {
+    payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned())
+}
