@@ -36,7 +36,7 @@ def small_demo(tmp_path_factory) -> dict:
 
     out = tmp_path_factory.mktemp("demo") / "out"
     results = demo.main(demo.Settings(out=str(out), train_rows=480, eval_rows=8, stage1_steps=10, stage2_steps=30,
-                                      show=1, plot=False))
+                                      stage2_lr=1e-3, show=1, plot=False))
     results["out"] = out
     return results
 

@@ -104,3 +104,16 @@ def test_unknown_generation_kwargs_warn(model):
 def test_generation_config_file_is_read():
     cfg = AutoModelForVision2Seq.from_pretrained(IDEFICS3 / "checkpoint").generation_config
     assert cfg.eos_token_id is not None
+
+
+def test_threads_generating_at_once_get_the_sequential_ids(model):
+    # Each call runs on rayon's workers (the decoding step as one team of them); calls from several
+    # Python threads at once share the workers without deadlock and give the same ids.
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = sorted(n for n in CASES if CASES[n].get("num_beams", 1) == 1)[:2] * 2
+    want = [model.generate(**case_inputs(n), **CASES[n]) for n in names]
+    with ThreadPoolExecutor(len(names)) as pool:
+        got = list(pool.map(lambda n: model.generate(**case_inputs(n), **CASES[n]), names))
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g, w)

@@ -192,10 +192,10 @@ class Settings:
     train_rows: int = 3000
     eval_rows: int = 64
     stage1_steps: int = 60
-    stage2_steps: int = 240
+    stage2_steps: int = 300
     batch_size: int = 8
     stage1_lr: float = 2e-3
-    stage2_lr: float = 1e-3
+    stage2_lr: float = 5e-4
     lora_r: int = 16
     train_embeddings: bool = True  # in stage 1 (stage 2 freezes the embedding again)
     bf16: bool = True  # TRL's SFTConfig default (bf16=not fp16): frozen weights' products in bf16

@@ -132,7 +132,12 @@ impl<'m> Session<'m> {
         debug_assert_eq!(s, self.cache.seq_len() + l);
         let mask = Mask { causal: true, key_valid };
         let pos = Tensor::from_vec(positions.to_vec(), (b, l), &self.model.device)?;
-        let hidden = self.model.text.forward(x, &pos, &mask, Some(&mut self.cache), interrupt)?; // [B, L, H]
+        let text = &self.model.text;
+        let hidden = if l == 1 && x.dtype() == DType::F32 && text.decode_usable() {
+            text.decode_step(x, positions, &mask, &mut self.cache, interrupt)? // [B, 1, H]
+        } else {
+            text.forward(x, &pos, &mask, Some(&mut self.cache), interrupt)? // [B, L, H]
+        };
         let last = hidden.narrow(1, l - 1, 1)?; // [B, 1, H]
         let logits = self.model.lm_head.forward(&last)?.to_dtype(DType::F32)?.squeeze(1)?; // [B, V]
         Ok(logits.to_vec2::<f32>()?)

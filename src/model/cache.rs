@@ -24,12 +24,31 @@ impl LayerCache {
     /// [B, Hkv, S, hd] (S = past + L; rows of hd values contiguous, heads `capacity * hd` apart).
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, hkv, l, hd) = k.dims4()?;
+        let (kb, vb) = self.room(b, hkv, l, hd, k.dtype(), k.device())?;
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len += l;
+        Ok((kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?))
+    }
+
+    /// The whole K and V buffers [B, Hkv, capacity, hd] (contiguous), with room for `l` more positions
+    /// after the [`Self::len`] written ones (grown as [`Self::append`] grows them). A caller that writes
+    /// positions `len .. len + l` itself (the decoding fast path) then calls [`Self::commit`].
+    pub fn room(
+        &mut self,
+        b: usize,
+        hkv: usize,
+        l: usize,
+        hd: usize,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> Result<(Tensor, Tensor)> {
         let need = self.len + l;
         let cap = self.kv.as_ref().map_or(0, |(kb, _)| kb.dims()[2]);
         if need > cap {
             let new_cap = need.max(2 * cap).max(self.reserve);
             let grow = |old: Option<&Tensor>| -> Result<Tensor> {
-                let buf = Tensor::zeros((b, hkv, new_cap, hd), k.dtype(), k.device())?;
+                let buf = Tensor::zeros((b, hkv, new_cap, hd), dtype, device)?;
                 if let Some(old) = old {
                     buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
                 }
@@ -42,13 +61,18 @@ impl LayerCache {
             self.kv = Some((kb, vb));
         }
         let Some((kb, vb)) = &self.kv else { candle_core::bail!("kv cache: no buffer after allocation") };
-        if kb.dims()[0] != b || kb.dims()[1] != hkv || kb.dims()[3] != hd {
-            candle_core::bail!("kv cache: new keys {:?} do not fit the cache {:?}", k.dims(), kb.dims());
+        if kb.dims()[0] != b || kb.dims()[1] != hkv || kb.dims()[3] != hd || kb.dtype() != dtype {
+            candle_core::bail!(
+                "kv cache: new keys [{b}, {hkv}, {l}, {hd}] {dtype:?} do not fit the cache {:?}",
+                kb.dims()
+            );
         }
-        kb.slice_set(&k.contiguous()?, 2, self.len)?;
-        vb.slice_set(&v.contiguous()?, 2, self.len)?;
-        self.len = need;
-        Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
+        Ok((kb.clone(), vb.clone()))
+    }
+
+    /// Counts `l` more positions as written (after [`Self::room`] and writing them).
+    pub fn commit(&mut self, l: usize) {
+        self.len = (self.len + l).min(self.capacity());
     }
 
     pub fn len(&self) -> usize {

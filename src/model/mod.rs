@@ -10,6 +10,7 @@ pub mod params;
 pub mod resize;
 pub mod saved;
 pub mod text;
+mod text_decode;
 pub mod vision;
 mod vision_fast;
 mod vision_fast_f32;

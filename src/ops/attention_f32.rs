@@ -403,7 +403,7 @@ impl FusedAttention {
 /// In-place softmax of query row `i` (of `l`) of batch row `b` over the keys `mask` allows (others
 /// become 0); a row with no allowed key follows [`fully_masked_weight`]. Without a key-validity mask the
 /// allowed keys are a prefix (all of them, or the causal ones), handled with vectorised passes.
-fn softmax_row(row: &mut [f32], mask: &Mask, b: usize, i: usize, l: usize) {
+pub(crate) fn softmax_row(row: &mut [f32], mask: &Mask, b: usize, i: usize, l: usize) {
     let s = row.len();
     if mask.key_valid.is_none() {
         // causal: key j is visible when j + l <= i + s

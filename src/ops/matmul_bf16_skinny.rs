@@ -102,11 +102,22 @@ unsafe fn block_avx512<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n0
     let mut j = 0;
     while j + ROWS <= cols {
         let wr: [&[W]; ROWS] = std::array::from_fn(|q| &w[(n0 + j + q) * k..(n0 + j + q + 1) * k]);
+        // The next ROWS rows (contiguous after these) are prefetched while these are read: one step
+        // of 16 weights per row prefetches the same number of bytes of the next group.
+        let next = (j + 2 * ROWS <= cols).then(|| w.as_ptr().wrapping_add((n0 + j + ROWS) * k) as *const i8);
+        let step_bytes = ROWS * 16 * std::mem::size_of::<W>();
         for r in 0..m {
             let xr = &x[r * k..(r + 1) * k];
             let mut acc = [_mm512_setzero_ps(); ROWS];
             let mut i = 0;
             while i < k16 {
+                if let (0, Some(p)) = (r, next) {
+                    let p = p.wrapping_add(i / 16 * step_bytes);
+                    for line in (0..step_bytes).step_by(64) {
+                        // A prefetch never faults; the address is only computed (wrapping).
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line));
+                    }
+                }
                 // SAFETY: i + 16 <= k16 <= k, the length of xr and of each wr[q]; avx512f (this fn's target).
                 unsafe {
                     let xv = _mm512_loadu_ps(xr.as_ptr().add(i));
@@ -124,6 +135,25 @@ unsafe fn block_avx512<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n0
         j += ROWS;
     }
     block(x, m, k, w, n0 + j, &mut out_t[j * m..], true);
+}
+
+/// Columns n0 .. n0 + out_t.len() / m of x W^T (x [m, k], W [n, k]) for every row, into out_t
+/// [cols, m] (column-major): one block of the products above, for callers that split the columns
+/// over threads themselves (`model/text_decode.rs`). A kernel the CPU lacks falls back to a slower one.
+pub fn columns<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n0: usize, out_t: &mut [f32], kernel: Kernel) {
+    match kernel.supported() {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => {
+            // SAFETY: the CPU supports avx512f, avx2 and fma (Kernel::supported).
+            unsafe { block_avx512(x, m, k, w, n0, out_t) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => {
+            // SAFETY: the CPU supports avx2 and fma (Kernel::supported).
+            unsafe { block_avx2(x, m, k, w, n0, out_t) }
+        }
+        _ => block(x, m, k, w, n0, out_t, false),
+    }
 }
 
 /// Output columns per parallel task: a few tasks per thread, so that both load balancing and the
@@ -180,24 +210,8 @@ impl Kernel {
 pub fn gemv_with<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, kernel: Kernel) -> Vec<f32> {
     debug_assert!(x.len() == m * k && w.len() == n * k);
     let mut out_t = vec![0f32; n * m]; // [n, m]
-    let kernel = kernel.supported();
     let bn = block_columns(n);
-    out_t.par_chunks_mut(bn * m).enumerate().for_each(|(bi, o)| {
-        let n0 = bi * bn;
-        match kernel {
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => {
-                // SAFETY: the CPU supports avx512f, avx2 and fma (Kernel::supported).
-                unsafe { block_avx512(x, m, k, w, n0, o) }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => {
-                // SAFETY: the CPU supports avx2 and fma (Kernel::supported).
-                unsafe { block_avx2(x, m, k, w, n0, o) }
-            }
-            _ => block(x, m, k, w, n0, o, false),
-        }
-    });
+    out_t.par_chunks_mut(bn * m).enumerate().for_each(|(bi, o)| columns(x, m, k, w, bi * bn, o, kernel));
     transpose(&out_t, n, m)
 }
 

@@ -29,12 +29,14 @@
 //! Shared pieces: [`bf16`] (bf16 conversions and rows), `cpu` (f32 views of tensors, rows per task,
 //! gemm parallelism, `SendPtr`), [`math`] (the exp and sum every kernel uses), [`simd`] (CPU feature
 //! checks and AVX-512 helpers), [`gradcheck`] (finite differences for the tests). The rule for a fully
-//! masked attention row lives in `attention::fully_masked_weight`.
+//! masked attention row lives in `attention::fully_masked_weight`. [`team`] runs a computation on every
+//! rayon worker in lockstep with spinning barriers between its phases (the decoding step of
+//! `model/text_decode.rs`: one team per token instead of a dozen parallel dispatches per layer).
 
 pub mod activation;
 pub mod attention;
 pub mod attention_bf16;
-mod attention_f32;
+pub(crate) mod attention_f32;
 pub mod attention_qkv_f32;
 pub mod bf16;
 pub(crate) mod cpu;
@@ -53,6 +55,7 @@ pub mod matmul_quant;
 pub mod norm;
 pub mod rope;
 pub mod simd;
+pub mod team;
 
 pub use activation::{gelu_tanh, log_sigmoid, silu, swiglu};
 

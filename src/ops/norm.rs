@@ -88,7 +88,7 @@ struct RmsNormOp {
 
 /// 1 / sqrt(mean(x^2) + eps) of one row.
 #[inline]
-fn rms_rstd(x: &[f32], eps: f32) -> f32 {
+pub(crate) fn rms_rstd(x: &[f32], eps: f32) -> f32 {
     let ss = sum8(x.iter().map(|v| v * v));
     1.0 / (ss / x.len() as f32 + eps).sqrt()
 }

@@ -24,6 +24,11 @@ impl Rope {
         Ok(Rope { inv_freq: Tensor::from_vec(inv, head_dim / 2, device)? })
     }
 
+    /// 1 / theta^(2k / hd) for k < hd / 2: [hd / 2] f32.
+    pub fn inv_freq(&self) -> &Tensor {
+        &self.inv_freq
+    }
+
     /// The same table on `device`.
     pub fn to_device(&self, device: &Device) -> Result<Self> {
         Ok(Rope { inv_freq: self.inv_freq.to_device(device)? })

@@ -90,11 +90,54 @@ pub fn guard<T>(f: impl FnOnce() -> Result<T, Error>) -> PyResult<T> {
     }
 }
 
-/// Runs `f` without the GIL, polling Ctrl-C between layers, with errors and panics converted.
+/// How often the waiting caller checks for Ctrl-C while `f` runs on a worker (see [`detached`]).
+const SIGNAL_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Runs `f` without the GIL, with errors and panics converted; `f`'s interrupt flag turns true after
+/// Ctrl-C (checked between layers and steps).
+///
+/// `f` runs on a rayon worker thread, so that every parallel loop inside it is started from within
+/// the pool (the caller's thread takes part and no cross-thread wake-up and sleep is needed per loop:
+/// decoding starts hundreds per token). The calling thread, the main one for Python's signal
+/// handlers, waits for the result and checks for signals every [`SIGNAL_POLL`]. Called from a worker
+/// already (a Python callback inside a ferrovlm call calling ferrovlm again), `f` runs in place and
+/// polls the signals itself.
 pub fn detached<T: Send>(
     py: Python<'_>,
     f: impl FnOnce(&(dyn Fn() -> bool + Sync)) -> Result<T, Error> + Send,
 ) -> PyResult<T> {
-    let interrupt = || Python::attach(|py| py.check_signals().is_err());
-    py.detach(|| guard(|| f(&interrupt)))
+    if rayon::current_thread_index().is_some() {
+        let interrupt = || Python::attach(|py| py.check_signals().is_err());
+        return py.detach(|| guard(|| f(&interrupt)));
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let interrupt = || stop.load(std::sync::atomic::Ordering::Relaxed);
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    rayon::in_place_scope(|s| {
+        s.spawn(|_| {
+            // The receiver lives until a result arrives, so the send cannot fail.
+            let _ = tx.send(guard(|| f(&interrupt)));
+        });
+        let mut rx = rx;
+        loop {
+            let (back, got) = py.detach(move || {
+                let got = rx.recv_timeout(SIGNAL_POLL);
+                (rx, got)
+            });
+            rx = back;
+            match got {
+                Ok(result) => return result,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if py.check_signals().is_err() {
+                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(InternalError::new_err(
+                        "internal error (please report): a worker ended without a result",
+                    ));
+                }
+            }
+        }
+    })
 }
