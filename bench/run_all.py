@@ -122,6 +122,9 @@ def text_weight_params() -> int:
     return layers * (attn + 3 * h * i) + v * h
 
 
+# A torch bf16 matmul peak below this fraction of its fp32 one means no bf16 units: TRL's bf16 runs are skipped.
+SLOW_BF16 = 0.05
+
 WORKLOADS = [
     # name, script, extra args, (ratio key, label, better)
     ("generate fp32", "bench_generate.py", ["--new", "64"],
@@ -210,6 +213,9 @@ def markdown(summary: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for w in summary["workloads"]:
+        if "skipped" in w:
+            lines.append(f"| {w['name']} | {w['skipped']} | | |")
+            continue
         for key, label, better in w["measures"]:
             vals = w["ratios"].get(key, [])
             if vals:
@@ -270,8 +276,22 @@ def main() -> None:
     print("limits:", json.dumps({k: round(v, 1) for k, v in summary["limits"].items()}), flush=True)
     weight_bytes_bf16 = 2 * text_weight_params()
     summary["workloads"] = []
+    out = Path(args.out)
+    lim = summary["limits"]
     for name, script, extra, measures in WORKLOADS:
         if args.only and name not in args.only:
+            continue
+        if "--bf16" in extra and lim["torch_bf16_gflops"] < SLOW_BF16 * lim["torch_fp32_gflops"]:
+            # No bf16 units (AVX2-only CPUs): torch's bf16 matmul, which TRL's CPU autocast runs, is a
+            # scalar fallback here; one TRL step would take this long.
+            # GFLOP a step as bench/flops.py counts them for these workloads (bench/results/2026-12-04-*)
+            minutes = {"bench_sft.py": 1045, "bench_dpo.py": 3985}[script] / lim["torch_bf16_gflops"] / 60
+            reason = (f"skipped: torch's bf16 matmul runs at {lim['torch_bf16_gflops']:.1f} GFLOP/s on this CPU "
+                      f"({lim['torch_fp32_gflops']:.0f} in fp32), so one TRL bf16=True step would take about "
+                      f"{minutes:.0f} minutes")
+            print(f"{name}: {reason}", flush=True)
+            summary["workloads"].append({"name": name, "script": script, "args": extra, "measures": measures,
+                                         "ratios": {}, "runs": [], "skipped": reason})
             continue
         runs = []
         for i in range(args.repeats):
@@ -291,12 +311,16 @@ def main() -> None:
         if script in ("bench_sft.py", "bench_dpo.py"):
             w["training"] = training_summary(runs, "--bf16" in extra, summary["limits"])
         summary["workloads"].append(w)
-    out = Path(args.out)
+        write(summary, out)  # after each workload, so a long run that is stopped keeps what it measured
+    print(write(summary, out))
+
+
+def write(summary: dict[str, Any], out: Path) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     md = markdown(summary)
     out.with_suffix(".md").write_text(md)
-    print(md)
+    return md
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use ferrovlm::ops::{self, attention::softmax_last, Linear};
 
-fn time<T>(name: &str, n: usize, f: impl Fn() -> T) {
+fn time<T>(name: &str, n: usize, mut f: impl FnMut() -> T) {
     f();
     let t = Instant::now();
     for _ in 0..n {
@@ -35,6 +35,11 @@ fn main() {
     let q = Tensor::randn(0f32, 1.0, (1, 12, 1024, 64), &dev).unwrap();
     time("attention 12x1024x64", 3, || ops::attention(&q, &q, &q, &ops::Mask::none(), 0.125).unwrap());
     time("scores matmul", 3, || q.matmul(&q.t().unwrap()).unwrap());
+    let qkv: Vec<f32> = (0..1024 * 3 * 768).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let mut out = vec![0f32; 1024 * 768];
+    time("attention_qkv_f32 12x1024x64", 5, || {
+        ops::attention_qkv_f32::attention_qkv_f32(&qkv, 1, 12, 64, None, 0.125, &mut out)
+    });
     time("transpose+contig", 5, || {
         x.reshape((1, 1024, 12, 64)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
     });

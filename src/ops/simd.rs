@@ -14,6 +14,18 @@ pub fn avx512() -> bool {
     }
 }
 
+/// Whether the CPU has AVX2 (cached by std's feature detection).
+pub fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The instruction-set extensions the kernels choose by, detected at run time, and the kernel each
 /// kind of product then runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
