@@ -107,14 +107,28 @@ impl<'a> Mat<'a> {
 
 /// dst [m, n] (rows `dst_rs` apart) = a [m, k] b [k, n], or += when `accumulate`: the gemm crate
 /// with the given parallelism. Panics when a view is too short for its shape (a caller bug).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_into(
+    dst: &mut [f32],
+    dst_rs: usize,
+    mnk: (usize, usize, usize),
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+    par: gemm::Parallelism,
+) {
+    gemm_scaled_into(dst, dst_rs, mnk, a, b, accumulate, 1.0, par)
+}
+
+/// [`gemm_into`] with the product scaled: dst = scale a b, or dst += scale a b.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_scaled_into(
     dst: &mut [f32],
     dst_rs: usize,
     (m, n, k): (usize, usize, usize),
     a: Mat,
     b: Mat,
     accumulate: bool,
+    scale: f32,
     par: gemm::Parallelism,
 ) {
     if m == 0 || n == 0 {
@@ -147,7 +161,7 @@ pub(crate) fn gemm_into(
             b.cs as isize,
             b.rs as isize,
             1.0,
-            1.0,
+            scale,
             false,
             false,
             false,
