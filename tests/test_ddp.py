@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -282,11 +283,12 @@ def test_rank_zero_saves_and_both_resume(tiny_smolvlm, tmp_path, case):
     want = json.loads((DDP / case / "log_history.json").read_text())
     want3 = next(e for e in want if e["step"] == 3 and "loss" in e)
     save = ("--set", 'save_strategy="steps"', "--set", "save_steps=2", "--set", 'eval_strategy="no"')
-    first = finish(launch(tiny_smolvlm, tmp_path, [case], extra=save), timeout=300)  # 3 steps, saves at 2
+    first = finish(launch(tiny_smolvlm, tmp_path, [case], extra=save), timeout=300)  # 3 steps, saves at 2 and 3
     assert [rc for rc, _ in first] == [0, 0], first[0][1][-3000:] + first[1][1][-3000:]
     out = tmp_path / f"{case}.out"
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-3"]
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    shutil.rmtree(out / "checkpoint-3")  # a run cut off after step 2
     again = finish(launch(tiny_smolvlm, tmp_path, [case], extra=(*save, "--resume")), timeout=300)
     assert [rc for rc, _ in again] == [0, 0], again[0][1][-3000:] + again[1][1][-3000:]
     for r in range(2):

@@ -89,6 +89,16 @@ def test_gradient_checkpointing_gives_identical_gradients(tiny_smolvlm, dropout)
         np.testing.assert_allclose(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-8, err_msg=k)
 
 
+def test_step_checkpoints_and_one_after_the_last_step(tiny_smolvlm, tmp_path):
+    """save_strategy="steps": a checkpoint every save_steps steps and one after the last step, as transformers'
+    DefaultFlowCallback saves when training stops."""
+    trainer = make_trainer(tiny_smolvlm, "messages", tmp_path, save_strategy="steps", save_steps=2, max_steps=3)
+    trainer.train()
+    out = tmp_path / "out"
+    assert [p.name for p in sorted_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
+    assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+
+
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_smolvlm, tmp_path):
     trainer = make_trainer(tiny_smolvlm, "messages", tmp_path, save_strategy="steps", save_steps=1, max_steps=3)
 

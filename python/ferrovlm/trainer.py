@@ -551,11 +551,12 @@ class BaseTrainer:
             self.evaluate()
 
     def _maybe_save(self, run: _TrainingRun, when: str) -> None:
-        """Writes a checkpoint if the save strategy is ``when`` ("steps": on every ``save_steps``-th step;
-        "epoch": at the end of an epoch)."""
+        """Writes a checkpoint if the save strategy is ``when`` ("steps": on every ``save_steps``-th step and after
+        the last, as transformers' DefaultFlowCallback; "epoch": at the end of an epoch)."""
         if run.save_strategy != when:
             return
-        if when == "epoch" or (run.save_steps and self.state.global_step % run.save_steps == 0):
+        step = self.state.global_step
+        if when == "epoch" or (run.save_steps and step % run.save_steps == 0) or step >= self.state.max_steps:
             if run.dp is None or run.dp.rank == 0:  # only rank 0 writes; the others wait for the checkpoint
                 self._save_checkpoint()
             if run.dp is not None:
