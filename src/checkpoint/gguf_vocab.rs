@@ -50,11 +50,11 @@ impl Kv {
     }
 }
 
-fn tok_err(file: &Path, msg: impl std::fmt::Display) -> Error {
+pub(super) fn tok_err(file: &Path, msg: impl std::fmt::Display) -> Error {
     Error::Data(DataError::Tokenizer(format!("{}: {msg}", file.display())))
 }
 
-fn read_json(path: &Path) -> Result<Value> {
+pub(super) fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| tok_err(path, format!("cannot read: {e}")))?;
     serde_json::from_str(&text).map_err(|e| tok_err(path, format!("invalid JSON: {e}")))
 }
@@ -255,81 +255,6 @@ fn post_processor_flags(post: &Value, cfg: &mut Option<Map<String, Value>>, sp: 
     }
 }
 
-/// The chat template(s) gguf-py's `SpecialVocab` picks: `tokenizer_config.json`'s `chat_template`
-/// (a string, or a list of `{name, template}`), else `chat_template.jinja` (with
-/// `additional_chat_templates/*.jinja` as named ones), else `chat_template.json`.
-fn chat_template_entries(dir: &Path, cfg: &Map<String, Value>) -> Result<Kv> {
-    let mut out = Kv::default();
-    let value = match cfg.get("chat_template") {
-        Some(v) => v.clone(),
-        None => {
-            let jinja = dir.join("chat_template.jinja");
-            let json = dir.join("chat_template.json");
-            if jinja.is_file() {
-                let main = std::fs::read_to_string(&jinja).map_err(|e| tok_err(&jinja, format!("cannot read: {e}")))?;
-                let sub = dir.join("additional_chat_templates");
-                let mut extra = Vec::new();
-                if let Ok(entries) = std::fs::read_dir(&sub) {
-                    for e in entries.flatten() {
-                        let p = e.path();
-                        if p.extension().and_then(|x| x.to_str()) == Some("jinja") {
-                            let t =
-                                std::fs::read_to_string(&p).map_err(|e| tok_err(&p, format!("cannot read: {e}")))?;
-                            let name = p.file_stem().and_then(|s| s.to_str()).unwrap_or("").to_string();
-                            extra.push(serde_json::json!({"name": name, "template": t}));
-                        }
-                    }
-                }
-                if extra.is_empty() {
-                    Value::String(main)
-                } else {
-                    let mut list = vec![serde_json::json!({"name": "default", "template": main})];
-                    list.extend(extra);
-                    Value::Array(list)
-                }
-            } else if json.is_file() {
-                read_json(&json)?.get("chat_template").cloned().unwrap_or(Value::Null)
-            } else {
-                Value::Null
-            }
-        }
-    };
-    match value {
-        Value::String(s) => out.set("tokenizer.chat_template", GgufValue::String(s)),
-        Value::Array(list) => {
-            let mut default = None;
-            let mut names = Vec::new();
-            for choice in &list {
-                let name: String = choice
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .chars()
-                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-                    .collect();
-                let Some(t) = choice.get("template").and_then(Value::as_str) else { continue };
-                if name == "default" {
-                    default = Some(t.to_string());
-                } else if !name.is_empty() {
-                    out.set(&format!("tokenizer.chat_template.{name}"), GgufValue::String(t.to_string()));
-                    if !names.contains(&name) {
-                        names.push(name);
-                    }
-                }
-            }
-            if !names.is_empty() {
-                names.sort();
-                out.set("tokenizer.chat_templates", GgufValue::Array(GgufArray::String(names)));
-            }
-            if let Some(d) = default {
-                out.set("tokenizer.chat_template", GgufValue::String(d));
-            }
-        }
-        _ => {}
-    }
-    Ok(out)
-}
-
 /// The converter's `tokenizer.*` keys for the tokenizer files in `dir` (`tokenizer.json`, optional
 /// `tokenizer_config.json` and chat template files), a model of `vocab_size` ids, and the model's
 /// `config.json` (special ids not named by the tokenizer files).
@@ -429,7 +354,7 @@ pub fn from_tokenizer_dir(dir: &Path, vocab_size: usize, model_config: &Value) -
     }
     let mut template = Kv::default();
     if let Some(c) = cfg.as_ref().filter(|c| !c.is_empty()) {
-        template = chat_template_entries(dir, c)?;
+        template = super::gguf_chat_template::entries(dir, c)?;
         for typ in &types {
             if let Some(b) = c.get(&format!("add_{typ}_token")).and_then(Value::as_bool) {
                 sp.add_default(typ, b);

@@ -2,6 +2,7 @@
 //! GGUF files, and writing them.
 
 pub mod gguf;
+mod gguf_chat_template;
 pub mod gguf_export;
 pub mod gguf_llama;
 pub mod gguf_mmproj;
