@@ -238,6 +238,7 @@ def test_two_processes_match_trl(tiny_smolvlm, tmp_path):
                     np.testing.assert_allclose(g[k], w[k], rtol=1e-4, atol=1e-7, err_msg=f"{case} step {i + 1} {k}")
                     worst = max(worst, abs(g[k] - w[k]))
             np.testing.assert_allclose(got[-1]["train_loss"], want[-1]["train_loss"], rtol=1e-4)
+            assert got[-1]["total_flos"] == want[-1]["total_flos"], case  # summed over the ranks
         assert runs[0]["bytes_all_reduced"] > runs[0]["grad_bytes_per_step"] * 3 > 3 * 4096
     print(f"largest |ferrovlm - TRL| over the logged values: {worst:.3g}")
 

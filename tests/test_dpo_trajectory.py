@@ -64,6 +64,7 @@ def test_log_history_matches_trl(tiny_smolvlm, tmp_path, case):
     for i, (g, w) in enumerate(zip(got[:-1], want[:-1])):
         for k in KEYS:
             np.testing.assert_allclose(g[k], w[k], rtol=1e-4, atol=2e-5, err_msg=f"step {i + 1} {k}")
+    assert got[-1]["total_flos"] == want[-1]["total_flos"]  # TRL's "ref" copy of the adapter counts
     final = _core.load_safetensors(DPO / case / "adapter_final" / "adapter_model.safetensors")
     mine = trainer.model.named_trainable_parameters()
     for k, v in final.items():

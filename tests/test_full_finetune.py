@@ -183,6 +183,7 @@ def _assert_history(got, want, keys):
         for k in keys:
             if k in w:
                 np.testing.assert_allclose(g[k], w[k], rtol=1e-4, atol=1e-7, err_msg=f"step {i + 1} {k}")
+    assert got[-1]["total_flos"] == want[-1]["total_flos"]
 
 
 @pytest.mark.parametrize("case", ["full", "full_freeze_vision", "full_accum"])

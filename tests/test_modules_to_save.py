@@ -113,6 +113,7 @@ def test_sft_with_modules_to_save_matches_trl_peft(tiny_smolvlm, tmp_path, case)
     for i, (g, w) in enumerate(zip(got_log[:-1], want_log[:-1])):
         for k in LOG_KEYS:
             np.testing.assert_allclose(g[k], w[k], rtol=1e-4, atol=1e-7, err_msg=f"step {i + 1} {k}")
+    assert got_log[-1]["total_flos"] == want_log[-1]["total_flos"]  # the copies count, embeddings do not
     # the adapter after training: PEFT's keys, norms within 1e-4, small tensors value by value
     peft.save_pretrained(tmp_path / "final")
     from safetensors.numpy import load_file

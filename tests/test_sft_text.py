@@ -150,6 +150,7 @@ def _history_diffs(got: list[dict], want: list[dict], rtol: float) -> dict[str, 
             worst[k] = max(worst.get(k, 0.0), _rel(g[k], w[k]))
             np.testing.assert_allclose(g[k], w[k], rtol=rtol, atol=1e-7, err_msg=f"step {i + 1} {k}")
     np.testing.assert_allclose(got[-1]["train_loss"], want[-1]["train_loss"], rtol=rtol)
+    assert got[-1]["total_flos"] == want[-1]["total_flos"]
     return worst
 
 

@@ -41,6 +41,8 @@ def assert_history_matches(got, want):
             assert k in g, f"entry {i} lacks {k}: {g}"
             np.testing.assert_allclose(g[k], w[k], rtol=1e-4, atol=1e-7, err_msg=f"step {i + 1} {k}")
     np.testing.assert_allclose(got[-1]["train_loss"], want[-1]["train_loss"], rtol=1e-4)
+    # 6 x input_ids elements x parameters without the embeddings (adapters included), as transformers counts
+    assert got[-1]["total_flos"] == want[-1]["total_flos"]
 
 
 @pytest.mark.parametrize("case", ["messages", "prompt_completion", "messages_accum"])

@@ -19,6 +19,7 @@ from . import _core
 from .distributed import ShardedEval, eval_speed, evaluation_group
 from .dpo_collator import DataCollatorForVisionPreference
 from .dpo_config import DPOConfig
+from .flos import flos_parameters
 from .generation import set_seed
 from .peft import PeftModel, get_peft_model
 from .trainer import BaseTrainer, _batch_arrays, full_training_names
@@ -193,6 +194,10 @@ class DPOTrainer(BaseTrainer):
     # -- one micro-batch ----------------------------------------------------------------------------
     def _count_items(self, batch: dict[str, Any]) -> int:
         return 1
+
+    def _flos_parameters(self) -> int:
+        # TRL gives a PeftModel trained without ref_model a frozen "ref" copy of its adapter (our snapshot)
+        return flos_parameters(self.model, ref_adapter_copy=self._ref_mode == "snapshot")
 
     def _micro_step(
         self, batch: dict[str, Any], n_items: int, seed: int, backward: bool = True, mode: str = "train"

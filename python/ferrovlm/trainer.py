@@ -12,7 +12,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -23,55 +23,22 @@ from ._mt19937 import torch_randperm
 from ._tensors import to_numpy
 from .distributed import DataParallel, global_items, metric_ranks, rank_batches
 from .errors import FerroVLMError
-
-PREFIX_CHECKPOINT_DIR = "checkpoint"
-TRAINER_STATE_NAME = "trainer_state.json"
-OPTIMIZER_NAME = "optimizer.safetensors"
-SCHEDULER_NAME = "scheduler.json"
-RNG_STATE_NAME = "rng_state.json"
-TRAINING_ARGS_NAME = "training_args.json"
+from .flos import flos_parameters, micro_batch_flos
+from .trainer_utils import (  # noqa: F401 (re-exported: ferrovlm.trainer is where users of transformers look)
+    OPTIMIZER_NAME,
+    PREFIX_CHECKPOINT_DIR,
+    RNG_STATE_NAME,
+    SCHEDULER_NAME,
+    TRAINER_STATE_NAME,
+    TRAINING_ARGS_NAME,
+    TrainerState,
+    TrainOutput,
+    sorted_checkpoints,
+)
 
 
 class TrainingError(FerroVLMError):
     """Training cannot go on (a non-finite loss, rows without labels, ...)."""
-
-
-class TrainOutput(NamedTuple):
-    global_step: int
-    training_loss: float
-    metrics: dict[str, float]
-
-
-@dataclass
-class TrainerState:
-    """transformers' ``TrainerState`` fields that a run and its checkpoints need."""
-
-    epoch: Optional[float] = None
-    global_step: int = 0
-    max_steps: int = 0
-    logging_steps: int = 500
-    eval_steps: Optional[int] = None
-    save_steps: int = 500
-    train_batch_size: Optional[int] = None
-    num_train_epochs: int = 0
-    num_input_tokens_seen: int = 0
-    total_flos: float = 0.0
-    log_history: list[dict[str, float]] = field(default_factory=list)
-    best_metric: Optional[float] = None
-    best_model_checkpoint: Optional[str] = None
-    is_local_process_zero: bool = True
-    is_world_process_zero: bool = True
-    # ferrovlm: TRL's running token count, needed to resume `num_tokens` exactly.
-    total_train_tokens: int = 0
-
-    def save_to_json(self, path: str | os.PathLike[str]) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def load_from_json(cls, path: str | os.PathLike[str]) -> TrainerState:
-        data = json.loads(Path(path).read_text())
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
@@ -117,6 +84,8 @@ class _TrainingRun:
     samples_seen: int = 0
     grad_norm: Optional[float] = None
     dp: Optional[DataParallel] = None  # the other ranks (WORLD_SIZE > 1)
+    flos_parameters: int = 0  # see flos.py
+    flos: float = 0.0  # since the last store into state.total_flos (transformers' current_flos)
 
 
 def _strategy(args: Any, name: str) -> str:
@@ -451,7 +420,7 @@ class BaseTrainer:
         return _TrainingRun(
             plan=plan, session=session, logging_steps=logging_steps, save_steps=save_steps, eval_steps=eval_steps,
             save_strategy=_strategy(a, "save_strategy"), eval_strategy=_strategy(a, "eval_strategy"),
-            start_step=start_step, t0=t0, bar=bar, dp=dp,
+            start_step=start_step, t0=t0, bar=bar, dp=dp, flos_parameters=self._flos_parameters(),
         )
 
     def _resume_checkpoint(self, resume_from_checkpoint: bool | str | os.PathLike[str]) -> Path:
@@ -503,6 +472,7 @@ class BaseTrainer:
         for mi, batch in enumerate(batches):
             seed = (int(a.seed) * 1_000_003 + st.global_step) * 64 + mi
             step_loss += self._micro_step(batch, n_items, seed)
+            run.flos += micro_batch_flos(batch, run.flos_parameters)
             run.samples_seen += len(group[mi])
         if not math.isfinite(step_loss):
             last = sorted_checkpoints(a.output_dir)
@@ -534,6 +504,7 @@ class BaseTrainer:
             if run.dp is not None:  # transformers: the mean over the ranks
                 loss = run.dp.sum(loss) / run.dp.world_size
             run.tr_loss += loss
+            self._store_flos(run)
             logs = {"loss": loss / run.steps_since_log, "grad_norm": float(run.grad_norm), "learning_rate": lr}
             logs.update(self._flush_metrics("train"))
             self.log(logs)
@@ -557,6 +528,7 @@ class BaseTrainer:
             return
         step = self.state.global_step
         if when == "epoch" or (run.save_steps and step % run.save_steps == 0) or step >= self.state.max_steps:
+            self._store_flos(run)
             if run.dp is None or run.dp.rank == 0:  # only rank 0 writes; the others wait for the checkpoint
                 self._save_checkpoint()
             if run.dp is not None:
@@ -565,6 +537,7 @@ class BaseTrainer:
     def _finish_training(self, run: _TrainingRun) -> TrainOutput:
         """The run's summary metrics, logged like transformers' Trainer does at the end of ``train()``."""
         a, plan, st = self.args, run.plan, self.state
+        self._store_flos(run)
         runtime = time.time() - run.t0
         done = st.global_step - run.start_step
         # the logged losses, plus (transformers) this rank's own since the last log
@@ -586,15 +559,10 @@ class BaseTrainer:
     def _count_items(self, batch: dict[str, Any]) -> int:
         return num_label_tokens(batch["labels"])
 
+    def _flos_parameters(self) -> int:
+        return flos_parameters(self.model)
 
-def sorted_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
-    """Complete checkpoints (those with a trainer_state.json), oldest step first."""
-    d = Path(output_dir)
-    if not d.is_dir():
-        return []
-    out = []
-    for p in d.iterdir():
-        m = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", p.name)
-        if m and p.is_dir() and (p / TRAINER_STATE_NAME).is_file():
-            out.append((int(m.group(1)), p))
-    return [p for _, p in sorted(out)]
+    def _store_flos(self, run: _TrainingRun) -> None:
+        """transformers' store_flos: the operations since the last store, summed over the ranks."""
+        self.state.total_flos += run.dp.sum(run.flos) if run.dp is not None else run.flos
+        run.flos = 0.0
