@@ -225,9 +225,15 @@ impl BarrierPool {
         }
     }
 
+    /// Workers besides the calling thread. ferrovlm: a pool without threads of its own (the one
+    /// `barrier_pool` builds) runs its work on rayon's current pool, and reports that pool's other threads.
     #[inline]
     pub fn n_workers(&self) -> usize {
-        self.threads.len()
+        if self.threads.is_empty() {
+            rayon::current_num_threads().saturating_sub(1)
+        } else {
+            self.threads.len()
+        }
     }
 }
 
@@ -259,7 +265,12 @@ impl BarrierPool {
     pub fn execute<F: Fn(usize) + Sync>(&self, f: F) {
         let n = self.threads.len();
         if n == 0 {
-            f(0);
+            // ferrovlm: f(0..=n_workers) as rayon tasks (see PATCH.md)
+            use rayon::iter::{IntoParallelIterator, ParallelIterator};
+            match self.n_workers() {
+                0 => f(0),
+                w => (0..=w).into_par_iter().for_each(&f),
+            }
             return;
         }
 
@@ -305,7 +316,7 @@ impl BarrierPool {
             f(0..n_items);
             return;
         }
-        let chunk = n_items.div_ceil(self.threads.len() + 1);
+        let chunk = n_items.div_ceil(self.n_workers() + 1);
         self.execute(|tid| {
             let start = tid * chunk;
             if start < n_items {
@@ -325,7 +336,7 @@ impl BarrierPool {
             f(0..n_items);
             return;
         }
-        let n_threads = self.threads.len() + 1;
+        let n_threads = self.n_workers() + 1;
         // ~8 grabs per thread amortizes cursor contention while keeping tail imbalance small
         let chunk = n_items.div_ceil(n_threads * 8).max(1);
         let cursor = AtomicUsize::new(0);
@@ -364,7 +375,8 @@ static BARRIER_POOL: OnceLock<BarrierPool> = OnceLock::new();
 
 /// Persistent barrier pool
 pub fn barrier_pool() -> &'static BarrierPool {
-    BARRIER_POOL.get_or_init(|| BarrierPool::new(candle_num_threads().saturating_sub(1)))
+    // ferrovlm: no threads of its own; its work runs on rayon's pool (see PATCH.md)
+    BARRIER_POOL.get_or_init(|| BarrierPool::new(0))
 }
 
 pub fn with_threadpool<F: FnOnce() -> R + Send, R: Send>(f: F) -> R {
@@ -406,14 +418,6 @@ fn rayon_num_threads() -> usize {
         .and_then(|s| usize::from_str(&s).ok())
         .filter(|nt| nt > &0)
         .unwrap_or_else(default_num_threads)
-}
-
-fn candle_num_threads() -> usize {
-    std::env::var("CANDLE_NUM_THREADS")
-        .ok()
-        .and_then(|s| usize::from_str(&s).ok())
-        .filter(|nt| nt > &0)
-        .unwrap_or_else(rayon_num_threads)
 }
 
 pub fn get_num_threads() -> usize {
