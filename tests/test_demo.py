@@ -52,3 +52,35 @@ def test_demo_path_learns_the_answer_format(small_demo):
 def test_demo_learns_to_see(tmp_path):
     r = demo.main(demo.Settings(out=str(tmp_path / "out"), plot=False, show=1))
     assert r["stage2"] >= r["chance"] + 0.25, {k: v for k, v in r.items() if k not in ("model", "processor")}
+
+
+def test_captions_name_what_the_questions_ask():
+    """Stage 1 learns captions; each names the answer to its picture's question (a number starts the caption of a
+    picture with several shapes, a single shape's caption gives its colour, shape and side)."""
+    scenes = demo.make_split(64, 5, 64)
+    for sc in scenes:
+        words = demo.normalize(sc.caption).split()
+        assert sc.answer in words, (sc.caption, sc.question, sc.answer)
+        if sc.kind == "count":
+            assert words[0] == sc.answer
+        else:
+            assert len(words) == 6 and words[1] in demo.COLORS and words[2] in demo.SHAPES
+    rows = demo.caption_rows(scenes[:2])
+    assert rows[0]["prompt"][0]["content"][1]["text"] == demo.DESCRIBE
+    assert rows[0]["completion"][0]["content"][0]["text"] == scenes[0].caption
+    mixed = demo.mixed_rows(scenes[:4])
+    assert [r["prompt"][0]["content"][1]["text"] for r in mixed] == [
+        scenes[0].question, demo.DESCRIBE, scenes[2].question, demo.DESCRIBE]
+
+
+def test_caption_scores_count_each_attribute():
+    one = next(sc for sc in demo.make_split(64, 5, 64) if sc.kind != "count")
+    many = next(sc for sc in demo.make_split(64, 5, 64) if sc.kind == "count")
+    color, shape, side = demo.normalize(one.caption).split()[1], demo.normalize(one.caption).split()[2], \
+        demo.normalize(one.caption).split()[-1]
+    other_side = "left" if side == "right" else "right"
+    exact, by = demo.caption_scores([f" A {color} {shape} on the {other_side}.", many.caption.upper()], [one, many])
+    assert exact == 0.5  # the second one matches after normalisation
+    assert by == {"color": 1.0, "shape": 1.0, "position": 0.0, "count": 1.0}
+    exact, by = demo.caption_scores(["", "Four shapes."], [one, many])
+    assert exact == 0.0 and by == {"color": 0.0, "shape": 0.0, "position": 0.0, "count": 0.0}

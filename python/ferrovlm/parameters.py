@@ -17,7 +17,8 @@ _TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "bnb4bit": "uint8
 
 
 class Parameter:
-    """One parameter of a model (``torch.nn.Parameter``'s read-only surface plus ``requires_grad``)."""
+    """One parameter of a model (``torch.nn.Parameter``'s surface: shape, dtype, ``requires_grad``, the values
+    through ``data`` / ``numpy()``, set with ``copy_()`` or ``data = ...``)."""
 
     __slots__ = ("_owner", "name", "_shape", "_storage")
 
@@ -74,6 +75,19 @@ class Parameter:
     def data(self) -> np.ndarray:
         """The current values as a float32 array (a copy)."""
         return self._owner._core.parameter(self.name)
+
+    @data.setter
+    def data(self, value: Any) -> None:
+        self.copy_(value)
+
+    def copy_(self, value: Any) -> Parameter:
+        """Sets the values (torch's ``param.copy_(value)`` under ``no_grad``, or ``param.data = value``): an
+        array-like (numpy, a torch tensor, a list) of this parameter's shape, stored as the parameter is (float32
+        or bfloat16). A tied output head follows the embedding. Quantized weights are refused (``InputError``)."""
+        if hasattr(value, "detach"):  # a torch tensor
+            value = value.detach().cpu().float().numpy()
+        self._owner._core.set_parameter(self.name, np.ascontiguousarray(np.asarray(value, dtype=np.float32)))
+        return self
 
     def numpy(self) -> np.ndarray:
         return self.data

@@ -13,6 +13,7 @@ use std::collections::HashSet;
 use candle_core::{DType, Tensor, Var};
 
 use super::modules::{text_prefix, CONNECTOR_PROJ, LM_HEAD, VISION};
+use super::resize::{relinear, tied_head};
 use super::VlmModel;
 use crate::error::{input_err, Result};
 use crate::ops::linear::Weight;
@@ -241,6 +242,53 @@ impl VlmModel {
             Some(t) => Ok(t),
             None => input_err(format!("the model has no parameter '{name}' (see named_parameters())")),
         }
+    }
+
+    /// Sets the parameter `name` (see [`Self::param_infos`]) to `value`, given in its checkpoint shape and
+    /// stored as the parameter is (f32, bf16, bf16 packed): `param.copy_(value)` under `torch.no_grad()`.
+    /// An adapter on the Linear stays; a tied head follows the embedding. Quantized weights are refused.
+    pub fn set_param_value(&mut self, name: &str, value: &Tensor) -> Result<()> {
+        let (dtype, device) = (self.dtype, self.device.clone());
+        let mut found = false;
+        visit(self, &mut |n, shape, slot| {
+            if n != name {
+                return Ok(());
+            }
+            found = true;
+            if value.dims() != shape.as_slice() {
+                return input_err(format!(
+                    "'{name}' has shape {shape:?}; the value given has shape {:?}",
+                    value.dims()
+                ));
+            }
+            let v = value.to_device(&device)?;
+            match slot {
+                Slot::Tensor(t) => *t = v.to_dtype(t.dtype())?,
+                Slot::Weight(l) => {
+                    if l.quant().is_some() {
+                        return input_err(format!(
+                            "'{name}' is stored quantized ({}): it cannot be set; load the model unquantized",
+                            storage_name(&l.weight)
+                        ));
+                    }
+                    let w = v.reshape((l.out_features, l.in_features))?;
+                    let mut new = relinear(l, w, l.bias.clone(), dtype)?;
+                    new.adapter = l.adapter.take();
+                    *l = new;
+                }
+            }
+            Ok(())
+        })?;
+        if !found {
+            return input_err(format!("the model has no parameter '{name}' (see named_parameters())"));
+        }
+        let embed = format!("{}.embed_tokens.weight", text_prefix(&self.config));
+        if name == embed && self.config.tie_word_embeddings && self.lm_head.quant().is_none() {
+            let mut head = tied_head(&self.text.embed_tokens, self.dtype, self.bf16_compute)?;
+            head.adapter = self.lm_head.adapter.take();
+            self.lm_head = head;
+        }
+        Ok(())
     }
 
     /// Whether any parameter of the vision tower or the connector is trainable (image features then

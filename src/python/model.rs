@@ -396,6 +396,16 @@ impl PyVlmModel {
         to_numpy(py, &t)
     }
 
+    /// Sets the parameter `name` to `value` (float32, its checkpoint shape), stored as the parameter is.
+    fn set_parameter(&self, name: &str, value: PyReadonlyArrayDyn<'_, f32>) -> PyResult<()> {
+        let shape = value.shape().to_vec();
+        let data: Vec<f32> = value.as_array().iter().copied().collect();
+        guard(|| {
+            let t = Tensor::from_vec(data, shape, &Device::Cpu)?;
+            self.update(|m| m.set_param_value(name, &t))
+        })
+    }
+
     /// A frozen copy for a reference pass that computes exactly as a training session over the same
     /// `trainable` parameters does (they are autograd `Var`s here too, never updated): DPO's reference
     /// model in full-parameter training, whose log-probabilities then equal the policy's bit for bit
