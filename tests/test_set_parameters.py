@@ -72,3 +72,5 @@ def test_bad_values_are_refused_with_the_parameter_named(tiny_smolvlm):
     q = quantized.get_parameter(Q)
     with pytest.raises(ferrovlm.InputError, match=f"'{Q}' is stored quantized"):
         q.copy_(np.zeros(q.shape, np.float32))
+    with pytest.raises(ferrovlm.InputError, match="the model has no parameter 'model.nope.weight'"):
+        model._core.set_parameter("model.nope.weight", np.zeros((2, 2), np.float32))
