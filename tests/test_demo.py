@@ -34,8 +34,7 @@ def test_demo_model_has_the_patch_size_and_scale_factor_asked_for(patch_size, sc
     assert processor.image_seq_len == (s.image_size // patch_size // scale_factor) ** 2
 
 
-VOCAB = {"color": set(demo.COLORS), "shape": set(demo.SHAPES), "count": set(demo.NUMBERS),
-         "position": {"left", "right"}}
+VOCAB = {kind: set(words) for kind, words in demo.ATTRIBUTES.items()}
 
 
 def test_demo_path_learns_the_answer_format(small_demo):
