@@ -110,19 +110,28 @@ pub(crate) fn encoder_layers(
     let mut qkv = vec![0f32; n * 3 * d]; // [N, 3D]
     let mut att = vec![0f32; n * d]; // [N, D]
     let mut mid = vec![0f32; n * inter]; // [N, I]
+    let mut clock = crate::trace::Phases::new("vision layers f32");
     for l in layers {
         check(interrupt)?;
         let (ln1, ln2) = (&l.layer_norm1, &l.layer_norm2);
         layer_norm_into(&hs, &vals(&ln1.weight)?, &vals(&ln1.bias)?, ln1.eps as f32, &mut xa);
+        clock.mark("norms");
         for (i, lin) in [&l.q_proj, &l.k_proj, &l.v_proj].into_iter().enumerate() {
             linear_into(lin, &xa, &mut qkv, 3 * d, i * d, false)?;
         }
+        clock.mark("qkv");
         attention_qkv_f32(&qkv, f, heads, hd, key_valid, scale, &mut att);
+        clock.mark("attention");
         linear_into(&l.out_proj, &att, &mut hs, d, 0, true)?;
+        clock.mark("out_proj");
         layer_norm_into(&hs, &vals(&ln2.weight)?, &vals(&ln2.bias)?, ln2.eps as f32, &mut xa);
+        clock.mark("norms");
         linear_into(&l.fc1, &xa, &mut mid, inter, 0, false)?;
+        clock.mark("fc1");
         gelu_tanh_inplace(&mut mid);
+        clock.mark("gelu");
         linear_into(&l.fc2, &mid, &mut hs, d, 0, true)?;
+        clock.mark("fc2");
     }
     Ok(Tensor::from_vec(hs, (f, np, d), x.device())?)
 }

@@ -4,8 +4,8 @@
 //! qkv: rows `[F * S, 3 * H * hd]` (frame f's S tokens, then q | k | v, head h at columns `h * hd` of
 //! each part); out: rows `[F * S, H * hd]` in the layout out_proj reads, so no head transposes. Per
 //! (frame, head, block of queries) task:
-//!   scores = q k^T           [QB, S]   gemm reading q and k in place (row stride 3 H hd)
-//!   p = softmax(scale * scores) over the keys `key_valid` leaves visible
+//!   scores = scale q k^T     [QB, S]   gemm reading q and k in place (row stride 3 H hd)
+//!   p = softmax(scores) over the keys `key_valid` leaves visible
 //!   out[rows, head] = p v    [QB, hd]  gemm reading v in place, writing the head's columns
 //! The same arithmetic as [`super::attention::attention`] on the transposed heads, up to the order of
 //! float sums (tested against it below).
@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::attention::fully_masked_weight;
 use super::attention_f32::{exp_normalize, softmax_row_masked};
-use super::cpu::{gemm_into, Mat, SendPtr};
+use super::cpu::{gemm_into, gemm_scaled_into, Mat, SendPtr};
 use super::math::max_f32;
 
 /// Query rows per task: a [QB, S] score block (512 KB at S = 1024) stays in L2; 128 rows pack each
@@ -56,10 +56,10 @@ pub fn attention_qkv_f32(
             let v = &qkv[base + 2 * d + h * hd..];
             let sc = &mut scores[..rows * s];
             let none = gemm::Parallelism::None;
-            gemm_into(sc, s, (rows, s, hd), Mat::rows(q, 3 * d), Mat::transposed(k, 3 * d), false, none);
+            // the scale folded into the product (gemm's alpha: the same single rounding as a separate pass)
+            gemm_scaled_into(sc, s, (rows, s, hd), Mat::rows(q, 3 * d), Mat::transposed(k, 3 * d), false, scale, none);
             let kv = key_valid.map(|kv| &kv[f * s..(f + 1) * s]);
             for row in sc.chunks_exact_mut(s) {
-                row.iter_mut().for_each(|x| *x *= scale);
                 match kv {
                     None => {
                         let max = max_f32(row);
