@@ -249,38 +249,72 @@ impl Adapter {
                 let tmp = Linear::new(weight.as_tensor().clone(), bias.as_ref().map(|b| b.as_tensor().clone()))?;
                 tmp.forward_base(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
             }
-            AdapterKind::Lora(l) => {
-                let y = base(x)?; // [.., out]
-                let xd = self.dropout(x, l)?; // [.., in]
-                let dims = x.dims().to_vec();
-                let n: usize = dims[..dims.len() - 1].iter().product();
-                let x2 = xd.to_dtype(DType::F32)?.reshape((n, lin.in_features))?; // [N, in]
-                let lora = x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?; // [N, out]
-                let mut out_dims = dims;
-                let last = out_dims.len() - 1;
-                out_dims[last] = lin.out_features;
-                let lora = lora.reshape(out_dims)?;
-                match &l.magnitude {
-                    None => {
-                        let dt = y.dtype();
-                        y + (lora * l.scaling)?.to_dtype(dt)?
-                    }
-                    Some(m) => {
-                        // PEFT DoRA: base + (m/||W + sBA|| - 1) * (W x) + m/||W + sBA|| * s * BAx, the norm detached;
-                        // with dropout active W x is recomputed on the dropped input.
-                        let wn = self.dora_norm(lin, l)?; // [out]
-                        let scale = m.as_tensor().broadcast_div(&wn)?; // [out]
-                        let mut wx = if l.dropout > 0.0 && self.switch.training() { base(&xd)? } else { y.clone() };
-                        if let Some(b) = &lin.bias {
-                            wx = wx.broadcast_sub(&b.to_dtype(wx.dtype())?)?;
-                        }
-                        let wx = wx.to_dtype(DType::F32)?;
-                        let dora =
-                            (wx.broadcast_mul(&(&scale - 1.0)?)? + (lora * l.scaling)?.broadcast_mul(&scale)?)?;
-                        let dt = y.dtype();
-                        y + dora.to_dtype(dt)?
-                    }
+            AdapterKind::Lora(l) if l.magnitude.is_none() && self.switch.training() => {
+                // A training pass: LoRA as one op with its own backward (ops/linear_lora.rs), where it
+                // applies; the composition below is its reference.
+                let mask = self.dropout_mask(x, l);
+                let (a, b) = (l.a.as_tensor(), l.b.as_tensor());
+                match crate::ops::linear_lora::lora_linear(lin, x, a, b, l.scaling, mask.clone())? {
+                    Some(y) => Ok(y),
+                    None => self.compose(lin, x, l, mask, base),
                 }
+            }
+            AdapterKind::Lora(l) => self.compose(lin, x, l, self.dropout_mask(x, l), base),
+        }
+    }
+
+    /// The reference of [`Self::forward`] (tests): LoRA and DoRA as the composition of candle ops with
+    /// the base layer through `Linear::forward_reference`, dropout drawing the same mask.
+    pub fn forward_reference(&self, lin: &Linear, x: &Tensor) -> CResult<Tensor> {
+        match &self.kind {
+            AdapterKind::Lora(l) if self.switch.enabled() => {
+                self.compose(lin, x, l, self.dropout_mask(x, l), &|x| lin.forward_reference(x))
+            }
+            _ => self.forward(lin, x, &|x| lin.forward_reference(x)),
+        }
+    }
+
+    /// The LoRA / DoRA forward as a composition of ops (autograd differentiates each), given dropout's
+    /// mask: the reference of `ops::linear_lora`, and the path for DoRA, GPUs and quantized layers.
+    pub(crate) fn compose(
+        &self,
+        lin: &Linear,
+        x: &Tensor,
+        l: &LoraAdapter,
+        mask: Option<Vec<f32>>,
+        base: &dyn Fn(&Tensor) -> CResult<Tensor>,
+    ) -> CResult<Tensor> {
+        let y = base(x)?; // [.., out]
+        let xd = match mask {
+            Some(m) => (x * Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())?)?,
+            None => x.clone(),
+        }; // [.., in]
+        let dims = x.dims().to_vec();
+        let n: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = xd.to_dtype(DType::F32)?.reshape((n, lin.in_features))?; // [N, in]
+        let lora = x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?; // [N, out]
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = lin.out_features;
+        let lora = lora.reshape(out_dims)?;
+        match &l.magnitude {
+            None => {
+                let dt = y.dtype();
+                y + (lora * l.scaling)?.to_dtype(dt)?
+            }
+            Some(m) => {
+                // PEFT DoRA: base + (m/||W + sBA|| - 1) * (W x) + m/||W + sBA|| * s * BAx, the norm detached;
+                // with dropout active W x is recomputed on the dropped input.
+                let wn = self.dora_norm(lin, l)?; // [out]
+                let scale = m.as_tensor().broadcast_div(&wn)?; // [out]
+                let mut wx = if l.dropout > 0.0 && self.switch.training() { base(&xd)? } else { y.clone() };
+                if let Some(b) = &lin.bias {
+                    wx = wx.broadcast_sub(&b.to_dtype(wx.dtype())?)?;
+                }
+                let wx = wx.to_dtype(DType::F32)?;
+                let dora = (wx.broadcast_mul(&(&scale - 1.0)?)? + (lora * l.scaling)?.broadcast_mul(&scale)?)?;
+                let dt = y.dtype();
+                y + dora.to_dtype(dt)?
             }
         }
     }
@@ -301,18 +335,15 @@ impl Adapter {
         Ok(wn)
     }
 
-    /// Inverted dropout on the adapter input, only in training mode.
-    fn dropout(&self, x: &Tensor, l: &LoraAdapter) -> CResult<Tensor> {
+    /// Dropout's scaled keep mask for x (0 or 1 / (1 - p) per element), None when dropout is off.
+    fn dropout_mask(&self, x: &Tensor, l: &LoraAdapter) -> Option<Vec<f32>> {
         if l.dropout <= 0.0 || !self.switch.training() {
-            return Ok(x.clone());
+            return None;
         }
         let seed = self.switch.seed.load(Ordering::SeqCst) ^ l.index.wrapping_mul(0xD1B5_4A32_D192_ED03);
         let mut rng = Rng::new(seed);
         let keep = 1.0 - l.dropout as f64;
-        let mask: Vec<f32> =
-            (0..x.elem_count()).map(|_| if rng.next_f64() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x * mask
+        Some((0..x.elem_count()).map(|_| if rng.next_f64() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect())
     }
 
     /// The merged weight [out, in] f32: W + s B A for LoRA, (m / ||W + s B A||) (W + s B A) for DoRA,

@@ -336,6 +336,55 @@ fn linear_bf16_weight() {
 }
 
 #[test]
+fn lora_training_op_forward_and_grads() {
+    // A training pass runs LoRA as one op (ops/linear_lora.rs); its reference is the composition.
+    use ferrovlm::lora::{Adapter, AdapterSwitch, LoraInit, LoraSpec};
+    use std::sync::Arc;
+    let (bsz, l, i, o, r) = (2, 5, 24, 18, 4);
+    for (bf16, with_bias, dropout) in [(false, true, 0.0), (true, false, 0.0), (false, true, 0.3), (true, true, 0.5)] {
+        let w = bf16_round(&rnd(&[o, i], 40, 0.3));
+        let b = with_bias.then(|| rnd(&[o], 41, 0.5));
+        let base = if bf16 {
+            Linear::with_compute_dtype(w.to_dtype(DType::BF16).unwrap(), b.clone(), DType::F32).unwrap()
+        } else {
+            Linear::new(w.clone(), b.clone()).unwrap()
+        };
+        let switch = Arc::new(AdapterSwitch::default());
+        switch.set_training(true); // dropout active, and the fused op in use
+        switch.set_seed(7);
+        let spec =
+            LoraSpec { r, alpha: 8.0, dropout, use_dora: false, use_rslora: false, init: LoraInit::Random, seed: 3 };
+        let ad = Arc::new(Adapter::lora(&base, &spec, 5, switch.clone(), &CPU).unwrap());
+        let mut lin = base.clone();
+        lin.adapter = Some(ad.clone());
+        let (x, wt) = (rnd(&[bsz, l, i], 42, 1.0), rnd(&[bsz, l, o], 43, 1.0));
+        let xv = var(&x);
+        let what = format!("lora (bf16 {bf16}, bias {with_bias}, dropout {dropout})");
+        let y = lin.forward(&xv).unwrap();
+        let yr = ad.forward_reference(&lin, &xv).unwrap();
+        assert_close(&format!("{what} fwd"), &to_f64(&y).unwrap(), &to_f64(&yr).unwrap(), 1e-5);
+        let (g, gr) = (backward(&y, &wt), backward(&yr, &wt));
+        assert!(g.get(lin.weight_tensor().expect("dense")).is_none(), "{what}: the frozen weight got a gradient");
+        assert_grad_close(&format!("{what} dx"), &grad(&g, &xv), &grad(&gr, &xv), 1e-5);
+        for (name, p) in ad.params() {
+            assert_grad_close(&format!("{what} {name}"), &grad(&g, p.as_tensor()), &grad(&gr, p.as_tensor()), 1e-5);
+        }
+        check_fd(&format!("{what} dx fd"), &|t| lin.forward(&var(t)), &x, &wt, &grad(&g, &xv));
+        // an untracked input: gradients for A and B only
+        let g2 = backward(&lin.forward(&x).unwrap(), &wt);
+        assert!(g2.get(&x).is_none());
+        for (name, p) in ad.params() {
+            assert_grad_close(
+                &format!("{what} {name}, x untracked"),
+                &grad(&g2, p.as_tensor()),
+                &grad(&gr, p.as_tensor()),
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
 fn linear_bf16_weight_wide_output_blocks() {
     // out * in above the widening block (2^21 values): dx accumulates over several weight blocks
     let (n, i, o) = (5, 64, 40_000);

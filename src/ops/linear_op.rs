@@ -14,12 +14,12 @@ use super::linear::GEMV_MAX_ROWS;
 use super::matmul_bf16_packed;
 
 /// The weight of a [`LinearOp`] argument: f32 values or bf16 bits, [out, in] row-major.
-enum WSlice<'a> {
+pub(super) enum WSlice<'a> {
     F32(&'a [f32]),
     Bf16(&'a [u16]),
 }
 
-fn w_arg<'a>(s: &'a CpuStorage, l: &Layout) -> Result<WSlice<'a>> {
+pub(super) fn w_arg<'a>(s: &'a CpuStorage, l: &Layout) -> Result<WSlice<'a>> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(WSlice::F32(&v[a..b])),
         (CpuStorage::BF16(v), Some((a, b))) => Ok(WSlice::Bf16(v[a..b].reinterpret_cast())),
@@ -31,7 +31,14 @@ fn w_arg<'a>(s: &'a CpuStorage, l: &Layout) -> Result<WSlice<'a>> {
 const WIDEN_BLOCK_ELEMS: usize = 1 << 21;
 
 /// y [N, out] = x [N, in] W^T (+ b): gemm for f32 weights, the bf16 kernels of `matmul_bf16_skinny` for bf16 ones.
-fn linear_fwd_kernel(x: &[f32], n: usize, k: usize, w: &WSlice, out: usize, bias: Option<&[f32]>) -> Vec<f32> {
+pub(super) fn linear_fwd_kernel(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    w: &WSlice,
+    out: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
     match w {
         WSlice::F32(w) => {
             let mut y = vec![0f32; n * out]; // [N, out]
@@ -81,7 +88,7 @@ fn linear_fwd_kernel(x: &[f32], n: usize, k: usize, w: &WSlice, out: usize, bias
 
 /// dx [N, in] = g [N, out] W [out, in]. A bf16 weight is widened block of rows by block of rows into
 /// a scratch buffer and the blocks' products accumulate in dx.
-fn linear_dx_kernel(g: &[f32], n: usize, k: usize, w: &WSlice, out: usize) -> Vec<f32> {
+pub(super) fn linear_dx_kernel(g: &[f32], n: usize, k: usize, w: &WSlice, out: usize) -> Vec<f32> {
     let mut dx = vec![0f32; n * k]; // [N, in]
     match w {
         WSlice::F32(w) => unsafe {

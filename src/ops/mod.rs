@@ -16,6 +16,7 @@
 //! | log-sigmoid (DPO) | [`activation::log_sigmoid`] | `log_sigmoid_reference` | `activation.rs` `LogSigmoid` | | `activation.rs` |
 //! | attention | [`attention::attention`] | `attention_reference` | `attention_f32.rs` (f32, no L x L scores) | `attention_bf16.rs` (bf16 vision layers) | `tests/attention_grad.rs`, `attention_bf16.rs` |
 //! | Linear | [`linear::Linear::forward`] | `x.matmul(w.t())` | `linear_op.rs` `LinearOp` (f32 or bf16 weight; `bf16=True` training: forward on the packed bf16 copy of `Weight::Autocast`) | `matmul_bf16_skinny.rs` (decode), `matmul_bf16_packed.rs` (bf16 mode), `matmul_bf16_amx.rs` (the same on AMX tiles) | `tests/ops_grad.rs`, `tests/bf16_mode.rs`, `tests/train_session.rs` |
+//! | LoRA on a frozen Linear (training passes) | `lora::Adapter::forward` | `Adapter::forward_reference` (the composition) | `linear_lora.rs` `LoraLinearOp` (f32 or bf16 base weight, dropout mask; x, A, B gradients) | | `tests/ops_grad.rs` |
 //! | quantized Linear | [`matmul_quant::quant_linear`] | `matmul_quant::reference` | `matmul_quant.rs` `QuantLinearOp` (backward to x) | few-rows / tile kernels in `matmul_quant.rs`; GGUF blocks: `matmul_ggml.rs` (`ggml_simd.rs` decoders) | `tests/quant.rs`, `tests/qlora_grads.rs`, `tests/ggml_matmul.rs`, `matmul_ggml.rs` |
 //! | bf16 vision layer matmuls | [`matmul_bf16_fused::gemm_fused`] | `gemm_fused_portable` | (inference only) | bias, GELU, residual in the store; q\|k\|v in one call; products on AMX tiles where usable | `matmul_bf16_fused.rs`, `model/vision_fast.rs` |
 //! | cross-entropy at label rows | [`cross_entropy::cross_entropy_rows`] | `cross_entropy_rows_reference` | `cross_entropy.rs` `CrossEntropy` | `token_stats` (entropy, argmax; no grad) | `tests/ops_grad.rs` |
@@ -44,6 +45,7 @@ pub mod cross_entropy;
 mod ggml_simd;
 pub mod gradcheck;
 pub mod linear;
+pub(crate) mod linear_lora;
 mod linear_op;
 pub mod math;
 pub mod matmul_bf16_amx;
