@@ -252,9 +252,9 @@ impl Adapter {
             AdapterKind::Lora(l) if l.magnitude.is_none() && self.switch.training() => {
                 // A training pass: LoRA as one op with its own backward (ops/linear_lora.rs), where it
                 // applies; the composition below is its reference.
-                let mask = self.dropout_mask(x, l);
+                let mut mask = self.dropout_mask(x, l);
                 let (a, b) = (l.a.as_tensor(), l.b.as_tensor());
-                match crate::ops::linear_lora::lora_linear(lin, x, a, b, l.scaling, mask.clone())? {
+                match crate::ops::linear_lora::lora_linear(lin, x, a, b, l.scaling, &mut mask)? {
                     Some(y) => Ok(y),
                     None => self.compose(lin, x, l, mask, base),
                 }

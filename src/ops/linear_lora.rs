@@ -175,14 +175,15 @@ impl LoraLinearOp {
 
 /// lin(x) + s (x ⊙ m) A^T B^T through [`LoraLinearOp`], when it applies: x, A, B f32 on the CPU where the
 /// fused kernels run, the base weight a frozen f32 or bf16 (`Weight::Bf16`) one, the bias frozen f32.
-/// None otherwise (the caller composes). x: [.., in], A [r, in], B [out, r], mask [x.elem_count()].
+/// None otherwise (the caller composes, and `mask` is left to it; the op takes it only when it runs).
+/// x: [.., in], A [r, in], B [out, r], mask [x.elem_count()].
 pub(crate) fn lora_linear(
     lin: &Linear,
     x: &Tensor,
     a: &Tensor,
     b: &Tensor,
     scaling: f64,
-    mask: Option<Vec<f32>>,
+    mask: &mut Option<Vec<f32>>,
 ) -> Result<Option<Tensor>> {
     let w = match &lin.weight {
         Weight::Dense(w) if w.dtype() == DType::F32 => w,
@@ -198,7 +199,7 @@ pub(crate) fn lora_linear(
     let dims = x.dims().to_vec();
     let rows: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.reshape((rows, lin.in_features))?.contiguous()?; // [N, in]
-    let op = LoraLinearOp { w: w.contiguous()?, bias, scaling: scaling as f32, mask: mask.map(Arc::new) };
+    let op = LoraLinearOp { w: w.contiguous()?, bias, scaling: scaling as f32, mask: mask.take().map(Arc::new) };
     let y = x2.apply_op3(&a.contiguous()?, &b.contiguous()?, op)?; // [N, out]
     let mut out_dims = dims;
     let last = out_dims.len() - 1;
